@@ -1,0 +1,166 @@
+//! The command-line definition (clap derive), and nothing else: man pages, completions and tests
+//! render from this same definition.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Over-the-air updater of TOPE devices: download, verify, install and roll back software versions.
+#[derive(Debug, Parser)]
+#[command(name = "tope-ota", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Directory of state.json, its lock and downloads/
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/tope-ota"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Root of the version snapshots and the current/previous/factory symlinks
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_VERSIONS_DIR",
+        value_name = "DIR",
+        default_value = "/opt/tope/versions"
+    )]
+    pub versions_dir: PathBuf,
+
+    /// Where progress callbacks are POSTed; an empty string disables them
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_REPORT_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:9080/api/v1.0/ota/report"
+    )]
+    pub report_url: String,
+
+    /// Service manager command, called as `CMD stop|start|is-active NAME`
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_SYSTEMCTL",
+        value_name = "CMD",
+        default_value = "systemctl"
+    )]
+    pub systemctl: String,
+
+    /// Command that reboots the device
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_REBOOT_CMD",
+        value_name = "CMD",
+        default_value = "systemctl reboot"
+    )]
+    pub reboot_cmd: String,
+
+    /// Progress screen launched during install, when it exists
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_GUI",
+        value_name = "PATH",
+        default_value = "/opt/tope/ota-gui"
+    )]
+    pub gui: PathBuf,
+
+    /// Print one JSON object on stdout instead of human text
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More log output (repeat for debug)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Only errors on stderr, no progress bar
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Download and verify an update package, resuming a partial one
+    Download(DownloadArgs),
+    /// Install the downloaded package as a new version snapshot
+    Install(InstallArgs),
+    /// Show the operation in flight and the installed versions
+    Status,
+    /// Switch back to the previous, the factory or a named version
+    Rollback(RollbackArgs),
+    /// Finish or undo whatever an interruption left (run at boot and by a timer)
+    Heal,
+    /// Serve the HTTP API of device-api on loopback
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["request", "version"])))]
+pub struct DownloadArgs {
+    /// Version of the package, [0-9A-Za-z._+-]{1,64}
+    #[arg(long, value_name = "V", requires_all = ["url", "name", "size", "md5"])]
+    pub version: Option<String>,
+    /// http(s) URL of the package
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// File name the package is stored under in downloads/
+    #[arg(long, value_name = "FILE")]
+    pub name: Option<String>,
+    /// Size of the package in bytes
+    #[arg(long, value_name = "BYTES")]
+    pub size: Option<u64>,
+    /// MD5 of the package, 32 hex digits
+    #[arg(long, value_name = "HEX")]
+    pub md5: Option<String>,
+    /// The API's JSON request body, from FILE or `-` for stdin
+    #[arg(long, value_name = "FILE|-", conflicts_with_all = ["version", "url", "name", "size", "md5"])]
+    pub request: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    /// Version to install; must be the downloaded one
+    #[arg(long, value_name = "V")]
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RollbackArgs {
+    /// previous, factory or a version
+    #[arg(
+        long,
+        value_name = "previous|factory|VERSION",
+        default_value = "previous"
+    )]
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback unless the operator says otherwise)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:12315")]
+    pub listen: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

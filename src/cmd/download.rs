@@ -1,0 +1,364 @@
+//! `download`: fetch a package into `downloads/`, verify size and MD5, stage `toInstall`.
+
+use super::{Operation, Output};
+use crate::cli::{DownloadArgs, Global};
+use crate::error::{self, fail, ErrorCode, OtaError, EXIT_SIGINT, EXIT_SIGTERM};
+use crate::fetch::{self, Outcome, Sink, Tuning};
+use crate::fsutil::{self, TEMP_PREFIX};
+use crate::progress::Bar;
+use crate::signals;
+use crate::state::{Stage, DOWNLOADS_DIR};
+use crate::{clock, validate};
+use anyhow::{Context, Result};
+use md5::{Digest, Md5};
+use serde::Deserialize;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// A download request: the API's body, field for field.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Package {
+    pub version: String,
+    pub package_url: String,
+    pub package_name: String,
+    pub package_size: u64,
+    pub package_md5: String,
+}
+
+impl Package {
+    /// Build from flags or `--request`, then validate. Every refusal is `INVALID_REQUEST`.
+    pub fn from_args(args: &DownloadArgs) -> Result<Package> {
+        let pkg = match &args.request {
+            Some(src) => {
+                let bytes = read_request(src)?;
+                serde_json::from_slice::<Package>(&bytes).map_err(|e| {
+                    OtaError::new(ErrorCode::InvalidRequest, format!("request body: {e}"))
+                })?
+            }
+            None => Package {
+                version: args.version.clone().unwrap_or_default(),
+                package_url: args.url.clone().unwrap_or_default(),
+                package_name: args.name.clone().unwrap_or_default(),
+                package_size: args.size.unwrap_or(0),
+                package_md5: args.md5.clone().unwrap_or_default(),
+            },
+        };
+        pkg.validated()
+    }
+
+    /// Check every field; the MD5 is normalized to lowercase.
+    pub fn validated(mut self) -> Result<Package> {
+        validate::version(&self.version)?;
+        validate::file_name(&self.package_name)?;
+        validate::url(&self.package_url)?;
+        if self.package_size == 0 {
+            return fail(ErrorCode::InvalidRequest, "package_size must be > 0");
+        }
+        self.package_md5 = validate::md5(&self.package_md5)?;
+        Ok(self)
+    }
+}
+
+fn read_request(src: &str) -> Result<Vec<u8>> {
+    const MAX: u64 = 64 * 1024;
+    let mut bytes = Vec::new();
+    let read = if src == "-" {
+        std::io::stdin().take(MAX + 1).read_to_end(&mut bytes)
+    } else {
+        File::open(src).and_then(|f| f.take(MAX + 1).read_to_end(&mut bytes))
+    };
+    if let Err(e) = read {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!("read request {src}: {e}"),
+        );
+    }
+    if bytes.len() as u64 > MAX {
+        return fail(ErrorCode::InvalidRequest, "request body over 64 KiB");
+    }
+    Ok(bytes)
+}
+
+struct Files {
+    dir: PathBuf,
+    part: PathBuf,
+    done: PathBuf,
+}
+
+fn files(state_dir: &Path, name: &str) -> Files {
+    let dir = state_dir.join(DOWNLOADS_DIR);
+    Files {
+        part: dir.join(format!("{name}.part")),
+        done: dir.join(name),
+        dir,
+    }
+}
+
+/// Remove everything in downloads/ but the files of `keep` (and the temp files, swept apart).
+fn discard_others(dir: &Path, keep: &str) -> Result<()> {
+    let keep_part = format!("{keep}.part");
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("read dir {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == keep || name == keep_part || name.starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        log::info!(
+            "discarding {} of an earlier package",
+            entry.path().display()
+        );
+        fsutil::remove_file_durable(&entry.path())?;
+    }
+    Ok(())
+}
+
+fn md5_of_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(fetch::hex(&h.finalize()))
+}
+
+struct StateSink<'a> {
+    op: &'a mut Operation,
+    bar: &'a Bar,
+    size: u64,
+}
+
+impl Sink for StateSink<'_> {
+    fn checkpoint(&mut self, durable: u64, validator: Option<&str>) -> Result<()> {
+        let s = &mut self.op.state;
+        s.bytes_downloaded = durable;
+        s.resume_validator = validator.map(str::to_string);
+        s.progress = fetch::percent(durable, self.size);
+        s.message = format!("Downloading: {durable} of {} bytes", self.size);
+        self.op.commit()
+    }
+
+    fn tick(&mut self, received: u64) {
+        self.bar.set(received);
+    }
+
+    fn stop_requested(&self) -> bool {
+        signals::stop_requested().is_some()
+    }
+}
+
+fn output(op: &Operation, human: String, exit: i32) -> Result<Output> {
+    let data = serde_json::to_value(op.state.progress_data())?;
+    let json = if exit == 0 {
+        serde_json::json!({"code": 200, "msg": "success", "error": null, "data": data})
+    } else {
+        serde_json::json!({"code": 503, "msg": op.state.message, "error": null, "data": data})
+    };
+    Ok(Output { human, json, exit })
+}
+
+pub fn run(g: &Global, args: &DownloadArgs) -> Result<Output> {
+    let pkg = Package::from_args(args)?;
+    let mut op = Operation::begin(g)?;
+    let result = download(g, &pkg, &mut op);
+    op.finish();
+    result
+}
+
+fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output> {
+    if matches!(op.state.stage, Stage::Installing | Stage::Rebooting) {
+        return fail(
+            ErrorCode::Busy,
+            format!(
+                "an install of {} is in flight (stage {}); run `tope-ota heal` first",
+                op.state.version.as_deref().unwrap_or("?"),
+                op.state.stage
+            ),
+        );
+    }
+    let f = files(&g.state_dir, &pkg.package_name);
+    fsutil::ensure_dir(&f.dir)?;
+    fsutil::sweep_temp(&f.dir)?;
+    let s = &op.state;
+    let same = s.version.as_deref() == Some(&pkg.version)
+        && s.package_url.as_deref() == Some(&pkg.package_url)
+        && s.package_md5.as_deref() == Some(&pkg.package_md5)
+        && s.package_name.as_deref() == Some(&pkg.package_name)
+        && s.package_size == Some(pkg.package_size);
+    discard_others(&f.dir, &pkg.package_name)?;
+
+    // The same package already verified and waiting: check it is still whole and keep it.
+    if same && op.state.stage == Stage::ToInstall && f.done.exists() {
+        if md5_of_file(&f.done)? == pkg.package_md5 {
+            return output(
+                op,
+                format!(
+                    "{} {} is already downloaded and verified; ready to install\n",
+                    pkg.package_name, pkg.version
+                ),
+                0,
+            );
+        }
+        log::warn!(
+            "{} no longer matches its MD5; downloading again",
+            f.done.display()
+        );
+    }
+    fsutil::remove_file_durable(&f.done)?;
+    let resumable = same
+        && matches!(
+            op.state.stage,
+            Stage::Downloading | Stage::Verifying | Stage::Failed
+        );
+    let offset = if resumable && f.part.exists() {
+        op.state.bytes_downloaded.min(pkg.package_size)
+    } else {
+        fsutil::remove_file_durable(&f.part)?;
+        0
+    };
+    let validator = if offset > 0 {
+        op.state.resume_validator.clone()
+    } else {
+        None
+    };
+
+    let st = &mut op.state;
+    st.stage = Stage::Downloading;
+    st.error = None;
+    st.version = Some(pkg.version.clone());
+    st.package_url = Some(pkg.package_url.clone());
+    st.package_name = Some(pkg.package_name.clone());
+    st.package_size = Some(pkg.package_size);
+    st.package_md5 = Some(pkg.package_md5.clone());
+    st.bytes_downloaded = offset;
+    st.resume_validator = validator.clone();
+    st.progress = fetch::percent(offset, pkg.package_size);
+    st.verified_at = None;
+    st.step = None;
+    st.message = if offset > 0 {
+        format!("Resuming at {offset} of {} bytes", pkg.package_size)
+    } else {
+        format!("Downloading: 0 of {} bytes", pkg.package_size)
+    };
+
+    let need = pkg.package_size - offset;
+    let free = fsutil::free_bytes(&f.dir)?;
+    if free < need {
+        let err = OtaError::new(
+            ErrorCode::DiskFull,
+            format!("{need} bytes needed in {}, {free} free", f.dir.display()),
+        );
+        op.fail(&err)?;
+        return Err(err.into());
+    }
+    op.commit()?;
+    log::info!(
+        "downloading {} ({} bytes) from {}{}",
+        pkg.package_name,
+        pkg.package_size,
+        pkg.package_url,
+        if offset > 0 {
+            format!(", resuming at {offset}")
+        } else {
+            String::new()
+        }
+    );
+
+    let bar = Bar::bytes(pkg.package_size, g.json, g.quiet);
+    bar.set(offset);
+    let req = fetch::Request {
+        url: &pkg.package_url,
+        size: pkg.package_size,
+        offset,
+        validator,
+    };
+    let fetched = {
+        let mut sink = StateSink {
+            op,
+            bar: &bar,
+            size: pkg.package_size,
+        };
+        fetch::fetch(&f.part, req, &Tuning::from_env(), &mut sink)
+    };
+    bar.finish();
+    let md5 = match fetched {
+        Ok(Outcome::Complete { md5 }) => md5,
+        Ok(Outcome::Stopped { durable }) => {
+            let sig = signals::stop_requested().unwrap_or(libc::SIGTERM);
+            op.state.message = format!(
+                "Interrupted at {durable} of {} bytes; the next download or heal resumes it",
+                pkg.package_size
+            );
+            op.commit()?;
+            log::warn!("{}", op.state.message);
+            let exit = if sig == libc::SIGINT {
+                EXIT_SIGINT
+            } else {
+                EXIT_SIGTERM
+            };
+            return output(op, format!("{}\n", op.state.message), exit);
+        }
+        Err(e) => {
+            let err = error::classify(&e);
+            // A partial that cannot become the package, or that fills the disk, goes; one cut
+            // short by the network stays for the next attempt to resume.
+            if matches!(
+                err.code,
+                ErrorCode::DiskFull | ErrorCode::PackageSizeMismatch
+            ) {
+                fsutil::remove_file_durable(&f.part)?;
+                op.state.bytes_downloaded = 0;
+                op.state.resume_validator = None;
+            }
+            op.fail(&err)?;
+            return Err(e);
+        }
+    };
+
+    op.state.stage = Stage::Verifying;
+    op.state.message = "Verifying size and MD5".into();
+    op.commit()?;
+    if md5 != pkg.package_md5 {
+        fsutil::remove_file_durable(&f.part)?;
+        op.state.bytes_downloaded = 0;
+        op.state.resume_validator = None;
+        let err = OtaError::new(
+            ErrorCode::Md5Mismatch,
+            format!(
+                "expected {}, got {md5}; the file was deleted",
+                pkg.package_md5
+            ),
+        );
+        op.fail(&err)?;
+        return Err(err.into());
+    }
+    fsutil::rename_durable(&f.part, &f.done)?;
+    op.state.stage = Stage::ToInstall;
+    op.state.progress = 100;
+    op.state.verified_at = Some(clock::now_rfc3339());
+    op.state.message = format!("Package {} verified; ready to install", pkg.version);
+    op.commit()?;
+    log::info!("{} verified (md5 {md5})", f.done.display());
+    output(
+        op,
+        format!(
+            "downloaded {} ({} bytes), MD5 verified; version {} is ready to install\n",
+            pkg.package_name, pkg.package_size, pkg.version
+        ),
+        0,
+    )
+}

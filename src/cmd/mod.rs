@@ -1,0 +1,91 @@
+//! One module per subcommand, over a shared [`Operation`]: the lock, the state and the reporter
+//! of a writer, so that every state change is saved durably, logged and reported in one place.
+
+pub mod download;
+pub mod status;
+
+use crate::cli::{Cli, Command, Global};
+use crate::error::{ErrorCode, OtaError};
+use crate::lock::StateLock;
+use crate::logging;
+use crate::report::Reporter;
+use crate::state::{self, Stage, State};
+use anyhow::Result;
+use serde_json::Value;
+
+/// What a command prints when it ends without an error.
+#[derive(Debug)]
+pub struct Output {
+    /// Human text for stdout (may be empty).
+    pub human: String,
+    /// The one JSON object printed with `--json`.
+    pub json: Value,
+    /// Process exit code (0, or 130/143 when stopped by a signal).
+    pub exit: i32,
+}
+
+/// Run the parsed command line.
+pub fn run(cli: &Cli) -> Result<Output> {
+    match &cli.command {
+        Command::Download(args) => download::run(&cli.global, args),
+        Command::Status => status::run(&cli.global),
+        Command::Install(_) => not_in_build("install", 4),
+        Command::Rollback(_) => not_in_build("rollback", 4),
+        Command::Heal => not_in_build("heal", 5),
+        Command::Serve(_) => not_in_build("serve", 6),
+    }
+}
+
+fn not_in_build(name: &str, issue: u32) -> Result<Output> {
+    Err(OtaError::new(
+        ErrorCode::Internal,
+        format!("'{name}' is not in this build of tope-ota yet (tracked in issue #{issue})"),
+    )
+    .into())
+}
+
+/// A writer's run: holds the lock from `begin` to drop; the only path that saves state.
+pub struct Operation {
+    lock: StateLock,
+    pub state: State,
+    reporter: Reporter,
+}
+
+impl Operation {
+    /// Take the lock (`BUSY` at once if held) and load the state, recovering a corrupt one.
+    pub fn begin(g: &Global) -> Result<Operation> {
+        let lock = StateLock::acquire(&g.state_dir)?;
+        let state = state::load_for_write(&lock)?;
+        Ok(Operation {
+            lock,
+            state,
+            reporter: Reporter::new(&g.report_url),
+        })
+    }
+
+    /// Save the state durably, then report it (callbacks never delay the save).
+    pub fn commit(&mut self) -> Result<()> {
+        logging::set_context(
+            self.state.version.as_deref().unwrap_or(""),
+            self.state.stage.as_str(),
+        );
+        self.state.save(&self.lock)?;
+        self.reporter.observe(&self.state);
+        Ok(())
+    }
+
+    /// Record a failure: stage `failed`, the code in `error`, the detail in `message`.
+    pub fn fail(&mut self, err: &OtaError) -> Result<()> {
+        self.state.stage = Stage::Failed;
+        self.state.error = Some(err.code);
+        self.state.message = err.detail.clone();
+        let saved = self.commit();
+        log::error!(target: logging::OUTCOME_TARGET, "{}", err.message());
+        saved
+    }
+
+    /// Wait (bounded) for queued callbacks; called before the process exits.
+    pub fn finish(mut self) {
+        self.reporter.finish();
+    }
+}

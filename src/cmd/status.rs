@@ -1,0 +1,66 @@
+//! `status`: the operation in flight and the installed versions. Takes no lock.
+
+use super::Output;
+use crate::cli::Global;
+use crate::snapshot;
+use crate::state::{self, ProgressData, ReadOutcome, Stage};
+use anyhow::Result;
+use std::fmt::Write;
+
+/// The `data` object of `GET /progress`, read without a lock.
+pub fn progress_data(g: &Global) -> Result<ProgressData> {
+    Ok(match state::read(&g.state_dir)? {
+        ReadOutcome::Ok(s) => s.progress_data(),
+        ReadOutcome::Missing => state::State::default().progress_data(),
+        ReadOutcome::Corrupt(why) => ProgressData {
+            stage: Stage::Idle,
+            progress: 0,
+            message: format!("state.json is unreadable ({why}); the next writer resets it"),
+            error: None,
+        },
+    })
+}
+
+pub fn run(g: &Global) -> Result<Output> {
+    let data = progress_data(g)?;
+    let full = match state::read(&g.state_dir)? {
+        ReadOutcome::Ok(s) => Some(*s),
+        _ => None,
+    };
+    let links = snapshot::Links::read(&g.versions_dir);
+    let dash = |v: Option<&str>| v.unwrap_or("-").to_string();
+    let mut human = String::new();
+    let _ = writeln!(human, "stage:     {}", data.stage);
+    let _ = writeln!(human, "progress:  {}%", data.progress);
+    let _ = writeln!(
+        human,
+        "version:   {}",
+        dash(full.as_ref().and_then(|s| s.version.as_deref()))
+    );
+    if !data.message.is_empty() {
+        let _ = writeln!(human, "message:   {}", data.message);
+    }
+    let _ = writeln!(
+        human,
+        "error:     {}",
+        data.error
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    if let Some(s) = &full {
+        if let Some(at) = &s.verified_at {
+            let _ = writeln!(human, "verified:  {at}");
+        }
+        if let Some(at) = &s.updated_at {
+            let _ = writeln!(human, "updated:   {at}");
+        }
+    }
+    let _ = writeln!(human, "current:   {}", dash(links.current.as_deref()));
+    let _ = writeln!(human, "previous:  {}", dash(links.previous.as_deref()));
+    let _ = writeln!(human, "factory:   {}", dash(links.factory.as_deref()));
+    Ok(Output {
+        human,
+        json: serde_json::to_value(&data)?,
+        exit: 0,
+    })
+}

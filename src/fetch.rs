@@ -1,0 +1,495 @@
+//! Streaming an HTTP(S) package into a partial file while hashing it, with Range resume, retries
+//! and stall timeouts. Knows nothing of state.json: it reports through a [`Sink`].
+
+use crate::error::{is_disk_full, ErrorCode, OtaError};
+use crate::fsutil;
+use anyhow::{Context, Result};
+use md5::{Digest, Md5};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const BUF_SIZE: usize = 256 * 1024;
+
+/// Network and retry settings. Defaults suit a device on a slow, flaky link; tests shorten them
+/// through the `TOPE_OTA_*` tuning variables (see README).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub connect_timeout: Duration,
+    /// A read that receives nothing for this long fails the attempt (a stalled connection).
+    pub stall_timeout: Duration,
+    /// Attempts after the first that made no progress; an attempt that made progress resets it.
+    pub retries: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+fn env_ms(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
+impl Tuning {
+    pub fn from_env() -> Tuning {
+        let d = Tuning::default();
+        Tuning {
+            connect_timeout: env_ms("TOPE_OTA_CONNECT_TIMEOUT_MS").unwrap_or(d.connect_timeout),
+            stall_timeout: env_ms("TOPE_OTA_STALL_TIMEOUT_MS").unwrap_or(d.stall_timeout),
+            retries: std::env::var("TOPE_OTA_RETRIES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d.retries),
+            backoff: env_ms("TOPE_OTA_RETRY_DELAY_MS").unwrap_or(d.backoff),
+            backoff_max: d.backoff_max,
+        }
+    }
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            connect_timeout: Duration::from_secs(15),
+            stall_timeout: Duration::from_secs(30),
+            retries: 6,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where the fetch reports to.
+pub trait Sink {
+    /// `durable` bytes of the partial are fsynced; `validator` is what to send as `If-Range`.
+    /// Called at least at every 5 % and when the fetch ends or stops.
+    fn checkpoint(&mut self, durable: u64, validator: Option<&str>) -> Result<()>;
+    /// Called for every chunk received (progress bar).
+    fn tick(&mut self, received: u64);
+    /// True when the command was asked to stop (SIGTERM/SIGINT).
+    fn stop_requested(&self) -> bool;
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// All `size` bytes are in the partial, fsynced; the MD5 of them.
+    Complete { md5: String },
+    /// Stopped on request with this many durable bytes.
+    Stopped { durable: u64 },
+}
+
+/// What to fetch and where to resume from.
+pub struct Request<'a> {
+    pub url: &'a str,
+    pub size: u64,
+    /// Durable bytes already in the partial (from state.json).
+    pub offset: u64,
+    pub validator: Option<String>,
+}
+
+enum AttemptError {
+    /// Worth another attempt (network error, stall, 5xx, dropped connection).
+    Transient(String),
+    /// Not worth retrying: a coded error or a local failure.
+    Fatal(anyhow::Error),
+    /// The partial was dropped (416, or a range we did not ask for): fetch again from zero at
+    /// once. Cannot loop: with no partial no Range is sent.
+    Restart,
+}
+
+impl From<anyhow::Error> for AttemptError {
+    fn from(e: anyhow::Error) -> Self {
+        AttemptError::Fatal(e)
+    }
+}
+
+fn coded(code: ErrorCode, detail: impl Into<String>) -> AttemptError {
+    AttemptError::Fatal(OtaError::new(code, detail).into())
+}
+
+struct Partial<'a> {
+    file: File,
+    path: &'a Path,
+    hasher: Md5,
+    len: u64,
+}
+
+impl Partial<'_> {
+    fn reset(&mut self) -> Result<()> {
+        self.file
+            .set_len(0)
+            .with_context(|| format!("truncate {}", self.path.display()))?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.hasher = Md5::new();
+        self.len = 0;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        fsutil::sync_file(&self.file, self.path)
+    }
+}
+
+fn write_error(path: &Path, e: io::Error) -> AttemptError {
+    if is_disk_full(&e) {
+        coded(
+            ErrorCode::DiskFull,
+            format!("no space left writing {}", path.display()),
+        )
+    } else {
+        AttemptError::Fatal(anyhow::Error::from(e).context(format!("write {}", path.display())))
+    }
+}
+
+/// Open the partial, keep only its durable prefix, and rebuild the hash from those bytes.
+fn open_partial<'a>(path: &'a Path, offset: u64, size: u64) -> Result<Partial<'a>> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let on_disk = file.metadata()?.len();
+    // Bytes past the durable mark may be garbage after a power loss: drop them.
+    let keep = offset.min(on_disk).min(size);
+    if on_disk != keep {
+        file.set_len(keep)
+            .with_context(|| format!("truncate {}", path.display()))?;
+    }
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut left = keep;
+    file.seek(SeekFrom::Start(0))?;
+    while left > 0 {
+        let want = left.min(BUF_SIZE as u64) as usize;
+        file.read_exact(&mut buf[..want])
+            .with_context(|| format!("re-read {}", path.display()))?;
+        hasher.update(&buf[..want]);
+        left -= want as u64;
+    }
+    file.seek(SeekFrom::Start(keep))?;
+    Ok(Partial {
+        file,
+        path,
+        hasher,
+        len: keep,
+    })
+}
+
+/// Fetch `req` into `part`, retrying transient failures with exponential backoff, each retry
+/// resuming from the bytes on disk.
+pub fn fetch(part: &Path, req: Request, tuning: &Tuning, sink: &mut dyn Sink) -> Result<Outcome> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(tuning.connect_timeout))
+        .timeout_send_request(Some(tuning.stall_timeout))
+        .timeout_per_read(Some(tuning.stall_timeout))
+        .max_redirects(5)
+        .user_agent(concat!("tope-ota/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    let mut p = open_partial(part, req.offset, req.size)?;
+    let mut validator = req.validator.clone();
+    let mut failures = 0u32;
+    let mut delay = tuning.backoff;
+    loop {
+        let before = p.len;
+        match attempt(&agent, &req, &mut p, &mut validator, sink) {
+            Ok(outcome) => return Ok(outcome),
+            Err(AttemptError::Fatal(e)) => return Err(e),
+            Err(AttemptError::Restart) => continue,
+            Err(AttemptError::Transient(why)) => {
+                if p.len > before {
+                    failures = 0;
+                    delay = tuning.backoff;
+                }
+                failures += 1;
+                if failures > tuning.retries {
+                    p.sync()?;
+                    sink.checkpoint(p.len, validator.as_deref())?;
+                    return Err(OtaError::new(
+                        ErrorCode::DownloadFailed,
+                        format!("{why} (gave up after {} attempts)", failures),
+                    )
+                    .into());
+                }
+                log::warn!(
+                    "download attempt failed at {} of {} bytes: {why}; retrying in {} ms",
+                    p.len,
+                    req.size,
+                    delay.as_millis()
+                );
+                p.sync()?;
+                sink.checkpoint(p.len, validator.as_deref())?;
+                let until = Instant::now() + delay;
+                while Instant::now() < until {
+                    if sink.stop_requested() {
+                        return Ok(Outcome::Stopped { durable: p.len });
+                    }
+                    std::thread::sleep(Duration::from_millis(50).min(delay));
+                }
+                delay = (delay * 2).min(tuning.backoff_max);
+            }
+        }
+    }
+}
+
+fn header<'r>(resp: &'r ureq::http::Response<ureq::Body>, name: &str) -> Option<&'r str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `bytes START-END/TOTAL` → (start, total); total is None for `*`.
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = if total.trim() == "*" {
+        None
+    } else {
+        Some(total.trim().parse().ok()?)
+    };
+    Some((start.trim().parse().ok()?, total))
+}
+
+/// The validator to send as If-Range: a strong ETag, else Last-Modified.
+fn validator_of(resp: &ureq::http::Response<ureq::Body>) -> Option<String> {
+    match header(resp, "etag") {
+        Some(e) if !e.starts_with("W/") => Some(e.to_string()),
+        _ => header(resp, "last-modified").map(str::to_string),
+    }
+}
+
+fn attempt(
+    agent: &ureq::Agent,
+    req: &Request,
+    p: &mut Partial,
+    validator: &mut Option<String>,
+    sink: &mut dyn Sink,
+) -> std::result::Result<Outcome, AttemptError> {
+    if p.len == req.size {
+        // The partial is already whole: verify it without asking the server again.
+        return finish(p, validator, sink, req.size);
+    }
+    let mut call = agent.get(req.url);
+    if p.len > 0 {
+        call = call.header("Range", format!("bytes={}-", p.len));
+        if let Some(v) = validator.as_deref() {
+            call = call.header("If-Range", v);
+        }
+    }
+    let resp = call
+        .call()
+        .map_err(|e| AttemptError::Transient(format!("request to {}: {e}", req.url)))?;
+    let status = resp.status().as_u16();
+    let content_length = header(&resp, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    match status {
+        200 => {
+            if p.len > 0 {
+                log::info!(
+                    "server ignored the range request; restarting from zero ({} bytes dropped)",
+                    p.len
+                );
+                p.reset()?;
+            }
+            *validator = validator_of(&resp);
+            if let Some(cl) = content_length {
+                if cl != req.size {
+                    return Err(coded(
+                        ErrorCode::PackageSizeMismatch,
+                        format!("server announces {cl} bytes, package_size is {}", req.size),
+                    ));
+                }
+            }
+        }
+        206 => {
+            let range = header(&resp, "content-range").and_then(parse_content_range);
+            match range {
+                Some((start, total)) if start == p.len => {
+                    if let Some(total) = total {
+                        if total != req.size {
+                            return Err(coded(
+                                ErrorCode::PackageSizeMismatch,
+                                format!(
+                                    "server announces {total} bytes, package_size is {}",
+                                    req.size
+                                ),
+                            ));
+                        }
+                    }
+                }
+                _ => {
+                    // A range we did not ask for: drop the partial and fetch it whole.
+                    log::warn!("server answered a range we did not ask for; restarting from zero");
+                    p.reset()?;
+                    *validator = None;
+                    return Err(AttemptError::Restart);
+                }
+            }
+            if let Some(cl) = content_length {
+                if cl != req.size - p.len {
+                    return Err(coded(
+                        ErrorCode::PackageSizeMismatch,
+                        format!(
+                            "server announces {cl} remaining bytes from {}, package_size is {}",
+                            p.len, req.size
+                        ),
+                    ));
+                }
+            }
+        }
+        416 => {
+            log::info!(
+                "server refused the range from byte {}; restarting from zero",
+                p.len
+            );
+            p.reset()?;
+            *validator = None;
+            return Err(AttemptError::Restart);
+        }
+        408 | 429 | 500..=599 => {
+            return Err(AttemptError::Transient(format!(
+                "{} answered HTTP {status}",
+                req.url
+            )))
+        }
+        _ => {
+            return Err(coded(
+                ErrorCode::DownloadFailed,
+                format!("{} answered HTTP {status}", req.url),
+            ))
+        }
+    }
+    let framed = content_length.is_some()
+        || header(&resp, "transfer-encoding").is_some_and(|t| t.contains("chunked"));
+    let mut body = resp.into_body().into_reader();
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut next_checkpoint = next_step(p.len, req.size);
+    let mut last_checkpoint = Instant::now();
+    loop {
+        if sink.stop_requested() {
+            p.sync()?;
+            sink.checkpoint(p.len, validator.as_deref())?;
+            return Ok(Outcome::Stopped { durable: p.len });
+        }
+        // Never read past the next checkpoint, so every 5 % step is persisted and reported.
+        let want = (next_checkpoint - p.len).min(BUF_SIZE as u64) as usize;
+        let n = match body.read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(AttemptError::Transient(format!(
+                    "reading body at byte {}: {e}",
+                    p.len
+                )))
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        if p.len + n as u64 > req.size {
+            return Err(coded(
+                ErrorCode::PackageSizeMismatch,
+                format!("server sent more than package_size ({} bytes)", req.size),
+            ));
+        }
+        p.file
+            .write_all(&buf[..n])
+            .map_err(|e| write_error(p.path, e))?;
+        p.hasher.update(&buf[..n]);
+        p.len += n as u64;
+        sink.tick(p.len);
+        if p.len >= next_checkpoint || last_checkpoint.elapsed() >= Duration::from_secs(10) {
+            p.sync()?;
+            sink.checkpoint(p.len, validator.as_deref())?;
+            next_checkpoint = next_step(p.len, req.size);
+            last_checkpoint = Instant::now();
+        }
+    }
+    if p.len < req.size {
+        if framed {
+            return Err(coded(
+                ErrorCode::PackageSizeMismatch,
+                format!(
+                    "server ended the body after {} bytes, package_size is {}",
+                    p.len, req.size
+                ),
+            ));
+        }
+        return Err(AttemptError::Transient(format!(
+            "connection closed after {} of {} bytes",
+            p.len, req.size
+        )));
+    }
+    finish(p, validator, sink, req.size)
+}
+
+/// The first byte count at which the progress reaches the next multiple of 5 %.
+fn next_step(len: u64, size: u64) -> u64 {
+    let (len, size) = (len as u128, size.max(1) as u128);
+    let q = len * 20 / size;
+    ((q + 1) * size).div_ceil(20) as u64
+}
+
+/// Progress in percent (0–100) of `len` bytes out of `size`.
+pub fn percent(len: u64, size: u64) -> u8 {
+    (len as u128 * 100 / size.max(1) as u128).min(100) as u8
+}
+
+fn finish(
+    p: &mut Partial,
+    validator: &Option<String>,
+    sink: &mut dyn Sink,
+    size: u64,
+) -> std::result::Result<Outcome, AttemptError> {
+    p.sync()?;
+    sink.checkpoint(size, validator.as_deref())?;
+    let digest = std::mem::take(&mut p.hasher).finalize();
+    Ok(Outcome::Complete { md5: hex(&digest) })
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(
+            parse_content_range("bytes 10-99/100"),
+            Some((10, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn steps_hit_every_five_percent() {
+        // Below 20 bytes one byte is more than 5 %, so only sizes from 20 up hit every step.
+        for size in [20u64, 100, 103, 1 << 20, 999_999_937] {
+            let mut len = 0;
+            let mut seen = vec![];
+            while len < size {
+                len = next_step(len, size).min(size);
+                seen.push(percent(len, size) / 5);
+            }
+            assert_eq!(seen, (1..=20).collect::<Vec<u8>>(), "{size}");
+        }
+    }
+
+    #[test]
+    fn hex_digest() {
+        assert_eq!(hex(&Md5::digest(b"")), "d41d8cd98f00b204e9800998ecf8427e");
+    }
+}

@@ -1,0 +1,177 @@
+//! The only place that fsyncs and renames: atomic durable writes, durable renames, temp names,
+//! free space.
+//!
+//! Every temporary name the updater creates starts with [`TEMP_PREFIX`], so `heal` (and each
+//! writer at start) can sweep leftovers of a crash without guessing.
+
+use anyhow::{Context, Result};
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Prefix of every temporary file, dir and symlink the updater creates.
+pub const TEMP_PREFIX: &str = ".tope-ota-tmp-";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh temp path in `dir`, unique within this process and across processes (pid).
+pub fn temp_path(dir: &Path, what: &str) -> PathBuf {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!("{TEMP_PREFIX}{what}-{}-{n}", std::process::id()))
+}
+
+/// fsync a file. A failure is returned as is and never retried: after a failed fsync the kernel
+/// may already have dropped the dirty pages, so the caller must fail the operation.
+pub fn sync_file(file: &File, path: &Path) -> Result<()> {
+    file.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))
+}
+
+/// fsync a directory, making the names created, renamed or removed in it durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).with_context(|| format!("open dir {}", dir.display()))?;
+    d.sync_all()
+        .with_context(|| format!("fsync dir {}", dir.display()))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Replace `path` with `bytes` atomically and durably: temp file in the same directory, fsync,
+/// rename over `path`, fsync the directory. A reader sees the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent_of(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = temp_path(dir, &name);
+    let result = (|| -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        sync_file(&f, &tmp)?;
+        drop(f);
+        fs::rename(&tmp, path)
+            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    sync_dir(dir)
+}
+
+/// Rename `from` to `to` (same filesystem) and fsync the destination directory. The caller has
+/// already fsynced what `from` names.
+pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to)
+        .with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
+    sync_dir(parent_of(to))
+}
+
+/// Remove a file if it exists and fsync its directory; a missing file is not an error.
+pub fn remove_file_durable(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            sync_dir(parent_of(path))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+    }
+}
+
+/// Create `dir` (and parents) if missing, making the new entry durable.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).with_context(|| format!("create dir {}", dir.display()))?;
+    sync_dir(parent_of(dir))
+}
+
+/// Remove every entry of `dir` whose name starts with [`TEMP_PREFIX`]; returns how many.
+pub fn sweep_temp(dir: &Path) -> Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("read dir {}", dir.display())),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("read dir {}", dir.display()))?;
+        if !entry
+            .file_name()
+            .as_bytes()
+            .starts_with(TEMP_PREFIX.as_bytes())
+        {
+            continue;
+        }
+        let path = entry.path();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        }
+        .with_context(|| format!("remove {}", path.display()))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("path {} has a NUL byte", path.display()))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", path.display()));
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn sweep_removes_only_prefixed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(temp_path(dir.path(), "x"), b"").unwrap();
+        fs::create_dir(temp_path(dir.path(), "d")).unwrap();
+        fs::write(dir.path().join("keep"), b"").unwrap();
+        assert_eq!(sweep_temp(dir.path()).unwrap(), 2);
+        assert!(dir.path().join("keep").exists());
+    }
+}

@@ -1,0 +1,58 @@
+//! tope-ota: the over-the-air updater of TOPE devices.
+//!
+//! One binary, no daemon: each subcommand takes the state lock, does its work, records every
+//! step durably in `state.json` and reports it to device-api. The contract is SPEC.md.
+//!
+//! # Layout
+//! - [`cli`]: the clap definition, the only source of the CLI, man pages and completions.
+//! - [`cmd`]: one module per subcommand, over the shared writer `Operation`.
+//! - [`state`]: `state.json`, its stages and fields; the only writer of the file.
+//! - [`lock`]: the exclusive flock on `state.lock` that makes a process the one writer.
+//! - [`fetch`]: HTTP streaming into a partial with hashing, resume, retries and timeouts.
+//! - [`report`]: progress callbacks to device-api, off the operation's path.
+//! - [`snapshot`]: version snapshot dirs and the current/previous/factory symlinks.
+//! - [`fsutil`]: the only place that fsyncs and renames; temp names; free space.
+//! - [`validate`]: request validation (`INVALID_REQUEST`).
+//! - [`error`]: the spec's error codes, their exit codes and HTTP statuses.
+//! - [`progress`]: the terminal progress bar.
+//! - [`logging`]: journal or stderr logging with version and stage on every record.
+//! - [`signals`]: SIGTERM/SIGINT as a flag polled at safe points.
+//! - [`clock`]: RFC 3339 timestamps.
+
+pub mod cli;
+pub mod clock;
+pub mod cmd;
+pub mod error;
+pub mod fetch;
+pub mod fsutil;
+pub mod lock;
+pub mod logging;
+pub mod progress;
+pub mod report;
+pub mod signals;
+pub mod snapshot;
+pub mod state;
+pub mod validate;
+
+use error::OtaError;
+use serde_json::json;
+
+/// Render a failed command: `error: CODE: detail` on stderr, or with `--json` one object on
+/// stdout; returns the exit code of the code.
+pub fn report_failure(global: &cli::Global, err: &anyhow::Error) -> i32 {
+    let e: OtaError = error::classify(err);
+    if global.json {
+        let data = cmd::status::progress_data(global)
+            .ok()
+            .and_then(|d| serde_json::to_value(d).ok());
+        let out = json!({
+            "code": e.code.http_status(),
+            "msg": e.message(),
+            "error": e.code,
+            "data": data,
+        });
+        println!("{out}");
+    }
+    eprintln!("error: {}", e.message());
+    e.code.exit_code()
+}

@@ -1,0 +1,207 @@
+//! `state.json`: the one operation in flight (SPEC section 3).
+//!
+//! Readers call [`read`] and take no lock. Writers hold a [`StateLock`] and go through
+//! [`load_for_write`] and [`State::save`], which is the only code that writes the file.
+
+use crate::clock;
+use crate::error::ErrorCode;
+use crate::fsutil;
+use crate::lock::StateLock;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// File name of the state inside the state dir.
+pub const STATE_FILE: &str = "state.json";
+/// Sub-directory of the state dir holding partial and verified packages.
+pub const DOWNLOADS_DIR: &str = "downloads";
+
+/// The stage of the operation in flight; serialized as the old API spelled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Stage {
+    #[default]
+    Idle,
+    Downloading,
+    Verifying,
+    ToInstall,
+    Installing,
+    Rebooting,
+    Success,
+    Failed,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Idle => "idle",
+            Stage::Downloading => "downloading",
+            Stage::Verifying => "verifying",
+            Stage::ToInstall => "toInstall",
+            Stage::Installing => "installing",
+            Stage::Rebooting => "rebooting",
+            Stage::Success => "success",
+            Stage::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything SPEC section 3 keeps about the operation in flight. Unknown fields written by a
+/// newer build are ignored and missing ones take defaults, so a downgrade never makes it unparsable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct State {
+    pub stage: Stage,
+    pub progress: u8,
+    pub message: String,
+    pub error: Option<ErrorCode>,
+    pub version: Option<String>,
+    pub package_url: Option<String>,
+    pub package_name: Option<String>,
+    pub package_size: Option<u64>,
+    pub package_md5: Option<String>,
+    /// Bytes of the partial that are known durable (fsynced before this was written).
+    pub bytes_downloaded: u64,
+    /// ETag or Last-Modified of the first response, sent back as `If-Range` when resuming.
+    pub resume_validator: Option<String>,
+    pub verified_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// The version `current` pointed to when the install started (for rollback).
+    pub previous_version: Option<String>,
+    /// The install step reached, recorded before each irreversible action.
+    pub step: Option<String>,
+}
+
+/// The `data` object of `GET /progress` and of `status --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressData {
+    pub stage: Stage,
+    pub progress: u8,
+    pub message: String,
+    pub error: Option<ErrorCode>,
+}
+
+impl State {
+    pub fn progress_data(&self) -> ProgressData {
+        ProgressData {
+            stage: self.stage,
+            progress: self.progress,
+            message: self.message.clone(),
+            error: self.error,
+        }
+    }
+
+    /// Write this state atomically and durably; only a lock holder can.
+    pub fn save(&mut self, lock: &StateLock) -> Result<()> {
+        self.updated_at = Some(clock::now_rfc3339());
+        let mut bytes = serde_json::to_vec_pretty(self).context("encode state")?;
+        bytes.push(b'\n');
+        fsutil::write_atomic(&state_path(lock.dir()), &bytes)
+    }
+}
+
+pub fn state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(STATE_FILE)
+}
+
+/// What a reader found.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// No state.json yet: the device is idle.
+    Missing,
+    Ok(Box<State>),
+    /// The file exists but does not parse; a writer will move it aside.
+    Corrupt(String),
+}
+
+/// Read state.json without a lock. Safe against concurrent writers: renames are atomic.
+pub fn read(state_dir: &Path) -> Result<ReadOutcome> {
+    let path = state_path(state_dir);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Missing),
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    Ok(match serde_json::from_slice::<State>(&bytes) {
+        Ok(s) => ReadOutcome::Ok(Box::new(s)),
+        Err(e) => ReadOutcome::Corrupt(e.to_string()),
+    })
+}
+
+/// Load the state for a writer. A state.json that does not parse is moved aside as
+/// `state.json.corrupt-<timestamp>` (kept for diagnosis) and replaced by idle, with a warning.
+pub fn load_for_write(lock: &StateLock) -> Result<State> {
+    match read(lock.dir())? {
+        ReadOutcome::Missing => Ok(State::default()),
+        ReadOutcome::Ok(s) => Ok(*s),
+        ReadOutcome::Corrupt(why) => {
+            let path = state_path(lock.dir());
+            let aside = lock
+                .dir()
+                .join(format!("{STATE_FILE}.corrupt-{}", clock::now_rfc3339()));
+            log::warn!(
+                "{} does not parse ({why}); moved aside to {} and reset to idle",
+                path.display(),
+                aside.display()
+            );
+            fsutil::rename_durable(&path, &aside)?;
+            let mut s = State {
+                message: format!(
+                    "state.json was corrupt and was moved aside to {}",
+                    aside.display()
+                ),
+                ..State::default()
+            };
+            s.save(lock)?;
+            Ok(s)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_spelling() {
+        assert_eq!(
+            serde_json::to_string(&Stage::ToInstall).unwrap(),
+            "\"toInstall\""
+        );
+        for s in [Stage::Idle, Stage::Downloading, Stage::Rebooting] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_parse() {
+        let s: State = serde_json::from_str(r#"{"stage":"failed","future":1}"#).unwrap();
+        assert_eq!(s.stage, Stage::Failed);
+        assert_eq!(s.progress, 0);
+    }
+
+    #[test]
+    fn corrupt_state_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
+        let lock = StateLock::acquire(dir.path()).unwrap();
+        let s = load_for_write(&lock).unwrap();
+        assert_eq!(s.stage, Stage::Idle);
+        let aside: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(matches!(read(dir.path()).unwrap(), ReadOutcome::Ok(_)));
+    }
+}

@@ -1,0 +1,96 @@
+//! Input validation shared by the CLI and the API: every refusal is `INVALID_REQUEST`.
+
+use crate::error::{fail, ErrorCode};
+use crate::fsutil::TEMP_PREFIX;
+use anyhow::Result;
+
+/// `[0-9A-Za-z._+-]{1,64}`, not `.` or `..`.
+pub fn version(v: &str) -> Result<()> {
+    let ok_chars = v
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'));
+    if v.is_empty() || v.len() > 64 || !ok_chars || v == "." || v == ".." {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!("version {v:?} must match [0-9A-Za-z._+-]{{1,64}} and not be . or .."),
+        );
+    }
+    Ok(())
+}
+
+/// A plain file name: no `/`, no NUL, not `.`/`..`, not hidden (temp files start with a dot),
+/// at most 200 bytes so `<name>.part` fits every filesystem's name limit.
+pub fn file_name(n: &str) -> Result<()> {
+    let bad = n.is_empty()
+        || n.len() > 200
+        || n.contains('/')
+        || n.contains('\0')
+        || n.starts_with('.')
+        || n.starts_with(TEMP_PREFIX)
+        || n.chars().any(char::is_control);
+    if bad {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!("package_name {n:?} must be a plain file name (no '/', not hidden, at most 200 bytes)"),
+        );
+    }
+    Ok(())
+}
+
+/// An http or https URL with a host.
+pub fn url(u: &str) -> Result<()> {
+    let parsed: Option<ureq::http::Uri> = u.parse().ok();
+    let ok = parsed.as_ref().is_some_and(|p| {
+        matches!(p.scheme_str(), Some("http") | Some("https"))
+            && p.host().is_some_and(|h| !h.is_empty())
+    });
+    if !ok {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!("package_url {u:?} must be an http:// or https:// URL"),
+        );
+    }
+    Ok(())
+}
+
+/// 32 hex digits; returned lowercase.
+pub fn md5(m: &str) -> Result<String> {
+    if m.len() != 32 || !m.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!("package_md5 {m:?} must be 32 hex digits"),
+        );
+    }
+    Ok(m.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        for ok in ["1.2.0", "1.2.0-rc1+build.5", "a", &"9".repeat(64)] {
+            assert!(version(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "1/2", "1 2", &"9".repeat(65), "v1;rm"] {
+            assert!(version(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_urls_md5() {
+        assert!(file_name("pkg-1.2.0.zip").is_ok());
+        for bad in ["", "a/b", "..", ".", ".hidden", "a\nb"] {
+            assert!(file_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(url("https://h/x.zip").is_ok());
+        assert!(url("http://127.0.0.1:8080/x").is_ok());
+        for bad in ["ftp://h/x", "file:///etc/passwd", "http://", "nonsense"] {
+            assert!(url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(md5(&"A".repeat(32)).unwrap(), "a".repeat(32));
+        assert!(md5("abc").is_err());
+        assert!(md5(&"g".repeat(32)).is_err());
+    }
+}
