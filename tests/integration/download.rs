@@ -1,0 +1,818 @@
+//! `download`: SPEC section 4 "download", section 5 callbacks, section 9 exit codes.
+
+use crate::support::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1024 * 1024;
+
+struct Pkg {
+    bytes: Vec<u8>,
+    md5: String,
+}
+
+fn pkg(len: usize, seed: u64) -> Pkg {
+    let bytes = data(len, seed);
+    let md5 = md5_hex(&bytes);
+    Pkg { bytes, md5 }
+}
+
+fn args<'a>(url: &'a str, p: &'a Pkg, size: &'a str) -> Vec<&'a str> {
+    vec![
+        "download",
+        "--version",
+        "1.2.0",
+        "--url",
+        url,
+        "--name",
+        "pkg.zip",
+        "--size",
+        size,
+        "--md5",
+        &p.md5,
+    ]
+}
+
+fn download(env: &Env, srv: &PkgServer, p: &Pkg) -> Run {
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    env.run(&args(&url, p, &size))
+}
+
+#[track_caller]
+fn assert_installed_package(env: &Env, p: &Pkg) {
+    let s = env.state();
+    assert_eq!(s["stage"], "toInstall", "{s:#}");
+    assert_eq!(s["progress"], 100);
+    assert_eq!(s["error"], Value::Null);
+    assert!(
+        s["verified_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{s:#}"
+    );
+    assert_eq!(s["bytes_downloaded"], p.bytes.len() as u64);
+    let got = std::fs::read(env.downloads().join("pkg.zip")).unwrap();
+    assert!(got == p.bytes, "downloaded bytes differ");
+    assert_eq!(env.download_files(), vec!["pkg.zip"]);
+}
+
+#[track_caller]
+fn assert_failed(env: &Env, run: &Run, code: &str) -> Value {
+    run.expect(1);
+    assert!(
+        run.stderr.contains(&format!("error: {code}: ")),
+        "stderr: {}",
+        run.stderr
+    );
+    let s = env.state();
+    assert_eq!(s["stage"], "failed", "{s:#}");
+    assert_eq!(s["error"], code, "{s:#}");
+    s
+}
+
+#[test]
+fn happy_path() {
+    let env = Env::new();
+    let p = pkg(3 * MIB + 17, 1);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let run = download(&env, &srv, &p);
+    run.expect(0);
+    assert!(run.stdout.contains("MD5 verified"), "{}", run.stdout);
+    assert_installed_package(&env, &p);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].range(), None);
+    assert_eq!(srv.body_bytes(), p.bytes.len() as u64);
+}
+
+#[test]
+fn json_output_and_request_from_stdin() {
+    let env = Env::new();
+    let p = pkg(MIB, 2);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let body = serde_json::json!({
+        "version": "1.2.0",
+        "package_url": srv.url("pkg.zip"),
+        "package_name": "pkg.zip",
+        "package_size": p.bytes.len(),
+        "package_md5": p.md5.to_uppercase(),
+    });
+    let run = env.run_stdin(
+        &["--json", "download", "--request", "-"],
+        body.to_string().as_bytes(),
+    );
+    run.expect(0);
+    let out = run.json();
+    assert_eq!(out["code"], 200);
+    assert_eq!(out["msg"], "success");
+    assert_eq!(out["data"]["stage"], "toInstall");
+    assert_eq!(out["data"]["progress"], 100);
+    assert_installed_package(&env, &p);
+    assert_eq!(
+        env.state()["package_md5"],
+        p.md5,
+        "md5 normalized to lowercase"
+    );
+}
+
+#[test]
+fn request_from_file() {
+    let env = Env::new();
+    let p = pkg(MIB / 2, 3);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let req = env.tmp.path().join("req.json");
+    std::fs::write(
+        &req,
+        serde_json::json!({
+            "version": "1.2.0", "package_url": srv.url("pkg.zip"), "package_name": "pkg.zip",
+            "package_size": p.bytes.len(), "package_md5": p.md5,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    env.run(&["download", "--request", req.to_str().unwrap()])
+        .expect(0);
+    assert_installed_package(&env, &p);
+}
+
+#[test]
+fn content_length_disagrees_with_package_size() {
+    let env = Env::new();
+    let p = pkg(MIB, 4);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            content_length: Some(MIB as u64 + 10),
+            ..Behaviour::default()
+        },
+    );
+    let run = download(&env, &srv, &p);
+    let s = assert_failed(&env, &run, "PACKAGE_SIZE_MISMATCH");
+    assert!(s["message"].as_str().unwrap().contains("1048586"), "{s:#}");
+    assert!(
+        env.download_files().is_empty(),
+        "{:?}",
+        env.download_files()
+    );
+    assert_eq!(srv.requests().len(), 1, "a size mismatch is not retried");
+}
+
+#[test]
+fn body_shorter_than_package_size() {
+    let env = Env::new();
+    let p = pkg(MIB, 5);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            chunked_len: Some(MIB as u64 - 1000),
+            ..Behaviour::default()
+        },
+    );
+    let run = download(&env, &srv, &p);
+    assert_failed(&env, &run, "PACKAGE_SIZE_MISMATCH");
+    assert!(env.download_files().is_empty());
+}
+
+#[test]
+fn body_longer_than_package_size() {
+    let env = Env::new();
+    let p = pkg(MIB, 6);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            chunked_len: Some(MIB as u64 + 1000),
+            ..Behaviour::default()
+        },
+    );
+    let run = download(&env, &srv, &p);
+    assert_failed(&env, &run, "PACKAGE_SIZE_MISMATCH");
+    assert!(env.download_files().is_empty());
+}
+
+#[test]
+fn md5_mismatch_deletes_the_file() {
+    let env = Env::new();
+    let p = pkg(MIB, 7);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let wrong = Pkg {
+        bytes: p.bytes.clone(),
+        md5: "0123456789abcdef0123456789abcdef".into(),
+    };
+    let run = download(&env, &srv, &wrong);
+    let s = assert_failed(&env, &run, "MD5_MISMATCH");
+    assert!(s["message"].as_str().unwrap().contains(&p.md5), "{s:#}");
+    assert!(
+        env.download_files().is_empty(),
+        "{:?}",
+        env.download_files()
+    );
+}
+
+#[test]
+fn resume_after_sigkill() {
+    let env = Env::new();
+    let p = pkg(8 * MIB, 8);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(10))),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut child = env.spawn(&args(&url, &p, &size));
+    env.wait_state(30, "progress 30", |s| s["progress"].as_u64() >= Some(30));
+    kill(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    let s = env.state();
+    assert_eq!(s["stage"], "downloading");
+    let durable = s["bytes_downloaded"].as_u64().unwrap();
+    assert!(durable > 0);
+
+    srv.set(|b| b.throttle = None);
+    env.run(&args(&url, &p, &size)).expect(0);
+    assert_installed_package(&env, &p);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    let range = reqs[1].range().expect("the resume sends Range");
+    let from: u64 = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        from >= durable,
+        "resumed from {from}, durable was {durable}"
+    );
+    assert_eq!(
+        reqs[1].headers.get("if-range").map(String::as_str),
+        Some("\"pkg-etag-1\"")
+    );
+    assert_eq!(reqs[1].status, 206);
+    let served = srv.body_bytes() as f64;
+    assert!(
+        served < 1.1 * p.bytes.len() as f64,
+        "served {served} bytes for a {} byte package",
+        p.bytes.len()
+    );
+}
+
+/// Leave a resumable partial: the connection drops mid-body and no retries are allowed.
+fn leave_partial(env: &mut Env, srv: &PkgServer, p: &Pkg) -> u64 {
+    env.set("TOPE_OTA_RETRIES", "0");
+    let run = download(env, srv, p);
+    assert_failed(env, &run, "DOWNLOAD_FAILED");
+    env.vars.remove("TOPE_OTA_RETRIES");
+    assert_eq!(env.download_files(), vec!["pkg.zip.part"]);
+    let durable = env.state()["bytes_downloaded"].as_u64().unwrap();
+    assert!(durable > 0);
+    durable
+}
+
+#[test]
+fn server_ignoring_range_restarts_from_zero() {
+    let mut env = Env::new();
+    let p = pkg(2 * MIB, 9);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64),
+            ..Behaviour::default()
+        },
+    );
+    leave_partial(&mut env, &srv, &p);
+    srv.set(|b| b.honor_range = false);
+    download(&env, &srv, &p).expect(0);
+    assert_installed_package(&env, &p);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 2);
+    assert!(reqs[1].range().is_some());
+    assert_eq!(reqs[1].status, 200);
+}
+
+#[test]
+fn range_not_satisfiable_deletes_partial_and_restarts() {
+    let mut env = Env::new();
+    let p = pkg(2 * MIB, 10);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64),
+            ..Behaviour::default()
+        },
+    );
+    leave_partial(&mut env, &srv, &p);
+    srv.set(|b| b.refuse_ranges = true);
+    download(&env, &srv, &p).expect(0);
+    assert_installed_package(&env, &p);
+    let reqs = srv.requests();
+    let statuses: Vec<(u16, bool)> = reqs
+        .iter()
+        .map(|r| (r.status, r.range().is_some()))
+        .collect();
+    assert_eq!(statuses, vec![(200, false), (416, true), (200, false)]);
+}
+
+#[test]
+fn stall_mid_body_times_out_and_resumes() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_STALL_TIMEOUT_MS", "500");
+    let p = pkg(2 * MIB, 11);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            stall_once_at: Some(MIB as u64 + 5),
+            ..Behaviour::default()
+        },
+    );
+    let t = Instant::now();
+    download(&env, &srv, &p).expect(0);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "a stall must not hang the command"
+    );
+    assert_installed_package(&env, &p);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[1].status, 206);
+    assert!(srv.body_bytes() < (2 * MIB + MIB / 5) as u64);
+}
+
+#[test]
+fn dropped_connection_is_retried_and_resumed() {
+    let env = Env::new();
+    let p = pkg(2 * MIB, 12);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64 + 333),
+            ..Behaviour::default()
+        },
+    );
+    download(&env, &srv, &p).expect(0);
+    assert_installed_package(&env, &p);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].status, 206);
+    assert_eq!(reqs[1].range(), Some("bytes=1048909-"));
+}
+
+#[test]
+fn server_errors_are_retried_with_backoff() {
+    let env = Env::new();
+    let p = pkg(MIB, 13);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            fail_first: 2,
+            ..Behaviour::default()
+        },
+    );
+    download(&env, &srv, &p).expect(0);
+    assert_installed_package(&env, &p);
+    let statuses: Vec<u16> = srv.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![503, 503, 200]);
+}
+
+#[test]
+fn retries_spent_is_download_failed_and_keeps_nothing_broken() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_RETRIES", "2");
+    let p = pkg(MIB, 14);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            fail_first: 100,
+            ..Behaviour::default()
+        },
+    );
+    let run = download(&env, &srv, &p);
+    let s = assert_failed(&env, &run, "DOWNLOAD_FAILED");
+    assert!(s["message"].as_str().unwrap().contains("503"), "{s:#}");
+    assert_eq!(srv.requests().len(), 3);
+}
+
+#[test]
+fn not_found_is_not_retried() {
+    let env = Env::new();
+    let p = pkg(1000, 15);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            status: Some(404),
+            ..Behaviour::default()
+        },
+    );
+    let run = download(&env, &srv, &p);
+    let s = assert_failed(&env, &run, "DOWNLOAD_FAILED");
+    assert!(s["message"].as_str().unwrap().contains("404"), "{s:#}");
+    assert_eq!(srv.requests().len(), 1);
+}
+
+#[test]
+fn unreachable_server_fails_after_retries() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_RETRIES", "1");
+    let p = pkg(1000, 15);
+    let url = "http://127.0.0.1:1/nothing-listens-here.zip".to_string();
+    let run = env.run(&args(&url, &p, "1000"));
+    let s = assert_failed(&env, &run, "DOWNLOAD_FAILED");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 attempts"),
+        "{s:#}"
+    );
+}
+
+#[test]
+fn disk_full_precheck() {
+    let fs = Tmpfs::mount(16);
+    let mut env = Env::new();
+    env.state_dir = fs.path().join("state");
+    let p = pkg(1000, 16);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let url = srv.url("pkg.zip");
+    let big = (64 * MIB).to_string();
+    let run = env.run(&args(&url, &p, &big));
+    let s = assert_failed(&env, &run, "DISK_FULL");
+    assert!(s["message"].as_str().unwrap().contains("67108864"), "{s:#}");
+    assert!(
+        srv.requests().is_empty(),
+        "nothing is fetched when it cannot fit"
+    );
+}
+
+#[test]
+fn enospc_mid_body_keeps_state_intact() {
+    let fs = Tmpfs::mount(16);
+    let mut env = Env::new();
+    env.state_dir = fs.path().join("state");
+    let p = pkg(8 * MIB, 17);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            gate_at: Some(2 * MIB as u64),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let child = env.spawn(&args(&url, &p, &size));
+    srv.wait_gate(20);
+    env.wait_state(20, "2 MiB durable", |s| {
+        s["bytes_downloaded"].as_u64() >= Some(2 * MIB as u64 * 9 / 10)
+    });
+    fs.fill("filler");
+    srv.release();
+    let run = Run::from(child.wait_with_output().unwrap());
+    let s = assert_failed(&env, &run, "DISK_FULL");
+    assert_eq!(s["version"], "1.2.0");
+    assert!(
+        env.download_files().is_empty(),
+        "the partial is deleted to give the space back"
+    );
+    // Once space is back, the same request downloads it whole.
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    srv.set(|b| b.gate_at = None);
+    env.run(&args(&url, &p, &size)).expect(0);
+    assert_installed_package(&env, &p);
+}
+
+#[test]
+fn invalid_inputs_are_refused_with_nothing_written() {
+    let env = Env::new();
+    let good_md5 = "0123456789abcdef0123456789abcdef";
+    let cases: &[(&str, [&str; 5])] = &[
+        (
+            "name with /",
+            ["1.2.0", "http://h/p.zip", "a/b.zip", "10", good_md5],
+        ),
+        (
+            "version ..",
+            ["..", "http://h/p.zip", "p.zip", "10", good_md5],
+        ),
+        (
+            "version with space",
+            ["1 2", "http://h/p.zip", "p.zip", "10", good_md5],
+        ),
+        (
+            "short md5",
+            ["1.2.0", "http://h/p.zip", "p.zip", "10", "abc123"],
+        ),
+        (
+            "size 0",
+            ["1.2.0", "http://h/p.zip", "p.zip", "0", good_md5],
+        ),
+        (
+            "ftp url",
+            ["1.2.0", "ftp://h/p.zip", "p.zip", "10", good_md5],
+        ),
+    ];
+    for (what, [v, u, n, s, m]) in cases {
+        let run = env.run(&[
+            "--json",
+            "download",
+            "--version",
+            v,
+            "--url",
+            u,
+            "--name",
+            n,
+            "--size",
+            s,
+            "--md5",
+            m,
+        ]);
+        assert_eq!(run.code, 2, "{what}: {run:?}");
+        assert!(
+            run.stderr.contains("error: INVALID_REQUEST: "),
+            "{what}: {}",
+            run.stderr
+        );
+        let out = run.json();
+        assert_eq!(out["code"], 400, "{what}");
+        assert_eq!(out["error"], "INVALID_REQUEST", "{what}");
+        assert!(!env.state_dir.exists(), "{what}: the state dir was created");
+    }
+    // The same checks apply to a --request body, which also refuses unknown and missing fields.
+    for (what, body) in [
+        (
+            "extra field",
+            r#"{"version":"1","package_url":"http://h/p","package_name":"p","package_size":1,"package_md5":"0123456789abcdef0123456789abcdef","x":1}"#,
+        ),
+        (
+            "missing field",
+            r#"{"version":"1","package_url":"http://h/p","package_name":"p","package_size":1}"#,
+        ),
+        (
+            "wrong type",
+            r#"{"version":"1","package_url":"http://h/p","package_name":"p","package_size":"1","package_md5":"0123456789abcdef0123456789abcdef"}"#,
+        ),
+        ("not json", "{"),
+    ] {
+        let run = env.run_stdin(&["download", "--request", "-"], body.as_bytes());
+        assert_eq!(run.code, 2, "{what}: {run:?}");
+        assert!(
+            run.stderr.contains("INVALID_REQUEST"),
+            "{what}: {}",
+            run.stderr
+        );
+        assert!(!env.state_dir.exists(), "{what}: the state dir was created");
+    }
+}
+
+#[test]
+fn second_writer_is_busy_while_first_completes() {
+    let env = Env::new();
+    let p = pkg(4 * MIB, 18);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(5))),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let first = env.spawn(&args(&url, &p, &size));
+    env.wait_state(20, "downloading", |s| s["stage"] == "downloading");
+    let t = Instant::now();
+    let second = env.run(&[
+        "--json",
+        "download",
+        "--version",
+        "9.9.9",
+        "--url",
+        &url,
+        "--name",
+        "other.zip",
+        "--size",
+        "5",
+        "--md5",
+        &p.md5,
+    ]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "BUSY must not wait for the lock"
+    );
+    second.expect(75);
+    assert!(second.stderr.contains("error: BUSY: "), "{}", second.stderr);
+    assert_eq!(second.json()["error"], "BUSY");
+    let first = Run::from(first.wait_with_output().unwrap());
+    first.expect(0);
+    assert_installed_package(&env, &p);
+}
+
+#[test]
+fn corrupt_state_is_moved_aside() {
+    let env = Env::new();
+    std::fs::create_dir_all(&env.state_dir).unwrap();
+    std::fs::write(env.state_dir.join("state.json"), b"{\"stage\": \"downl").unwrap();
+    let p = pkg(1000, 19);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let run = download(&env, &srv, &p);
+    run.expect(0);
+    assert!(run.stderr.contains("moved aside"), "{}", run.stderr);
+    assert_eq!(env.state()["stage"], "toInstall");
+    let aside: Vec<_> = std::fs::read_dir(&env.state_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        b"{\"stage\": \"downl"
+    );
+}
+
+#[test]
+fn sigterm_leaves_a_resumable_partial() {
+    let env = Env::new();
+    let p = pkg(4 * MIB, 20);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(10))),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let child = env.spawn(&args(&url, &p, &size));
+    env.wait_state(20, "progress 20", |s| s["progress"].as_u64() >= Some(20));
+    kill(&child, libc::SIGTERM);
+    let run = Run::from(child.wait_with_output().unwrap());
+    run.expect(143);
+    let s = env.state();
+    assert_eq!(s["stage"], "downloading");
+    assert_eq!(s["error"], Value::Null);
+    let durable = s["bytes_downloaded"].as_u64().unwrap();
+    let part = std::fs::metadata(env.downloads().join("pkg.zip.part"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        part, durable,
+        "on SIGTERM everything received is made durable"
+    );
+    srv.set(|b| b.throttle = None);
+    env.run(&args(&url, &p, &size)).expect(0);
+    assert_installed_package(&env, &p);
+    assert_eq!(
+        srv.requests()[1].range(),
+        Some(format!("bytes={durable}-").as_str())
+    );
+}
+
+#[test]
+fn another_package_discards_the_old_partial() {
+    let mut env = Env::new();
+    let p = pkg(2 * MIB, 21);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64),
+            ..Behaviour::default()
+        },
+    );
+    leave_partial(&mut env, &srv, &p);
+    let q = pkg(MIB, 22);
+    let srv2 = PkgServer::start(q.bytes.clone(), Behaviour::default());
+    let url = srv2.url("new.zip");
+    let size = q.bytes.len().to_string();
+    env.run(&[
+        "download",
+        "--version",
+        "1.3.0",
+        "--url",
+        &url,
+        "--name",
+        "new.zip",
+        "--size",
+        &size,
+        "--md5",
+        &q.md5,
+    ])
+    .expect(0);
+    assert_eq!(env.download_files(), vec!["new.zip"]);
+    assert_eq!(srv2.requests()[0].range(), None);
+    assert_eq!(env.state()["version"], "1.3.0");
+}
+
+#[test]
+fn already_verified_package_is_not_fetched_again() {
+    let env = Env::new();
+    let p = pkg(MIB, 23);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    download(&env, &srv, &p).expect(0);
+    download(&env, &srv, &p).expect(0);
+    assert_eq!(srv.requests().len(), 1);
+    assert_installed_package(&env, &p);
+}
+
+// ---------------------------------------------------------------- callbacks
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn callbacks_follow_stages_and_five_point_steps() {
+    let api = ApiStub::start(Duration::ZERO);
+    let mut env = Env::new();
+    env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let p = pkg(4 * MIB + 3, 24);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    download(&env, &srv, &p).expect(0);
+    let bodies = api.bodies();
+    for b in &bodies {
+        assert_eq!(keys(b), ["code", "data", "msg"]);
+        assert_eq!(
+            keys(&b["data"]),
+            ["error", "message", "progress", "stage", "version"]
+        );
+        assert_eq!(b["code"], 200);
+        assert_eq!(b["msg"], "success");
+        assert_eq!(b["data"]["error"], Value::Null);
+        assert_eq!(b["data"]["version"], "1.2.0");
+    }
+    let mut stages: Vec<&str> = bodies
+        .iter()
+        .map(|b| b["data"]["stage"].as_str().unwrap())
+        .collect();
+    stages.dedup();
+    assert_eq!(stages, ["downloading", "verifying", "toInstall"]);
+    let steps: Vec<u64> = bodies
+        .iter()
+        .filter(|b| b["data"]["stage"] == "downloading")
+        .map(|b| b["data"]["progress"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (0..=20).map(|i| i * 5).collect::<Vec<u64>>());
+    assert_eq!(bodies.last().unwrap()["data"]["progress"], 100);
+}
+
+#[test]
+fn failure_callback_carries_the_code() {
+    let api = ApiStub::start(Duration::ZERO);
+    let mut env = Env::new();
+    env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let p = pkg(MIB, 25);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let wrong = Pkg {
+        bytes: p.bytes.clone(),
+        md5: "ffffffffffffffffffffffffffffffff".into(),
+    };
+    download(&env, &srv, &wrong).expect(1);
+    let last = api.bodies().last().cloned().unwrap();
+    assert_eq!(last["code"], 500);
+    assert!(
+        last["msg"].as_str().unwrap().starts_with("MD5_MISMATCH: "),
+        "{last}"
+    );
+    assert_eq!(last["data"]["stage"], "failed");
+    assert_eq!(last["data"]["error"], "MD5_MISMATCH");
+    assert_eq!(last["data"]["version"], "1.2.0");
+}
+
+#[test]
+fn device_api_down_or_slow_never_fails_or_stalls_the_download() {
+    let p = pkg(4 * MIB, 26);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+
+    let env = Env::new();
+    let t = Instant::now();
+    download(&env, &srv, &p).expect(0);
+    let baseline = t.elapsed();
+
+    // Down: nothing listens on the port.
+    let mut down = Env::new();
+    down.set(
+        "TOPE_OTA_REPORT_URL",
+        "http://127.0.0.1:1/api/v1.0/ota/report",
+    );
+    download(&down, &srv, &p).expect(0);
+    assert_installed_package(&down, &p);
+
+    // Slow: answers every callback after 5 s. Sent in line, 20+ callbacks would cost 10 s+.
+    let api = ApiStub::start(Duration::from_secs(5));
+    let mut slow = Env::new();
+    slow.set("TOPE_OTA_REPORT_URL", &api.url);
+    let t = Instant::now();
+    download(&slow, &srv, &p).expect(0);
+    let took = t.elapsed();
+    assert_installed_package(&slow, &p);
+    assert!(
+        took < baseline + Duration::from_millis(2500),
+        "slow device-api slowed the download: {took:?} vs {baseline:?}"
+    );
+    assert!(!api.bodies().is_empty(), "callbacks were attempted");
+}

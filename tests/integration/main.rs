@@ -1,0 +1,6 @@
+//! One integration-test binary: the real `tope-ota` against loopback servers.
+
+mod support;
+
+mod download;
+mod status;

@@ -1,0 +1,635 @@
+//! Test harness: the real binary in a temp sandbox, a loopback package server that serves Range
+//! requests and misbehaves on demand, and a device-api stub that records callbacks.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tope-ota");
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no fixtures.
+pub fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+// ---------------------------------------------------------------- sandbox and binary
+
+/// A temp dir with a state dir and a versions root, and the environment for the binary.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub state_dir: PathBuf,
+    pub versions_dir: PathBuf,
+    pub vars: HashMap<String, String>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let state_dir = tmp.path().join("state");
+        let versions_dir = tmp.path().join("versions");
+        let mut vars = HashMap::new();
+        vars.insert("TOPE_OTA_REPORT_URL".into(), String::new());
+        // Short network timings so failure paths take milliseconds, not minutes.
+        vars.insert("TOPE_OTA_STALL_TIMEOUT_MS".into(), "1000".into());
+        vars.insert("TOPE_OTA_CONNECT_TIMEOUT_MS".into(), "1000".into());
+        vars.insert("TOPE_OTA_RETRY_DELAY_MS".into(), "50".into());
+        Env {
+            tmp,
+            state_dir,
+            versions_dir,
+            vars,
+        }
+    }
+
+    pub fn set(&mut self, k: &str, v: &str) -> &mut Self {
+        self.vars.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TOPE_OTA_STATE_DIR", &self.state_dir)
+            .env("TOPE_OTA_VERSIONS_DIR", &self.versions_dir)
+            .envs(&self.vars)
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self.cmd(args).output().unwrap();
+        Run::from(out)
+    }
+
+    pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Run {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        Run::from(child.wait_with_output().unwrap())
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn state(&self) -> Value {
+        let bytes = std::fs::read(self.state_dir.join("state.json")).expect("state.json exists");
+        serde_json::from_slice(&bytes).expect("state.json parses")
+    }
+
+    pub fn try_state(&self) -> Option<Value> {
+        let bytes = std::fs::read(self.state_dir.join("state.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn downloads(&self) -> PathBuf {
+        self.state_dir.join("downloads")
+    }
+
+    /// Names in downloads/, sorted.
+    pub fn download_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.downloads())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Poll state.json until `pred` holds (panics after `secs`).
+    pub fn wait_state(&self, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(s) = self.try_state() {
+                if pred(&s) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "timed out waiting for {what}: {:?}",
+                self.try_state()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A finished run of the binary.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            code: o
+                .status
+                .code()
+                .unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0)),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    #[track_caller]
+    pub fn expect(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}):\n{}", self.stdout))
+    }
+}
+
+// ---------------------------------------------------------------- package server
+
+/// How the package server misbehaves; the default is a well-behaved server.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    pub honor_range: bool,
+    /// Announce this Content-Length on full responses instead of the real one.
+    pub content_length: Option<u64>,
+    /// Send a chunked body (no Content-Length) of this many bytes instead.
+    pub chunked_len: Option<u64>,
+    /// Once: stop sending at this absolute offset and hold the connection open.
+    pub stall_once_at: Option<u64>,
+    /// Once: close the connection after this absolute offset.
+    pub drop_once_at: Option<u64>,
+    /// Answer 416 to Range requests.
+    pub refuse_ranges: bool,
+    /// Answer 503 to this many requests first.
+    pub fail_first: u32,
+    /// Send the body in chunks of this size with a pause after each.
+    pub throttle: Option<(usize, Duration)>,
+    pub etag: Option<String>,
+    /// Block at this absolute offset until [`PkgServer::release`].
+    pub gate_at: Option<u64>,
+    /// Answer every request with this status and an empty body.
+    pub status: Option<u16>,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            honor_range: true,
+            content_length: None,
+            chunked_len: None,
+            stall_once_at: None,
+            drop_once_at: None,
+            refuse_ranges: false,
+            fail_first: 0,
+            throttle: None,
+            etag: Some("\"pkg-etag-1\"".into()),
+            gate_at: None,
+            status: None,
+        }
+    }
+}
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub status: u16,
+}
+
+impl Seen {
+    pub fn range(&self) -> Option<&str> {
+        self.headers.get("range").map(String::as_str)
+    }
+}
+
+#[derive(Default)]
+struct SrvState {
+    requests: Vec<Seen>,
+    body_bytes: u64,
+    stalled: bool,
+    dropped: bool,
+    gate_reached: bool,
+    gate_open: bool,
+}
+
+struct Shared {
+    data: Vec<u8>,
+    behaviour: Mutex<Behaviour>,
+    st: Mutex<SrvState>,
+    cv: Condvar,
+}
+
+pub struct PkgServer {
+    pub addr: String,
+    shared: Arc<Shared>,
+}
+
+impl PkgServer {
+    pub fn start(data: Vec<u8>, behaviour: Behaviour) -> PkgServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shared = Arc::new(Shared {
+            data,
+            behaviour: Mutex::new(behaviour),
+            st: Mutex::new(SrvState::default()),
+            cv: Condvar::new(),
+        });
+        let s = shared.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                thread::spawn(move || {
+                    let _ = serve_pkg(conn, &s);
+                });
+            }
+        });
+        PkgServer { addr, shared }
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{name}", self.addr)
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.shared.behaviour.lock().unwrap());
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.shared.st.lock().unwrap().requests.clone()
+    }
+
+    /// Body bytes written to sockets, over all requests.
+    pub fn body_bytes(&self) -> u64 {
+        self.shared.st.lock().unwrap().body_bytes
+    }
+
+    pub fn wait_gate(&self, secs: u64) {
+        let until = Instant::now() + Duration::from_secs(secs);
+        let mut st = self.shared.st.lock().unwrap();
+        while !st.gate_reached {
+            assert!(Instant::now() < until, "the client never reached the gate");
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, Duration::from_millis(20))
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn release(&self) {
+        self.shared.st.lock().unwrap().gate_open = true;
+        self.shared.cv.notify_all();
+    }
+}
+
+fn read_head(conn: &mut BufReader<TcpStream>) -> Option<(String, String, HashMap<String, String>)> {
+    let mut line = String::new();
+    conn.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if conn.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    Some((method, path, headers))
+}
+
+fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    let Some((method, path, headers)) = read_head(&mut reader) else {
+        return Ok(());
+    };
+    let b = s.behaviour.lock().unwrap().clone();
+    let total = s.data.len() as u64;
+    let record = |status: u16| {
+        s.st.lock().unwrap().requests.push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            headers: headers.clone(),
+            status,
+        });
+    };
+    let failing = {
+        let st = s.st.lock().unwrap();
+        (st.requests.len() as u32) < b.fail_first
+    };
+    if let Some(code) = b.status {
+        record(code);
+        write!(
+            out,
+            "HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return Ok(());
+    }
+    if failing {
+        record(503);
+        write!(
+            out,
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return Ok(());
+    }
+    let mut start = 0u64;
+    let mut partial = false;
+    if let Some(r) = headers.get("range").filter(|_| b.honor_range) {
+        let if_range_ok = match (headers.get("if-range"), &b.etag) {
+            (Some(v), Some(e)) => v == e,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        let from = r
+            .strip_prefix("bytes=")
+            .and_then(|x| x.strip_suffix('-'))
+            .and_then(|x| x.parse::<u64>().ok());
+        if b.refuse_ranges || from.is_none_or(|f| f >= total) {
+            record(416);
+            write!(out, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            return Ok(());
+        }
+        if if_range_ok {
+            start = from.unwrap();
+            partial = true;
+        }
+    }
+    let etag = b
+        .etag
+        .as_ref()
+        .map(|e| format!("ETag: {e}\r\n"))
+        .unwrap_or_default();
+    let mut body: Vec<u8> = s.data[start as usize..].to_vec();
+    let chunked = b.chunked_len.is_some() && !partial;
+    if let Some(n) = b.chunked_len.filter(|_| !partial) {
+        body = data(n as usize, 7);
+        let keep = (n as usize).min(s.data.len());
+        body[..keep].copy_from_slice(&s.data[..keep]);
+    }
+    if partial {
+        record(206);
+        write!(
+            out,
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{total}\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
+            total - 1,
+            total - start
+        )?;
+    } else if chunked {
+        record(200);
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n{etag}Connection: close\r\n\r\n"
+        )?;
+    } else {
+        record(200);
+        let cl = b.content_length.unwrap_or(total);
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: {cl}\r\n{etag}Connection: close\r\n\r\n"
+        )?;
+    }
+    if method == "HEAD" {
+        return Ok(());
+    }
+    let mut pos = start;
+    let end = start + body.len() as u64;
+    let chunk = b.throttle.map(|t| t.0).unwrap_or(64 * 1024);
+    while pos < end {
+        // Cut points: the next offset where something happens.
+        let mut next = (pos + chunk as u64).min(end);
+        for at in [b.stall_once_at, b.drop_once_at, b.gate_at]
+            .into_iter()
+            .flatten()
+        {
+            if at > pos && at < next {
+                next = at;
+            }
+        }
+        let slice = &body[(pos - start) as usize..(next - start) as usize];
+        if chunked {
+            write!(out, "{:x}\r\n", slice.len())?;
+            out.write_all(slice)?;
+            write!(out, "\r\n")?;
+        } else {
+            out.write_all(slice)?;
+        }
+        s.st.lock().unwrap().body_bytes += slice.len() as u64;
+        pos = next;
+        if Some(pos) == b.gate_at {
+            out.flush()?;
+            let mut st = s.st.lock().unwrap();
+            st.gate_reached = true;
+            s.cv.notify_all();
+            while !st.gate_open {
+                st = s.cv.wait(st).unwrap();
+            }
+        }
+        if Some(pos) == b.stall_once_at {
+            let first = {
+                let mut st = s.st.lock().unwrap();
+                !std::mem::replace(&mut st.stalled, true)
+            };
+            if first {
+                out.flush()?;
+                thread::sleep(Duration::from_secs(30));
+                return Ok(());
+            }
+        }
+        if Some(pos) == b.drop_once_at {
+            let first = {
+                let mut st = s.st.lock().unwrap();
+                !std::mem::replace(&mut st.dropped, true)
+            };
+            if first {
+                out.flush()?;
+                let _ = out.shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+        }
+        if let Some((_, pause)) = b.throttle {
+            thread::sleep(pause);
+        }
+    }
+    if chunked {
+        write!(out, "0\r\n\r\n")?;
+    }
+    out.flush()
+}
+
+// ---------------------------------------------------------------- device-api stub
+
+/// Records the JSON bodies POSTed to it; answers 200 after `delay`.
+pub struct ApiStub {
+    pub url: String,
+    bodies: Arc<Mutex<Vec<Value>>>,
+}
+
+impl ApiStub {
+    pub fn start(delay: Duration) -> ApiStub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://{}/api/v1.0/ota/report",
+            listener.local_addr().unwrap()
+        );
+        let bodies: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let b = bodies.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let b = b.clone();
+                thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut out = conn;
+                    while let Some((_m, _p, headers)) = read_head(&mut reader) {
+                        let len: usize = headers
+                            .get("content-length")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        let mut body = vec![0; len];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        if let Ok(v) = serde_json::from_slice(&body) {
+                            b.lock().unwrap().push(v);
+                        }
+                        thread::sleep(delay);
+                        let ok = b"{\"code\":200,\"msg\":\"success\",\"data\":null}";
+                        if write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                            ok.len()
+                        )
+                        .and_then(|_| out.write_all(ok))
+                        .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ApiStub { url, bodies }
+    }
+
+    pub fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+// ---------------------------------------------------------------- small filesystems
+
+/// A tmpfs of `mib` MiB mounted at a temp dir; unmounted on drop. Tests run as root here.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(mib: u32) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mounting a tmpfs failed: these tests need root (CI and the dev machines run as root)"
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write zeros into `name` until the filesystem is full.
+    pub fn fill(&self, name: &str) {
+        let mut f = std::fs::File::create(self.path().join(name)).unwrap();
+        let buf = vec![0u8; 64 * 1024];
+        loop {
+            if f.write_all(&buf).is_err() {
+                break;
+            }
+        }
+        // Single bytes for the last partial block.
+        while f.write_all(&[0]).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Send a signal to a child.
+pub fn kill(child: &Child, sig: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
