@@ -8,6 +8,7 @@ use md5::{Digest, Md5};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BUF_SIZE: usize = 256 * 1024;
@@ -364,47 +365,21 @@ fn attempt(
     let framed = content_length.is_some()
         || header(&resp, "transfer-encoding").is_some_and(|t| t.contains("chunked"));
     let mut body = resp.into_body().into_reader();
-    let mut buf = vec![0u8; BUF_SIZE];
-    let mut next_checkpoint = next_step(p.len, req.size);
-    let mut last_checkpoint = Instant::now();
-    loop {
-        if sink.stop_requested() {
-            p.sync()?;
-            sink.checkpoint(p.len, validator.as_deref())?;
-            return Ok(Outcome::Stopped { durable: p.len });
-        }
-        // Never read past the next checkpoint, so every 5 % step is persisted and reported.
-        let want = (next_checkpoint - p.len).min(BUF_SIZE as u64) as usize;
-        let n = match body.read(&mut buf[..want]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(AttemptError::Transient(format!(
-                    "reading body at byte {}: {e}",
-                    p.len
-                )))
-            }
-        };
-        if n == 0 {
-            break;
-        }
-        if p.len + n as u64 > req.size {
+    let ended = stream(&mut body, p, req.size, validator, sink)?;
+    match ended {
+        Ended::Eof => {}
+        Ended::Stopped => return Ok(Outcome::Stopped { durable: p.len }),
+        Ended::TooLong => {
             return Err(coded(
                 ErrorCode::PackageSizeMismatch,
                 format!("server sent more than package_size ({} bytes)", req.size),
-            ));
+            ))
         }
-        p.file
-            .write_all(&buf[..n])
-            .map_err(|e| write_error(p.path, e))?;
-        p.hasher.update(&buf[..n]);
-        p.len += n as u64;
-        sink.tick(p.len);
-        if p.len >= next_checkpoint || last_checkpoint.elapsed() >= Duration::from_secs(10) {
-            p.sync()?;
-            sink.checkpoint(p.len, validator.as_deref())?;
-            next_checkpoint = next_step(p.len, req.size);
-            last_checkpoint = Instant::now();
+        Ended::ReadError(e) => {
+            return Err(AttemptError::Transient(format!(
+                "reading body at byte {}: {e}",
+                p.len
+            )))
         }
     }
     if p.len < req.size {
@@ -435,6 +410,200 @@ fn next_step(len: u64, size: u64) -> u64 {
 /// Progress in percent (0–100) of `len` bytes out of `size`.
 pub fn percent(len: u64, size: u64) -> u8 {
     (len as u128 * 100 / size.max(1) as u128).min(100) as u8
+}
+
+/// How a body stream ended; in every case all bytes received are written and fsynced.
+enum Ended {
+    Eof,
+    Stopped,
+    TooLong,
+    ReadError(io::Error),
+}
+
+enum Chunk {
+    Data {
+        buf: Vec<u8>,
+        len: usize,
+        sync: bool,
+    },
+    Sync,
+}
+
+enum Written {
+    Durable(u64),
+    Failed(io::Error),
+}
+
+/// Bytes written between two requests to start writeback early (see `fsutil::start_writeback`).
+const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
+
+/// Buffers in flight between the reader, the hasher and the writer: bounds memory.
+const POOL: usize = 8;
+
+/// Stream `body` into the partial through a three-stage pipeline, so that receiving, hashing
+/// and writing (with its fsyncs) overlap on separate cores: reader (this thread) → hasher →
+/// writer, buffers recycled through a pool. The hash stays in stream order; the writer fsyncs
+/// at each 5 % step and reports the durable length back, and only then is it checkpointed.
+fn stream(
+    body: &mut dyn Read,
+    p: &mut Partial,
+    size: u64,
+    validator: &Option<String>,
+    sink: &mut dyn Sink,
+) -> std::result::Result<Ended, AttemptError> {
+    let start_len = p.len;
+    let path = p.path;
+    let file = &p.file;
+    let hasher = &mut p.hasher;
+    let mut received = start_len;
+    let mut fatal: Option<AttemptError> = None;
+    let ended = std::thread::scope(|scope| {
+        let (to_hash, hash_rx) = mpsc::sync_channel::<Chunk>(POOL);
+        let (to_write, write_rx) = mpsc::sync_channel::<Chunk>(POOL);
+        let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
+        let (ev_tx, ev_rx) = mpsc::channel::<Written>();
+        for _ in 0..POOL {
+            let _ = pool_tx.send(vec![0u8; BUF_SIZE]);
+        }
+        scope.spawn(move || {
+            for chunk in hash_rx {
+                if let Chunk::Data { buf, len, .. } = &chunk {
+                    hasher.update(&buf[..*len]);
+                }
+                if to_write.send(chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        // The syncer fsyncs while the writer goes on writing, so the disk works while we
+        // receive and hash; fdatasync covers every byte written before it was called.
+        let (sync_tx, sync_rx) = mpsc::channel::<u64>();
+        let sync_ev = ev_tx.clone();
+        scope.spawn(move || {
+            for n in sync_rx {
+                if let Err(e) = fsutil::sync_data(file) {
+                    let _ = sync_ev.send(Written::Failed(e));
+                    return;
+                }
+                let _ = sync_ev.send(Written::Durable(n));
+            }
+        });
+        scope.spawn(move || {
+            let mut written = start_len;
+            let mut kicked = start_len;
+            let mut out = file;
+            for chunk in write_rx {
+                let sync = match chunk {
+                    Chunk::Data { buf, len, sync } => {
+                        if let Err(e) = out.write_all(&buf[..len]) {
+                            let _ = ev_tx.send(Written::Failed(e));
+                            return;
+                        }
+                        written += len as u64;
+                        let _ = pool_tx.send(buf);
+                        sync
+                    }
+                    Chunk::Sync => true,
+                };
+                if written - kicked >= WRITEBACK_STEP {
+                    fsutil::start_writeback(file, kicked, written - kicked);
+                    kicked = written;
+                }
+                if sync && sync_tx.send(written).is_err() {
+                    return;
+                }
+            }
+        });
+
+        let mut next_checkpoint = next_step(received, size);
+        let mut last_checkpoint = Instant::now();
+        let handle = |ev: Written, sink: &mut dyn Sink, fatal: &mut Option<AttemptError>| match ev {
+            Written::Durable(n) => {
+                if let Err(e) = sink.checkpoint(n, validator.as_deref()) {
+                    fatal.get_or_insert(AttemptError::Fatal(e));
+                }
+            }
+            Written::Failed(e) => {
+                fatal.get_or_insert(write_error(path, e));
+            }
+        };
+        let ended = loop {
+            while let Ok(ev) = ev_rx.try_recv() {
+                handle(ev, sink, &mut fatal);
+            }
+            if fatal.is_some() {
+                break Ended::Eof;
+            }
+            if sink.stop_requested() {
+                break Ended::Stopped;
+            }
+            let Ok(mut buf) = pool_rx.recv() else {
+                break Ended::Eof; // the writer failed; its event says why
+            };
+            // Never read past the next checkpoint, so every 5 % step is persisted and reported.
+            let want = (next_checkpoint - received).min(BUF_SIZE as u64) as usize;
+            let mut filled = 0;
+            let mut end = None;
+            let fill_start = Instant::now();
+            while filled < want {
+                match body.read(&mut buf[filled..want]) {
+                    Ok(0) => {
+                        end = Some(Ended::Eof);
+                        break;
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        if sink.stop_requested() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        end = Some(Ended::ReadError(e));
+                        break;
+                    }
+                }
+                if fill_start.elapsed() >= Duration::from_millis(200) {
+                    break;
+                }
+            }
+            if received + filled as u64 > size {
+                break Ended::TooLong;
+            }
+            if filled > 0 {
+                received += filled as u64;
+                sink.tick(received);
+                let sync = received >= next_checkpoint
+                    || last_checkpoint.elapsed() >= Duration::from_secs(10);
+                if sync {
+                    next_checkpoint = next_step(received, size);
+                    last_checkpoint = Instant::now();
+                }
+                let data = Chunk::Data {
+                    buf,
+                    len: filled,
+                    sync,
+                };
+                if to_hash.send(data).is_err() {
+                    break Ended::Eof;
+                }
+            }
+            if let Some(end) = end {
+                break end;
+            }
+        };
+        // Drain: everything received is written, hashed and fsynced before we return.
+        let _ = to_hash.send(Chunk::Sync);
+        drop(to_hash);
+        for ev in ev_rx {
+            handle(ev, sink, &mut fatal);
+        }
+        ended
+    });
+    p.len = received;
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(ended),
+    }
 }
 
 fn finish(

@@ -4,3 +4,5 @@ mod support;
 
 mod download;
 mod status;
+
+mod bench;

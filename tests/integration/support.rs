@@ -421,13 +421,18 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         .as_ref()
         .map(|e| format!("ETag: {e}\r\n"))
         .unwrap_or_default();
-    let mut body: Vec<u8> = s.data[start as usize..].to_vec();
     let chunked = b.chunked_len.is_some() && !partial;
-    if let Some(n) = b.chunked_len.filter(|_| !partial) {
-        body = data(n as usize, 7);
-        let keep = (n as usize).min(s.data.len());
-        body[..keep].copy_from_slice(&s.data[..keep]);
-    }
+    let padded;
+    let body: &[u8] = match b.chunked_len.filter(|_| !partial) {
+        Some(n) => {
+            let mut v = data(n as usize, 7);
+            let keep = (n as usize).min(s.data.len());
+            v[..keep].copy_from_slice(&s.data[..keep]);
+            padded = v;
+            &padded
+        }
+        None => &s.data[start as usize..],
+    };
     if partial {
         record(206);
         write!(
@@ -631,5 +636,31 @@ impl Drop for Tmpfs {
 pub fn kill(child: &Child, sig: i32) {
     unsafe {
         libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// Run a command to its end; returns (wall time, exit code, peak RSS in KiB). The peak is the
+/// child's VmHWM, polled from /proc: wait4's ru_maxrss would count the test process's memory
+/// that the child shared between fork and exec.
+pub fn run_measured(cmd: &mut Command) -> (Duration, i32, u64) {
+    let t = Instant::now();
+    let mut child = cmd.stdout(Stdio::null()).spawn().unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path) {
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("VmHWM:") {
+                    let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                    peak = peak.max(kib);
+                }
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            use std::os::unix::process::ExitStatusExt;
+            let code = st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
+            return (t.elapsed(), code, peak);
+        }
+        thread::sleep(Duration::from_millis(2));
     }
 }

@@ -1,0 +1,125 @@
+//! Benchmarks, ignored in the normal suite: `cargo test --release -- --ignored --nocapture bench`.
+//! They print figures and ratios against baselines measured in the same run; they assert only
+//! that the work succeeded.
+
+use crate::support::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn best_of(n: usize, mut f: impl FnMut() -> Duration) -> Duration {
+    (0..n).map(|_| f()).min().unwrap()
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[test]
+#[ignore]
+fn bench_download() {
+    let mib: usize = std::env::var("TOPE_OTA_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let len = mib * 1024 * 1024;
+    let bytes = data(len, 42);
+    let md5 = md5_hex(&bytes);
+    let env = Env::new();
+    let file = env.tmp.path().join("pkg.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    let srv = PkgServer::start(
+        bytes,
+        Behaviour {
+            throttle: Some((1024 * 1024, Duration::ZERO)),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.bin");
+
+    let md5sum = best_of(3, || {
+        let (t, code, _) = run_measured(Command::new("md5sum").arg(&file));
+        assert_eq!(code, 0);
+        t
+    });
+    let out = env.tmp.path().join("curl.out");
+    let curl = best_of(3, || {
+        let (t1, c1, _) = run_measured(Command::new("curl").args(["-s", "-o"]).arg(&out).arg(&url));
+        let (t2, c2, _) = run_measured(Command::new("md5sum").arg(&out));
+        assert_eq!((c1, c2), (0, 0));
+        t1 + t2
+    });
+    let _ = std::fs::remove_file(&out);
+
+    let dd_out = env.tmp.path().join("dd.out");
+    let dd = best_of(3, || {
+        let (t, code, _) = run_measured(
+            Command::new("dd")
+                .arg(format!("if={}", file.display()))
+                .arg(format!("of={}", dd_out.display()))
+                .args(["bs=1M", "conv=fsync", "status=none"]),
+        );
+        assert_eq!(code, 0);
+        t
+    });
+    let _ = std::fs::remove_file(&dd_out);
+
+    let size = len.to_string();
+    let mut rss = 0;
+    let mut ota_in = |state_dir: &std::path::Path| {
+        let mut e = Env::new();
+        e.state_dir = state_dir.to_path_buf();
+        best_of(3, || {
+            let _ = std::fs::remove_dir_all(&e.state_dir);
+            let (t, code, kib) = run_measured(&mut e.cmd(&[
+                "download",
+                "--version",
+                "1.0.0",
+                "--url",
+                &url,
+                "--name",
+                "pkg.bin",
+                "--size",
+                &size,
+                "--md5",
+                &md5,
+            ]));
+            assert_eq!(code, 0, "download failed");
+            assert_eq!(e.state()["stage"], "toInstall");
+            rss = rss.max(kib);
+            t
+        })
+    };
+    let on_disk = ota_in(&env.tmp.path().join("state"));
+    let fs = Tmpfs::mount((mib + 64) as u32);
+    let on_tmpfs = ota_in(&fs.path().join("state"));
+    drop(fs);
+
+    let r = |a: Duration, b: Duration| secs(a) / secs(b);
+    println!("bench_download: {mib} MiB over loopback, best of 3 each");
+    println!(
+        "  md5sum f (f in page cache)            {:8.3} s",
+        secs(md5sum)
+    );
+    println!(
+        "  curl -o f && md5sum f                 {:8.3} s",
+        secs(curl)
+    );
+    println!("  dd conv=fsync of f (disk write bound) {:8.3} s", secs(dd));
+    println!(
+        "  tope-ota download, state on tmpfs     {:8.3} s = {:.2}x md5sum (budget 1.15x), {:.2}x curl+md5sum",
+        secs(on_tmpfs),
+        r(on_tmpfs, md5sum),
+        r(on_tmpfs, curl)
+    );
+    println!(
+        "  tope-ota download, state on disk      {:8.3} s = {:.2}x md5sum, {:.2}x curl+md5sum, {:.2}x max(md5sum, dd)",
+        secs(on_disk),
+        r(on_disk, md5sum),
+        r(on_disk, curl),
+        r(on_disk, md5sum.max(dd))
+    );
+    println!(
+        "  tope-ota peak RSS                     {:8.1} MiB (budget 16 MiB)",
+        rss as f64 / 1024.0
+    );
+}
