@@ -4,6 +4,7 @@
 //! Every temporary name the updater creates starts with [`TEMP_PREFIX`], so `heal` (and each
 //! writer at start) can sweep leftovers of a crash without guessing.
 
+use crate::error::{is_disk_full, ErrorCode, OtaError};
 use anyhow::{Context, Result};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -65,6 +66,19 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
+/// An I/O error with the operation and path as context; out of space becomes `DISK_FULL`.
+fn io_error(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
+    if is_disk_full(&e) {
+        OtaError::new(
+            ErrorCode::DiskFull,
+            format!("no space left to {what} {}", path.display()),
+        )
+        .into()
+    } else {
+        anyhow::Error::from(e).context(format!("{what} {}", path.display()))
+    }
+}
+
 /// Replace `path` with `bytes` atomically and durably: temp file in the same directory, fsync,
 /// rename over `path`, fsync the directory. A reader sees the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -79,10 +93,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("write {}", tmp.display()))?;
-        sync_file(&f, &tmp)?;
+            .map_err(|e| io_error(e, "create", &tmp))?;
+        f.write_all(bytes).map_err(|e| io_error(e, "write", &tmp))?;
+        f.sync_all().map_err(|e| io_error(e, "fsync", &tmp))?;
         drop(f);
         fs::rename(&tmp, path)
             .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
