@@ -816,3 +816,86 @@ fn device_api_down_or_slow_never_fails_or_stalls_the_download() {
     );
     assert!(!api.bodies().is_empty(), "callbacks were attempted");
 }
+
+// ---------------------------------------------------------------- terminal output and logs
+
+/// Run the download under a pseudo-terminal (util-linux `script`), returning what the
+/// terminal showed.
+fn download_on_tty(env: &Env, srv: &PkgServer, p: &Pkg, extra: &[&str]) -> String {
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut words: Vec<String> = vec![BIN.to_string()];
+    words.extend(extra.iter().map(|s| s.to_string()));
+    words.extend(args(&url, p, &size).iter().map(|s| s.to_string()));
+    let line = words.join(" ");
+    let cmd = env.cmd(&[]);
+    let out = std::process::Command::new("script")
+        .args(["-qefc", &line, "/dev/null"])
+        .envs(
+            cmd.get_envs()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+        )
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn progress_bar_only_on_a_terminal_and_never_with_json_or_quiet() {
+    let p = pkg(4 * MIB, 27);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            throttle: Some((256 * 1024, Duration::from_millis(20))),
+            ..Behaviour::default()
+        },
+    );
+    let shown = download_on_tty(&Env::new(), &srv, &p, &[]);
+    assert!(
+        shown.contains("downloading ["),
+        "no bar on a terminal:\n{shown}"
+    );
+    assert!(shown.contains("MD5 verified"));
+    let json = download_on_tty(&Env::new(), &srv, &p, &["--json"]);
+    assert!(!json.contains("downloading ["), "bar with --json:\n{json}");
+    let v: Value = serde_json::from_str(json.trim()).expect("only the JSON object");
+    assert_eq!(v["code"], 200);
+    let quiet = download_on_tty(&Env::new(), &srv, &p, &["-q"]);
+    assert_eq!(quiet.trim(), "", "-q prints nothing on success");
+    // Not a terminal: no bar either.
+    let run = download(&Env::new(), &srv, &p);
+    assert!(!run.stderr.contains('['), "{}", run.stderr);
+}
+
+#[test]
+fn log_records_carry_version_and_stage() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_RETRIES", "3");
+    let p = pkg(MIB, 28);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            fail_first: 1,
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut a = vec!["-v"];
+    a.extend(args(&url, &p, &size));
+    let run = env.run(&a);
+    run.expect(0);
+    assert!(
+        run.stderr
+            .contains("tope-ota: warning: [1.2.0 downloading] download attempt failed"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("info: [1.2.0 toInstall]"),
+        "{}",
+        run.stderr
+    );
+}
