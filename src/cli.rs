@@ -104,6 +104,8 @@ pub enum Command {
     Heal,
     /// Serve the HTTP API of device-api on loopback
     Serve(ServeArgs),
+    /// Build an update package (ZIP with manifest.json) from a directory
+    Pack(PackArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -145,6 +147,22 @@ pub struct RollbackArgs {
         default_value = "previous"
     )]
     pub to: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PackArgs {
+    /// Version the package installs
+    #[arg(long, value_name = "V")]
+    pub version: String,
+    /// manifest.json to use (default: DIR/manifest.json, else one module per top-level entry)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Where to write the package
+    #[arg(long, value_name = "PKG.zip")]
+    pub out: PathBuf,
+    /// Directory whose contents become the package
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -137,6 +137,60 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
     sync_dir(parent_of(dir))
 }
 
+/// Point the symlink `dir/name` at `target` atomically: a temp symlink renamed over the old
+/// one, so a reader sees the old or the new target, never none. The caller fsyncs `dir` once
+/// after its last switch.
+pub fn replace_symlink(dir: &Path, name: &str, target: &Path) -> Result<()> {
+    let tmp = temp_path(dir, "link");
+    std::os::unix::fs::symlink(target, &tmp)
+        .with_context(|| format!("create symlink {}", tmp.display()))?;
+    let dst = dir.join(name);
+    if let Err(e) = fs::rename(&tmp, &dst) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("rename {} to {}", tmp.display(), dst.display()));
+    }
+    Ok(())
+}
+
+/// Rename without fsync, for moves inside a staging tree that is fsynced as a whole later.
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).with_context(|| format!("rename {} to {}", from.display(), to.display()))
+}
+
+/// fsync every directory of the tree at `root` (bottom-up), making all names in it durable.
+pub fn sync_tree_dirs(root: &Path) -> Result<()> {
+    let entries = fs::read_dir(root).with_context(|| format!("read dir {}", root.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("read dir {}", root.display()))?;
+        if entry.file_type()?.is_dir() {
+            sync_tree_dirs(&entry.path())?;
+        }
+    }
+    sync_dir(root)
+}
+
+/// syncfs(2): flush everything written on the filesystem holding `path` (file data, inodes
+/// and directories) in one call, cheaper than one fsync per file of an unpacked tree.
+pub fn sync_fs(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: a plain syscall on a valid open fd.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("syncfs {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Remove a directory tree if it exists and fsync its parent.
+pub fn remove_tree_durable(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => sync_dir(parent_of(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+    }
+}
+
 /// Remove every entry of `dir` whose name starts with [`TEMP_PREFIX`]; returns how many.
 pub fn sweep_temp(dir: &Path) -> Result<usize> {
     let entries = match fs::read_dir(dir) {

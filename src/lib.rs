@@ -10,7 +10,10 @@
 //! - [`lock`]: the exclusive flock on `state.lock` that makes a process the one writer.
 //! - [`fetch`]: HTTP streaming into a partial with hashing, resume, retries and timeouts.
 //! - [`report`]: progress callbacks to device-api, off the operation's path.
-//! - [`snapshot`]: version snapshot dirs and the current/previous/factory symlinks.
+//! - [`snapshot`]: version snapshot dirs, the current/previous/factory symlinks, mirroring.
+//! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
+//! - [`manifest`]: `manifest.json` parsing and validation.
+//! - [`services`]: bounded calls to the service manager (`systemctl`).
 //! - [`fsutil`]: the only place that fsyncs and renames; temp names; free space.
 //! - [`validate`]: request validation (`INVALID_REQUEST`).
 //! - [`error`]: the spec's error codes, their exit codes and HTTP statuses.
@@ -19,6 +22,7 @@
 //! - [`signals`]: SIGTERM/SIGINT as a flag polled at safe points.
 //! - [`clock`]: RFC 3339 timestamps.
 
+pub mod archive;
 pub mod cli;
 pub mod clock;
 pub mod cmd;
@@ -27,8 +31,10 @@ pub mod fetch;
 pub mod fsutil;
 pub mod lock;
 pub mod logging;
+pub mod manifest;
 pub mod progress;
 pub mod report;
+pub mod services;
 pub mod signals;
 pub mod snapshot;
 pub mod state;

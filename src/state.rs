@@ -79,6 +79,13 @@ pub struct State {
     pub previous_version: Option<String>,
     /// The install step reached, recorded before each irreversible action.
     pub step: Option<String>,
+    /// What `previous` pointed to before the install switched it (restored by a rollback).
+    pub previous_before: Option<String>,
+    /// The services the install or rollback stops and starts, in start order.
+    pub services: Vec<crate::services::Service>,
+    /// After an automatic rollback: the level that held (`previous <v>`, `factory <v>`) or
+    /// `failed`.
+    pub rollback: Option<String>,
 }
 
 /// The `data` object of `GET /progress` and of `status --json`.

@@ -2,6 +2,9 @@
 //! of a writer, so that every state change is saved durably, logged and reported in one place.
 
 pub mod download;
+pub mod install;
+pub mod pack;
+pub mod rollback;
 pub mod status;
 
 use crate::cli::{Cli, Command, Global};
@@ -29,10 +32,11 @@ pub fn run(cli: &Cli) -> Result<Output> {
     match &cli.command {
         Command::Download(args) => download::run(&cli.global, args),
         Command::Status => status::run(&cli.global),
-        Command::Install(_) => not_in_build("install", 4),
-        Command::Rollback(_) => not_in_build("rollback", 4),
+        Command::Install(args) => install::run(&cli.global, args),
+        Command::Rollback(args) => rollback::run(&cli.global, args),
         Command::Heal => not_in_build("heal", 5),
         Command::Serve(_) => not_in_build("serve", 6),
+        Command::Pack(args) => pack::run(&cli.global, args),
     }
 }
 

@@ -1,0 +1,311 @@
+//! Safe unpacking of a package ZIP into a staging dir, by our own loop over the entries (never
+//! the zip crate's `extract()`): names must stay inside the dir, symlinks may not leave it or
+//! carry other entries, special files are refused, modes lose setuid/setgid/sticky, and every
+//! byte written is counted against the header's size and hard caps.
+
+use crate::error::{fail, is_disk_full, ErrorCode, OtaError};
+use anyhow::{Context, Result};
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Caps on what a package may unpack to.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_entries: usize,
+    pub max_total: u64,
+    /// Uncompressed / compressed above this, for an entry over `ratio_floor` bytes, is a bomb.
+    pub max_ratio: u64,
+    pub ratio_floor: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_entries: 50_000,
+            max_total: 8 << 30,
+            max_ratio: 200,
+            ratio_floor: 1 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// Defaults, overridable by `TOPE_OTA_MAX_ENTRIES`, `TOPE_OTA_MAX_UNPACKED` (bytes) and
+    /// `TOPE_OTA_MAX_RATIO`.
+    pub fn from_env() -> Limits {
+        let d = Limits::default();
+        let get = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        Limits {
+            max_entries: get("TOPE_OTA_MAX_ENTRIES").map_or(d.max_entries, |v| v as usize),
+            max_total: get("TOPE_OTA_MAX_UNPACKED").unwrap_or(d.max_total),
+            max_ratio: get("TOPE_OTA_MAX_RATIO").unwrap_or(d.max_ratio),
+            ratio_floor: d.ratio_floor,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// What was unpacked, by clean relative path.
+#[derive(Debug, Default)]
+pub struct Unpacked {
+    pub files: HashSet<String>,
+    pub dirs: HashSet<String>,
+    pub symlinks: HashMap<String, String>,
+    pub bytes: u64,
+}
+
+impl Unpacked {
+    /// True when `p` is an entry, or a directory holding entries.
+    pub fn contains(&self, p: &str) -> bool {
+        let prefix = format!("{p}/");
+        self.files.contains(p)
+            || self.dirs.contains(p)
+            || self.symlinks.contains_key(p)
+            || self.files.iter().any(|f| f.starts_with(&prefix))
+    }
+}
+
+fn invalid<T>(detail: String) -> Result<T> {
+    fail(ErrorCode::PackageInvalid, detail)
+}
+
+fn io_err(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
+    if is_disk_full(&e) {
+        OtaError::new(
+            ErrorCode::DiskFull,
+            format!("no space left to {what} {}", path.display()),
+        )
+        .into()
+    } else {
+        anyhow::Error::from(e).context(format!("{what} {}", path.display()))
+    }
+}
+
+/// Where a symlink at `link` (relative path) pointing to `target` lands, lexically; None if it
+/// leaves the tree or is absolute.
+fn symlink_lands(link: &str, target: &str) -> Option<PathBuf> {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return None;
+    }
+    let mut parts: Vec<String> = Path::new(link)
+        .parent()
+        .map(|p| {
+            p.components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for c in Path::new(target).components() {
+        match c {
+            Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.iter().collect())
+}
+
+/// Unpack `zip` into the existing empty dir `dest`. `free` is the space available there.
+pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unpacked> {
+    let file = File::open(zip).with_context(|| format!("open {}", zip.display()))?;
+    let mut ar = match zip::ZipArchive::new(io::BufReader::new(file)) {
+        Ok(a) => a,
+        Err(e) => return invalid(format!("{} is not a readable ZIP: {e}", zip.display())),
+    };
+    if ar.len() > limits.max_entries {
+        return invalid(format!(
+            "{} entries, the limit is {}",
+            ar.len(),
+            limits.max_entries
+        ));
+    }
+
+    // Pass 1: names, kinds and sizes from the central directory, before writing anything.
+    let mut plan: Vec<(String, Kind, u64, u32)> = Vec::with_capacity(ar.len());
+    let mut seen = HashSet::new();
+    let mut total: u64 = 0;
+    for i in 0..ar.len() {
+        let e = match ar.by_index_raw(i) {
+            Ok(e) => e,
+            Err(err) => return invalid(format!("entry {i}: {err}")),
+        };
+        let raw = e.name().to_string();
+        let Some(path) = e.enclosed_name() else {
+            return invalid(format!(
+                "entry {raw:?} is absolute or leaves the package with .."
+            ));
+        };
+        if raw.contains('\\') || raw.starts_with('/') || path.as_os_str().is_empty() {
+            return invalid(format!("entry {raw:?} has an unsafe name"));
+        }
+        let name = path.to_string_lossy().trim_end_matches('/').to_string();
+        let mode = e.unix_mode().unwrap_or(0);
+        let kind = match mode & 0o170000 {
+            0o120000 => Kind::Symlink,
+            0o040000 => Kind::Dir,
+            0o100000 | 0 => {
+                if e.is_dir() {
+                    Kind::Dir
+                } else {
+                    Kind::File
+                }
+            }
+            _ => return invalid(format!("entry {raw:?} is a device, FIFO or socket")),
+        };
+        if !seen.insert(name.clone()) {
+            return invalid(format!("entry {name:?} appears twice"));
+        }
+        let size = e.size();
+        let packed = e.compressed_size().max(1);
+        if size > limits.ratio_floor && size / packed > limits.max_ratio {
+            return invalid(format!(
+                "entry {name:?} expands {}x ({packed} to {size} bytes): refused as a zip bomb",
+                size / packed
+            ));
+        }
+        total = total.saturating_add(size);
+        plan.push((name, kind, size, mode));
+    }
+    if total > limits.max_total {
+        return invalid(format!(
+            "the package unpacks to {total} bytes, the limit is {}",
+            limits.max_total
+        ));
+    }
+    if total > free {
+        return fail(
+            ErrorCode::DiskFull,
+            format!(
+                "the package unpacks to {total} bytes, {free} are free in {}",
+                dest.display()
+            ),
+        );
+    }
+    let links: HashSet<&str> = plan
+        .iter()
+        .filter(|p| p.1 == Kind::Symlink)
+        .map(|p| p.0.as_str())
+        .collect();
+    for (name, _, _, _) in &plan {
+        let mut anc = Path::new(name.as_str()).parent();
+        while let Some(a) = anc.filter(|a| !a.as_os_str().is_empty()) {
+            if links.contains(a.to_string_lossy().as_ref()) {
+                return invalid(format!(
+                    "entry {name:?} lies under the symlink entry {:?}",
+                    a
+                ));
+            }
+            anc = a.parent();
+        }
+    }
+
+    // Pass 2: write, counting bytes.
+    let mut out = Unpacked::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    for (i, (name, kind, size, mode)) in plan.into_iter().enumerate() {
+        let to = dest.join(&name);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_err(e, "create dir", parent))?;
+        }
+        let mut entry = match ar.by_index(i) {
+            Ok(e) => e,
+            Err(err) => return invalid(format!("entry {name:?}: {err}")),
+        };
+        match kind {
+            Kind::Dir => {
+                fs::create_dir_all(&to).map_err(|e| io_err(e, "create dir", &to))?;
+                let m = if mode & 0o777 != 0 {
+                    mode & 0o777
+                } else {
+                    0o755
+                };
+                fs::set_permissions(&to, fs::Permissions::from_mode(m | 0o700))
+                    .map_err(|e| io_err(e, "chmod", &to))?;
+                out.dirs.insert(name);
+            }
+            Kind::Symlink => {
+                let mut target = String::new();
+                if let Err(err) = (&mut entry).take(4096).read_to_string(&mut target) {
+                    return invalid(format!("symlink entry {name:?}: {err}"));
+                }
+                if symlink_lands(&name, &target).is_none() {
+                    return invalid(format!(
+                        "symlink entry {name:?} -> {target:?} points outside the package"
+                    ));
+                }
+                std::os::unix::fs::symlink(&target, &to).map_err(|e| io_err(e, "symlink", &to))?;
+                out.symlinks.insert(name, target);
+            }
+            Kind::File => {
+                // setuid, setgid and sticky bits are dropped; the rest (exec bits) kept.
+                let m = if mode & 0o777 != 0 {
+                    mode & 0o777
+                } else {
+                    0o644
+                };
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(m)
+                    .open(&to)
+                    .map_err(|e| io_err(e, "create", &to))?;
+                let mut written: u64 = 0;
+                loop {
+                    let n = match entry.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return invalid(format!("entry {name:?} is corrupt: {e}")),
+                    };
+                    written += n as u64;
+                    if written > size {
+                        return invalid(format!(
+                            "entry {name:?} holds more than the {size} bytes its header says"
+                        ));
+                    }
+                    f.write_all(&buf[..n])
+                        .map_err(|e| io_err(e, "write", &to))?;
+                }
+                if written != size {
+                    return invalid(format!(
+                        "entry {name:?} holds {written} bytes, its header says {size}"
+                    ));
+                }
+                fs::set_permissions(&to, fs::Permissions::from_mode(m))
+                    .map_err(|e| io_err(e, "chmod", &to))?;
+                out.bytes += written;
+                out.files.insert(name);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_targets() {
+        assert_eq!(symlink_lands("a/b", "c"), Some(PathBuf::from("a/c")));
+        assert_eq!(symlink_lands("a/b", "../c"), Some(PathBuf::from("c")));
+        assert_eq!(symlink_lands("a/b", "../../c"), None);
+        assert_eq!(symlink_lands("b", "/etc/passwd"), None);
+        assert_eq!(symlink_lands("b", ".."), None);
+    }
+}

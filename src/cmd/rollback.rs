@@ -1,0 +1,191 @@
+//! `rollback`: switch to the previous, the factory or a named version by hand, and the
+//! automatic rollback that install (and a failed manual rollback) fall back on.
+
+use super::{Operation, Output};
+use crate::cli::{Global, RollbackArgs};
+use crate::error::{fail, ErrorCode, OtaError};
+use crate::services::{self, Manager, Service};
+use crate::snapshot::{self, Links};
+use crate::state::{Stage, State};
+use crate::validate;
+use anyhow::Result;
+use std::path::Path;
+
+/// Stop `services`, point `current` at `target` (and `previous` at `previous`), start and check.
+fn try_level(
+    root: &Path,
+    mgr: &Manager,
+    services: &[Service],
+    target: &str,
+    previous: Option<&str>,
+) -> Result<(), OtaError> {
+    mgr.stop_best_effort(services);
+    snapshot::switch(root, previous, target)
+        .map_err(|e| OtaError::new(ErrorCode::DeploymentFailed, format!("{e:#}")))?;
+    mgr.start_all(services)?;
+    mgr.check_all(services)
+}
+
+/// After `original` failed an install or rollback: level 1 back to the version that was
+/// current before (`state.previous_version`), level 2 to `factory`, each with the services
+/// restarted and checked. Records the outcome in the state (stage `failed`, the original code,
+/// or `ROLLBACK_FAILED`) and returns the error to report.
+pub fn auto_rollback(
+    root: &Path,
+    op: &mut Operation,
+    mgr: &Manager,
+    original: OtaError,
+) -> Result<OtaError> {
+    log::error!("{}; rolling back", original.message());
+    let services = op.state.services.clone();
+    let before = op.state.previous_version.clone();
+    let mut why = Vec::new();
+    let mut held = None;
+    match before.as_deref() {
+        Some(v) if snapshot::version_dir(root, v).is_dir() => {
+            op.state.step = Some("rollback-previous".into());
+            op.state.message = format!("{}; rolling back to {v}", original.detail);
+            op.commit()?;
+            let restore = op.state.previous_before.clone();
+            match try_level(root, mgr, &services, v, restore.as_deref()) {
+                Ok(()) => held = Some(format!("previous {v}")),
+                Err(e) => why.push(format!("to previous {v}: {}", e.message())),
+            }
+        }
+        _ => why.push("no previous version".to_string()),
+    }
+    if held.is_none() {
+        match Links::read(root).factory {
+            Some(f) => {
+                op.state.step = Some("rollback-factory".into());
+                op.state.message = format!("{}; rolling back to factory {f}", original.detail);
+                op.commit()?;
+                match try_level(root, mgr, &services, &f, before.as_deref()) {
+                    Ok(()) => held = Some(format!("factory {f}")),
+                    Err(e) => why.push(format!("to factory {f}: {}", e.message())),
+                }
+            }
+            None => why.push("no factory version".to_string()),
+        }
+    }
+    let fin = match &held {
+        Some(level) => OtaError::new(
+            original.code,
+            format!("{}; rolled back to {level}", original.detail),
+        ),
+        None => OtaError::new(
+            ErrorCode::RollbackFailed,
+            format!("{}; rollback failed {}", original.message(), why.join("; ")),
+        ),
+    };
+    op.state.rollback = Some(held.clone().unwrap_or_else(|| "failed".into()));
+    op.state.step = None;
+    if held.is_some() {
+        if let Ok(removed) = snapshot::prune(root) {
+            if !removed.is_empty() {
+                log::info!("removed the failed snapshot(s) {}", removed.join(", "));
+            }
+        }
+    }
+    op.fail(&fin)?;
+    Ok(fin)
+}
+
+pub fn run(g: &Global, args: &RollbackArgs) -> Result<Output> {
+    let mut op = Operation::begin(g)?;
+    let result = rollback(g, args, &mut op);
+    op.finish();
+    result
+}
+
+fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Output> {
+    if matches!(op.state.stage, Stage::Installing | Stage::Rebooting) {
+        return fail(
+            ErrorCode::Busy,
+            format!(
+                "an install is in flight (stage {}); run `tope-ota heal` first",
+                op.state.stage
+            ),
+        );
+    }
+    let root = &g.versions_dir;
+    let links = Links::read(root);
+    let target = match args.to.as_str() {
+        "previous" => links.previous.clone(),
+        "factory" => links.factory.clone(),
+        v => {
+            validate::version(v)?;
+            snapshot::version_dir(root, v)
+                .is_dir()
+                .then(|| v.to_string())
+        }
+    };
+    let Some(target) = target else {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!(
+                "there is no {} version to roll back to in {}",
+                args.to,
+                root.display()
+            ),
+        );
+    };
+    if links.current.as_deref() == Some(target.as_str()) {
+        return Ok(Output {
+            human: format!("version {target} is already current; nothing to do\n"),
+            json: serde_json::json!({"code": 200, "msg": "success", "error": null,
+                "data": op.state.progress_data()}),
+            exit: 0,
+        });
+    }
+    let cur = links.current.clone();
+    let mut list = snapshot::read_services(&snapshot::version_dir(root, &target));
+    if let Some(c) = &cur {
+        list.extend(snapshot::read_services(&snapshot::version_dir(root, c)));
+    }
+    let svc = services::start_order(list);
+    op.state = State {
+        stage: Stage::Installing,
+        version: Some(target.clone()),
+        previous_version: cur.clone(),
+        previous_before: links.previous.clone(),
+        services: svc.clone(),
+        step: Some("stop".into()),
+        message: format!("Rolling back to {target}"),
+        ..State::default()
+    };
+    op.commit()?;
+    let mgr = Manager::new(&g.systemctl);
+    if let Err((e, _)) = mgr.stop_all(&svc) {
+        let fin = auto_rollback(root, op, &mgr, e)?;
+        return Err(fin.into());
+    }
+    op.state.step = Some("switch".into());
+    op.state.progress = 40;
+    op.commit()?;
+    snapshot::switch(root, cur.as_deref(), &target)?;
+    op.state.step = Some("start".into());
+    op.state.progress = 60;
+    op.commit()?;
+    if let Err(e) = mgr.start_all(&svc).and_then(|_| {
+        op.state.step = Some("verify".into());
+        mgr.check_all(&svc)
+    }) {
+        let fin = auto_rollback(root, op, &mgr, e)?;
+        return Err(fin.into());
+    }
+    op.state.stage = Stage::Success;
+    op.state.step = None;
+    op.state.progress = 100;
+    op.state.message = format!(
+        "Rolled back to {target}; previous is now {}",
+        cur.as_deref().unwrap_or("-")
+    );
+    op.commit()?;
+    Ok(Output {
+        human: format!("{}\n", op.state.message),
+        json: serde_json::json!({"code": 200, "msg": "success", "error": null,
+            "data": op.state.progress_data()}),
+        exit: 0,
+    })
+}

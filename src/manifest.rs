@@ -1,0 +1,172 @@
+//! `manifest.json` at the package root: what to install where, and which services to restart.
+
+use crate::error::{fail, ErrorCode};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Component, Path};
+
+/// The manifest's file name at the ZIP root.
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: String,
+    pub modules: Vec<Module>,
+    #[serde(default)]
+    pub reboot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Module {
+    pub name: String,
+    /// A file, or a directory (every entry below it), inside the ZIP.
+    pub src: String,
+    /// Where it goes inside the version snapshot.
+    pub dst: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_order: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+}
+
+fn invalid<T>(detail: String) -> Result<T> {
+    fail(ErrorCode::ManifestInvalid, detail)
+}
+
+/// A relative path of normal components only (no `.`, `..`, root, empty parts or `\`).
+pub fn is_clean_relative(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.ends_with('/')
+        && !p.contains("//")
+        && !p.contains('\0')
+        && !p.contains('\\')
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+impl Manifest {
+    /// Parse and check a manifest for `version`. `in_zip(src)` tells whether `src` names a file
+    /// or directory of the package.
+    pub fn parse(bytes: &[u8], version: &str, in_zip: impl Fn(&str) -> bool) -> Result<Manifest> {
+        let m: Manifest = match serde_json::from_slice(bytes) {
+            Ok(m) => m,
+            Err(e) => return invalid(format!("manifest.json: {e}")),
+        };
+        if m.version != version {
+            return invalid(format!(
+                "manifest version {:?} differs from the requested version {version:?}",
+                m.version
+            ));
+        }
+        if m.modules.is_empty() {
+            return invalid("manifest lists no modules".into());
+        }
+        let mut dsts: HashSet<&str> = HashSet::new();
+        for md in &m.modules {
+            let who = format!("module {:?}", md.name);
+            if md.name.is_empty() {
+                return invalid("a module has an empty name".into());
+            }
+            if !is_clean_relative(&md.src) {
+                return invalid(format!(
+                    "{who}: src {:?} is not a clean relative path",
+                    md.src
+                ));
+            }
+            if !in_zip(&md.src) {
+                return invalid(format!("{who}: src {:?} is not in the package", md.src));
+            }
+            if !is_clean_relative(&md.dst) {
+                return invalid(format!(
+                    "{who}: dst {:?} must be a clean relative path inside the snapshot",
+                    md.dst
+                ));
+            }
+            if !dsts.insert(md.dst.as_str()) {
+                return invalid(format!("two modules have dst {:?}", md.dst));
+            }
+            if let Some(md5) = &md.md5 {
+                if md5.len() != 32 || !md5.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    return invalid(format!("{who}: md5 {md5:?} is not 32 hex digits"));
+                }
+            }
+            if let Some(p) = &md.process_name {
+                let ok = !p.is_empty()
+                    && p.len() <= 256
+                    && !p.starts_with('-')
+                    && p.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"@._:-\\".contains(&c));
+                if !ok {
+                    return invalid(format!("{who}: process_name {p:?} is not a unit name"));
+                }
+            }
+        }
+        for a in &dsts {
+            for b in &dsts {
+                if a != b && b.starts_with(&format!("{a}/")) {
+                    return invalid(format!(
+                        "dst {b:?} lies inside the dst {a:?} of another module"
+                    ));
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The services to restart, in start order (by `restart_order`, then manifest order;
+    /// modules without an order start last), each once.
+    pub fn services(&self) -> Vec<crate::services::Service> {
+        let mut v: Vec<(i64, usize, String)> = Vec::new();
+        for (i, md) in self.modules.iter().enumerate() {
+            if let Some(p) = &md.process_name {
+                if v.iter().any(|(_, _, n)| n == p) {
+                    continue;
+                }
+                v.push((md.restart_order.unwrap_or(i64::MAX), i, p.clone()));
+            }
+        }
+        v.sort();
+        v.into_iter()
+            .map(|(order, _, name)| crate::services::Service {
+                name,
+                order: (order != i64::MAX).then_some(order),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_paths() {
+        for ok in ["bin/x", "a", "a/b/c.so"] {
+            assert!(is_clean_relative(ok), "{ok}");
+        }
+        for bad in [
+            "", "/abs", "a/../b", "./a", "a/./b", "a//b", "a/", "..", "a\\b",
+        ] {
+            assert!(!is_clean_relative(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn services_in_order() {
+        let m: Manifest = serde_json::from_str(
+            r#"{"version":"1","modules":[
+            {"name":"a","src":"a","dst":"a","process_name":"late"},
+            {"name":"b","src":"b","dst":"b","process_name":"second","restart_order":2},
+            {"name":"c","src":"c","dst":"c","process_name":"first","restart_order":1},
+            {"name":"d","src":"d","dst":"d"}]}"#,
+        )
+        .unwrap();
+        let names: Vec<String> = m.services().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["first", "second", "late"]);
+    }
+}
