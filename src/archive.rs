@@ -120,13 +120,64 @@ fn symlink_lands(link: &str, target: &str) -> Option<PathBuf> {
     Some(parts.iter().collect())
 }
 
+/// The entry count the end-of-central-directory record declares (zip64 aware). The zip crate
+/// indexes entries by name, so duplicates collapse there: comparing its count with this one is
+/// how they are found.
+fn declared_entries(file: &mut File) -> io::Result<Option<u64>> {
+    use std::io::{Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    let tail_len = len.min(22 + 65_535);
+    let mut tail = vec![0u8; tail_len as usize];
+    file.seek(SeekFrom::Start(len - tail_len))?;
+    file.read_exact(&mut tail)?;
+    let Some(pos) = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| tail[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])
+    else {
+        return Ok(None);
+    };
+    let total = u16::from_le_bytes([tail[pos + 10], tail[pos + 11]]) as u64;
+    if total != 0xFFFF {
+        return Ok(Some(total));
+    }
+    // zip64: the locator sits just before the EOCD and points at the zip64 EOCD record.
+    let abs = len - tail_len + pos as u64;
+    if abs < 20 {
+        return Ok(None);
+    }
+    let mut loc = [0u8; 20];
+    file.seek(SeekFrom::Start(abs - 20))?;
+    file.read_exact(&mut loc)?;
+    if loc[..4] != [0x50, 0x4b, 0x06, 0x07] {
+        return Ok(None);
+    }
+    let off = u64::from_le_bytes(loc[8..16].try_into().unwrap_or_default());
+    let mut rec = [0u8; 40];
+    file.seek(SeekFrom::Start(off))?;
+    file.read_exact(&mut rec)?;
+    if rec[..4] != [0x50, 0x4b, 0x06, 0x06] {
+        return Ok(None);
+    }
+    Ok(Some(u64::from_le_bytes(
+        rec[32..40].try_into().unwrap_or_default(),
+    )))
+}
+
 /// Unpack `zip` into the existing empty dir `dest`. `free` is the space available there.
 pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unpacked> {
-    let file = File::open(zip).with_context(|| format!("open {}", zip.display()))?;
+    let mut file = File::open(zip).with_context(|| format!("open {}", zip.display()))?;
+    let declared =
+        declared_entries(&mut file).with_context(|| format!("read {}", zip.display()))?;
     let mut ar = match zip::ZipArchive::new(io::BufReader::new(file)) {
         Ok(a) => a,
         Err(e) => return invalid(format!("{} is not a readable ZIP: {e}", zip.display())),
     };
+    if let Some(n) = declared.filter(|&n| n != ar.len() as u64) {
+        return invalid(format!(
+            "the central directory lists {n} entries but {} distinct names: duplicate entries",
+            ar.len()
+        ));
+    }
     if ar.len() > limits.max_entries {
         return invalid(format!(
             "{} entries, the limit is {}",

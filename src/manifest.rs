@@ -38,12 +38,11 @@ fn invalid<T>(detail: String) -> Result<T> {
 
 /// A relative path of normal components only (no `.`, `..`, root, empty parts or `\`).
 pub fn is_clean_relative(p: &str) -> bool {
+    // Path::components() silently drops inner `.` parts, so check the raw parts too.
     !p.is_empty()
-        && !p.starts_with('/')
-        && !p.ends_with('/')
-        && !p.contains("//")
         && !p.contains('\0')
         && !p.contains('\\')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
         && Path::new(p)
             .components()
             .all(|c| matches!(c, Component::Normal(_)))

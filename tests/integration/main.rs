@@ -3,6 +3,7 @@
 mod support;
 
 mod download;
+mod install;
 mod status;
 
 mod bench;

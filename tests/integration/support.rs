@@ -664,3 +664,227 @@ pub fn run_measured(cmd: &mut Command) -> (Duration, i32, u64) {
         thread::sleep(Duration::from_millis(2));
     }
 }
+
+// ---------------------------------------------------------------- fake systemctl
+
+/// A fake service manager on disk: logs `ACTION NAME CURRENT-TARGET` per call; services are
+/// active while a marker file exists. Misbehaviour by files in its dir:
+/// `fail-ACTION-NAME` (always), `fail-ACTION-NAME@vX` (while current points to vX),
+/// `hang-ACTION-NAME` (sleeps 60 s), `die-NAME@vX` (is-active false while current is vX).
+pub struct FakeSystemctl {
+    pub dir: PathBuf,
+    pub script: PathBuf,
+}
+
+impl FakeSystemctl {
+    pub fn install(env: &mut Env) -> FakeSystemctl {
+        let dir = env.tmp.path().join("systemctl");
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("systemctl");
+        let body = format!(
+            r#"#!/bin/sh
+d='{dir}'
+cur=$(readlink '{versions}/current' 2>/dev/null || echo none)
+echo "$1 $2 $cur" >> "$d/calls.log"
+if [ -e "$d/hang-$1-$2" ]; then sleep 60; fi
+if [ -e "$d/fail-$1-$2" ] || [ -e "$d/fail-$1-$2@$cur" ]; then echo "fake: $1 $2 failed" >&2; exit 1; fi
+case "$1" in
+  stop) rm -f "$d/active-$2" ;;
+  start) touch "$d/active-$2" ;;
+  is-active)
+    if [ -e "$d/die-$2@$cur" ]; then exit 3; fi
+    [ -e "$d/active-$2" ] || exit 3 ;;
+esac
+exit 0
+"#,
+            dir = dir.display(),
+            versions = env.versions_dir.display()
+        );
+        std::fs::write(&script, body).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        env.set("TOPE_OTA_SYSTEMCTL", script.to_str().unwrap());
+        env.set("TOPE_OTA_SETTLE_MS", "0");
+        FakeSystemctl { dir, script }
+    }
+
+    pub fn touch(&self, name: &str) {
+        std::fs::write(self.dir.join(name), b"").unwrap();
+    }
+
+    pub fn rm(&self, name: &str) {
+        let _ = std::fs::remove_file(self.dir.join(name));
+    }
+
+    /// Calls other than is-active, as `ACTION NAME CURRENT`.
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with("is-active"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        let _ = std::fs::remove_file(self.dir.join("calls.log"));
+    }
+}
+
+// ---------------------------------------------------------------- raw ZIP writer
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One stored (uncompressed) ZIP entry with full control over its name, mode and sizes.
+pub struct RawEntry {
+    pub name: String,
+    pub data: Vec<u8>,
+    /// Full st_mode, file type bits included (0o100644 file, 0o120777 symlink, …).
+    pub mode: u32,
+    /// Uncompressed size to write in the headers instead of the real one.
+    pub declared: Option<u32>,
+}
+
+impl RawEntry {
+    pub fn file(name: &str, data: &[u8]) -> RawEntry {
+        RawEntry {
+            name: name.into(),
+            data: data.to_vec(),
+            mode: 0o100644,
+            declared: None,
+        }
+    }
+    pub fn mode(mut self, mode: u32) -> RawEntry {
+        self.mode = mode;
+        self
+    }
+    pub fn dir(name: &str) -> RawEntry {
+        RawEntry {
+            name: format!("{}/", name.trim_end_matches('/')),
+            data: vec![],
+            mode: 0o040755,
+            declared: None,
+        }
+    }
+    pub fn symlink(name: &str, target: &str) -> RawEntry {
+        RawEntry {
+            name: name.into(),
+            data: target.as_bytes().to_vec(),
+            mode: 0o120777,
+            declared: None,
+        }
+    }
+}
+
+/// A ZIP of stored entries, written byte by byte (no validation: tests make hostile ones).
+pub fn raw_zip(entries: &[RawEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for e in entries {
+        let offset = out.len() as u32;
+        let crc = crc32(&e.data);
+        let csize = e.data.len() as u32;
+        let usize_ = e.declared.unwrap_or(csize);
+        let name = e.name.as_bytes();
+        let mut local = Vec::new();
+        local.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        local.extend_from_slice(&20u16.to_le_bytes());
+        local.extend_from_slice(&0u16.to_le_bytes()); // flags
+        local.extend_from_slice(&0u16.to_le_bytes()); // stored
+        local.extend_from_slice(&0u16.to_le_bytes()); // time
+        local.extend_from_slice(&0x21u16.to_le_bytes()); // date 1980-01-01
+        local.extend_from_slice(&crc.to_le_bytes());
+        local.extend_from_slice(&csize.to_le_bytes());
+        local.extend_from_slice(&usize_.to_le_bytes());
+        local.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        local.extend_from_slice(&0u16.to_le_bytes());
+        local.extend_from_slice(name);
+        out.extend_from_slice(&local);
+        out.extend_from_slice(&e.data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&((3u16 << 8) | 20).to_le_bytes());
+        central.extend_from_slice(&20u16.to_le_bytes());
+        central.extend_from_slice(&0u16.to_le_bytes());
+        central.extend_from_slice(&0u16.to_le_bytes());
+        central.extend_from_slice(&0u16.to_le_bytes());
+        central.extend_from_slice(&0x21u16.to_le_bytes());
+        central.extend_from_slice(&crc.to_le_bytes());
+        central.extend_from_slice(&csize.to_le_bytes());
+        central.extend_from_slice(&usize_.to_le_bytes());
+        central.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        central.extend_from_slice(&0u16.to_le_bytes()); // extra
+        central.extend_from_slice(&0u16.to_le_bytes()); // comment
+        central.extend_from_slice(&0u16.to_le_bytes()); // disk
+        central.extend_from_slice(&0u16.to_le_bytes()); // internal attrs
+        central.extend_from_slice(&(e.mode << 16).to_le_bytes());
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name);
+    }
+    let cd_offset = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+// ---------------------------------------------------------------- trees
+
+/// Every entry under `root` as `relative path -> (kind, content or link target, mode, inode)`.
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, (char, Vec<u8>, u32, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    fn walk(
+        base: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<String, (char, Vec<u8>, u32, u64)>,
+    ) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(
+                    rel,
+                    (
+                        'l',
+                        t.to_string_lossy().as_bytes().to_vec(),
+                        m.mode(),
+                        m.ino(),
+                    ),
+                );
+            } else if m.is_dir() {
+                out.insert(rel, ('d', vec![], m.mode(), m.ino()));
+                walk(base, &p, out);
+            } else {
+                out.insert(rel, ('f', std::fs::read(&p).unwrap(), m.mode(), m.ino()));
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}

@@ -1,0 +1,906 @@
+//! `install`, `rollback` and `pack`: SPEC section 4 "install" and "rollback".
+
+use crate::support::*;
+use serde_json::{json, Value};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A device: sandbox, fake systemctl, and the package servers it downloaded from.
+struct Device {
+    env: Env,
+    sc: FakeSystemctl,
+    servers: Vec<PkgServer>,
+}
+
+/// A file of a version: (path, content, mode).
+type FileSpec = (&'static str, &'static [u8], u32);
+type Files<'a> = &'a [FileSpec];
+
+fn full_manifest(version: &str) -> Value {
+    json!({
+        "version": version,
+        "modules": [
+            {"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1},
+            {"name": "ui", "src": "bin/ui", "dst": "bin/ui", "process_name": "printer-ui", "restart_order": 2},
+            {"name": "share", "src": "share", "dst": "share"},
+            {"name": "lib", "src": "lib", "dst": "lib"}
+        ]
+    })
+}
+
+fn v1_files() -> Vec<FileSpec> {
+    vec![
+        ("bin/device-api", b"#!/bin/sh\necho api 1\n", 0o755),
+        ("bin/ui", b"#!/bin/sh\necho ui 1\n", 0o755),
+        ("share/a.txt", b"alpha 1", 0o644),
+        ("share/b.txt", b"beta 1", 0o644),
+        ("lib/libx.so", b"\x7fELF libx 1", 0o644),
+    ]
+}
+
+impl Device {
+    fn new() -> Device {
+        let mut env = Env::new();
+        let sc = FakeSystemctl::install(&mut env);
+        env.set(
+            "TOPE_OTA_GUI",
+            env.tmp.path().join("no-gui").to_str().unwrap(),
+        );
+        Device {
+            env,
+            sc,
+            servers: vec![],
+        }
+    }
+
+    /// Write a source dir with `files` and `manifest`, pack it with the real binary.
+    fn pack(&self, version: &str, files: Files, manifest: &Value) -> Vec<u8> {
+        let dir = self
+            .env
+            .tmp
+            .path()
+            .join(format!("src-{version}-{}", self.servers.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (path, data, mode) in files {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, data).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        let out = self.env.tmp.path().join(format!("pkg-{version}.zip"));
+        let run = self.env.run(&[
+            "pack",
+            "--version",
+            version,
+            "--out",
+            out.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ]);
+        run.expect(0);
+        std::fs::read(out).unwrap()
+    }
+
+    fn download(&mut self, version: &str, bytes: Vec<u8>) -> Run {
+        let md5 = md5_hex(&bytes);
+        let size = bytes.len().to_string();
+        let srv = PkgServer::start(bytes, Behaviour::default());
+        let url = srv.url("pkg.zip");
+        self.servers.push(srv);
+        self.env.run(&[
+            "download",
+            "--version",
+            version,
+            "--url",
+            &url,
+            "--name",
+            "pkg.zip",
+            "--size",
+            &size,
+            "--md5",
+            &md5,
+        ])
+    }
+
+    fn install(&self) -> Run {
+        self.env.run(&["install"])
+    }
+
+    /// Download and install `bytes`; returns the install run.
+    fn deliver(&mut self, version: &str, bytes: Vec<u8>) -> Run {
+        self.download(version, bytes).expect(0);
+        self.install()
+    }
+
+    fn root(&self) -> &Path {
+        &self.env.versions_dir
+    }
+
+    fn link(&self, name: &str) -> Option<String> {
+        std::fs::read_link(self.root().join(name))
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned())
+    }
+
+    /// Install version 1.0.0 with all files and services; the starting point of most tests.
+    fn with_v1() -> Device {
+        let mut d = Device::new();
+        let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+        d.deliver("1.0.0", pkg).expect(0);
+        d.sc.clear();
+        d
+    }
+
+    /// A factory snapshot 0.9.0 (as create-factory would leave it), with the same services.
+    fn add_factory(&self) {
+        let f = self.root().join("v0.9.0");
+        std::fs::create_dir_all(f.join("bin")).unwrap();
+        std::fs::write(f.join("bin/device-api"), b"factory").unwrap();
+        std::fs::create_dir_all(f.join(".tope-ota")).unwrap();
+        std::fs::write(
+            f.join(".tope-ota/services.json"),
+            r#"[{"name":"device-api","order":1},{"name":"printer-ui","order":2}]"#,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("v0.9.0", self.root().join("factory")).unwrap();
+    }
+
+    fn no_staging_left(&self) {
+        let left: Vec<String> = std::fs::read_dir(self.root())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tope-ota-tmp"))
+            .collect();
+        assert!(left.is_empty(), "staging left behind: {left:?}");
+    }
+}
+
+fn v2_partial() -> (Vec<FileSpec>, Value) {
+    (
+        vec![("bin/device-api", b"#!/bin/sh\necho api 2\n", 0o755)],
+        json!({"version": "2.0.0", "modules": [
+            {"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1}
+        ]}),
+    )
+}
+
+#[test]
+fn download_install_switch_and_status() {
+    let mut d = Device::new();
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    let run = d.deliver("1.0.0", pkg);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("installed version 1.0.0"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert_eq!(
+        d.sc.calls(),
+        [
+            "stop printer-ui none",
+            "stop device-api none",
+            "start device-api v1.0.0",
+            "start printer-ui v1.0.0",
+        ]
+    );
+    let s = d.env.state();
+    assert_eq!(s["stage"], "success");
+    assert_eq!(s["progress"], 100);
+    assert!(
+        d.env.download_files().is_empty(),
+        "the package is deleted after success"
+    );
+    let st = d.env.run(&["status"]);
+    assert!(st.stdout.contains("current:   1.0.0"), "{}", st.stdout);
+    assert_eq!(
+        std::fs::read(d.root().join("current/share/a.txt")).unwrap(),
+        b"alpha 1"
+    );
+    let mode = std::fs::metadata(d.root().join("current/bin/device-api"))
+        .unwrap()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755, "exec bit kept");
+    d.no_staging_left();
+
+    // A second version: stop in reverse restart_order, start in order, previous kept.
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.sc.clear();
+    d.deliver("2.0.0", pkg).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+    assert_eq!(
+        d.sc.calls(),
+        ["stop device-api v1.0.0", "start device-api v2.0.0"]
+    );
+    let j = d.env.run(&["--json", "status"]).json();
+    assert_eq!(j["stage"], "success");
+    let st = d.env.run(&["status"]).stdout;
+    assert!(
+        st.contains("current:   2.0.0") && st.contains("previous:  1.0.0"),
+        "{st}"
+    );
+}
+
+#[test]
+fn partial_update_shares_inodes_and_keeps_the_old_snapshot_intact() {
+    let mut d = Device::with_v1();
+    let before = tree(&d.root().join("v1.0.0"));
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    let after_old = tree(&d.root().join("v1.0.0"));
+    assert_eq!(before, after_old, "the old snapshot changed");
+    let new = tree(&d.root().join("v2.0.0"));
+    for unchanged in ["bin/ui", "share/a.txt", "share/b.txt", "lib/libx.so"] {
+        assert_eq!(
+            new[unchanged].3, before[unchanged].3,
+            "{unchanged} is not a hard link"
+        );
+    }
+    assert_ne!(new["bin/device-api"].3, before["bin/device-api"].3);
+    assert_eq!(new["bin/device-api"].1, b"#!/bin/sh\necho api 2\n");
+    assert_eq!(before["bin/device-api"].1, b"#!/bin/sh\necho api 1\n");
+}
+
+#[test]
+fn stop_failure_switches_nothing() {
+    let mut d = Device::with_v1();
+    d.sc.touch("fail-stop-device-api");
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: SERVICE_STOP_FAILED: "),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    let s = d.env.state();
+    assert_eq!(s["stage"], "failed");
+    assert_eq!(s["error"], "SERVICE_STOP_FAILED");
+    assert!(
+        !d.root().join("v2.0.0").exists(),
+        "the unused snapshot is removed"
+    );
+    d.no_staging_left();
+}
+
+#[test]
+fn start_failure_rolls_back_to_previous() {
+    let mut d = Device::with_v1();
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: SERVICE_START_FAILED: "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("rolled back to previous 1.0.0"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    let calls = d.sc.calls();
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("start device-api v1.0.0"),
+        "{calls:?}"
+    );
+    let s = d.env.state();
+    assert_eq!(s["error"], "SERVICE_START_FAILED");
+    assert_eq!(s["rollback"], "previous 1.0.0");
+    assert!(!d.root().join("v2.0.0").exists());
+    let st = d.env.run(&["status"]).stdout;
+    assert!(st.contains("rolled back to previous 1.0.0"), "{st}");
+}
+
+#[test]
+fn service_dying_after_start_rolls_back() {
+    let mut d = Device::with_v1();
+    d.sc.touch("die-device-api@v2.0.0");
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(1);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert_eq!(d.env.state()["rollback"], "previous 1.0.0");
+}
+
+#[test]
+fn previous_failing_too_falls_back_to_factory() {
+    let mut d = Device::with_v1();
+    d.add_factory();
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    d.sc.touch("fail-start-device-api@v1.0.0");
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(1);
+    assert_eq!(d.link("current").as_deref(), Some("v0.9.0"));
+    let s = d.env.state();
+    assert_eq!(s["error"], "SERVICE_START_FAILED");
+    assert_eq!(s["rollback"], "factory 0.9.0");
+    let calls = d.sc.calls();
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("start device-api v0.9.0"),
+        "{calls:?}"
+    );
+    assert!(
+        d.root().join("v0.9.0/bin/device-api").exists(),
+        "factory untouched"
+    );
+}
+
+#[test]
+fn everything_failing_is_rollback_failed() {
+    let mut d = Device::with_v1();
+    d.add_factory();
+    d.sc.touch("fail-start-device-api");
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(1);
+    assert!(
+        run.stderr
+            .contains("error: ROLLBACK_FAILED: SERVICE_START_FAILED: "),
+        "{}",
+        run.stderr
+    );
+    let s = d.env.state();
+    assert_eq!(s["error"], "ROLLBACK_FAILED");
+    assert_eq!(s["rollback"], "failed");
+    // current still names a complete version, and factory is intact.
+    assert!(d.root().join("current/bin/device-api").exists());
+    assert_eq!(d.link("factory").as_deref(), Some("v0.9.0"));
+}
+
+#[test]
+fn hung_systemctl_is_killed_at_its_bound() {
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_STOP_TIMEOUT_MS", "700");
+    d.sc.touch("hang-stop-device-api");
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", pkg).expect(0);
+    let t = Instant::now();
+    let run = d.install();
+    let took = t.elapsed();
+    run.expect(1);
+    assert!(run.stderr.contains("hung and was killed"), "{}", run.stderr);
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}
+
+fn hostile(d: &mut Device, zip: Vec<u8>, code: &str, what: &str) {
+    let before = tree(&d.root().join("v1.0.0"));
+    d.download("2.0.0", zip).expect(0);
+    let run = d.install();
+    assert_eq!(run.code, 1, "{what}: {run:?}");
+    assert!(
+        run.stderr.contains(&format!("error: {code}: ")),
+        "{what}: {}",
+        run.stderr
+    );
+    assert_eq!(d.env.state()["error"], code, "{what}");
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"), "{what}");
+    assert_eq!(
+        tree(&d.root().join("v1.0.0")),
+        before,
+        "{what}: current changed"
+    );
+    assert!(!d.root().join("v2.0.0").exists(), "{what}");
+    d.no_staging_left();
+    assert!(d.sc.calls().is_empty(), "{what}: services touched");
+}
+
+fn good_manifest_entry() -> RawEntry {
+    RawEntry::file(
+        "manifest.json",
+        json!({"version": "2.0.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api"}]})
+            .to_string()
+            .as_bytes(),
+    )
+}
+
+#[test]
+fn hostile_zips_are_refused_with_current_untouched() {
+    let mut d = Device::with_v1();
+    let api = || RawEntry::file("bin/device-api", b"x");
+    let cases: Vec<(&str, Vec<RawEntry>)> = vec![
+        (
+            "dot-dot entry",
+            vec![
+                good_manifest_entry(),
+                api(),
+                RawEntry::file("../../evil", b"x"),
+            ],
+        ),
+        (
+            "absolute entry",
+            vec![
+                good_manifest_entry(),
+                api(),
+                RawEntry::file("/tmp/evil", b"x"),
+            ],
+        ),
+        (
+            "symlink leaving",
+            vec![
+                good_manifest_entry(),
+                api(),
+                RawEntry::symlink("bin/out", "../../../etc"),
+            ],
+        ),
+        (
+            "absolute symlink",
+            vec![
+                good_manifest_entry(),
+                api(),
+                RawEntry::symlink("bin/out", "/etc/passwd"),
+            ],
+        ),
+        (
+            "file under symlink",
+            vec![
+                good_manifest_entry(),
+                api(),
+                RawEntry::symlink("lnk", "bin"),
+                RawEntry::file("lnk/x", b"x"),
+            ],
+        ),
+        ("duplicate name", vec![good_manifest_entry(), api(), api()]),
+        (
+            "device file",
+            vec![
+                good_manifest_entry(),
+                api(),
+                RawEntry::file("dev/sda", b"").mode(0o060644),
+            ],
+        ),
+        (
+            "fifo",
+            vec![
+                good_manifest_entry(),
+                api(),
+                RawEntry::file("fifo", b"").mode(0o010644),
+            ],
+        ),
+        (
+            "size header lies",
+            vec![
+                good_manifest_entry(),
+                RawEntry {
+                    declared: Some(3),
+                    ..RawEntry::file("bin/device-api", b"0123456789")
+                },
+            ],
+        ),
+        ("not a zip", vec![]),
+    ];
+    for (what, entries) in cases {
+        let zip = if entries.is_empty() {
+            b"this is not a zip file".to_vec()
+        } else {
+            raw_zip(&entries)
+        };
+        hostile(&mut d, zip, "PACKAGE_INVALID", what);
+    }
+}
+
+#[test]
+fn zip_limits_are_enforced() {
+    let mut d = Device::with_v1();
+    // A compression ratio typical of zip bombs: 32 MiB of zeros deflate to ~32 KiB.
+    let bomb = {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let o = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        w.start_file("manifest.json", o).unwrap();
+        std::io::Write::write_all(
+            &mut w,
+            br#"{"version":"2.0.0","modules":[{"name":"a","src":"z","dst":"z"}]}"#,
+        )
+        .unwrap();
+        w.start_file("z", o).unwrap();
+        std::io::Write::write_all(&mut w, &vec![0u8; 32 << 20]).unwrap();
+        w.finish().unwrap().into_inner()
+    };
+    hostile(&mut d, bomb, "PACKAGE_INVALID", "zip bomb");
+
+    let many: Vec<RawEntry> = std::iter::once(good_manifest_entry())
+        .chain((0..20).map(|i| RawEntry::file(&format!("f{i}"), b"x")))
+        .chain(std::iter::once(RawEntry::file("bin/device-api", b"x")))
+        .collect();
+    d.env.set("TOPE_OTA_MAX_ENTRIES", "10");
+    hostile(
+        &mut d,
+        raw_zip(&many),
+        "PACKAGE_INVALID",
+        "too many entries",
+    );
+    d.env.vars.remove("TOPE_OTA_MAX_ENTRIES");
+
+    d.env.set("TOPE_OTA_MAX_UNPACKED", "100");
+    let big = vec![
+        good_manifest_entry(),
+        RawEntry::file("bin/device-api", &[7u8; 500]),
+    ];
+    hostile(
+        &mut d,
+        raw_zip(&big),
+        "PACKAGE_INVALID",
+        "over the size limit",
+    );
+    d.env.vars.remove("TOPE_OTA_MAX_UNPACKED");
+}
+
+#[test]
+fn unpacked_size_over_free_space_is_disk_full() {
+    let fs = Tmpfs::mount(16);
+    let mut d = Device::new();
+    d.env.versions_dir = fs.path().join("versions");
+    FakeSystemctl::install(&mut d.env);
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    d.deliver("1.0.0", pkg).expect(0);
+    d.sc = FakeSystemctl {
+        dir: d.env.tmp.path().join("systemctl"),
+        script: PathBuf::new(),
+    };
+    d.sc.clear();
+    let big = vec![
+        good_manifest_entry(),
+        RawEntry::file("bin/device-api", &vec![1u8; 20 << 20]),
+    ];
+    hostile(
+        &mut d,
+        raw_zip(&big),
+        "DISK_FULL",
+        "bigger than the filesystem",
+    );
+}
+
+#[test]
+fn setuid_bits_are_stripped_and_exec_kept() {
+    let mut d = Device::with_v1();
+    let zip = raw_zip(&[
+        good_manifest_entry(),
+        RawEntry::file("bin/device-api", b"#!/bin/sh\n").mode(0o106755),
+    ]);
+    d.deliver("2.0.0", zip).expect(0);
+    let mode = std::fs::metadata(d.root().join("v2.0.0/bin/device-api"))
+        .unwrap()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+}
+
+#[test]
+fn invalid_manifests_are_refused() {
+    let mut d = Device::with_v1();
+    let m = |body: &str| {
+        raw_zip(&[
+            RawEntry::file("manifest.json", body.as_bytes()),
+            RawEntry::file("bin/device-api", b"x"),
+        ])
+    };
+    let md5_x = md5_hex(b"x");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not json", m("{nope"), "manifest.json"),
+        ("missing modules", m(r#"{"version":"2.0.0"}"#), "modules"),
+        (
+            "missing dst",
+            m(r#"{"version":"2.0.0","modules":[{"name":"a","src":"bin/device-api"}]}"#),
+            "dst",
+        ),
+        (
+            "version differs",
+            m(
+                r#"{"version":"2.0.1","modules":[{"name":"a","src":"bin/device-api","dst":"bin/a"}]}"#,
+            ),
+            "differs",
+        ),
+        (
+            "src not in zip",
+            m(r#"{"version":"2.0.0","modules":[{"name":"a","src":"bin/nope","dst":"bin/a"}]}"#),
+            "not in the package",
+        ),
+        (
+            "dst absolute",
+            m(
+                r#"{"version":"2.0.0","modules":[{"name":"a","src":"bin/device-api","dst":"/usr/bin/a"}]}"#,
+            ),
+            "clean relative",
+        ),
+        (
+            "dst not clean",
+            m(
+                r#"{"version":"2.0.0","modules":[{"name":"a","src":"bin/device-api","dst":"bin/../../a"}]}"#,
+            ),
+            "clean relative",
+        ),
+        (
+            "two modules one dst",
+            m(
+                r#"{"version":"2.0.0","modules":[{"name":"a","src":"bin/device-api","dst":"bin/a"},{"name":"b","src":"bin/device-api","dst":"bin/a"}]}"#,
+            ),
+            "two modules",
+        ),
+        (
+            "module md5 mismatch",
+            m(
+                r#"{"version":"2.0.0","modules":[{"name":"a","src":"bin/device-api","dst":"bin/a","md5":"00000000000000000000000000000000"}]}"#,
+            ),
+            "md5",
+        ),
+        (
+            "no manifest",
+            raw_zip(&[RawEntry::file("bin/device-api", b"x")]),
+            "no manifest.json",
+        ),
+    ];
+    for (what, zip, needle) in cases {
+        hostile(&mut d, zip, "MANIFEST_INVALID", what);
+        let msg = d.env.state()["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(needle), "{what}: {msg}");
+    }
+    // And a matching module md5 installs.
+    let ok = m(&format!(
+        r#"{{"version":"2.0.0","modules":[{{"name":"a","src":"bin/device-api","dst":"bin/a","md5":"{md5_x}"}}]}}"#
+    ));
+    d.deliver("2.0.0", ok).expect(0);
+}
+
+#[test]
+fn install_preconditions() {
+    let mut d = Device::new();
+    let run = d.install();
+    run.expect(1);
+    assert!(run.stderr.contains("error: NO_PACKAGE: "), "{}", run.stderr);
+
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    d.download("1.0.0", pkg).expect(0);
+    let run = d.env.run(&["install", "--version", "1.0.1"]);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: VERSION_MISMATCH: "),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        d.env.state()["stage"],
+        "toInstall",
+        "a refused install changes nothing"
+    );
+
+    // Expired: verified 25 h ago.
+    let path = d.env.state_dir.join("state.json");
+    let mut s = d.env.state();
+    s["verified_at"] = json!("2000-01-01T00:00:00Z");
+    std::fs::write(&path, s.to_string()).unwrap();
+    let run = d.install();
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: PACKAGE_EXPIRED: "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        d.env.download_files().is_empty(),
+        "the expired package is deleted"
+    );
+    assert_eq!(d.env.state()["error"], "PACKAGE_EXPIRED");
+    assert!(d.link("current").is_none());
+}
+
+#[test]
+fn installing_a_version_in_use_is_refused() {
+    let mut d = Device::with_v1();
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    let run = d.deliver("1.0.0", pkg);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: DEPLOYMENT_FAILED: "),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}
+
+#[test]
+fn manual_rollback_to_previous_factory_and_named_version() {
+    let mut d = Device::with_v1();
+    d.add_factory();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    d.sc.clear();
+
+    let run = d.env.run(&["rollback"]);
+    run.expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert_eq!(
+        d.link("previous").as_deref(),
+        Some("v2.0.0"),
+        "previous becomes the old current"
+    );
+    assert_eq!(
+        d.sc.calls(),
+        [
+            "stop printer-ui v2.0.0",
+            "stop device-api v2.0.0",
+            "start device-api v1.0.0",
+            "start printer-ui v1.0.0"
+        ]
+    );
+    assert_eq!(d.env.state()["stage"], "success");
+
+    d.env.run(&["rollback", "--to", "factory"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v0.9.0"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+
+    d.env.run(&["rollback", "--to", "2.0.0"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    assert_eq!(
+        d.link("factory").as_deref(),
+        Some("v0.9.0"),
+        "factory never moves"
+    );
+
+    let run = d.env.run(&["rollback", "--to", "7.7.7"]);
+    run.expect(2);
+    assert!(
+        run.stderr.contains("error: INVALID_REQUEST: "),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+}
+
+#[test]
+fn failing_manual_rollback_returns_to_where_it_was() {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    d.sc.touch("fail-start-device-api@v1.0.0");
+    let run = d.env.run(&["rollback"]);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("SERVICE_START_FAILED"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+}
+
+#[test]
+fn callbacks_advance_through_the_install() {
+    let api = ApiStub::start(Duration::ZERO);
+    let mut d = Device::new();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    d.deliver("1.0.0", pkg).expect(0);
+    let bodies = api.bodies();
+    let install: Vec<(String, u64)> = bodies
+        .iter()
+        .skip_while(|b| b["data"]["stage"] != "installing")
+        .map(|b| {
+            (
+                b["data"]["stage"].as_str().unwrap().to_string(),
+                b["data"]["progress"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let progress: Vec<u64> = install.iter().map(|p| p.1).collect();
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{install:?}");
+    assert!(
+        install.len() >= 6,
+        "install progress moves in steps: {install:?}"
+    );
+    assert_eq!(install.last().unwrap(), &("success".to_string(), 100));
+    for b in &bodies {
+        assert_eq!(b["data"]["version"], "1.0.0");
+    }
+}
+
+#[test]
+fn ota_gui_present_missing_or_crashing_never_blocks() {
+    for (what, script) in [
+        (
+            "present",
+            "#!/bin/sh\necho started > \"$0.ran\"\nsleep 30\n",
+        ),
+        ("crashing", "#!/bin/sh\necho started > \"$0.ran\"\nexit 3\n"),
+    ] {
+        let mut d = Device::new();
+        let gui = d.env.tmp.path().join("ota-gui");
+        std::fs::write(&gui, script).unwrap();
+        std::fs::set_permissions(&gui, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d.env.set("TOPE_OTA_GUI", gui.to_str().unwrap());
+        let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+        let t = Instant::now();
+        d.deliver("1.0.0", pkg).expect(0);
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{what}: the GUI blocked the install"
+        );
+        let ran = PathBuf::from(format!("{}.ran", gui.display()));
+        let until = Instant::now() + Duration::from_secs(5);
+        while !ran.exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(ran.exists(), "{what}: the GUI was not launched");
+    }
+    // Missing: the default of Device::new points at nothing.
+    Device::with_v1();
+}
+
+#[test]
+fn reboot_manifest_runs_the_reboot_command() {
+    let mut d = Device::with_v1();
+    let marker = d.env.tmp.path().join("rebooted");
+    let cmd = d.env.tmp.path().join("reboot.sh");
+    std::fs::write(&cmd, format!("#!/bin/sh\ntouch '{}'\n", marker.display())).unwrap();
+    std::fs::set_permissions(&cmd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.env.set("TOPE_OTA_REBOOT_CMD", cmd.to_str().unwrap());
+    let (files, mut manifest) = v2_partial();
+    manifest["reboot"] = json!(true);
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(0);
+    assert!(marker.exists(), "the reboot command did not run");
+    let s = d.env.state();
+    assert_eq!(s["stage"], "rebooting");
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    assert_eq!(
+        d.sc.calls(),
+        ["stop device-api v1.0.0"],
+        "services start after the reboot"
+    );
+}
+
+#[test]
+fn pack_builds_a_manifest_from_the_directory() {
+    let d = Device::new();
+    let dir = d.env.tmp.path().join("tree");
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::write(dir.join("bin/tool"), b"tool").unwrap();
+    std::fs::write(dir.join("README"), b"hi").unwrap();
+    let out = d.env.tmp.path().join("p.zip");
+    let run = d.env.run(&[
+        "--json",
+        "pack",
+        "--version",
+        "3.1.4",
+        "--out",
+        out.to_str().unwrap(),
+        dir.to_str().unwrap(),
+    ]);
+    run.expect(0);
+    let j = run.json();
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(j["data"]["size"], bytes.len() as u64);
+    assert_eq!(j["data"]["md5"], md5_hex(&bytes));
+    let mut ar = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut m = String::new();
+    std::io::Read::read_to_string(&mut ar.by_name("manifest.json").unwrap(), &mut m).unwrap();
+    let m: Value = serde_json::from_str(&m).unwrap();
+    assert_eq!(m["version"], "3.1.4");
+    let dsts: Vec<&str> = m["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["dst"].as_str().unwrap())
+        .collect();
+    assert_eq!(dsts, ["README", "bin"]);
+}
