@@ -167,10 +167,14 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
     op.state.step = Some("start".into());
     op.state.progress = 60;
     op.commit()?;
-    if let Err(e) = mgr.start_all(&svc).and_then(|_| {
+    let mut up = mgr.start_all(&svc);
+    if up.is_ok() {
         op.state.step = Some("verify".into());
-        mgr.check_all(&svc)
-    }) {
+        op.state.progress = 80;
+        op.commit()?;
+        up = mgr.check_all(&svc);
+    }
+    if let Err(e) = up {
         let fin = auto_rollback(root, op, &mgr, e)?;
         return Err(fin.into());
     }

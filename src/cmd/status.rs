@@ -48,6 +48,12 @@ pub fn run(g: &Global) -> Result<Output> {
             .unwrap_or_else(|| "-".into())
     );
     if let Some(s) = &full {
+        if let Some(r) = &s.rollback {
+            let _ = writeln!(human, "rollback:  {r}");
+        }
+        if let Some(step) = &s.step {
+            let _ = writeln!(human, "step:      {step}");
+        }
         if let Some(at) = &s.verified_at {
             let _ = writeln!(human, "verified:  {at}");
         }

@@ -123,3 +123,110 @@ fn bench_download() {
         rss as f64 / 1024.0
     );
 }
+
+#[test]
+#[ignore]
+fn bench_install() {
+    let files: usize = std::env::var("TOPE_OTA_BENCH_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mib: usize = std::env::var("TOPE_OTA_BENCH_INSTALL_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(230);
+    let mut env = Env::new();
+    let _sc = FakeSystemctl::install(&mut env);
+    let src = env.tmp.path().join("src");
+    let per = mib * 1024 * 1024 / files;
+    for i in 0..files {
+        let p = src.join(format!("data/d{:02}/f{i:05}.bin", i % 50));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        // Mostly random with a repeated tail: compresses a little, like firmware files.
+        let mut b = data(per * 7 / 8, i as u64 + 1);
+        b.extend(std::iter::repeat_n((i % 251) as u8, per - per * 7 / 8));
+        std::fs::write(&p, b).unwrap();
+    }
+    std::fs::write(
+        src.join("manifest.json"),
+        r#"{"version":"9.0.0","modules":[{"name":"data","src":"data","dst":"data","process_name":"device-api","restart_order":1}]}"#,
+    )
+    .unwrap();
+    let zip = env.tmp.path().join("pkg.zip");
+    let run = env.run(&[
+        "pack",
+        "--version",
+        "9.0.0",
+        "--out",
+        zip.to_str().unwrap(),
+        src.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let bytes = std::fs::read(&zip).unwrap();
+    let md5 = md5_hex(&bytes);
+    let size = bytes.len().to_string();
+
+    let out = env.tmp.path().join("unzipped");
+    let unzip = best_of(3, || {
+        let _ = std::fs::remove_dir_all(&out);
+        let (t1, c1, _) = run_measured(
+            Command::new("unzip")
+                .arg("-q")
+                .arg(&zip)
+                .arg("-d")
+                .arg(&out),
+        );
+        let (t2, c2, _) = run_measured(&mut Command::new("sync"));
+        assert_eq!((c1, c2), (0, 0));
+        t1 + t2
+    });
+    let _ = std::fs::remove_dir_all(&out);
+
+    let srv = PkgServer::start(bytes, Behaviour::default());
+    let url = srv.url("pkg.zip");
+    let mut rss = 0;
+    let ota = best_of(3, || {
+        let _ = std::fs::remove_dir_all(&env.state_dir);
+        let _ = std::fs::remove_dir_all(&env.versions_dir);
+        let run = env.run(&[
+            "download",
+            "--version",
+            "9.0.0",
+            "--url",
+            &url,
+            "--name",
+            "pkg.zip",
+            "--size",
+            &size,
+            "--md5",
+            &md5,
+        ]);
+        assert_eq!(run.code, 0, "{run:?}");
+        let (t, code, kib) = run_measured(&mut env.cmd(&["install"]));
+        assert_eq!(code, 0, "install failed: {:?}", env.state());
+        rss = rss.max(kib);
+        t
+    });
+    let n = std::fs::read_dir(env.versions_dir.join("current/data/d00"))
+        .unwrap()
+        .count();
+    assert_eq!(n, files / 50);
+    println!(
+        "bench_install: {} MiB package, {files} files, best of 3 each",
+        bytes_mib(&zip)
+    );
+    println!("  unzip -q && sync                {:8.3} s", secs(unzip));
+    println!(
+        "  tope-ota install                {:8.3} s = {:.2}x unzip+sync (budget 1.5x)",
+        secs(ota),
+        secs(ota) / secs(unzip)
+    );
+    println!(
+        "  tope-ota install peak RSS       {:8.1} MiB (budget 16 MiB)",
+        rss as f64 / 1024.0
+    );
+}
+
+fn bytes_mib(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).unwrap().len() >> 20
+}

@@ -302,6 +302,8 @@ fn start_failure_rolls_back_to_previous() {
     assert!(!d.root().join("v2.0.0").exists());
     let st = d.env.run(&["status"]).stdout;
     assert!(st.contains("rolled back to previous 1.0.0"), "{st}");
+    assert!(st.contains("rollback:  previous 1.0.0"), "{st}");
+    assert!(st.contains("error:     SERVICE_START_FAILED"), "{st}");
 }
 
 #[test]
