@@ -29,24 +29,39 @@ wait_port() {
     return 1
 }
 
-echo "== building a sample package in $work/srv"
-mkdir -p "$work/srv"
-python3 - "$work/srv/tope-1.2.0.zip" <<'PY'
-import json, os, sys, zipfile
-with zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED) as z:
-    z.writestr("manifest.json", json.dumps({
-        "version": "1.2.0",
-        "modules": [{"name": "device-api", "src": "bin/device-api", "dst": "bin/device-api",
-                     "process_name": "device-api", "restart_order": 1}],
-    }, indent=2))
-    info = zipfile.ZipInfo("bin/device-api")
-    info.external_attr = 0o755 << 16
-    z.writestr(info, "#!/bin/sh\necho device-api 1.2.0\n" + "#" * 4_000_000)
-    z.writestr("assets/blob.bin", os.urandom(3_000_000))
-PY
-pkg=$work/srv/tope-1.2.0.zip
-size=$(stat -c %s "$pkg")
-md5=$(md5sum "$pkg" | cut -d' ' -f1)
+echo "== a fake systemctl that logs what it is asked (no systemd runs here)"
+mkdir -p "$work/bin" "$work/services"
+cat >"$work/bin/systemctl" <<SH
+#!/bin/sh
+echo "systemctl \$*" >>"$work/systemctl.log"
+case "\$1" in
+  stop) rm -f "$work/services/\$2" ;;
+  start) touch "$work/services/\$2" ;;
+  is-active) test -e "$work/services/\$2" ;;
+esac
+SH
+chmod +x "$work/bin/systemctl"
+
+echo "== packing versions 1.0.0 and 1.1.0 with tope-ota pack"
+mkdir -p "$work/srv" "$work/src-1.0.0/bin" "$work/src-1.0.0/share" "$work/src-1.1.0/bin"
+printf '#!/bin/sh\necho device-api 1.0.0\n' >"$work/src-1.0.0/bin/device-api"
+printf '#!/bin/sh\necho printer-ui 1.0.0\n' >"$work/src-1.0.0/bin/printer-ui"
+head -c 3000000 /dev/urandom >"$work/src-1.0.0/share/assets.bin"
+chmod +x "$work/src-1.0.0/bin/"*
+cat >"$work/src-1.0.0/manifest.json" <<'JSON'
+{"version": "1.0.0", "modules": [
+  {"name": "device-api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1},
+  {"name": "printer-ui", "src": "bin/printer-ui", "dst": "bin/printer-ui", "process_name": "printer-ui", "restart_order": 2},
+  {"name": "assets", "src": "share", "dst": "share"}]}
+JSON
+printf '#!/bin/sh\necho device-api 1.1.0\n' >"$work/src-1.1.0/bin/device-api"
+chmod +x "$work/src-1.1.0/bin/device-api"
+cat >"$work/src-1.1.0/manifest.json" <<'JSON'
+{"version": "1.1.0", "modules": [
+  {"name": "device-api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1}]}
+JSON
+"$bin" pack --version 1.0.0 --out "$work/srv/tope-1.0.0.zip" "$work/src-1.0.0"
+"$bin" pack --version 1.1.0 --out "$work/srv/tope-1.1.0.zip" "$work/src-1.1.0"
 
 pkg_port=$(free_port)
 python3 -m http.server "$pkg_port" --bind 127.0.0.1 --directory "$work/srv" >"$work/pkg-server.log" 2>&1 &
@@ -75,29 +90,42 @@ wait_port "$api_port"
 export TOPE_OTA_STATE_DIR=$work/state
 export TOPE_OTA_VERSIONS_DIR=$work/versions
 export TOPE_OTA_REPORT_URL=http://127.0.0.1:$api_port/api/v1.0/ota/report
+export TOPE_OTA_SYSTEMCTL=$work/bin/systemctl
+export TOPE_OTA_GUI=$work/no-ota-gui
+export TOPE_OTA_SETTLE_MS=200
 
-echo "== tope-ota download (package server on 127.0.0.1:$pkg_port)"
-"$bin" download --version 1.2.0 --url "http://127.0.0.1:$pkg_port/tope-1.2.0.zip" \
-    --name tope-1.2.0.zip --size "$size" --md5 "$md5"
+fetch() { # version
+    local f=$work/srv/tope-$1.zip
+    "$bin" download --version "$1" --url "http://127.0.0.1:$pkg_port/tope-$1.zip" \
+        --name "tope-$1.zip" --size "$(stat -c %s "$f")" --md5 "$(md5sum "$f" | cut -d' ' -f1)"
+}
 
+echo "== tope-ota download 1.0.0 (package server on 127.0.0.1:$pkg_port), then install"
+fetch 1.0.0
+"$bin" --json status
+"$bin" install
+echo "== tope-ota download 1.1.0 (only device-api changes), then install"
+fetch 1.1.0
+"$bin" install
 echo "== tope-ota status"
 "$bin" status
-echo "== tope-ota --json status"
-"$bin" --json status
+echo "== unchanged files of 1.1.0 are hard links into 1.0.0:"
+ls -li "$work/versions/v1.0.0/share/assets.bin" "$work/versions/v1.1.0/share/assets.bin"
 
-echo "== a second download of the same package is verified from disk, not fetched again"
-"$bin" --json download --version 1.2.0 --url "http://127.0.0.1:$pkg_port/tope-1.2.0.zip" \
-    --name tope-1.2.0.zip --size "$size" --md5 "$md5"
-
-echo "== a wrong MD5 is refused, and the bad file deleted (exit code 1 expected)"
+echo "== a wrong MD5 is refused and the bad file deleted (exit code 1 expected)"
 set +e
-"$bin" download --version 1.2.1 --url "http://127.0.0.1:$pkg_port/tope-1.2.0.zip" \
-    --name tope-1.2.1.zip --size "$size" --md5 0123456789abcdef0123456789abcdef
+"$bin" download --version 1.2.0 --url "http://127.0.0.1:$pkg_port/tope-1.1.0.zip" \
+    --name tope-1.2.0.zip --size "$(stat -c %s "$work/srv/tope-1.1.0.zip")" --md5 0123456789abcdef0123456789abcdef
 echo "exit code: $?"
 set -e
+
+echo "== tope-ota rollback (back to 1.0.0; previous becomes 1.1.0)"
+"$bin" rollback
 "$bin" status
 
-echo "== callbacks received by the device-api stub"
+echo "== service manager calls"
+cat "$work/systemctl.log"
+echo "== callbacks received by the device-api stub (last 8)"
 sleep 0.2
-cat "$work/callbacks.log"
+tail -n 8 "$work/callbacks.log"
 echo "== demo files are in $work"
