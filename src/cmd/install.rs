@@ -318,13 +318,8 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
         Ok(m) => m,
         Err(e) => {
             let err = crate::error::classify(&e);
-            // A package that cannot be installed is of no further use.
-            if matches!(
-                err.code,
-                ErrorCode::PackageInvalid | ErrorCode::ManifestInvalid
-            ) {
-                fsutil::remove_file_durable(&pkg)?;
-            }
+            // Stage `failed` cannot be installed from: the package is of no further use.
+            fsutil::remove_file_durable(&pkg)?;
             op.fail(&err)?;
             return Err(e);
         }

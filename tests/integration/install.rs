@@ -403,6 +403,10 @@ fn hostile(d: &mut Device, zip: Vec<u8>, code: &str, what: &str) {
     assert!(!d.root().join("v2.0.0").exists(), "{what}");
     d.no_staging_left();
     assert!(d.sc.calls().is_empty(), "{what}: services touched");
+    assert!(
+        d.env.download_files().is_empty(),
+        "{what}: the failed package is kept"
+    );
 }
 
 fn good_manifest_entry() -> RawEntry {
