@@ -97,6 +97,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes).map_err(|e| io_error(e, "write", &tmp))?;
         f.sync_all().map_err(|e| io_error(e, "fsync", &tmp))?;
         drop(f);
+        crate::failpoint::hit("atomic-before-rename");
         fs::rename(&tmp, path)
             .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
         Ok(())
@@ -105,6 +106,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result?;
+    crate::failpoint::hit("atomic-after-rename");
     sync_dir(dir)
 }
 
@@ -144,6 +146,12 @@ pub fn replace_symlink(dir: &Path, name: &str, target: &Path) -> Result<()> {
     let tmp = temp_path(dir, "link");
     std::os::unix::fs::symlink(target, &tmp)
         .with_context(|| format!("create symlink {}", tmp.display()))?;
+    // A symlink cannot be fsynced itself: its directory entry and inode become durable with
+    // the directory, before it may replace the old link.
+    if let Err(e) = sync_dir(dir) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     let dst = dir.join(name);
     if let Err(e) = fs::rename(&tmp, &dst) {
         let _ = fs::remove_file(&tmp);

@@ -21,12 +21,14 @@
 //! - [`logging`]: journal or stderr logging with version and stage on every record.
 //! - [`signals`]: SIGTERM/SIGINT as a flag polled at safe points.
 //! - [`clock`]: RFC 3339 timestamps.
+//! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 
 pub mod archive;
 pub mod cli;
 pub mod clock;
 pub mod cmd;
 pub mod error;
+pub mod failpoint;
 pub mod fetch;
 pub mod fsutil;
 pub mod lock;

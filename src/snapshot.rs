@@ -58,6 +58,7 @@ pub fn link_version(root: &Path, name: &str) -> Option<String> {
 pub fn switch(root: &Path, previous: Option<&str>, current: &str) -> Result<()> {
     if let Some(p) = previous {
         fsutil::replace_symlink(root, PREVIOUS, Path::new(&dir_name(p)))?;
+        crate::failpoint::hit("mid-switch");
     }
     fsutil::replace_symlink(root, CURRENT, Path::new(&dir_name(current)))?;
     fsutil::sync_dir(root)

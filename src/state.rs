@@ -83,6 +83,8 @@ pub struct State {
     pub previous_before: Option<String>,
     /// The services the install or rollback stops and starts, in start order.
     pub services: Vec<crate::services::Service>,
+    /// The detail of the failure that started an automatic rollback (its code is `error`).
+    pub rollback_cause: Option<String>,
     /// After an automatic rollback: the level that held (`previous <v>`, `factory <v>`) or
     /// `failed`.
     pub rollback: Option<String>,
@@ -146,10 +148,11 @@ pub fn read(state_dir: &Path) -> Result<ReadOutcome> {
 
 /// Load the state for a writer. A state.json that does not parse is moved aside as
 /// `state.json.corrupt-<timestamp>` (kept for diagnosis) and replaced by idle, with a warning.
-pub fn load_for_write(lock: &StateLock) -> Result<State> {
+/// The flag is true when the file was corrupt.
+pub fn load_for_write(lock: &StateLock) -> Result<(State, bool)> {
     match read(lock.dir())? {
-        ReadOutcome::Missing => Ok(State::default()),
-        ReadOutcome::Ok(s) => Ok(*s),
+        ReadOutcome::Missing => Ok((State::default(), false)),
+        ReadOutcome::Ok(s) => Ok((*s, false)),
         ReadOutcome::Corrupt(why) => {
             let path = state_path(lock.dir());
             let aside = lock
@@ -169,7 +172,7 @@ pub fn load_for_write(lock: &StateLock) -> Result<State> {
                 ..State::default()
             };
             s.save(lock)?;
-            Ok(s)
+            Ok((s, true))
         }
     }
 }
@@ -201,7 +204,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
         let lock = StateLock::acquire(dir.path()).unwrap();
-        let s = load_for_write(&lock).unwrap();
+        let (s, recovered) = load_for_write(&lock).unwrap();
+        assert!(recovered);
         assert_eq!(s.stage, Stage::Idle);
         let aside: Vec<_> = fs::read_dir(dir.path())
             .unwrap()

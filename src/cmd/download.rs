@@ -179,7 +179,8 @@ pub fn run(g: &Global, args: &DownloadArgs) -> Result<Output> {
     result
 }
 
-fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output> {
+/// The download itself, under a writer's lock; heal calls it to resume one.
+pub fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output> {
     if matches!(op.state.stage, Stage::Installing | Stage::Rebooting) {
         return fail(
             ErrorCode::Busy,
@@ -201,9 +202,24 @@ fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output> {
         && s.package_size == Some(pkg.package_size);
     discard_others(&f.dir, &pkg.package_name)?;
 
-    // The same package already verified and waiting: check it is still whole and keep it.
-    if same && op.state.stage == Stage::ToInstall && f.done.exists() {
+    // The same package already renamed into place (verified, or a crash came between the rename
+    // and the state write): check it is still whole and keep it.
+    let settled = matches!(
+        op.state.stage,
+        Stage::ToInstall | Stage::Downloading | Stage::Verifying
+    );
+    if same && settled && f.done.exists() {
         if md5_of_file(&f.done)? == pkg.package_md5 {
+            if op.state.stage != Stage::ToInstall {
+                fsutil::remove_file_durable(&f.part)?;
+                op.state.stage = Stage::ToInstall;
+                op.state.error = None;
+                op.state.progress = 100;
+                op.state.bytes_downloaded = pkg.package_size;
+                op.state.verified_at = Some(clock::now_rfc3339());
+                op.state.message = format!("Package {} verified; ready to install", pkg.version);
+                op.commit()?;
+            }
             return output(
                 op,
                 format!(
@@ -346,7 +362,9 @@ fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output> {
         op.fail(&err)?;
         return Err(err.into());
     }
+    crate::failpoint::hit("download-before-rename");
     fsutil::rename_durable(&f.part, &f.done)?;
+    crate::failpoint::hit("download-after-rename");
     op.state.stage = Stage::ToInstall;
     op.state.progress = 100;
     op.state.verified_at = Some(clock::now_rfc3339());

@@ -1,7 +1,7 @@
 //! `install`: the verified package becomes a new version snapshot and the running software,
 //! with an automatic rollback when the new version does not come up.
 
-use super::rollback::auto_rollback;
+use super::rollback::{auto_rollback, Level};
 use super::{Operation, Output};
 use crate::archive::{self, Limits};
 use crate::cli::{Global, InstallArgs};
@@ -10,7 +10,7 @@ use crate::manifest::{Manifest, MANIFEST};
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR};
-use crate::{clock, fsutil, signals, validate};
+use crate::{clock, failpoint, fsutil, signals, validate};
 use anyhow::{Context, Result};
 use std::fs;
 use std::io::Read;
@@ -57,6 +57,7 @@ impl Gui {
     }
 
     fn finish(mut self) {
+        // Reaped if it already ended; a GUI still showing progress is left running.
         if let Some(child) = self.0.as_mut() {
             match child.try_wait() {
                 Ok(Some(st)) if !st.success() => log::warn!("ota-gui exited early: {st}"),
@@ -141,6 +142,7 @@ fn build(
     fs::DirBuilder::new().mode(0o755).create(&unpack)?;
     let free = fsutil::free_bytes(root)?;
     let up = archive::unpack(pkg, &unpack, &Limits::from_env(), free)?;
+    failpoint::hit("after-unpack");
     let bytes = match fs::read(unpack.join(MANIFEST)) {
         Ok(b) => b,
         Err(_) => {
@@ -310,7 +312,9 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
         fs::DirBuilder::new().mode(0o755).create(&staging)?;
         let current_dir = old.as_ref().map(|v| snapshot::version_dir(&root, v));
         let m = build(op, &root, &pkg, &version, &staging, current_dir.as_deref())?;
+        failpoint::hit("before-snapshot-rename");
         fsutil::rename_durable(&staging.join("snapshot"), &target)?;
+        failpoint::hit("after-snapshot-rename");
         Ok(m)
     })();
     let _ = fs::remove_dir_all(&staging);
@@ -344,12 +348,16 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
         });
     }
     let mgr = Manager::new(&g.systemctl);
+    failpoint::hit("before-stop");
     if let Err((e, _)) = mgr.stop_all(&svc) {
         return rolled_back(g, op, &mgr, e);
     }
 
+    failpoint::hit("after-stop");
     set_step(op, "switch", 60, format!("Switching current to {version}"))?;
+    failpoint::hit("before-switch");
     snapshot::switch(&root, old.as_deref(), &version)?;
+    failpoint::hit("after-switch");
 
     if manifest.reboot {
         op.state.stage = Stage::Rebooting;
@@ -369,35 +377,64 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
         op.state.stage = Stage::Installing;
     }
 
+    let out = finish_forward(g, op, &mgr)?;
+    Ok(Output {
+        human: format!(
+            "installed version {version}{}\n",
+            old.map(|o| format!(" (previous: {o})")).unwrap_or_default()
+        ),
+        ..out
+    })
+}
+
+/// From the switch on, an install (or a rollback by hand) only goes forward: start the
+/// services of `state.version`, check them, and finish with success; any failure rolls back.
+/// Shared by install and by heal, which re-enters here after a crash or a reboot.
+pub fn finish_forward(g: &Global, op: &mut Operation, mgr: &Manager) -> Result<Output> {
+    let root = &g.versions_dir;
+    let version = op.state.version.clone().unwrap_or_default();
+    let svc = op.state.services.clone();
+    op.state.stage = Stage::Installing;
     set_step(
         op,
         "start",
         70,
         format!("Starting {} service(s)", svc.len()),
     )?;
+    failpoint::hit("before-start");
     if let Err(e) = mgr.start_all(&svc) {
-        return rolled_back(g, op, &mgr, e);
+        return rolled_back(g, op, mgr, e);
     }
     set_step(op, "verify", 90, "Checking the services stay up".into())?;
     if let Err(e) = mgr.check_all(&svc) {
-        return rolled_back(g, op, &mgr, e);
+        return rolled_back(g, op, mgr, e);
     }
-
-    fsutil::remove_file_durable(&pkg)?;
-    let removed = snapshot::prune(&root)?;
-    if !removed.is_empty() {
-        log::info!("removed old snapshots {}", removed.join(", "));
+    failpoint::hit("before-success");
+    let installing = op.state.package_name.is_some();
+    if installing {
+        if let Some(name) = &op.state.package_name {
+            fsutil::remove_file_durable(&g.state_dir.join(DOWNLOADS_DIR).join(name))?;
+        }
+        let removed = snapshot::prune(root)?;
+        if !removed.is_empty() {
+            log::info!("removed old snapshots {}", removed.join(", "));
+        }
     }
     op.state.stage = Stage::Success;
     op.state.step = None;
     op.state.progress = 100;
-    op.state.message = format!("Installed version {version}");
+    op.state.message = if installing {
+        format!("Installed version {version}")
+    } else {
+        format!(
+            "Rolled back to {version}; previous is now {}",
+            op.state.previous_version.as_deref().unwrap_or("-")
+        )
+    };
     op.commit()?;
+    failpoint::hit("after-success");
     Ok(Output {
-        human: format!(
-            "installed version {version}{}\n",
-            old.map(|o| format!(" (previous: {o})")).unwrap_or_default()
-        ),
+        human: format!("{}\n", op.state.message),
         json: serde_json::json!({"code": 200, "msg": "success", "error": null,
             "data": op.state.progress_data()}),
         exit: 0,
@@ -411,7 +448,7 @@ fn rolled_back(
     mgr: &Manager,
     original: OtaError,
 ) -> Result<Output> {
-    let fin = auto_rollback(&g.versions_dir, op, mgr, original)?;
+    let fin = auto_rollback(&g.versions_dir, op, mgr, original, Level::Previous)?;
     let pkg_name = op.state.package_name.clone().unwrap_or_default();
     let _ = fsutil::remove_file_durable(&g.state_dir.join(DOWNLOADS_DIR).join(pkg_name));
     Err(fin.into())

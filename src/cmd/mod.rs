@@ -2,6 +2,7 @@
 //! of a writer, so that every state change is saved durably, logged and reported in one place.
 
 pub mod download;
+pub mod heal;
 pub mod install;
 pub mod pack;
 pub mod rollback;
@@ -34,7 +35,7 @@ pub fn run(cli: &Cli) -> Result<Output> {
         Command::Status => status::run(&cli.global),
         Command::Install(args) => install::run(&cli.global, args),
         Command::Rollback(args) => rollback::run(&cli.global, args),
-        Command::Heal => not_in_build("heal", 5),
+        Command::Heal => heal::run(&cli.global),
         Command::Serve(_) => not_in_build("serve", 6),
         Command::Pack(args) => pack::run(&cli.global, args),
     }
@@ -53,17 +54,20 @@ pub struct Operation {
     lock: StateLock,
     pub state: State,
     reporter: Reporter,
+    /// state.json did not parse and was moved aside when the operation began.
+    pub recovered: bool,
 }
 
 impl Operation {
     /// Take the lock (`BUSY` at once if held) and load the state, recovering a corrupt one.
     pub fn begin(g: &Global) -> Result<Operation> {
         let lock = StateLock::acquire(&g.state_dir)?;
-        let state = state::load_for_write(&lock)?;
+        let (state, recovered) = state::load_for_write(&lock)?;
         Ok(Operation {
             lock,
             state,
             reporter: Reporter::new(&g.report_url),
+            recovered,
         })
     }
 

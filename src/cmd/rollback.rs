@@ -7,7 +7,7 @@ use crate::error::{fail, ErrorCode, OtaError};
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, State};
-use crate::validate;
+use crate::{failpoint, validate};
 use anyhow::Result;
 use std::path::Path;
 
@@ -26,33 +26,47 @@ fn try_level(
     mgr.check_all(services)
 }
 
+/// Where an automatic rollback starts: heal resumes one at the level it had reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Previous,
+    Factory,
+}
+
 /// After `original` failed an install or rollback: level 1 back to the version that was
 /// current before (`state.previous_version`), level 2 to `factory`, each with the services
 /// restarted and checked. Records the outcome in the state (stage `failed`, the original code,
-/// or `ROLLBACK_FAILED`) and returns the error to report.
+/// or `ROLLBACK_FAILED`) and returns the error to report. Each level is recorded as the step
+/// before it acts, so heal can run it again after a crash.
 pub fn auto_rollback(
     root: &Path,
     op: &mut Operation,
     mgr: &Manager,
     original: OtaError,
+    from: Level,
 ) -> Result<OtaError> {
     log::error!("{}; rolling back", original.message());
+    op.state.error = Some(original.code);
+    op.state.rollback_cause = Some(original.detail.clone());
     let services = op.state.services.clone();
     let before = op.state.previous_version.clone();
     let mut why = Vec::new();
     let mut held = None;
-    match before.as_deref() {
-        Some(v) if snapshot::version_dir(root, v).is_dir() => {
-            op.state.step = Some("rollback-previous".into());
-            op.state.message = format!("{}; rolling back to {v}", original.detail);
-            op.commit()?;
-            let restore = op.state.previous_before.clone();
-            match try_level(root, mgr, &services, v, restore.as_deref()) {
-                Ok(()) => held = Some(format!("previous {v}")),
-                Err(e) => why.push(format!("to previous {v}: {}", e.message())),
+    if from == Level::Previous {
+        match before.as_deref() {
+            Some(v) if snapshot::version_dir(root, v).is_dir() => {
+                op.state.step = Some("rollback-previous".into());
+                op.state.message = format!("{}; rolling back to {v}", original.detail);
+                op.commit()?;
+                failpoint::hit("rollback-previous");
+                let restore = op.state.previous_before.clone();
+                match try_level(root, mgr, &services, v, restore.as_deref()) {
+                    Ok(()) => held = Some(format!("previous {v}")),
+                    Err(e) => why.push(format!("to previous {v}: {}", e.message())),
+                }
             }
+            _ => why.push("no previous version".to_string()),
         }
-        _ => why.push("no previous version".to_string()),
     }
     if held.is_none() {
         match Links::read(root).factory {
@@ -60,6 +74,7 @@ pub fn auto_rollback(
                 op.state.step = Some("rollback-factory".into());
                 op.state.message = format!("{}; rolling back to factory {f}", original.detail);
                 op.commit()?;
+                failpoint::hit("rollback-factory");
                 match try_level(root, mgr, &services, &f, before.as_deref()) {
                     Ok(()) => held = Some(format!("factory {f}")),
                     Err(e) => why.push(format!("to factory {f}: {}", e.message())),
@@ -157,39 +172,14 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
     op.commit()?;
     let mgr = Manager::new(&g.systemctl);
     if let Err((e, _)) = mgr.stop_all(&svc) {
-        let fin = auto_rollback(root, op, &mgr, e)?;
+        let fin = auto_rollback(root, op, &mgr, e, Level::Previous)?;
         return Err(fin.into());
     }
     op.state.step = Some("switch".into());
     op.state.progress = 40;
     op.commit()?;
+    failpoint::hit("before-switch");
     snapshot::switch(root, cur.as_deref(), &target)?;
-    op.state.step = Some("start".into());
-    op.state.progress = 60;
-    op.commit()?;
-    let mut up = mgr.start_all(&svc);
-    if up.is_ok() {
-        op.state.step = Some("verify".into());
-        op.state.progress = 80;
-        op.commit()?;
-        up = mgr.check_all(&svc);
-    }
-    if let Err(e) = up {
-        let fin = auto_rollback(root, op, &mgr, e)?;
-        return Err(fin.into());
-    }
-    op.state.stage = Stage::Success;
-    op.state.step = None;
-    op.state.progress = 100;
-    op.state.message = format!(
-        "Rolled back to {target}; previous is now {}",
-        cur.as_deref().unwrap_or("-")
-    );
-    op.commit()?;
-    Ok(Output {
-        human: format!("{}\n", op.state.message),
-        json: serde_json::json!({"code": 200, "msg": "success", "error": null,
-            "data": op.state.progress_data()}),
-        exit: 0,
-    })
+    failpoint::hit("after-switch");
+    super::install::finish_forward(g, op, &mgr)
 }

@@ -1,0 +1,296 @@
+//! `heal`: run at boot and by a timer; brings whatever an interruption left to a consistent end.
+//! Quiet and fast when there is nothing to do.
+
+use super::download::{self, Package};
+use super::install::{finish_forward, PACKAGE_TTL_SECS};
+use super::rollback::{auto_rollback, Level};
+use super::{Operation, Output};
+use crate::cli::Global;
+use crate::error::{ErrorCode, OtaError};
+use crate::services::Manager;
+use crate::snapshot::{self, Links};
+use crate::state::{Stage, DOWNLOADS_DIR};
+use crate::{clock, fsutil};
+use anyhow::Result;
+use std::fs;
+
+pub fn run(g: &Global) -> Result<Output> {
+    let mut op = Operation::begin(g)?;
+    let result = heal(g, &mut op);
+    op.finish();
+    result
+}
+
+fn output(op: &Operation, did: &[String]) -> Output {
+    let human = did.iter().map(|d| format!("heal: {d}\n")).collect();
+    Output {
+        human,
+        json: serde_json::json!({"code": 200, "msg": "success", "error": null,
+            "repaired": did, "data": op.state.progress_data()}),
+        exit: 0,
+    }
+}
+
+/// The package the state describes, if every field is there and valid.
+fn package_of(op: &Operation) -> Option<Package> {
+    let s = &op.state;
+    Package {
+        version: s.version.clone()?,
+        package_url: s.package_url.clone()?,
+        package_name: s.package_name.clone()?,
+        package_size: s.package_size?,
+        package_md5: s.package_md5.clone()?,
+    }
+    .validated()
+    .ok()
+}
+
+fn remove_downloads(g: &Global) -> Result<usize> {
+    let dir = g.state_dir.join(DOWNLOADS_DIR);
+    let mut n = 0;
+    if let Ok(rd) = fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            if fsutil::remove_file_durable(&e.path())? {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Back to where the interrupted install started: `toInstall` when its package is still there
+/// and fresh, else idle.
+fn back_to_pending(g: &Global, op: &mut Operation, why: &str) -> Result<()> {
+    let pkg = op
+        .state
+        .package_name
+        .as_ref()
+        .map(|n| g.state_dir.join(DOWNLOADS_DIR).join(n));
+    let fresh = op
+        .state
+        .verified_at
+        .as_deref()
+        .and_then(clock::parse_rfc3339)
+        .is_some_and(|t| clock::now_unix() - t <= PACKAGE_TTL_SECS);
+    op.state.step = None;
+    op.state.error = None;
+    if pkg.as_ref().is_some_and(|p| p.is_file()) && fresh {
+        op.state.stage = Stage::ToInstall;
+        op.state.progress = 100;
+        op.state.message = format!("{why}; ready to install again");
+    } else {
+        op.state.stage = Stage::Idle;
+        op.state.progress = 0;
+        op.state.message = why.to_string();
+    }
+    op.commit()
+}
+
+fn heal(g: &Global, op: &mut Operation) -> Result<Output> {
+    let mut did = Vec::new();
+    if op.recovered {
+        did.push("state.json did not parse; moved aside and reset to idle".to_string());
+    }
+    let root = &g.versions_dir;
+    let swept = fsutil::sweep_temp(&g.state_dir)?
+        + fsutil::sweep_temp(&g.state_dir.join(DOWNLOADS_DIR))?
+        + fsutil::sweep_temp(root)?;
+    if swept > 0 {
+        did.push(format!(
+            "removed {swept} stale temp file(s), staging dir(s) or link(s)"
+        ));
+    }
+    let mgr = Manager::new(&g.systemctl);
+    let stage = op.state.stage;
+    let mut result: Result<()> = Ok(());
+    match stage {
+        Stage::Downloading | Stage::Verifying => {
+            let dl = g.state_dir.join(DOWNLOADS_DIR);
+            let pkg = package_of(op).filter(|p| {
+                dl.join(&p.package_name).exists()
+                    || dl.join(format!("{}.part", p.package_name)).exists()
+            });
+            match pkg {
+                Some(p) => {
+                    did.push(format!("resuming the download of {}", p.version));
+                    result = download::download(g, &p, op).map(|_| ());
+                }
+                None => {
+                    remove_downloads(g)?;
+                    op.state = crate::state::State {
+                        message: "an interrupted download had no partial left; cleaned up".into(),
+                        ..Default::default()
+                    };
+                    op.commit()?;
+                    did.push("cleaned up an interrupted download with no partial".into());
+                }
+            }
+        }
+        Stage::ToInstall => {
+            let age = op
+                .state
+                .verified_at
+                .as_deref()
+                .and_then(clock::parse_rfc3339)
+                .map(|t| clock::now_unix() - t);
+            if age.is_none_or(|a| a > PACKAGE_TTL_SECS) {
+                remove_downloads(g)?;
+                let err = OtaError::new(
+                    ErrorCode::PackageExpired,
+                    "the package waited more than 24 h to be installed and was deleted",
+                );
+                op.fail(&err)?;
+                did.push("expired a package older than 24 h".into());
+            }
+        }
+        Stage::Installing => {
+            let step = op.state.step.clone().unwrap_or_default();
+            did.push(format!("finishing an install interrupted at step {step:?}"));
+            result = finish_install(g, op, &mgr, &step);
+        }
+        Stage::Rebooting => {
+            did.push("checking the services after the reboot".into());
+            result = finish_forward(g, op, &mgr).map(|_| ());
+        }
+        // A device whose rollback failed waits for a person: keep saying so.
+        Stage::Failed if op.state.error == Some(ErrorCode::RollbackFailed) => {}
+        Stage::Failed => {
+            let n = remove_downloads(g)?;
+            let pruned = snapshot::prune(root)?;
+            op.state = crate::state::State {
+                message: format!(
+                    "cleaned up after {}",
+                    op.state
+                        .error
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "a failure".into())
+                ),
+                ..Default::default()
+            };
+            op.commit()?;
+            did.push(format!(
+                "cleaned up after a failure ({n} download(s), {} snapshot(s)); idle",
+                pruned.len()
+            ));
+        }
+        Stage::Idle | Stage::Success => {}
+    }
+    if let Some(fixed) = repair_current(g, &mgr)? {
+        did.push(fixed);
+    }
+    // An operation that failed again is recorded in state.json; heal itself did its job.
+    if let Err(e) = result {
+        let err = crate::error::classify(&e);
+        did.push(format!(
+            "the resumed operation ended with {}",
+            err.message()
+        ));
+    }
+    Ok(output(op, &did))
+}
+
+/// Finish or undo an install (or manual rollback) from the step it recorded.
+fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> Result<()> {
+    let root = &g.versions_dir;
+    match step {
+        // Nothing the running software depends on changed yet: drop the new snapshot.
+        "" | "unpack" | "snapshot" => {
+            snapshot::prune(root)?;
+            back_to_pending(
+                g,
+                op,
+                &format!("the install was interrupted at {step:?} and undone"),
+            )
+        }
+        // Services may be stopped, current is unchanged: start them again, drop the snapshot.
+        "stop" => {
+            let svc = op.state.services.clone();
+            let current = Links::read(root).current;
+            if current.is_some() && current == op.state.previous_version {
+                if let Err(e) = mgr.start_all(&svc).and_then(|_| mgr.check_all(&svc)) {
+                    auto_rollback(root, op, mgr, e, Level::Previous)?;
+                    return Ok(());
+                }
+                snapshot::prune(root)?;
+                back_to_pending(
+                    g,
+                    op,
+                    "the install was interrupted while stopping services and undone",
+                )
+            } else {
+                // The switch had begun after all (crash right after recording it elsewhere).
+                redo_switch(g, op, mgr)
+            }
+        }
+        "switch" => redo_switch(g, op, mgr),
+        "reboot" | "start" | "verify" => finish_forward(g, op, mgr).map(|_| ()),
+        "rollback-previous" | "rollback-factory" => {
+            let original = OtaError::new(
+                op.state.error.unwrap_or(ErrorCode::Internal),
+                op.state
+                    .rollback_cause
+                    .clone()
+                    .unwrap_or_else(|| op.state.message.clone()),
+            );
+            let from = if step == "rollback-previous" {
+                Level::Previous
+            } else {
+                Level::Factory
+            };
+            auto_rollback(root, op, mgr, original, from)?;
+            Ok(())
+        }
+        other => {
+            log::warn!("unknown install step {other:?}; rolling back");
+            let e = OtaError::new(
+                ErrorCode::Internal,
+                format!("install interrupted at unknown step {other:?}"),
+            );
+            auto_rollback(root, op, mgr, e, Level::Previous)?;
+            Ok(())
+        }
+    }
+}
+
+/// The snapshot is complete (it was renamed into place before the stop step): switch to it
+/// again, idempotently, and go forward.
+fn redo_switch(g: &Global, op: &mut Operation, mgr: &Manager) -> Result<()> {
+    let root = &g.versions_dir;
+    let version = op.state.version.clone().unwrap_or_default();
+    if !snapshot::version_dir(root, &version).is_dir() {
+        let e = OtaError::new(
+            ErrorCode::DeploymentFailed,
+            format!("snapshot v{version} is missing"),
+        );
+        auto_rollback(root, op, mgr, e, Level::Previous)?;
+        return Ok(());
+    }
+    mgr.stop_best_effort(&op.state.services);
+    snapshot::switch(root, op.state.previous_version.as_deref(), &version)?;
+    finish_forward(g, op, mgr).map(|_| ())
+}
+
+/// A `current` that points nowhere is pointed at previous, then factory, and that version's
+/// services are started.
+fn repair_current(g: &Global, mgr: &Manager) -> Result<Option<String>> {
+    let root = &g.versions_dir;
+    if !root.is_dir() {
+        return Ok(None);
+    }
+    let links = Links::read(root);
+    if links.current.is_some() {
+        return Ok(None);
+    }
+    let has_link = fs::symlink_metadata(root.join(snapshot::CURRENT)).is_ok();
+    let Some(to) = links.previous.clone().or(links.factory.clone()) else {
+        return Ok(has_link.then(|| {
+            "current points nowhere and there is no previous or factory version".to_string()
+        }));
+    };
+    snapshot::switch(root, None, &to)?;
+    let svc = snapshot::read_services(&snapshot::version_dir(root, &to));
+    if let Err(e) = mgr.start_all(&svc) {
+        log::error!("after repairing current: {}", e.message());
+    }
+    Ok(Some(format!("current pointed nowhere; now {to}")))
+}
