@@ -97,6 +97,8 @@ enum AttemptError {
     /// The partial was dropped (416, or a range we did not ask for): fetch again from zero at
     /// once. Cannot loop: with no partial no Range is sent.
     Restart,
+    /// The server sent a shorter range than asked for (RFC 9110 allows it): ask for the rest.
+    More,
 }
 
 impl From<anyhow::Error> for AttemptError {
@@ -128,7 +130,18 @@ impl Partial<'_> {
     }
 
     fn sync(&self) -> Result<()> {
-        fsutil::sync_file(&self.file, self.path)
+        fsutil::sync_data(&self.file).map_err(|e| match write_error(self.path, e) {
+            AttemptError::Fatal(e) => e,
+            _ => anyhow::anyhow!("fsync {}", self.path.display()),
+        })
+    }
+
+    /// Drop the partial and record at once that nothing is durable, so state.json never claims
+    /// bytes that are gone.
+    fn drop_all(&mut self, sink: &mut dyn Sink, validator: Option<&str>) -> Result<()> {
+        self.reset()?;
+        self.sync()?;
+        sink.checkpoint(0, validator)
     }
 }
 
@@ -196,11 +209,18 @@ pub fn fetch(part: &Path, req: Request, tuning: &Tuning, sink: &mut dyn Sink) ->
     let mut failures = 0u32;
     let mut delay = tuning.backoff;
     loop {
+        if sink.stop_requested() {
+            p.sync()?;
+            sink.checkpoint(p.len, validator.as_deref())?;
+            return Ok(Outcome::Stopped { durable: p.len });
+        }
         let before = p.len;
         match attempt(&agent, &req, &mut p, &mut validator, sink) {
             Ok(outcome) => return Ok(outcome),
             Err(AttemptError::Fatal(e)) => return Err(e),
-            Err(AttemptError::Restart) => continue,
+            // Only ever after dropping a partial (so the next request has no Range) or after a
+            // short range that made progress: neither can repeat without end.
+            Err(AttemptError::Restart) | Err(AttemptError::More) => continue,
             Err(AttemptError::Transient(why)) => {
                 if p.len > before {
                     failures = 0;
@@ -241,24 +261,27 @@ fn header<'r>(resp: &'r ureq::http::Response<ureq::Body>, name: &str) -> Option<
     resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// `bytes START-END/TOTAL` → (start, total); total is None for `*`.
-fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+/// `bytes START-END/TOTAL` → (start, end inclusive, total); total is None for `*`.
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
-    let (start, _end) = range.split_once('-')?;
+    let (start, end) = range.split_once('-')?;
     let total = if total.trim() == "*" {
         None
     } else {
         Some(total.trim().parse().ok()?)
     };
-    Some((start.trim().parse().ok()?, total))
+    let (start, end) = (start.trim().parse().ok()?, end.trim().parse().ok()?);
+    (end >= start).then_some((start, end, total))
 }
 
-/// The validator to send as If-Range: a strong ETag, else Last-Modified.
+/// The validator to send as If-Range (RFC 9110 13.1.5): a strong ETag, or Last-Modified when
+/// there is no ETag at all. A weak ETag gives none: a date may not stand in for an entity tag.
 fn validator_of(resp: &ureq::http::Response<ureq::Body>) -> Option<String> {
     match header(resp, "etag") {
         Some(e) if !e.starts_with("W/") => Some(e.to_string()),
-        _ => header(resp, "last-modified").map(str::to_string),
+        Some(_) => None,
+        None => header(resp, "last-modified").map(str::to_string),
     }
 }
 
@@ -285,16 +308,19 @@ fn attempt(
         .map_err(|e| AttemptError::Transient(format!("request to {}: {e}", req.url)))?;
     let status = resp.status().as_u16();
     let content_length = header(&resp, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    // Where this response's body ends: the package's end, or a shorter range's end.
+    let mut body_end = req.size;
     match status {
         200 => {
+            let fresh = validator_of(&resp);
             if p.len > 0 {
                 log::info!(
                     "server ignored the range request; restarting from zero ({} bytes dropped)",
                     p.len
                 );
-                p.reset()?;
+                p.drop_all(sink, fresh.as_deref())?;
             }
-            *validator = validator_of(&resp);
+            *validator = fresh;
             if let Some(cl) = content_length {
                 if cl != req.size {
                     return Err(coded(
@@ -306,8 +332,14 @@ fn attempt(
         }
         206 => {
             let range = header(&resp, "content-range").and_then(parse_content_range);
+            // A server that honours Range but not If-Range would splice two files: a strong
+            // ETag that differs from the one we resume means the file changed.
+            let changed = match (validator.as_deref(), header(&resp, "etag")) {
+                (Some(v), Some(e)) if v.starts_with('"') && !e.starts_with("W/") => v != e,
+                _ => false,
+            };
             match range {
-                Some((start, total)) if start == p.len => {
+                Some((start, end, total)) if start == p.len && p.len > 0 && !changed => {
                     if let Some(total) = total {
                         if total != req.size {
                             return Err(coded(
@@ -319,37 +351,55 @@ fn attempt(
                             ));
                         }
                     }
+                    if end >= req.size {
+                        return Err(coded(
+                            ErrorCode::PackageSizeMismatch,
+                            format!(
+                                "server sends bytes up to {end}, package_size is {}",
+                                req.size
+                            ),
+                        ));
+                    }
+                    body_end = end + 1;
+                }
+                _ if p.len == 0 => {
+                    return Err(AttemptError::Transient(format!(
+                        "{} answered 206 to a request without Range",
+                        req.url
+                    )))
                 }
                 _ => {
-                    // A range we did not ask for: drop the partial and fetch it whole.
-                    log::warn!("server answered a range we did not ask for; restarting from zero");
-                    p.reset()?;
+                    log::warn!(
+                        "server answered a range we did not ask for, or the file changed; restarting from zero"
+                    );
                     *validator = None;
+                    p.drop_all(sink, None)?;
                     return Err(AttemptError::Restart);
                 }
             }
             if let Some(cl) = content_length {
-                if cl != req.size - p.len {
+                if cl != body_end - p.len {
                     return Err(coded(
                         ErrorCode::PackageSizeMismatch,
                         format!(
-                            "server announces {cl} remaining bytes from {}, package_size is {}",
-                            p.len, req.size
+                            "server announces {cl} bytes for the range {}-{}",
+                            p.len,
+                            body_end - 1
                         ),
                     ));
                 }
             }
         }
-        416 => {
+        416 if p.len > 0 => {
             log::info!(
                 "server refused the range from byte {}; restarting from zero",
                 p.len
             );
-            p.reset()?;
             *validator = None;
+            p.drop_all(sink, None)?;
             return Err(AttemptError::Restart);
         }
-        408 | 429 | 500..=599 => {
+        408 | 416 | 429 | 500..=599 => {
             return Err(AttemptError::Transient(format!(
                 "{} answered HTTP {status}",
                 req.url
@@ -365,14 +415,17 @@ fn attempt(
     let framed = content_length.is_some()
         || header(&resp, "transfer-encoding").is_some_and(|t| t.contains("chunked"));
     let mut body = resp.into_body().into_reader();
-    let ended = stream(&mut body, p, req.size, validator, sink)?;
+    let ended = stream(&mut body, p, req.size, body_end, validator, sink)?;
     match ended {
         Ended::Eof => {}
         Ended::Stopped => return Ok(Outcome::Stopped { durable: p.len }),
         Ended::TooLong => {
             return Err(coded(
                 ErrorCode::PackageSizeMismatch,
-                format!("server sent more than package_size ({} bytes)", req.size),
+                format!(
+                    "server sent more than announced (package_size {}, range end {body_end})",
+                    req.size
+                ),
             ))
         }
         Ended::ReadError(e) => {
@@ -382,7 +435,10 @@ fn attempt(
             )))
         }
     }
-    if p.len < req.size {
+    if p.len == body_end && body_end < req.size {
+        return Err(AttemptError::More);
+    }
+    if p.len < body_end {
         if framed {
             return Err(coded(
                 ErrorCode::PackageSizeMismatch,
@@ -448,6 +504,7 @@ fn stream(
     body: &mut dyn Read,
     p: &mut Partial,
     size: u64,
+    limit: u64,
     validator: &Option<String>,
     sink: &mut dyn Sink,
 ) -> std::result::Result<Ended, AttemptError> {
@@ -566,7 +623,7 @@ fn stream(
                     break;
                 }
             }
-            if received + filled as u64 > size {
+            if received + filled as u64 > limit {
                 break Ended::TooLong;
             }
             if filled > 0 {
@@ -637,9 +694,9 @@ mod tests {
     fn content_range() {
         assert_eq!(
             parse_content_range("bytes 10-99/100"),
-            Some((10, Some(100)))
+            Some((10, 99, Some(100)))
         );
-        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, 0, None)));
         assert_eq!(parse_content_range("items 0-1/2"), None);
     }
 

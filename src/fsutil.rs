@@ -27,8 +27,7 @@ pub fn temp_path(dir: &Path, what: &str) -> PathBuf {
 /// fsync a file. A failure is returned as is and never retried: after a failed fsync the kernel
 /// may already have dropped the dirty pages, so the caller must fail the operation.
 pub fn sync_file(file: &File, path: &Path) -> Result<()> {
-    file.sync_all()
-        .with_context(|| format!("fsync {}", path.display()))
+    file.sync_all().map_err(|e| io_error(e, "fsync", path))
 }
 
 /// fdatasync a file, keeping the raw error so that ENOSPC (delayed allocation) can be told

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Bound of one callback POST.
 pub const CALLBACK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a finishing command waits for queued callbacks before it exits anyway.
-pub const FLUSH_DEADLINE: Duration = Duration::from_millis(1500);
+pub const FLUSH_DEADLINE: Duration = Duration::from_millis(1000);
 
 /// The callback body: the API envelope with the progress data and the version.
 #[derive(Debug, Clone, PartialEq, Serialize)]

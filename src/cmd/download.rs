@@ -179,8 +179,23 @@ pub fn run(g: &Global, args: &DownloadArgs) -> Result<Output> {
     result
 }
 
-/// The download itself, under a writer's lock; heal calls it to resume one.
+/// The download itself, under a writer's lock; heal calls it to resume one. A failure that
+/// the steps below did not record themselves is recorded here, so state.json, the callbacks and
+/// the exit code always agree.
 pub fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output> {
+    let result = download_steps(g, pkg, op);
+    if let Err(e) = &result {
+        if matches!(op.state.stage, Stage::Downloading | Stage::Verifying) {
+            let err = error::classify(e);
+            if let Err(e2) = op.fail(&err) {
+                log::error!("could not record {}: {e2:#}", err.message());
+            }
+        }
+    }
+    result
+}
+
+fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output> {
     if matches!(op.state.stage, Stage::Installing | Stage::Rebooting) {
         return fail(
             ErrorCode::Busy,
@@ -200,7 +215,6 @@ pub fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output>
         && s.package_md5.as_deref() == Some(&pkg.package_md5)
         && s.package_name.as_deref() == Some(&pkg.package_name)
         && s.package_size == Some(pkg.package_size);
-    discard_others(&f.dir, &pkg.package_name)?;
 
     // The same package already renamed into place (verified, or a crash came between the rename
     // and the state write): check it is still whole and keep it.
@@ -234,7 +248,6 @@ pub fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output>
             f.done.display()
         );
     }
-    fsutil::remove_file_durable(&f.done)?;
     let resumable = same
         && matches!(
             op.state.stage,
@@ -243,7 +256,6 @@ pub fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output>
     let offset = if resumable && f.part.exists() {
         op.state.bytes_downloaded.min(pkg.package_size)
     } else {
-        fsutil::remove_file_durable(&f.part)?;
         0
     };
     let validator = if offset > 0 {
@@ -271,9 +283,20 @@ pub fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output>
         format!("Downloading: 0 of {} bytes", pkg.package_size)
     };
 
+    // The state names the new package before any file of the old one goes.
+    op.commit()?;
+    discard_others(&f.dir, &pkg.package_name)?;
+    fsutil::remove_file_durable(&f.done)?;
+    if offset == 0 {
+        fsutil::remove_file_durable(&f.part)?;
+    }
+
     let need = pkg.package_size - offset;
     let free = fsutil::free_bytes(&f.dir)?;
     if free < need {
+        fsutil::remove_file_durable(&f.part)?;
+        op.state.bytes_downloaded = 0;
+        op.state.resume_validator = None;
         let err = OtaError::new(
             ErrorCode::DiskFull,
             format!("{need} bytes needed in {}, {free} free", f.dir.display()),
@@ -281,7 +304,6 @@ pub fn download(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Output>
         op.fail(&err)?;
         return Err(err.into());
     }
-    op.commit()?;
     log::info!(
         "downloading {} ({} bytes) from {}{}",
         pkg.package_name,

@@ -899,3 +899,116 @@ fn log_records_carry_version_and_stage() {
         run.stderr
     );
 }
+
+// ---------------------------------------------------------------- HTTP corner cases (review)
+
+#[test]
+fn range_refused_without_a_partial_is_retried_with_backoff_not_looped() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_RETRIES", "2");
+    let p = pkg(1000, 40);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            status: Some(416),
+            ..Behaviour::default()
+        },
+    );
+    let run = download(&env, &srv, &p);
+    assert_failed(&env, &run, "DOWNLOAD_FAILED");
+    assert_eq!(
+        srv.requests().len(),
+        3,
+        "one request per attempt, no tight loop"
+    );
+}
+
+#[test]
+fn sigterm_stops_a_download_that_keeps_failing() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_RETRY_DELAY_MS", "200");
+    env.set("TOPE_OTA_RETRIES", "1000");
+    let p = pkg(1000, 41);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            status: Some(503),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let child = env.spawn(&args(&url, &p, "1000"));
+    env.wait_state(10, "downloading", |s| s["stage"] == "downloading");
+    std::thread::sleep(Duration::from_millis(300));
+    kill(&child, libc::SIGTERM);
+    let t = Instant::now();
+    let run = Run::from(child.wait_with_output().unwrap());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    run.expect(143);
+}
+
+#[test]
+fn short_ranges_are_continued() {
+    let mut env = Env::new();
+    let p = pkg(2 * MIB, 42);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64 / 2),
+            max_range: Some(256 * 1024),
+            ..Behaviour::default()
+        },
+    );
+    leave_partial(&mut env, &srv, &p);
+    download(&env, &srv, &p).expect(0);
+    assert_installed_package(&env, &p);
+    let partials = srv.requests().iter().filter(|r| r.status == 206).count();
+    assert!(partials >= 6, "{partials} range responses");
+    assert!(srv.body_bytes() < (2 * MIB + MIB / 5) as u64);
+}
+
+#[test]
+fn weak_etag_sends_no_if_range() {
+    let mut env = Env::new();
+    let p = pkg(2 * MIB, 43);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64),
+            etag: Some("W/\"weak\"".into()),
+            ..Behaviour::default()
+        },
+    );
+    leave_partial(&mut env, &srv, &p);
+    download(&env, &srv, &p).expect(0);
+    let reqs = srv.requests();
+    assert!(reqs[1].range().is_some());
+    assert_eq!(reqs[1].headers.get("if-range"), None);
+    assert_eq!(reqs[1].status, 206);
+}
+
+#[test]
+fn a_changed_file_behind_a_server_ignoring_if_range_restarts_cleanly() {
+    let mut env = Env::new();
+    let p = pkg(2 * MIB, 44);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64),
+            ..Behaviour::default()
+        },
+    );
+    leave_partial(&mut env, &srv, &p);
+    srv.set(|b| {
+        b.etag = Some("\"pkg-etag-2\"".into());
+        b.ignore_if_range = true;
+    });
+    download(&env, &srv, &p).expect(0);
+    assert_installed_package(&env, &p);
+    let statuses: Vec<(u16, bool)> = srv
+        .requests()
+        .iter()
+        .map(|r| (r.status, r.range().is_some()))
+        .collect();
+    assert_eq!(statuses, vec![(200, false), (206, true), (200, false)]);
+}

@@ -7,17 +7,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// A device: sandbox, fake systemctl, and the package servers it downloaded from.
-struct Device {
-    env: Env,
-    sc: FakeSystemctl,
-    servers: Vec<PkgServer>,
+pub struct Device {
+    pub env: Env,
+    pub sc: FakeSystemctl,
+    pub servers: Vec<PkgServer>,
 }
 
 /// A file of a version: (path, content, mode).
-type FileSpec = (&'static str, &'static [u8], u32);
-type Files<'a> = &'a [FileSpec];
+pub type FileSpec = (&'static str, &'static [u8], u32);
+pub type Files<'a> = &'a [FileSpec];
 
-fn full_manifest(version: &str) -> Value {
+pub fn full_manifest(version: &str) -> Value {
     json!({
         "version": version,
         "modules": [
@@ -29,7 +29,7 @@ fn full_manifest(version: &str) -> Value {
     })
 }
 
-fn v1_files() -> Vec<FileSpec> {
+pub fn v1_files() -> Vec<FileSpec> {
     vec![
         ("bin/device-api", b"#!/bin/sh\necho api 1\n", 0o755),
         ("bin/ui", b"#!/bin/sh\necho ui 1\n", 0o755),
@@ -40,7 +40,7 @@ fn v1_files() -> Vec<FileSpec> {
 }
 
 impl Device {
-    fn new() -> Device {
+    pub fn new() -> Device {
         let mut env = Env::new();
         let sc = FakeSystemctl::install(&mut env);
         env.set(
@@ -55,7 +55,7 @@ impl Device {
     }
 
     /// Write a source dir with `files` and `manifest`, pack it with the real binary.
-    fn pack(&self, version: &str, files: Files, manifest: &Value) -> Vec<u8> {
+    pub fn pack(&self, version: &str, files: Files, manifest: &Value) -> Vec<u8> {
         let dir = self
             .env
             .tmp
@@ -82,7 +82,7 @@ impl Device {
         std::fs::read(out).unwrap()
     }
 
-    fn download(&mut self, version: &str, bytes: Vec<u8>) -> Run {
+    pub fn download(&mut self, version: &str, bytes: Vec<u8>) -> Run {
         let md5 = md5_hex(&bytes);
         let size = bytes.len().to_string();
         let srv = PkgServer::start(bytes, Behaviour::default());
@@ -103,28 +103,28 @@ impl Device {
         ])
     }
 
-    fn install(&self) -> Run {
+    pub fn install(&self) -> Run {
         self.env.run(&["install"])
     }
 
     /// Download and install `bytes`; returns the install run.
-    fn deliver(&mut self, version: &str, bytes: Vec<u8>) -> Run {
+    pub fn deliver(&mut self, version: &str, bytes: Vec<u8>) -> Run {
         self.download(version, bytes).expect(0);
         self.install()
     }
 
-    fn root(&self) -> &Path {
+    pub fn root(&self) -> &Path {
         &self.env.versions_dir
     }
 
-    fn link(&self, name: &str) -> Option<String> {
+    pub fn link(&self, name: &str) -> Option<String> {
         std::fs::read_link(self.root().join(name))
             .ok()
             .map(|t| t.to_string_lossy().into_owned())
     }
 
     /// Install version 1.0.0 with all files and services; the starting point of most tests.
-    fn with_v1() -> Device {
+    pub fn with_v1() -> Device {
         let mut d = Device::new();
         let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
         d.deliver("1.0.0", pkg).expect(0);
@@ -133,7 +133,7 @@ impl Device {
     }
 
     /// A factory snapshot 0.9.0 (as create-factory would leave it), with the same services.
-    fn add_factory(&self) {
+    pub fn add_factory(&self) {
         let f = self.root().join("v0.9.0");
         std::fs::create_dir_all(f.join("bin")).unwrap();
         std::fs::write(f.join("bin/device-api"), b"factory").unwrap();
@@ -146,7 +146,7 @@ impl Device {
         std::os::unix::fs::symlink("v0.9.0", self.root().join("factory")).unwrap();
     }
 
-    fn no_staging_left(&self) {
+    pub fn no_staging_left(&self) {
         let left: Vec<String> = std::fs::read_dir(self.root())
             .unwrap()
             .filter_map(|e| e.ok())
@@ -157,7 +157,7 @@ impl Device {
     }
 }
 
-fn v2_partial() -> (Vec<FileSpec>, Value) {
+pub fn v2_partial() -> (Vec<FileSpec>, Value) {
     (
         vec![("bin/device-api", b"#!/bin/sh\necho api 2\n", 0o755)],
         json!({"version": "2.0.0", "modules": [
@@ -409,7 +409,7 @@ fn hostile(d: &mut Device, zip: Vec<u8>, code: &str, what: &str) {
     );
 }
 
-fn good_manifest_entry() -> RawEntry {
+pub fn good_manifest_entry() -> RawEntry {
     RawEntry::file(
         "manifest.json",
         json!({"version": "2.0.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api"}]})

@@ -3,6 +3,7 @@
 mod support;
 
 mod download;
+mod heal;
 mod install;
 mod status;
 

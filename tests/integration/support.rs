@@ -218,6 +218,10 @@ pub struct Behaviour {
     pub gate_at: Option<u64>,
     /// Answer every request with this status and an empty body.
     pub status: Option<u16>,
+    /// Serve at most this many bytes per 206 response (a capped CDN).
+    pub max_range: Option<u64>,
+    /// Honour Range but ignore If-Range (splices files if the ETag changed).
+    pub ignore_if_range: bool,
 }
 
 impl Default for Behaviour {
@@ -234,6 +238,8 @@ impl Default for Behaviour {
             etag: Some("\"pkg-etag-1\"".into()),
             gate_at: None,
             status: None,
+            max_range: None,
+            ignore_if_range: false,
         }
     }
 }
@@ -397,11 +403,12 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     let mut start = 0u64;
     let mut partial = false;
     if let Some(r) = headers.get("range").filter(|_| b.honor_range) {
-        let if_range_ok = match (headers.get("if-range"), &b.etag) {
-            (Some(v), Some(e)) => v == e,
-            (Some(_), None) => false,
-            (None, _) => true,
-        };
+        let if_range_ok = b.ignore_if_range
+            || match (headers.get("if-range"), &b.etag) {
+                (Some(v), Some(e)) => v == e,
+                (Some(_), None) => false,
+                (None, _) => true,
+            };
         let from = r
             .strip_prefix("bytes=")
             .and_then(|x| x.strip_suffix('-'))
@@ -431,15 +438,21 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             padded = v;
             &padded
         }
-        None => &s.data[start as usize..],
+        None => {
+            let end = match b.max_range.filter(|_| partial) {
+                Some(m) => (start + m).min(total),
+                None => total,
+            };
+            &s.data[start as usize..end as usize]
+        }
     };
     if partial {
         record(206);
         write!(
             out,
             "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{total}\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
-            total - 1,
-            total - start
+            start + body.len() as u64 - 1,
+            body.len()
         )?;
     } else if chunked {
         record(200);
@@ -681,10 +694,11 @@ impl FakeSystemctl {
         let dir = env.tmp.path().join("systemctl");
         std::fs::create_dir_all(&dir).unwrap();
         let script = dir.join("systemctl");
-        let body = format!(
-            r#"#!/bin/sh
-d='{dir}'
-cur=$(readlink '{versions}/current' 2>/dev/null || echo none)
+        // Location-independent (its dir from $0, the versions root from the environment tope-ota
+        // passes on), so a whole sandbox can be copied.
+        let body = r#"#!/bin/sh
+d=$(dirname "$0")
+cur=$(readlink "$TOPE_OTA_VERSIONS_DIR/current" 2>/dev/null || echo none)
 echo "$1 $2 $cur" >> "$d/calls.log"
 if [ -e "$d/hang-$1-$2" ]; then sleep 60; fi
 if [ -e "$d/fail-$1-$2" ] || [ -e "$d/fail-$1-$2@$cur" ]; then echo "fake: $1 $2 failed" >&2; exit 1; fi
@@ -696,10 +710,7 @@ case "$1" in
     [ -e "$d/active-$2" ] || exit 3 ;;
 esac
 exit 0
-"#,
-            dir = dir.display(),
-            versions = env.versions_dir.display()
-        );
+"#;
         std::fs::write(&script, body).unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();

@@ -1,0 +1,668 @@
+//! `heal` and the crash-injection suite: SPEC section 4 "heal", durability rules of sections 3–4.
+
+use crate::install::*;
+use crate::support::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------- heal, case by case
+
+#[test]
+fn nothing_to_do_is_quiet_and_fast() {
+    let d = Device::with_v1();
+    let t = Instant::now();
+    let run = d.env.run(&["heal"]);
+    run.expect(0);
+    assert_eq!(run.stdout, "", "heal with nothing to do prints nothing");
+    assert_eq!(run.stderr, "");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(d.sc.calls().is_empty(), "no service touched");
+    assert_eq!(d.env.state()["stage"], "success");
+}
+
+#[test]
+fn corrupt_state_is_moved_aside_and_idle() {
+    let d = Device::with_v1();
+    std::fs::write(d.env.state_dir.join("state.json"), b"\0\0garbage").unwrap();
+    let run = d.env.run(&["heal"]);
+    run.expect(0);
+    assert!(run.stdout.contains("moved aside"), "{}", run.stdout);
+    assert_eq!(d.env.state()["stage"], "idle");
+    let aside = std::fs::read_dir(&d.env.state_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
+        .count();
+    assert_eq!(aside, 1);
+}
+
+#[test]
+fn stale_staging_and_temp_links_are_removed() {
+    let d = Device::with_v1();
+    let stage = d.root().join(".tope-ota-tmp-stage-99-1");
+    std::fs::create_dir_all(stage.join("snapshot/bin")).unwrap();
+    std::os::unix::fs::symlink("v1.0.0", d.root().join(".tope-ota-tmp-link-99-2")).unwrap();
+    std::fs::write(d.env.state_dir.join(".tope-ota-tmp-state.json-99-3"), b"{").unwrap();
+    let run = d.env.run(&["heal"]);
+    run.expect(0);
+    assert!(run.stdout.contains("removed 3 stale"), "{}", run.stdout);
+    d.no_staging_left();
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}
+
+#[test]
+fn current_pointing_nowhere_is_repaired_to_previous_then_factory() {
+    let mut d = Device::with_v1();
+    d.add_factory();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    // current -> a snapshot that is gone.
+    std::fs::remove_dir_all(d.root().join("v2.0.0")).unwrap();
+    d.sc.clear();
+    let run = d.env.run(&["heal"]);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("current pointed nowhere; now 1.0.0"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert_eq!(
+        d.sc.calls().last().map(String::as_str),
+        Some("start printer-ui v1.0.0")
+    );
+
+    // Previous gone too: factory.
+    std::fs::remove_dir_all(d.root().join("v1.0.0")).unwrap();
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v0.9.0"));
+}
+
+#[test]
+fn pending_package_expires_after_24_hours() {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", pkg).expect(0);
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(d.env.state()["stage"], "toInstall", "a fresh package waits");
+    let mut s = d.env.state();
+    s["verified_at"] = json!("2001-01-01T00:00:00Z");
+    std::fs::write(d.env.state_dir.join("state.json"), s.to_string()).unwrap();
+    let run = d.env.run(&["heal"]);
+    run.expect(0);
+    assert!(run.stdout.contains("expired"), "{}", run.stdout);
+    assert_eq!(d.env.state()["error"], "PACKAGE_EXPIRED");
+    assert!(d.env.download_files().is_empty());
+}
+
+#[test]
+fn failed_is_cleaned_up_to_idle_but_rollback_failed_stays() {
+    let mut d = Device::with_v1();
+    let wrong = Device::new();
+    drop(wrong);
+    let zip = raw_zip(&[RawEntry::file("manifest.json", b"{")]);
+    d.deliver("2.0.0", zip).expect(1);
+    assert_eq!(d.env.state()["stage"], "failed");
+    let run = d.env.run(&["heal"]);
+    run.expect(0);
+    assert!(run.stdout.contains("cleaned up"), "{}", run.stdout);
+    assert_eq!(d.env.state()["stage"], "idle");
+
+    let mut s = d.env.state();
+    s["stage"] = json!("failed");
+    s["error"] = json!("ROLLBACK_FAILED");
+    std::fs::write(d.env.state_dir.join("state.json"), s.to_string()).unwrap();
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(
+        d.env.state()["error"],
+        "ROLLBACK_FAILED",
+        "waits for a person"
+    );
+}
+
+#[test]
+fn after_a_reboot_healthy_services_mean_success() {
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REBOOT_CMD", "true");
+    let (files, mut manifest) = v2_partial();
+    manifest["reboot"] = json!(true);
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    assert_eq!(d.env.state()["stage"], "rebooting");
+    let run = d.env.run(&["heal"]);
+    run.expect(0);
+    assert_eq!(d.env.state()["stage"], "success", "{}", run.stdout);
+    assert_eq!(
+        d.sc.calls().last().map(String::as_str),
+        Some("start device-api v2.0.0")
+    );
+}
+
+#[test]
+fn after_a_reboot_failing_services_roll_back() {
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REBOOT_CMD", "true");
+    let (files, mut manifest) = v2_partial();
+    manifest["reboot"] = json!(true);
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    d.env.run(&["heal"]).expect(0);
+    let s = d.env.state();
+    assert_eq!(s["stage"], "failed");
+    assert_eq!(s["rollback"], "previous 1.0.0");
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}
+
+#[test]
+fn interrupted_download_is_resumed_by_heal() {
+    let env = Env::new();
+    let bytes = data(4 << 20, 77);
+    let md5 = md5_hex(&bytes);
+    let srv = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(10))),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("p.zip");
+    let size = bytes.len().to_string();
+    let mut child = env.spawn(&[
+        "download",
+        "--version",
+        "5.0.0",
+        "--url",
+        &url,
+        "--name",
+        "p.zip",
+        "--size",
+        &size,
+        "--md5",
+        &md5,
+    ]);
+    env.wait_state(20, "progress 20", |s| s["progress"].as_u64() >= Some(20));
+    kill(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    srv.set(|b| b.throttle = None);
+    let run = env.run(&["heal"]);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("resuming the download of 5.0.0"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(env.state()["stage"], "toInstall");
+    assert!(srv.requests()[1].range().is_some());
+    assert_eq!(std::fs::read(env.downloads().join("p.zip")).unwrap(), bytes);
+}
+
+// ---------------------------------------------------------------- crash injection
+
+type Tree = BTreeMap<String, (Vec<u8>, u32)>;
+
+/// Files (and symlinks) of a snapshot by relative path, without tope-ota's own `.tope-ota/`.
+fn version_tree(dir: &Path) -> Tree {
+    tree(dir)
+        .into_iter()
+        .filter(|(p, v)| !p.starts_with(".tope-ota") && v.0 != 'd')
+        .map(|(p, v)| (p, (v.1, v.2 & 0o777)))
+        .collect()
+}
+
+fn expect_tree(files: &[FileSpec]) -> Tree {
+    files
+        .iter()
+        .map(|(p, c, m)| (p.to_string(), (c.to_vec(), *m)))
+        .collect()
+}
+
+fn known_versions() -> BTreeMap<&'static str, Tree> {
+    let v1 = expect_tree(&v1_files());
+    let mut v2 = v1.clone();
+    v2.insert(
+        "bin/device-api".into(),
+        (b"#!/bin/sh\necho api 2\n".to_vec(), 0o755),
+    );
+    let mut v3 = v1.clone();
+    v3.insert(
+        "bin/device-api".into(),
+        (b"#!/bin/sh\necho api 3\n".to_vec(), 0o755),
+    );
+    let factory: Tree = [("bin/device-api".to_string(), (b"factory".to_vec(), 0o644))].into();
+    [
+        ("v1.0.0", v1),
+        ("v2.0.0", v2),
+        ("v3.0.0", v3),
+        ("v0.9.0", factory),
+    ]
+    .into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scenario {
+    /// install of 2.0.0 over 1.0.0 that succeeds
+    Install,
+    /// install of 2.0.0 whose service does not start: automatic rollback to 1.0.0
+    InstallRollback,
+    /// `rollback` by hand from 2.0.0 to 1.0.0
+    ManualRollback,
+    /// download of 3.0.0 (2 MiB, throttled)
+    Download,
+}
+
+const SCENARIOS: [Scenario; 4] = [
+    Scenario::Install,
+    Scenario::InstallRollback,
+    Scenario::ManualRollback,
+    Scenario::Download,
+];
+
+/// A prepared device per scenario, copied for every crash so each starts from the same state.
+struct Lab {
+    base: Device,
+    v3: Vec<u8>,
+    v3_url: String,
+    slow: PkgServer,
+}
+
+impl Lab {
+    fn new(s: Scenario) -> Lab {
+        let mut d = Device::with_v1();
+        d.add_factory();
+        let (files, manifest) = v2_partial();
+        let pkg = d.pack("2.0.0", &files, &manifest);
+        let v3 = d.pack(
+            "3.0.0",
+            &[("bin/device-api", b"#!/bin/sh\necho api 3\n", 0o755)],
+            &json!({"version": "3.0.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1}]}),
+        );
+        match s {
+            Scenario::Install | Scenario::InstallRollback => {
+                d.download("2.0.0", pkg).expect(0);
+                if s == Scenario::InstallRollback {
+                    d.sc.touch("fail-start-device-api@v2.0.0");
+                }
+            }
+            Scenario::ManualRollback => {
+                d.deliver("2.0.0", pkg).expect(0);
+            }
+            Scenario::Download => {}
+        }
+        // The log starts with what runs now: the services of current, started before.
+        let cur = d.link("current").unwrap();
+        std::fs::write(
+            d.sc.dir.join("calls.log"),
+            format!("start device-api {cur}\n"),
+        )
+        .unwrap();
+        let srv = PkgServer::start(v3.clone(), Behaviour::default());
+        let v3_url = srv.url("v3.zip");
+        d.servers.push(srv);
+        let slow = PkgServer::start(
+            data(2 << 20, 5),
+            Behaviour {
+                throttle: Some((64 * 1024, Duration::from_millis(4))),
+                ..Behaviour::default()
+            },
+        );
+        Lab {
+            base: d,
+            v3,
+            v3_url,
+            slow,
+        }
+    }
+
+    /// A fresh copy of the prepared device.
+    fn copy(&self) -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", self.base.env.tmp.path().display()))
+            .arg(tmp.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let old = self.base.env.tmp.path().to_string_lossy().into_owned();
+        let new = tmp.path().to_string_lossy().into_owned();
+        let vars = self
+            .base
+            .env
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.replace(&old, &new)))
+            .collect();
+        Env {
+            state_dir: tmp.path().join("state"),
+            versions_dir: tmp.path().join("versions"),
+            tmp,
+            vars,
+        }
+    }
+
+    fn op_args(&self, s: Scenario) -> Vec<String> {
+        match s {
+            Scenario::Install | Scenario::InstallRollback => vec!["install".into()],
+            Scenario::ManualRollback => vec!["rollback".into()],
+            Scenario::Download => {
+                let bytes = data(2 << 20, 5);
+                vec![
+                    "download".into(),
+                    "--version".into(),
+                    "3.0.0".into(),
+                    "--url".into(),
+                    self.slow.url("slow.zip"),
+                    "--name".into(),
+                    "slow.zip".into(),
+                    "--size".into(),
+                    bytes.len().to_string(),
+                    "--md5".into(),
+                    md5_hex(&bytes),
+                ]
+            }
+        }
+    }
+}
+
+fn calls(env: &Env) -> Vec<String> {
+    std::fs::read_to_string(env.tmp.path().join("systemctl/calls.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with("is-active"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn temp_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".tope-ota-tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The invariants after a crash and a heal. Returns a description of the first violation.
+fn check(env: &Env, versions: &BTreeMap<&str, Tree>) -> Result<(), String> {
+    let s = env.try_state().ok_or("state.json does not parse")?;
+    let stage = s["stage"].as_str().unwrap_or("?");
+    if ["installing", "rebooting", "downloading", "verifying"].contains(&stage) {
+        return Err(format!("heal left stage {stage}: {s}"));
+    }
+    let root = &env.versions_dir;
+    let cur = std::fs::read_link(root.join("current"))
+        .map_err(|e| format!("no current: {e}"))?
+        .to_string_lossy()
+        .into_owned();
+    let cur_tree = version_tree(&root.join(&cur));
+    match versions.get(cur.as_str()) {
+        Some(t) if *t == cur_tree => {}
+        _ => {
+            return Err(format!(
+                "current -> {cur} is not a complete version: {:?}",
+                cur_tree.keys()
+            ))
+        }
+    }
+    if let Ok(p) = std::fs::read_link(root.join("previous")) {
+        let p = p.to_string_lossy().into_owned();
+        if versions.get(p.as_str()) != Some(&version_tree(&root.join(&p))) {
+            return Err(format!("previous -> {p} is not intact"));
+        }
+    }
+    if std::fs::read_link(root.join("factory")).ok().as_deref() != Some(Path::new("v0.9.0"))
+        || version_tree(&root.join("v0.9.0")) != versions["v0.9.0"]
+    {
+        return Err("factory changed".into());
+    }
+    for dir in [root.clone(), env.state_dir.clone(), env.downloads()] {
+        let t = temp_names(&dir);
+        if !t.is_empty() {
+            return Err(format!("temp left in {}: {t:?}", dir.display()));
+        }
+    }
+    let started: Vec<String> = calls(env)
+        .into_iter()
+        .filter(|c| c.starts_with("start "))
+        .collect();
+    match started.last() {
+        Some(last) if last.ends_with(&format!(" {cur}")) => {}
+        other => {
+            return Err(format!(
+                "last service start {other:?} is not of current {cur}"
+            ))
+        }
+    }
+    if !env.tmp.path().join("systemctl/active-device-api").exists() {
+        return Err("device-api is not running after heal".into());
+    }
+    Ok(())
+}
+
+/// A later download + install must work on the healed device.
+fn later_update_works(env: &Env, lab: &Lab) -> Result<(), String> {
+    let size = lab.v3.len().to_string();
+    let md5 = md5_hex(&lab.v3);
+    let run = env.run(&[
+        "download",
+        "--version",
+        "3.0.0",
+        "--url",
+        &lab.v3_url,
+        "--name",
+        "v3.zip",
+        "--size",
+        &size,
+        "--md5",
+        &md5,
+    ]);
+    if run.code != 0 {
+        return Err(format!("download after heal: {run:?}"));
+    }
+    // The fake keeps failing 2.0.0's start in the rollback scenario; 3.0.0 is fine.
+    let run = env.run(&["install"]);
+    if run.code != 0 {
+        return Err(format!("install after heal: {run:?}"));
+    }
+    if std::fs::read_link(env.versions_dir.join("current"))
+        .ok()
+        .as_deref()
+        != Some(Path::new("v3.0.0"))
+    {
+        return Err("current is not 3.0.0 after the later install".into());
+    }
+    Ok(())
+}
+
+fn heal_and_check(
+    env: &Env,
+    lab: &Lab,
+    versions: &BTreeMap<&str, Tree>,
+    full: bool,
+    what: &str,
+) -> Result<(), String> {
+    let run = env.run(&["heal"]);
+    if run.code != 0 {
+        return Err(format!("{what}: heal failed: {run:?}"));
+    }
+    check(env, versions).map_err(|e| format!("{what}: {e}"))?;
+    // The periodic heal converges: a second one at most cleans up after a recorded failure,
+    // a third finds nothing to do.
+    let second = env.run(&["heal"]);
+    let third = env.run(&["heal"]);
+    if second.code != 0 || third.code != 0 || !third.stdout.is_empty() {
+        return Err(format!(
+            "{what}: heal does not settle: {second:?} then {third:?}"
+        ));
+    }
+    check(env, versions).map_err(|e| format!("{what} (after more heals): {e}"))?;
+    if full {
+        later_update_works(env, lab).map_err(|e| format!("{what}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_at_every_failpoint_then_heal() {
+    let versions = known_versions();
+    let named: &[(Scenario, &[&str])] = &[
+        (
+            Scenario::Install,
+            &[
+                "after-unpack",
+                "before-snapshot-rename",
+                "after-snapshot-rename",
+                "before-stop",
+                "after-stop",
+                "before-switch",
+                "mid-switch",
+                "after-switch",
+                "before-start",
+                "before-success",
+                "after-success",
+            ],
+        ),
+        (
+            Scenario::InstallRollback,
+            &["before-start", "rollback-previous", "mid-switch"],
+        ),
+        (
+            Scenario::ManualRollback,
+            &[
+                "before-switch",
+                "mid-switch",
+                "after-switch",
+                "before-start",
+                "before-success",
+            ],
+        ),
+        (
+            Scenario::Download,
+            &["download-before-rename", "download-after-rename"],
+        ),
+    ];
+    let mut crashes = 0;
+    let mut violations = Vec::new();
+    for (scenario, points) in named {
+        let lab = Lab::new(*scenario);
+        let args = lab.op_args(*scenario);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cases: Vec<(String, u32)> = points.iter().map(|p| (p.to_string(), 1)).collect();
+        // Every durable state write, before and after its rename.
+        for hit in 1..=30 {
+            cases.push(("atomic-before-rename".into(), hit));
+            cases.push(("atomic-after-rename".into(), hit));
+        }
+        for (point, hit) in cases {
+            let mut env = lab.copy();
+            env.set("TOPE_OTA_FAILPOINT", &point);
+            env.set("TOPE_OTA_FAILPOINT_HIT", &hit.to_string());
+            let run = env.run(&args);
+            env.vars.remove("TOPE_OTA_FAILPOINT");
+            env.vars.remove("TOPE_OTA_FAILPOINT_HIT");
+            if run.code != 128 + libc::SIGKILL {
+                assert!(
+                    point.starts_with("atomic-"),
+                    "{scenario:?}: fail point {point} was never reached: {run:?}"
+                );
+                continue; // past the last state write of this operation
+            }
+            crashes += 1;
+            let what = format!("{scenario:?} crashed at {point}#{hit}");
+            if let Err(e) = heal_and_check(&env, &lab, &versions, true, &what) {
+                violations.push(e);
+            }
+        }
+    }
+    println!(
+        "crash_at_every_failpoint: {crashes} crashes, {} violations",
+        violations.len()
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert!(crashes >= 60, "only {crashes} crashes");
+}
+
+#[test]
+fn sigkill_at_random_instants_then_heal() {
+    let points: usize = std::env::var("TOPE_OTA_CRASH_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut seed: u64 = std::env::var("TOPE_OTA_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5EED_2026);
+    println!("sigkill_at_random_instants: seed {seed}, {points} kill points");
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let versions = known_versions();
+    let labs: Vec<(Scenario, Lab, Duration)> = SCENARIOS
+        .iter()
+        .map(|s| {
+            let lab = Lab::new(*s);
+            // How long the operation takes uncrashed: the window to kill in.
+            let env = lab.copy();
+            let args = lab.op_args(*s);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let t = Instant::now();
+            let run = env.run(&args);
+            let took = t.elapsed();
+            assert!(
+                run.code == 0 || *s == Scenario::InstallRollback,
+                "{s:?}: {run:?}"
+            );
+            (*s, lab, took)
+        })
+        .collect();
+    let mut killed = 0;
+    let mut finished_first = 0;
+    let mut violations = Vec::new();
+    let mut i = 0;
+    while killed < points {
+        i += 1;
+        let (scenario, lab, window) = &labs[i % labs.len()];
+        let env = lab.copy();
+        let args = lab.op_args(*scenario);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let delay = Duration::from_micros(rand() % (window.as_micros() as u64).max(1));
+        let mut child = env.spawn(&args);
+        std::thread::sleep(delay);
+        let was_running = child.try_wait().unwrap().is_none();
+        kill(&child, libc::SIGKILL);
+        let _ = child.wait();
+        if !was_running {
+            finished_first += 1;
+            if finished_first > 10 * points {
+                panic!("the kill window misses the operations");
+            }
+            continue;
+        }
+        killed += 1;
+        let what = format!("{scenario:?} killed after {delay:?}");
+        if let Err(e) = heal_and_check(&env, lab, &versions, killed % 10 == 0, &what) {
+            violations.push(e);
+        }
+    }
+    println!(
+        "sigkill_at_random_instants: {killed} kills mid-operation ({finished_first} landed after the end), {} violations",
+        violations.len()
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+}
