@@ -666,3 +666,204 @@ fn sigkill_at_random_instants_then_heal() {
     );
     assert!(violations.is_empty(), "{violations:#?}");
 }
+
+// ---------------------------------------------------------------- fsync ordering (ALICE-style)
+
+#[derive(Debug, Clone)]
+enum Sys {
+    Sync(String),
+    SyncFs,
+    Rename(String, String),
+    Symlink(String),
+}
+
+fn quoted(s: &str) -> Vec<String> {
+    s.split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+fn fd_path(s: &str) -> Option<String> {
+    let open = s.find('<')?;
+    let close = s[open..].find('>')? + open;
+    Some(s[open + 1..close].to_string())
+}
+
+/// Completed, successful calls of an `strace -f -y` log, in completion order.
+fn parse_strace(text: &str) -> Vec<Sys> {
+    let mut pending: std::collections::HashMap<String, String> = Default::default();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let call = if let Some(head) = rest.strip_suffix("<unfinished ...>") {
+            pending.insert(pid.to_string(), head.to_string());
+            continue;
+        } else if rest.starts_with("<...") {
+            let Some(head) = pending.remove(pid) else {
+                continue;
+            };
+            let tail = rest.split_once("resumed>").map(|x| x.1).unwrap_or("");
+            format!("{head}{tail}")
+        } else {
+            rest.to_string()
+        };
+        if !call.trim_end().ends_with("= 0") {
+            continue;
+        }
+        let name = call.split('(').next().unwrap_or("");
+        let ev = match name {
+            "fsync" | "fdatasync" => fd_path(&call).map(Sys::Sync),
+            "syncfs" => Some(Sys::SyncFs),
+            "rename" | "renameat" | "renameat2" => {
+                let q = quoted(&call);
+                (q.len() >= 2).then(|| Sys::Rename(q[0].clone(), q[1].clone()))
+            }
+            "symlink" | "symlinkat" => quoted(&call).last().cloned().map(Sys::Symlink),
+            _ => None,
+        };
+        out.extend(ev);
+    }
+    out
+}
+
+fn parent(p: &str) -> String {
+    Path::new(p)
+        .parent()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Every rename onto state.json, a snapshot dir, a symlink of the versions root or a verified
+/// package is preceded by an fsync of what is renamed (for a symlink: of its directory after it
+/// was created; for a snapshot tree: a syncfs) and followed by an fsync of the parent directory
+/// before the next such rename into that directory.
+fn check_ordering(evs: &[Sys], watched: &[String]) -> Result<usize, String> {
+    let mut checked = 0;
+    for (i, ev) in evs.iter().enumerate() {
+        let Sys::Rename(from, to) = ev else { continue };
+        let dir = parent(to);
+        if !watched.contains(&dir) {
+            continue;
+        }
+        checked += 1;
+        let before = &evs[..i];
+        let created_at = before
+            .iter()
+            .rposition(|e| matches!(e, Sys::Symlink(p) if p == from));
+        let synced = match created_at {
+            Some(c) => before[c..]
+                .iter()
+                .any(|e| matches!(e, Sys::Sync(p) if *p == parent(from))),
+            None => before.iter().any(|e| match e {
+                Sys::Sync(p) => p == from,
+                Sys::SyncFs => from.contains(".tope-ota-tmp-stage"),
+                _ => false,
+            }),
+        };
+        if !synced {
+            return Err(format!("rename {from} -> {to} without a prior fsync of it"));
+        }
+        let after = &evs[i + 1..];
+        let dir_sync = after
+            .iter()
+            .position(|e| matches!(e, Sys::Sync(p) if *p == dir));
+        let next_rename = after
+            .iter()
+            .position(|e| matches!(e, Sys::Rename(_, t) if parent(t) == dir));
+        match (dir_sync, next_rename) {
+            (Some(s), Some(r)) if s < r => {}
+            (Some(_), None) => {}
+            _ => {
+                return Err(format!(
+                    "rename {from} -> {to} not followed by an fsync of {dir}"
+                ))
+            }
+        }
+    }
+    Ok(checked)
+}
+
+#[test]
+fn renames_are_fsynced_before_and_after_under_strace() {
+    assert!(
+        Command::new("strace").arg("-V").output().is_ok(),
+        "strace is needed (.ci/run installs it)"
+    );
+    let mut d = Device::with_v1();
+    d.add_factory();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let md5 = md5_hex(&pkg);
+    let size = pkg.len().to_string();
+    let srv = PkgServer::start(pkg, Behaviour::default());
+    let url = srv.url("pkg.zip");
+    let trace = d.env.tmp.path().join("trace.txt");
+    let traced = |args: &[&str]| {
+        let _ = std::fs::remove_file(&trace);
+        let base = d.env.cmd(&[]);
+        let st = Command::new("strace")
+            .args([
+                "-f",
+                "-y",
+                "-e",
+                "trace=rename,renameat,renameat2,fsync,fdatasync,syncfs,symlink,symlinkat",
+                "-o",
+            ])
+            .arg(&trace)
+            .arg(BIN)
+            .args(args)
+            .env_clear()
+            .envs(
+                base.get_envs()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))),
+            )
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{args:?}: {st:?}");
+        parse_strace(&std::fs::read_to_string(&trace).unwrap())
+    };
+    let canon = |p: &Path| {
+        std::fs::canonicalize(p)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let watched = vec![
+        canon(&d.env.state_dir),
+        canon(&d.env.downloads()),
+        canon(d.root()),
+    ];
+    let mut total = 0;
+    for args in [
+        vec![
+            "download",
+            "--version",
+            "2.0.0",
+            "--url",
+            &url,
+            "--name",
+            "pkg.zip",
+            "--size",
+            &size,
+            "--md5",
+            &md5,
+        ],
+        vec!["install"],
+        vec!["rollback"],
+        vec!["rollback", "--to", "factory"],
+    ] {
+        let evs = traced(&args);
+        let n = check_ordering(&evs, &watched).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(n > 0, "{args:?}: no rename seen");
+        total += n;
+    }
+    // The trace saw every kind: state.json, the verified package, a snapshot, symlinks.
+    println!("fsync ordering: {total} renames checked");
+    assert!(total >= 20, "{total}");
+}
