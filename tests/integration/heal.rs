@@ -795,7 +795,7 @@ fn renames_are_fsynced_before_and_after_under_strace() {
         Command::new("strace").arg("-V").output().is_ok(),
         "strace is needed (.ci/run installs it)"
     );
-    let mut d = Device::with_v1();
+    let d = Device::with_v1();
     d.add_factory();
     let (files, manifest) = v2_partial();
     let pkg = d.pack("2.0.0", &files, &manifest);
