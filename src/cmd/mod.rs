@@ -6,10 +6,11 @@ pub mod heal;
 pub mod install;
 pub mod pack;
 pub mod rollback;
+pub mod serve;
 pub mod status;
 
 use crate::cli::{Cli, Command, Global};
-use crate::error::{ErrorCode, OtaError};
+use crate::error::OtaError;
 use crate::lock::StateLock;
 use crate::logging;
 use crate::report::Reporter;
@@ -36,17 +37,9 @@ pub fn run(cli: &Cli) -> Result<Output> {
         Command::Install(args) => install::run(&cli.global, args),
         Command::Rollback(args) => rollback::run(&cli.global, args),
         Command::Heal => heal::run(&cli.global),
-        Command::Serve(_) => not_in_build("serve", 6),
+        Command::Serve(args) => serve::run(&cli.global, args),
         Command::Pack(args) => pack::run(&cli.global, args),
     }
-}
-
-fn not_in_build(name: &str, issue: u32) -> Result<Output> {
-    Err(OtaError::new(
-        ErrorCode::Internal,
-        format!("'{name}' is not in this build of tope-ota yet (tracked in issue #{issue})"),
-    )
-    .into())
 }
 
 /// A writer's run: holds the lock from `begin` to drop; the only path that saves state.
@@ -92,7 +85,8 @@ impl Operation {
         saved
     }
 
-    /// Wait (bounded) for queued callbacks; called before the process exits.
+    /// Wait (bounded) for queued callbacks, then release the lock: holding it until then keeps
+    /// the callbacks of consecutive operations in order at device-api.
     pub fn finish(mut self) {
         self.reporter.finish();
     }

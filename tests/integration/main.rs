@@ -5,6 +5,8 @@ mod support;
 mod download;
 mod heal;
 mod install;
+mod openapi;
+mod serve;
 mod status;
 
 mod bench;

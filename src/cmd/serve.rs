@@ -1,0 +1,475 @@
+//! `serve`: the old HTTP API (`/api/v1.0/download`, `/update`, `/progress`) on loopback, wire
+//! compatible, on hyper's HTTP/1 server and a current-thread tokio runtime.
+//!
+//! Work runs as a child process of this same binary (`download --request -`, `install`), so
+//! the server never holds the lock for longer than it takes to hand it over, and survives a
+//! crash of the work. Every response is `{"code","msg","data"}` with the HTTP status = code.
+
+use super::download::Package;
+use super::install::PACKAGE_TTL_SECS;
+use super::Output;
+use crate::cli::{Global, ServeArgs};
+use crate::error::{ErrorCode, OtaError};
+use crate::lock::{StateLock, LOCK_FD_ENV};
+use crate::state::{self, ReadOutcome, Stage};
+use crate::{clock, validate};
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// Largest request body accepted (413 above).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request head accepted (hyper answers 431 above). hyper's minimum buffer.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// A request must arrive whole within this (headers by hyper's timer, the body by ours).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 512;
+
+struct Ctx {
+    global: Global,
+    exe: std::path::PathBuf,
+    connections: AtomicUsize,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn envelope(status: u16, msg: impl Into<String>, data: Value) -> Resp {
+    let body = json!({"code": status, "msg": msg.into(), "data": data}).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn coded(err: &OtaError) -> Resp {
+    envelope(err.code.http_status(), err.message(), Value::Null)
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with an optional port: the only Hosts a browser on the
+/// device can send for us. Anything else is a DNS-rebinding attempt (or a misrouted request).
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim();
+    let name = if let Some(rest) = h.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((addr, port)) if port.is_empty() || port.starts_with(':') => addr,
+            _ => return false,
+        }
+    } else {
+        match h.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|c| c.is_ascii_digit()) => n,
+            Some(_) => return false,
+            None => h,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => false,
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(envelope(
+            413,
+            "PAYLOAD_TOO_LARGE: the body is over 64 KiB",
+            Value::Null,
+        ));
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(envelope(
+                413,
+                "PAYLOAD_TOO_LARGE: the body is over 64 KiB",
+                Value::Null,
+            ))
+        }
+        Err(e) => Err(envelope(
+            400,
+            format!("INVALID_REQUEST: reading the body: {e}"),
+            Value::Null,
+        )),
+    }
+}
+
+fn invalid(detail: impl std::fmt::Display) -> Resp {
+    coded(&OtaError::new(
+        ErrorCode::InvalidRequest,
+        detail.to_string(),
+    ))
+}
+
+/// The `data` of GET /progress, straight from state.json (no lock).
+fn progress(ctx: &Ctx) -> Resp {
+    match super::status::progress_data(&ctx.global) {
+        Ok(d) => envelope(
+            200,
+            "success",
+            serde_json::to_value(d).unwrap_or(Value::Null),
+        ),
+        Err(e) => envelope(500, format!("INTERNAL: {e:#}"), Value::Null),
+    }
+}
+
+/// Take the lock and start `tope-ota ARGS` holding it; 409 BUSY when another writer has it.
+async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(), Resp> {
+    // A writer whose state is already at rest is only delivering its last callbacks (bounded
+    // by report::FLUSH_DEADLINE) and exiting: wait for it rather than answer BUSY to a client
+    // that saw `toInstall` and asked for the update at once.
+    let deadline =
+        tokio::time::Instant::now() + crate::report::FLUSH_DEADLINE + Duration::from_millis(500);
+    let lock = loop {
+        match StateLock::acquire(&ctx.global.state_dir) {
+            Ok(l) => break l,
+            Err(e) => {
+                let err = crate::error::classify(&e);
+                let resting = matches!(
+                    state::read(&ctx.global.state_dir),
+                    Ok(ReadOutcome::Ok(s)) if matches!(s.stage, Stage::Idle | Stage::ToInstall | Stage::Success | Stage::Failed)
+                );
+                if err.code != ErrorCode::Busy
+                    || !resting
+                    || tokio::time::Instant::now() >= deadline
+                {
+                    return Err(coded(&err));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let file = lock.into_file();
+    let fd = file.as_raw_fd();
+    let g = &ctx.global;
+    let mut cmd = tokio::process::Command::new(&ctx.exe);
+    cmd.arg("--state-dir")
+        .arg(&g.state_dir)
+        .arg("--versions-dir")
+        .arg(&g.versions_dir)
+        .arg("--report-url")
+        .arg(&g.report_url)
+        .arg("--systemctl")
+        .arg(&g.systemctl)
+        .arg("--reboot-cmd")
+        .arg(&g.reboot_cmd)
+        .arg("--gui")
+        .arg(&g.gui)
+        .arg("-q")
+        .args(args)
+        .env(LOCK_FD_ENV, fd.to_string())
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(false);
+    // SAFETY: between fork and exec only fcntl, which is async-signal-safe: the locked fd
+    // survives exec so the child owns the lock from its first instruction.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(envelope(
+                500,
+                format!("INTERNAL: starting {}: {e}", ctx.exe.display()),
+                Value::Null,
+            ))
+        }
+    };
+    // The child holds the lock now; our copy of the description goes.
+    drop(file);
+    if let (Some(body), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        tokio::spawn(async move {
+            let _ = pipe.write_all(&body).await;
+        });
+    }
+    let what = args.join(" ");
+    log::info!("started `tope-ota {what}` (pid {:?})", child.id());
+    CHILDREN.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        match child.wait().await {
+            Ok(st) if st.success() => log::info!("`tope-ota {what}` finished"),
+            Ok(st) => log::warn!("`tope-ota {what}` ended with {st}"),
+            Err(e) => log::error!("waiting for `tope-ota {what}`: {e}"),
+        }
+        CHILDREN.fetch_sub(1, Ordering::SeqCst);
+    });
+    Ok(())
+}
+
+/// Children running, for the orderly shutdown.
+static CHILDREN: AtomicUsize = AtomicUsize::new(0);
+
+async fn post_download(ctx: &Ctx, req: Request<Incoming>) -> Resp {
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let pkg = match serde_json::from_slice::<Package>(&body) {
+        Ok(p) => p,
+        Err(e) => return invalid(format!("request body: {e}")),
+    };
+    if let Err(e) = pkg.clone().validated() {
+        return coded(&crate::error::classify(&e));
+    }
+    match start_child(ctx, &["download", "--request", "-"], Some(body)).await {
+        Ok(()) => envelope(200, "success", Value::Null),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateRequest {
+    version: String,
+}
+
+async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let upd = match serde_json::from_slice::<UpdateRequest>(&body) {
+        Ok(u) => u,
+        Err(e) => return invalid(format!("request body: {e}")),
+    };
+    if let Err(e) = validate::version(&upd.version) {
+        return coded(&crate::error::classify(&e));
+    }
+    // The preconditions answer synchronously, as the old API did; the child checks them again
+    // under the lock.
+    let s = match state::read(&ctx.global.state_dir) {
+        Ok(ReadOutcome::Ok(s)) => *s,
+        _ => state::State::default(),
+    };
+    if s.stage != Stage::ToInstall {
+        return coded(&OtaError::new(
+            ErrorCode::NoPackage,
+            format!("no verified package to install (stage is {})", s.stage),
+        ));
+    }
+    if s.version.as_deref() != Some(upd.version.as_str()) {
+        return coded(&OtaError::new(
+            ErrorCode::VersionMismatch,
+            format!(
+                "the downloaded package is version {}, not {}",
+                s.version.as_deref().unwrap_or("?"),
+                upd.version
+            ),
+        ));
+    }
+    let expired = s
+        .verified_at
+        .as_deref()
+        .and_then(clock::parse_rfc3339)
+        .is_none_or(|t| clock::now_unix() - t > PACKAGE_TTL_SECS);
+    let started = start_child(ctx, &["install", "--version", &upd.version], None).await;
+    match (started, expired) {
+        // The child records the expiry and deletes the package.
+        (Ok(()), true) => coded(&OtaError::new(
+            ErrorCode::PackageExpired,
+            "the package was verified more than 24 h ago; it is deleted",
+        )),
+        (Ok(()), false) => envelope(200, "success", Value::Null),
+        (Err(r), _) => r,
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> Resp {
+    let mut r = envelope(405, format!("METHOD_NOT_ALLOWED: use {allow}"), Value::Null);
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+async fn route(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Resp, std::io::Error> {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !is_loopback_host(host) {
+        return Ok(envelope(
+            403,
+            format!("FORBIDDEN: Host {host:?} is not a loopback name"),
+            Value::Null,
+        ));
+    }
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let resp = match path.as_str() {
+        "/api/v1.0/progress" => match method {
+            Method::GET => progress(&ctx),
+            _ => method_not_allowed("GET"),
+        },
+        "/api/v1.0/download" | "/api/v1.0/update" if method != Method::POST => {
+            method_not_allowed("POST")
+        }
+        "/api/v1.0/download" => {
+            match tokio::time::timeout(REQUEST_DEADLINE, post_download(&ctx, req)).await {
+                Ok(r) => r,
+                Err(_) => return Err(std::io::Error::other("request body not whole within 5 s")),
+            }
+        }
+        "/api/v1.0/update" => {
+            match tokio::time::timeout(REQUEST_DEADLINE, post_update(&ctx, req)).await {
+                Ok(r) => r,
+                Err(_) => return Err(std::io::Error::other("request body not whole within 5 s")),
+            }
+        }
+        _ => envelope(404, format!("NOT_FOUND: no route {path}"), Value::Null),
+    };
+    Ok(resp)
+}
+
+pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
+    let addr: SocketAddr = args.listen.parse().map_err(|e| {
+        OtaError::new(
+            ErrorCode::InvalidRequest,
+            format!("--listen {:?}: {e}", args.listen),
+        )
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    let ctx = Arc::new(Ctx {
+        global: g.clone(),
+        exe: std::env::current_exe().context("find our own binary")?,
+        connections: AtomicUsize::new(0),
+    });
+    rt.block_on(serve(ctx, addr))?;
+    Ok(Output {
+        human: String::new(),
+        json: json!({"code": 200, "msg": "success", "error": null, "data": null}),
+        exit: 0,
+    })
+}
+
+async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen on {addr}"))?;
+    if !addr.ip().is_loopback() {
+        log::warn!("listening on {addr}, which is not loopback");
+    }
+    log::info!("serving the tope-ota API on {}", listener.local_addr()?);
+    // Tests and scripts learn the port when they ask for port 0.
+    if let Ok(a) = listener.local_addr() {
+        println!("listening on {a}");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_DEADLINE)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(true);
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if ctx.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        ctx.connections.fetch_add(1, Ordering::SeqCst);
+        let ctx2 = ctx.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let c = ctx2.clone();
+            let svc = hyper::service::service_fn(move |req| route(c.clone(), req));
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                log::debug!("connection ended: {e}");
+            }
+            ctx2.connections.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    drop(listener);
+    let running = CHILDREN.load(Ordering::SeqCst);
+    log::info!("stopping: no new connections; waiting for {running} running operation(s)");
+    while CHILDREN.load(Ordering::SeqCst) > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in [
+            "localhost",
+            "localhost:12315",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "127.1.2.3:9",
+            "[::1]",
+            "[::1]:12315",
+            "LOCALHOST.",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.com",
+            "evil.com:12315",
+            "192.168.1.5",
+            "[::2]:1",
+            "localhost.evil.com",
+            "127.0.0.1.nip.io",
+            "0.0.0.0",
+            "localhost:abc",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
+}
