@@ -41,13 +41,28 @@ struct Ctx {
     global: Global,
     exe: std::path::PathBuf,
     connections: AtomicUsize,
+    /// The last /progress body, valid while state.json keeps its inode, size and mtime.
+    progress_cache: std::sync::Mutex<Option<(StateKey, Bytes)>>,
+}
+
+/// What identifies one version of state.json: every write renames a new inode over it.
+type StateKey = (u64, u64, i64, i64);
+
+fn state_key(ctx: &Ctx) -> Option<StateKey> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(state::state_path(&ctx.global.state_dir)).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 type Resp = Response<Full<Bytes>>;
 
 fn envelope(status: u16, msg: impl Into<String>, data: Value) -> Resp {
     let body = json!({"code": status, "msg": msg.into(), "data": data}).to_string();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    json_response(status, Bytes::from(body))
+}
+
+fn json_response(status: u16, body: Bytes) -> Resp {
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -124,16 +139,24 @@ fn invalid(detail: impl std::fmt::Display) -> Resp {
     ))
 }
 
-/// The `data` of GET /progress, straight from state.json (no lock).
+/// The `data` of GET /progress, from state.json (no lock), re-read only when it changed.
 fn progress(ctx: &Ctx) -> Resp {
-    match super::status::progress_data(&ctx.global) {
-        Ok(d) => envelope(
-            200,
-            "success",
-            serde_json::to_value(d).unwrap_or(Value::Null),
-        ),
-        Err(e) => envelope(500, format!("INTERNAL: {e:#}"), Value::Null),
+    let key = state_key(ctx);
+    if let (Some(k), Ok(cache)) = (key, ctx.progress_cache.lock()) {
+        if let Some((ck, body)) = cache.as_ref() {
+            if *ck == k {
+                return json_response(200, body.clone());
+            }
+        }
     }
+    let body = match super::status::progress_data(&ctx.global) {
+        Ok(d) => Bytes::from(json!({"code": 200, "msg": "success", "data": d}).to_string()),
+        Err(e) => return envelope(500, format!("INTERNAL: {e:#}"), Value::Null),
+    };
+    if let (Some(k), Ok(mut cache)) = (key, ctx.progress_cache.lock()) {
+        *cache = Some((k, body.clone()));
+    }
+    json_response(200, body)
 }
 
 /// Take the lock and start `tope-ota ARGS` holding it; 409 BUSY when another writer has it.
@@ -370,6 +393,7 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         global: g.clone(),
         exe: std::env::current_exe().context("find our own binary")?,
         connections: AtomicUsize::new(0),
+        progress_cache: std::sync::Mutex::new(None),
     });
     rt.block_on(serve(ctx, addr))?;
     Ok(Output {

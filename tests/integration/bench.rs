@@ -230,3 +230,100 @@ fn bench_install() {
 fn bytes_mib(p: &std::path::Path) -> u64 {
     std::fs::metadata(p).unwrap().len() >> 20
 }
+
+/// GET /progress over one keep-alive connection: (status, latency).
+fn keepalive_get(s: &mut std::net::TcpStream, host: &str) -> (u16, Duration) {
+    use std::io::{Read, Write};
+    let t = std::time::Instant::now();
+    s.write_all(format!("GET /api/v1.0/progress HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut buf = Vec::with_capacity(512);
+    let mut byte = [0u8; 1024];
+    let (head_end, len) = loop {
+        let n = s.read(&mut byte).unwrap();
+        assert!(n > 0, "server closed the connection");
+        buf.extend_from_slice(&byte[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            break (i + 4, len);
+        }
+    };
+    while buf.len() < head_end + len {
+        let n = s.read(&mut byte).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&byte[..n]);
+    }
+    let status = String::from_utf8_lossy(&buf[9..12]).parse().unwrap_or(0);
+    (status, t.elapsed())
+}
+
+#[test]
+#[ignore]
+fn bench_serve_progress() {
+    let secs: u64 = std::env::var("TOPE_OTA_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let rate: u64 = 500;
+    let env = Env::new();
+    let srv = crate::serve::Server::start(&env);
+    let bytes = data(64 << 20, 9);
+    let pkg = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(6))),
+            ..Behaviour::default()
+        },
+    );
+    let body = serde_json::json!({"version": "1.0.0", "package_url": pkg.url("p.zip"), "package_name": "p.zip",
+        "package_size": bytes.len(), "package_md5": md5_hex(&bytes)})
+    .to_string();
+    let (st, _) = crate::serve::call(&srv.addr, "POST", "/api/v1.0/download", Some(&body));
+    assert_eq!(st, 200);
+    let mut conn = std::net::TcpStream::connect(&srv.addr).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let start = std::time::Instant::now();
+    let mut lat = Vec::new();
+    let mut stages = std::collections::BTreeSet::new();
+    for i in 0..secs * rate {
+        let due = start + Duration::from_micros(i * 1_000_000 / rate);
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let (status, d) = keepalive_get(&mut conn, &srv.addr);
+        assert_eq!(status, 200);
+        lat.push(d);
+        if i % 500 == 0 {
+            stages.insert(
+                crate::serve::call(&srv.addr, "GET", "/api/v1.0/progress", None).1["data"]["stage"]
+                    .to_string(),
+            );
+        }
+    }
+    let wall = start.elapsed();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.child.id())).unwrap();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("")
+        .to_string();
+    println!("bench_serve_progress: {} GET /progress in {:.2} s ({:.0}/s) during a download (stages seen {stages:?})",
+        lat.len(), wall.as_secs_f64(), lat.len() as f64 / wall.as_secs_f64());
+    println!(
+        "  p50 {:?}  p99 {:?}  max {:?}  (budget p99 <= 5 ms)",
+        pct(0.50),
+        pct(0.99),
+        lat[lat.len() - 1]
+    );
+    println!(
+        "  serve peak RSS: {} (budget 16 MiB)",
+        hwm.trim_start_matches("VmHWM:").trim()
+    );
+}
