@@ -73,6 +73,42 @@ codes! {
     DowngradeRefused => "DOWNGRADE_REFUSED", 400, EXIT_FAILED;
 }
 
+impl ErrorCode {
+    /// One line on when the code is given, for the man pages.
+    pub fn summary(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => {
+                "a request field is missing, of the wrong type, or invalid"
+            }
+            ErrorCode::Busy => "another tope-ota holds the lock, or an install is in flight",
+            ErrorCode::DownloadFailed => "the server answered an error, or the retries were spent",
+            ErrorCode::DiskFull => "not enough free space, before starting or while writing",
+            ErrorCode::PackageSizeMismatch => {
+                "the server's size or the body's length differs from package_size"
+            }
+            ErrorCode::Md5Mismatch => "the package's MD5 differs; the file is deleted",
+            ErrorCode::NoPackage => "install with no verified package",
+            ErrorCode::VersionMismatch => "install names another version than the downloaded one",
+            ErrorCode::PackageExpired => {
+                "the package was verified more than 24 h ago; it is deleted"
+            }
+            ErrorCode::PackageInvalid => "the ZIP is unreadable, hostile or over a cap",
+            ErrorCode::ManifestInvalid => "manifest.json is missing or wrong",
+            ErrorCode::DeploymentFailed => "the snapshot cannot be built or switched to",
+            ErrorCode::ServiceStopFailed => "a service did not stop, or its call hung",
+            ErrorCode::ServiceStartFailed => "a service did not start, or did not stay up",
+            ErrorCode::RollbackFailed => {
+                "both rollback levels failed; the device waits for a person"
+            }
+            ErrorCode::Internal => "anything unexpected; the detail says what and where",
+            ErrorCode::Sha256Mismatch => "the package's SHA-256 differs; the file is deleted",
+            ErrorCode::SignatureInvalid => "the package's signature is missing or does not verify",
+            ErrorCode::Inhibited => "a print job inhibits switching software now",
+            ErrorCode::DowngradeRefused => "the version is lower than the current one",
+        }
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

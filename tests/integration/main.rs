@@ -10,3 +10,4 @@ mod serve;
 mod status;
 
 mod bench;
+mod docs;

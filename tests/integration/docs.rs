@@ -1,0 +1,256 @@
+//! Man pages and shell completions are rendered from the library's clap definition; this test
+//! fails when the committed files are stale. `TOPE_OTA_REGEN=1 cargo test --features failpoints
+//! --test integration docs` rewrites them.
+
+use clap::CommandFactory;
+use std::path::PathBuf;
+use tope_ota::cli::Cli;
+use tope_ota::error::{
+    ErrorCode, EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
+};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Escape text for roff: backslashes, and a leading dot or quote.
+fn esc(s: &str) -> String {
+    let s = s.replace('\\', "\\e").replace('-', "\\-");
+    if s.starts_with('.') || s.starts_with('\'') {
+        format!("\\&{s}")
+    } else {
+        s
+    }
+}
+
+fn sections(top: bool) -> String {
+    let mut r = String::new();
+    r.push_str(".SH \"EXIT STATUS\"\n");
+    for (code, what) in [
+        (EXIT_OK, "success"),
+        (EXIT_FAILED, "the operation failed; its code is in state.json, on stderr and in the \\-\\-json output"),
+        (EXIT_USAGE, "usage error: bad flags, or INVALID_REQUEST"),
+        (EXIT_BUSY, "BUSY: another tope\\-ota holds the lock"),
+        (EXIT_SIGINT, "stopped by SIGINT at a safe point"),
+        (EXIT_SIGTERM, "stopped by SIGTERM at a safe point"),
+    ] {
+        r.push_str(&format!(".TP\n\\fB{code}\\fR\n{what}\n"));
+    }
+    r.push_str(".SH \"ERROR CODES\"\nThe same string appears in state.json, callbacks, API responses, \\-\\-json output and logs.\n");
+    for c in ErrorCode::ALL {
+        r.push_str(&format!(
+            ".TP\n\\fB{}\\fR (HTTP {}, exit {})\n{}\n",
+            esc(c.as_str()),
+            c.http_status(),
+            c.exit_code(),
+            esc(c.summary())
+        ));
+    }
+    r.push_str(".SH ENVIRONMENT\n");
+    let cmd = Cli::command();
+    for a in cmd.get_arguments() {
+        if let Some(env) = a.get_env() {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            r.push_str(&format!(
+                ".TP\n\\fB{}\\fR\nas \\fB\\-\\-{}\\fR: {}\n",
+                esc(&env.to_string_lossy()),
+                esc(a.get_long().unwrap_or("")),
+                esc(&help)
+            ));
+        }
+    }
+    for (var, what) in [
+        (
+            "TOPE_OTA_CONNECT_TIMEOUT_MS",
+            "download: connect timeout (15000)",
+        ),
+        (
+            "TOPE_OTA_STALL_TIMEOUT_MS",
+            "download: a read that receives nothing this long fails the attempt (30000)",
+        ),
+        (
+            "TOPE_OTA_RETRIES",
+            "download: failed attempts without progress before DOWNLOAD_FAILED (6)",
+        ),
+        (
+            "TOPE_OTA_RETRY_DELAY_MS",
+            "download: first backoff, doubling up to 60 s (1000)",
+        ),
+        (
+            "TOPE_OTA_STOP_TIMEOUT_MS",
+            "bound of each systemctl stop and is\\-active (10000)",
+        ),
+        (
+            "TOPE_OTA_START_TIMEOUT_MS",
+            "bound of each systemctl start (30000)",
+        ),
+        (
+            "TOPE_OTA_SETTLE_MS",
+            "how long services must stay up before the check (2000)",
+        ),
+        ("TOPE_OTA_MAX_ENTRIES", "install: most ZIP entries (50000)"),
+        (
+            "TOPE_OTA_MAX_UNPACKED",
+            "install: most unpacked bytes (8 GiB)",
+        ),
+        (
+            "TOPE_OTA_MAX_RATIO",
+            "install: largest compression ratio of an entry over 1 MiB (200)",
+        ),
+    ] {
+        r.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", esc(var), what));
+    }
+    r.push_str(".SH FILES\n");
+    for (f, what) in [
+        (
+            "/var/lib/tope-ota/state.json",
+            "the operation in flight, written atomically and durably",
+        ),
+        (
+            "/var/lib/tope-ota/state.lock",
+            "the writers' lock (flock), never renamed",
+        ),
+        (
+            "/var/lib/tope-ota/downloads/",
+            "partial (.part) and verified packages",
+        ),
+        (
+            "/opt/tope/versions/v<version>/",
+            "version snapshots; .tope\\-ota/services.json lists each one's services",
+        ),
+        (
+            "/opt/tope/versions/current, previous, factory",
+            "symlinks selecting snapshots; factory is never changed",
+        ),
+        (
+            "/etc/default/tope-ota",
+            "optional TOPE_OTA_* settings for the systemd units",
+        ),
+    ] {
+        r.push_str(&format!(".TP\n\\fI{}\\fR\n{}\n", esc(f), what));
+    }
+    r.push_str(".SH \"SEE ALSO\"\n");
+    let subs: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|s| format!("\\fBtope\\-ota\\-{}\\fR(1)", s.get_name()))
+        .collect();
+    if top {
+        r.push_str(&subs.join(", "));
+    } else {
+        r.push_str("\\fBtope\\-ota\\fR(1)");
+    }
+    r.push_str(", \\fBsystemctl\\fR(1)\n");
+    r
+}
+
+fn man(cmd: clap::Command, top: bool) -> String {
+    let m = clap_mangen::Man::new(cmd.clone())
+        .manual("tope-ota")
+        .source(format!("tope-ota {}", env!("CARGO_PKG_VERSION")));
+    let mut out = Vec::new();
+    m.render_title(&mut out).unwrap();
+    m.render_name_section(&mut out).unwrap();
+    m.render_synopsis_section(&mut out).unwrap();
+    m.render_description_section(&mut out).unwrap();
+    m.render_options_section(&mut out).unwrap();
+    if cmd.get_subcommands().next().is_some() {
+        m.render_subcommands_section(&mut out).unwrap();
+    }
+    let mut s = String::from_utf8(out).unwrap();
+    s.push_str(&sections(top));
+    s
+}
+
+fn expected() -> Vec<(PathBuf, String)> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut out = vec![(root().join("man/tope-ota.1"), man(cmd.clone(), true))];
+    for sub in cmd.get_subcommands() {
+        // clap wants 'static names here (without its `string` feature); a test can leak them.
+        let name: &'static str = Box::leak(format!("tope-ota-{}", sub.get_name()).into_boxed_str());
+        let bin: &'static str = Box::leak(format!("tope-ota {}", sub.get_name()).into_boxed_str());
+        let page = sub.clone().name(name).display_name(name).bin_name(bin);
+        out.push((root().join(format!("man/{name}.1")), man(page, false)));
+    }
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "completions/tope-ota.bash"),
+        (clap_complete::Shell::Zsh, "completions/_tope-ota"),
+        (clap_complete::Shell::Fish, "completions/tope-ota.fish"),
+    ] {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "tope-ota", &mut buf);
+        out.push((root().join(file), String::from_utf8(buf).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn man_pages_and_completions_are_fresh() {
+    let regen = std::env::var_os("TOPE_OTA_REGEN").is_some();
+    let mut stale = Vec::new();
+    for (path, want) in expected() {
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        if have == want {
+            continue;
+        }
+        if regen {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &want).unwrap();
+            continue;
+        }
+        let line = have
+            .lines()
+            .zip(want.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(have.lines().count().min(want.lines().count()));
+        stale.push(format!(
+            "{} differs at line {}:\n  committed: {:?}\n  generated: {:?}",
+            path.strip_prefix(root()).unwrap().display(),
+            line + 1,
+            have.lines().nth(line).unwrap_or(""),
+            want.lines().nth(line).unwrap_or("")
+        ));
+    }
+    assert!(
+        stale.is_empty(),
+        "stale generated files; rewrite them with\n  TOPE_OTA_REGEN=1 cargo test --features failpoints --test integration docs\n{}",
+        stale.join("\n")
+    );
+}
+
+#[test]
+fn man_pages_render_with_man() {
+    // Only where man(1) exists; the content check above runs everywhere.
+    if std::process::Command::new("man")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return;
+    }
+    for entry in std::fs::read_dir(root().join("man")).unwrap() {
+        let p = entry.unwrap().path();
+        let out = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&p)
+            .env("MANWIDTH", "80")
+            .env("MAN_KEEP_FORMATTING", "0")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {:?}", p.display(), out);
+        // Drop overstrike bold/underline ("X\x08X") that man emits without a terminal.
+        let mut text = String::new();
+        for c in String::from_utf8_lossy(&out.stdout).chars() {
+            if c == '\u{8}' {
+                text.pop();
+            } else {
+                text.push(c);
+            }
+        }
+        assert!(
+            text.contains("EXIT STATUS") && text.contains("ERROR CODES"),
+            "{}",
+            p.display()
+        );
+    }
+}
