@@ -10,4 +10,5 @@ mod serve;
 mod status;
 
 mod bench;
+mod deploy;
 mod docs;
