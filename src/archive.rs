@@ -3,7 +3,8 @@
 //! carry other entries, special files are refused, modes lose setuid/setgid/sticky, and every
 //! byte written is counted against the header's size and hard caps.
 
-use crate::error::{fail, is_disk_full, ErrorCode, OtaError};
+use crate::error::{fail, ErrorCode};
+use crate::fsutil;
 use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -76,18 +77,6 @@ impl Unpacked {
 
 fn invalid<T>(detail: String) -> Result<T> {
     fail(ErrorCode::PackageInvalid, detail)
-}
-
-fn io_err(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
-    if is_disk_full(&e) {
-        OtaError::new(
-            ErrorCode::DiskFull,
-            format!("no space left to {what} {}", path.display()),
-        )
-        .into()
-    } else {
-        anyhow::Error::from(e).context(format!("{what} {}", path.display()))
-    }
 }
 
 /// Where a symlink at `link` (relative path) pointing to `target` lands, lexically; None if it
@@ -271,7 +260,7 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
     for (i, (name, kind, size, mode)) in plan.into_iter().enumerate() {
         let to = dest.join(&name);
         if let Some(parent) = to.parent() {
-            fs::create_dir_all(parent).map_err(|e| io_err(e, "create dir", parent))?;
+            fs::create_dir_all(parent).map_err(|e| fsutil::io_error(e, "create dir", parent))?;
         }
         let mut entry = match ar.by_index(i) {
             Ok(e) => e,
@@ -279,14 +268,14 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
         };
         match kind {
             Kind::Dir => {
-                fs::create_dir_all(&to).map_err(|e| io_err(e, "create dir", &to))?;
+                fs::create_dir_all(&to).map_err(|e| fsutil::io_error(e, "create dir", &to))?;
                 let m = if mode & 0o777 != 0 {
                     mode & 0o777
                 } else {
                     0o755
                 };
                 fs::set_permissions(&to, fs::Permissions::from_mode(m | 0o700))
-                    .map_err(|e| io_err(e, "chmod", &to))?;
+                    .map_err(|e| fsutil::io_error(e, "chmod", &to))?;
                 out.dirs.insert(name);
             }
             Kind::Symlink => {
@@ -299,7 +288,8 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
                         "symlink entry {name:?} -> {target:?} points outside the package"
                     ));
                 }
-                std::os::unix::fs::symlink(&target, &to).map_err(|e| io_err(e, "symlink", &to))?;
+                std::os::unix::fs::symlink(&target, &to)
+                    .map_err(|e| fsutil::io_error(e, "symlink", &to))?;
                 out.symlinks.insert(name, target);
             }
             Kind::File => {
@@ -314,7 +304,7 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
                     .create_new(true)
                     .mode(m)
                     .open(&to)
-                    .map_err(|e| io_err(e, "create", &to))?;
+                    .map_err(|e| fsutil::io_error(e, "create", &to))?;
                 let mut written: u64 = 0;
                 loop {
                     let n = match entry.read(&mut buf) {
@@ -330,7 +320,7 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
                         ));
                     }
                     f.write_all(&buf[..n])
-                        .map_err(|e| io_err(e, "write", &to))?;
+                        .map_err(|e| fsutil::io_error(e, "write", &to))?;
                 }
                 if written != size {
                     return invalid(format!(
@@ -338,7 +328,7 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
                     ));
                 }
                 fs::set_permissions(&to, fs::Permissions::from_mode(m))
-                    .map_err(|e| io_err(e, "chmod", &to))?;
+                    .map_err(|e| fsutil::io_error(e, "chmod", &to))?;
                 out.bytes += written;
                 out.files.insert(name);
             }

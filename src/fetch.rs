@@ -675,6 +675,23 @@ fn finish(
     Ok(Outcome::Complete { md5: hex(&digest) })
 }
 
+/// MD5 of a whole file, lowercase hex.
+pub fn md5_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -66,7 +66,7 @@ fn parent_of(path: &Path) -> &Path {
 }
 
 /// An I/O error with the operation and path as context; out of space becomes `DISK_FULL`.
-fn io_error(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
+pub fn io_error(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
     if is_disk_full(&e) {
         OtaError::new(
             ErrorCode::DiskFull,

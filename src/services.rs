@@ -112,96 +112,51 @@ impl Manager {
         }
     }
 
-    fn describe(&self, action: &str, name: &str) -> String {
-        format!("`{} {action} {name}`", self.argv.join(" "))
+    /// Run `CMD action name` bounded by `bound`; any failure (non-zero exit, hang, cannot run)
+    /// becomes `code` with a detail that names the call.
+    fn checked(
+        &self,
+        action: &str,
+        name: &str,
+        bound: Duration,
+        code: ErrorCode,
+    ) -> Result<bool, OtaError> {
+        let what = format!("`{} {action} {name}`", self.argv.join(" "));
+        match self.call(action, name, bound) {
+            Ok((ok, _)) if action == "is-active" => Ok(ok),
+            Ok((true, _)) => Ok(true),
+            Ok((false, err)) => Err(OtaError::new(code, format!("{what} failed: {err}"))),
+            Err(CallError::TimedOut) => Err(OtaError::new(
+                code,
+                format!("{what} hung and was killed after {bound:?}"),
+            )),
+            Err(CallError::Spawn(e)) => Err(OtaError::new(code, format!("{what}: {e}"))),
+        }
     }
 
-    /// True when `is-active` says the unit runs.
-    pub fn is_active(&self, name: &str) -> Result<bool, OtaError> {
-        match self.call("is-active", name, self.stop_timeout) {
-            Ok((ok, _)) => Ok(ok),
-            Err(CallError::TimedOut) => Err(OtaError::new(
-                ErrorCode::ServiceStartFailed,
-                format!(
-                    "{} hung and was killed after {:?}",
-                    self.describe("is-active", name),
-                    self.stop_timeout
-                ),
-            )),
-            Err(CallError::Spawn(e)) => Err(OtaError::new(
-                ErrorCode::ServiceStartFailed,
-                format!("{}: {e}", self.describe("is-active", name)),
-            )),
-        }
+    /// True when `is-active` says the unit runs; `code` if the call itself fails.
+    fn is_active(&self, name: &str, code: ErrorCode) -> Result<bool, OtaError> {
+        self.checked("is-active", name, self.stop_timeout, code)
     }
 
     /// Stop one service and confirm it is no longer active.
     pub fn stop(&self, name: &str) -> Result<(), OtaError> {
         let code = ErrorCode::ServiceStopFailed;
-        match self.call("stop", name, self.stop_timeout) {
-            Ok((true, _)) => {}
-            Ok((false, err)) => {
-                return Err(OtaError::new(
-                    code,
-                    format!("{} failed: {err}", self.describe("stop", name)),
-                ))
-            }
-            Err(CallError::TimedOut) => {
-                return Err(OtaError::new(
-                    code,
-                    format!(
-                        "{} hung and was killed after {:?}",
-                        self.describe("stop", name),
-                        self.stop_timeout
-                    ),
-                ))
-            }
-            Err(CallError::Spawn(e)) => {
-                return Err(OtaError::new(
-                    code,
-                    format!("{}: {e}", self.describe("stop", name)),
-                ))
-            }
-        }
-        match self.is_active(name) {
-            Ok(false) => Ok(()),
-            Ok(true) => Err(OtaError::new(
+        self.checked("stop", name, self.stop_timeout, code)?;
+        match self.is_active(name, code)? {
+            false => Ok(()),
+            true => Err(OtaError::new(
                 code,
                 format!("{name} is still active after stop"),
             )),
-            Err(e) => Err(OtaError::new(code, e.detail)),
         }
     }
 
     /// Start one service and confirm it is active.
     pub fn start(&self, name: &str) -> Result<(), OtaError> {
         let code = ErrorCode::ServiceStartFailed;
-        match self.call("start", name, self.start_timeout) {
-            Ok((true, _)) => {}
-            Ok((false, err)) => {
-                return Err(OtaError::new(
-                    code,
-                    format!("{} failed: {err}", self.describe("start", name)),
-                ))
-            }
-            Err(CallError::TimedOut) => {
-                return Err(OtaError::new(
-                    code,
-                    format!(
-                        "{} hung and was killed after {:?}",
-                        self.describe("start", name),
-                        self.start_timeout
-                    ),
-                ))
-            }
-            Err(CallError::Spawn(e)) => {
-                return Err(OtaError::new(
-                    code,
-                    format!("{}: {e}", self.describe("start", name)),
-                ))
-            }
-        }
-        match self.is_active(name)? {
+        self.checked("start", name, self.start_timeout, code)?;
+        match self.is_active(name, code)? {
             true => Ok(()),
             false => Err(OtaError::new(
                 code,
@@ -241,7 +196,7 @@ impl Manager {
         }
         std::thread::sleep(self.settle);
         for s in services {
-            if !self.is_active(&s.name)? {
+            if !self.is_active(&s.name, ErrorCode::ServiceStartFailed)? {
                 return Err(OtaError::new(
                     ErrorCode::ServiceStartFailed,
                     format!(

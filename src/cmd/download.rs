@@ -10,7 +10,6 @@ use crate::signals;
 use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::{clock, validate};
 use anyhow::{Context, Result};
-use md5::{Digest, Md5};
 use serde::Deserialize;
 use std::fs::File;
 use std::io::Read;
@@ -120,22 +119,6 @@ fn discard_others(dir: &Path, keep: &str) -> Result<()> {
     Ok(())
 }
 
-fn md5_of_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut h = Md5::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(fetch::hex(&h.finalize()))
-}
-
 struct StateSink<'a> {
     op: &'a mut Operation,
     bar: &'a Bar,
@@ -223,7 +206,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         Stage::ToInstall | Stage::Downloading | Stage::Verifying
     );
     if same && settled && f.done.exists() {
-        if md5_of_file(&f.done)? == pkg.package_md5 {
+        if fetch::md5_file(&f.done)? == pkg.package_md5 {
             if op.state.stage != Stage::ToInstall {
                 fsutil::remove_file_durable(&f.part)?;
                 op.state.stage = Stage::ToInstall;

@@ -13,7 +13,6 @@ use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::{clock, failpoint, fsutil, signals, validate};
 use anyhow::{Context, Result};
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -65,23 +64,6 @@ impl Gui {
             }
         }
     }
-}
-
-fn md5_of(path: &Path) -> Result<String> {
-    use md5::{Digest, Md5};
-    let mut f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut h = Md5::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(crate::fetch::hex(&h.finalize()))
 }
 
 /// Put `from` (a file, symlink or dir of the unpacked package) at `dst` inside the snapshot
@@ -164,7 +146,7 @@ fn build(
                     ),
                 );
             }
-            let got = md5_of(&unpack.join(&md.src))?;
+            let got = crate::fetch::md5_file(&unpack.join(&md.src))?;
             if !got.eq_ignore_ascii_case(want) {
                 return fail(
                     ErrorCode::ManifestInvalid,

@@ -6,9 +6,8 @@ use crate::error::{fail, ErrorCode};
 use crate::manifest::{Manifest, Module, MANIFEST};
 use crate::{fsutil, validate};
 use anyhow::{Context, Result};
-use md5::{Digest, Md5};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use zip::write::SimpleFileOptions;
@@ -139,19 +138,8 @@ pub fn run(_g: &Global, args: &PackArgs) -> Result<Output> {
         let _ = fs::remove_file(&tmp);
     }
     written?;
-    let mut f = File::open(&args.out)?;
-    let mut h = Md5::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    let md5 = crate::fetch::hex(&h.finalize());
+    let size = fs::metadata(&args.out)?.len();
+    let md5 = crate::fetch::md5_file(&args.out)?;
     Ok(Output {
         human: format!(
             "wrote {} version {}: --size {size} --md5 {md5}\n",

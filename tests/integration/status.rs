@@ -76,11 +76,3 @@ fn usage_errors_exit_2() {
     env.run(&["frobnicate"]).expect(2);
     env.run(&["rollback", "--to"]).expect(2);
 }
-
-#[test]
-fn serve_says_it_is_not_in_this_build() {
-    let env = Env::new();
-    let run = env.run(&["serve"]);
-    run.expect(1);
-    assert!(run.stderr.contains("not in this build"), "{}", run.stderr);
-}
