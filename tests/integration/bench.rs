@@ -272,7 +272,7 @@ fn bench_serve_progress() {
     let rate: u64 = 500;
     let env = Env::new();
     let srv = crate::serve::Server::start(&env);
-    let bytes = data(64 << 20, 9);
+    let bytes = data(160 << 20, 9);
     let pkg = PkgServer::start(
         bytes.clone(),
         Behaviour {

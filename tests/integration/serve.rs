@@ -57,6 +57,11 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        for pid in self.children() {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
