@@ -123,6 +123,41 @@ echo "== tope-ota rollback (back to 1.0.0; previous becomes 1.1.0)"
 "$bin" rollback
 "$bin" status
 
+echo "== the HTTP API: tope-ota serve, driven with curl as device-api does"
+mkdir -p "$work/src-1.2.0/bin"
+printf '#!/bin/sh\necho device-api 1.2.0\n' >"$work/src-1.2.0/bin/device-api"
+chmod +x "$work/src-1.2.0/bin/device-api"
+cat >"$work/src-1.2.0/manifest.json" <<'JSON'
+{"version": "1.2.0", "modules": [
+  {"name": "device-api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1}]}
+JSON
+"$bin" pack --version 1.2.0 --out "$work/srv/tope-1.2.0.zip" "$work/src-1.2.0" >/dev/null
+api=127.0.0.1:$(free_port)
+"$bin" serve --listen "$api" >"$work/serve.log" 2>&1 &
+pids+=($!)
+wait_port "${api#*:}"
+poll() { # stage
+    for _ in $(seq 200); do
+        out=$(curl -s "http://$api/api/v1.0/progress")
+        case "$out" in *"\"stage\":\"$1\""*|*'"stage":"failed"'*) echo "$out"; return 0 ;; esac
+        sleep 0.05
+    done
+    echo "$out"
+}
+echo "\$ curl -s http://$api/api/v1.0/progress"
+curl -s "http://$api/api/v1.0/progress"; echo
+f=$work/srv/tope-1.2.0.zip
+body="{\"version\":\"1.2.0\",\"package_url\":\"http://127.0.0.1:$pkg_port/tope-1.2.0.zip\",\"package_name\":\"tope-1.2.0.zip\",\"package_size\":$(stat -c %s "$f"),\"package_md5\":\"$(md5sum "$f" | cut -d' ' -f1)\"}"
+echo "\$ curl -s -X POST http://$api/api/v1.0/download -d '$body'"
+curl -s -X POST "http://$api/api/v1.0/download" -H 'Content-Type: application/json' -d "$body"; echo
+poll toInstall
+echo "\$ curl -s -X POST http://$api/api/v1.0/update -d '{\"version\":\"9.9.9\"}'"
+curl -s -X POST "http://$api/api/v1.0/update" -d '{"version":"9.9.9"}'; echo
+echo "\$ curl -s -X POST http://$api/api/v1.0/update -d '{\"version\":\"1.2.0\"}'"
+curl -s -X POST "http://$api/api/v1.0/update" -d '{"version":"1.2.0"}'; echo
+poll success
+"$bin" status
+
 echo "== service manager calls"
 cat "$work/systemctl.log"
 echo "== callbacks received by the device-api stub (last 8)"
