@@ -109,7 +109,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__download)
-            opts="-v -q -h --version --url --name --size --md5 --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --version --url --name --size --md5 --sha256 --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -132,6 +132,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --md5)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sha256)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -48,6 +48,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l url -d 'h
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l name -d 'File name the package is stored under in downloads/' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l size -d 'Size of the package in bytes' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l md5 -d 'MD5 of the package, 32 hex digits' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l sha256 -d 'SHA-256 of the package, 64 hex digits (optional; checked beside the MD5)' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l request -d 'The API\'s JSON request body, from FILE or `-` for stdin' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l state-dir -d 'Directory of state.json, its lock and downloads/' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l versions-dir -d 'Root of the version snapshots and the current/previous/factory symlinks' -r -F

@@ -126,6 +126,9 @@ pub struct DownloadArgs {
     /// MD5 of the package, 32 hex digits
     #[arg(long, value_name = "HEX")]
     pub md5: Option<String>,
+    /// SHA-256 of the package, 64 hex digits (optional; checked beside the MD5)
+    #[arg(long, value_name = "HEX", conflicts_with = "request")]
+    pub sha256: Option<String>,
     /// The API's JSON request body, from FILE or `-` for stdin
     #[arg(long, value_name = "FILE|-", conflicts_with_all = ["version", "url", "name", "size", "md5"])]
     pub request: Option<String>,

@@ -5,6 +5,7 @@ use crate::error::{is_disk_full, ErrorCode, OtaError};
 use crate::fsutil;
 use anyhow::{Context, Result};
 use md5::{Digest, Md5};
+use sha2::Sha256;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -74,8 +75,8 @@ pub trait Sink {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// All `size` bytes are in the partial, fsynced; the MD5 of them.
-    Complete { md5: String },
+    /// All `size` bytes are in the partial, fsynced; their digests.
+    Complete(Digests),
     /// Stopped on request with this many durable bytes.
     Stopped { durable: u64 },
 }
@@ -87,6 +88,8 @@ pub struct Request<'a> {
     /// Durable bytes already in the partial (from state.json).
     pub offset: u64,
     pub validator: Option<String>,
+    /// Also compute the SHA-256.
+    pub sha256: bool,
 }
 
 enum AttemptError {
@@ -111,10 +114,47 @@ fn coded(code: ErrorCode, detail: impl Into<String>) -> AttemptError {
     AttemptError::Fatal(OtaError::new(code, detail).into())
 }
 
+/// The digests computed while streaming: MD5 always, SHA-256 when the request names one.
+#[derive(Clone, Default)]
+pub struct Hashes {
+    md5: Md5,
+    sha256: Option<Sha256>,
+}
+
+impl Hashes {
+    fn new(sha256: bool) -> Hashes {
+        Hashes {
+            md5: Md5::new(),
+            sha256: sha256.then(Sha256::new),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        self.md5.update(data);
+        if let Some(s) = self.sha256.as_mut() {
+            s.update(data);
+        }
+    }
+
+    fn finish(self) -> Digests {
+        Digests {
+            md5: hex(&self.md5.finalize()),
+            sha256: self.sha256.map(|s| hex(&s.finalize())),
+        }
+    }
+}
+
+/// Lowercase hex digests of a whole package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digests {
+    pub md5: String,
+    pub sha256: Option<String>,
+}
+
 struct Partial<'a> {
     file: File,
     path: &'a Path,
-    hasher: Md5,
+    hasher: Hashes,
     len: u64,
 }
 
@@ -124,7 +164,7 @@ impl Partial<'_> {
             .set_len(0)
             .with_context(|| format!("truncate {}", self.path.display()))?;
         self.file.seek(SeekFrom::Start(0))?;
-        self.hasher = Md5::new();
+        self.hasher = Hashes::new(self.hasher.sha256.is_some());
         self.len = 0;
         Ok(())
     }
@@ -157,7 +197,7 @@ fn write_error(path: &Path, e: io::Error) -> AttemptError {
 }
 
 /// Open the partial, keep only its durable prefix, and rebuild the hash from those bytes.
-fn open_partial<'a>(path: &'a Path, offset: u64, size: u64) -> Result<Partial<'a>> {
+fn open_partial<'a>(path: &'a Path, offset: u64, size: u64, sha256: bool) -> Result<Partial<'a>> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -172,7 +212,7 @@ fn open_partial<'a>(path: &'a Path, offset: u64, size: u64) -> Result<Partial<'a
         file.set_len(keep)
             .with_context(|| format!("truncate {}", path.display()))?;
     }
-    let mut hasher = Md5::new();
+    let mut hasher = Hashes::new(sha256);
     let mut buf = vec![0u8; BUF_SIZE];
     let mut left = keep;
     file.seek(SeekFrom::Start(0))?;
@@ -204,7 +244,7 @@ pub fn fetch(part: &Path, req: Request, tuning: &Tuning, sink: &mut dyn Sink) ->
         .user_agent(concat!("tope-ota/", env!("CARGO_PKG_VERSION")))
         .build()
         .into();
-    let mut p = open_partial(part, req.offset, req.size)?;
+    let mut p = open_partial(part, req.offset, req.size, req.sha256)?;
     let mut validator = req.validator.clone();
     let mut failures = 0u32;
     let mut delay = tuning.backoff;
@@ -671,14 +711,13 @@ fn finish(
 ) -> std::result::Result<Outcome, AttemptError> {
     p.sync()?;
     sink.checkpoint(size, validator.as_deref())?;
-    let digest = std::mem::take(&mut p.hasher).finalize();
-    Ok(Outcome::Complete { md5: hex(&digest) })
+    Ok(Outcome::Complete(std::mem::take(&mut p.hasher).finish()))
 }
 
-/// MD5 of a whole file, lowercase hex.
-pub fn md5_file(path: &Path) -> Result<String> {
+/// The digests of a whole file (SHA-256 too when asked).
+pub fn file_digests(path: &Path, sha256: bool) -> Result<Digests> {
     let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut h = Md5::new();
+    let mut h = Hashes::new(sha256);
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let n = f
@@ -689,7 +728,12 @@ pub fn md5_file(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex(&h.finalize()))
+    Ok(h.finish())
+}
+
+/// MD5 of a whole file, lowercase hex.
+pub fn md5_file(path: &Path) -> Result<String> {
+    Ok(file_digests(path, false)?.md5)
 }
 
 /// Lowercase hex of bytes.

@@ -69,6 +69,7 @@ pub struct State {
     pub package_name: Option<String>,
     pub package_size: Option<u64>,
     pub package_md5: Option<String>,
+    pub package_sha256: Option<String>,
     /// Bytes of the partial that are known durable (fsynced before this was written).
     pub bytes_downloaded: u64,
     /// ETag or Last-Modified of the first response, sent back as `If-Range` when resuming.

@@ -64,6 +64,17 @@ pub fn md5(m: &str) -> Result<String> {
     Ok(m.to_ascii_lowercase())
 }
 
+/// 64 hex digits; returned lowercase.
+pub fn sha256(m: &str) -> Result<String> {
+    if m.len() != 64 || !m.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!("package_sha256 {m:?} must be 64 hex digits"),
+        );
+    }
+    Ok(m.to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

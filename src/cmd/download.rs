@@ -24,6 +24,9 @@ pub struct Package {
     pub package_name: String,
     pub package_size: u64,
     pub package_md5: String,
+    /// Optional: checked beside the MD5 when given (old requests omit it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_sha256: Option<String>,
 }
 
 impl Package {
@@ -42,6 +45,7 @@ impl Package {
                 package_name: args.name.clone().unwrap_or_default(),
                 package_size: args.size.unwrap_or(0),
                 package_md5: args.md5.clone().unwrap_or_default(),
+                package_sha256: args.sha256.clone(),
             },
         };
         pkg.validated()
@@ -56,6 +60,9 @@ impl Package {
             return fail(ErrorCode::InvalidRequest, "package_size must be > 0");
         }
         self.package_md5 = validate::md5(&self.package_md5)?;
+        if let Some(sha) = &self.package_sha256 {
+            self.package_sha256 = Some(validate::sha256(sha)?);
+        }
         Ok(self)
     }
 }
@@ -197,7 +204,8 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         && s.package_url.as_deref() == Some(&pkg.package_url)
         && s.package_md5.as_deref() == Some(&pkg.package_md5)
         && s.package_name.as_deref() == Some(&pkg.package_name)
-        && s.package_size == Some(pkg.package_size);
+        && s.package_size == Some(pkg.package_size)
+        && s.package_sha256 == pkg.package_sha256;
 
     // The same package already renamed into place (verified, or a crash came between the rename
     // and the state write): check it is still whole and keep it.
@@ -206,7 +214,8 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         Stage::ToInstall | Stage::Downloading | Stage::Verifying
     );
     if same && settled && f.done.exists() {
-        if fetch::md5_file(&f.done)? == pkg.package_md5 {
+        let d = fetch::file_digests(&f.done, pkg.package_sha256.is_some())?;
+        if d.md5 == pkg.package_md5 && d.sha256 == pkg.package_sha256 {
             if op.state.stage != Stage::ToInstall {
                 fsutil::remove_file_durable(&f.part)?;
                 op.state.stage = Stage::ToInstall;
@@ -255,6 +264,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     st.package_name = Some(pkg.package_name.clone());
     st.package_size = Some(pkg.package_size);
     st.package_md5 = Some(pkg.package_md5.clone());
+    st.package_sha256 = pkg.package_sha256.clone();
     st.bytes_downloaded = offset;
     st.resume_validator = validator.clone();
     st.progress = fetch::percent(offset, pkg.package_size);
@@ -306,6 +316,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         size: pkg.package_size,
         offset,
         validator,
+        sha256: pkg.package_sha256.is_some(),
     };
     let fetched = {
         let mut sink = StateSink {
@@ -316,8 +327,8 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         fetch::fetch(&f.part, req, &Tuning::from_env(), &mut sink)
     };
     bar.finish();
-    let md5 = match fetched {
-        Ok(Outcome::Complete { md5 }) => md5,
+    let digests = match fetched {
+        Ok(Outcome::Complete(d)) => d,
         Ok(Outcome::Stopped { durable }) => {
             let sig = signals::stop_requested().unwrap_or(libc::SIGTERM);
             op.state.message = format!(
@@ -351,18 +362,32 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     };
 
     op.state.stage = Stage::Verifying;
-    op.state.message = "Verifying size and MD5".into();
+    op.state.message = if pkg.package_sha256.is_some() {
+        "Verifying size, MD5 and SHA-256".into()
+    } else {
+        "Verifying size and MD5".into()
+    };
     op.commit()?;
-    if md5 != pkg.package_md5 {
+    let sha_bad = match (&pkg.package_sha256, &digests.sha256) {
+        (Some(want), Some(got)) => (want != got).then(|| (want.clone(), got.clone())),
+        _ => None,
+    };
+    let mismatch = if digests.md5 != pkg.package_md5 {
+        Some((
+            ErrorCode::Md5Mismatch,
+            pkg.package_md5.clone(),
+            digests.md5.clone(),
+        ))
+    } else {
+        sha_bad.map(|(want, got)| (ErrorCode::Sha256Mismatch, want, got))
+    };
+    if let Some((code, want, got)) = mismatch {
         fsutil::remove_file_durable(&f.part)?;
         op.state.bytes_downloaded = 0;
         op.state.resume_validator = None;
         let err = OtaError::new(
-            ErrorCode::Md5Mismatch,
-            format!(
-                "expected {}, got {md5}; the file was deleted",
-                pkg.package_md5
-            ),
+            code,
+            format!("expected {want}, got {got}; the file was deleted"),
         );
         op.fail(&err)?;
         return Err(err.into());
@@ -375,7 +400,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     op.state.verified_at = Some(clock::now_rfc3339());
     op.state.message = format!("Package {} verified; ready to install", pkg.version);
     op.commit()?;
-    log::info!("{} verified (md5 {md5})", f.done.display());
+    log::info!("{} verified (md5 {})", f.done.display(), digests.md5);
     output(
         op,
         format!(

@@ -40,6 +40,7 @@ fn package_of(op: &Operation) -> Option<Package> {
         package_name: s.package_name.clone()?,
         package_size: s.package_size?,
         package_md5: s.package_md5.clone()?,
+        package_sha256: s.package_sha256.clone(),
     }
     .validated()
     .ok()

@@ -1012,3 +1012,76 @@ fn a_changed_file_behind_a_server_ignoring_if_range_restarts_cleanly() {
         .collect();
     assert_eq!(statuses, vec![(200, false), (206, true), (200, false)]);
 }
+
+// ---------------------------------------------------------------- SHA-256 (issue 8)
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+#[test]
+fn sha256_good_bad_and_resumed() {
+    let p = pkg(2 * MIB, 50);
+    let good = sha256_hex(&p.bytes);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+
+    let env = Env::new();
+    let mut a = args(&url, &p, &size);
+    a.extend(["--sha256", &good]);
+    env.run(&a).expect(0);
+    assert_installed_package(&env, &p);
+    assert_eq!(env.state()["package_sha256"], good);
+
+    let env = Env::new();
+    let bad = "ab".repeat(32);
+    let mut a = args(&url, &p, &size);
+    a.extend(["--sha256", &bad]);
+    let run = env.run(&a);
+    let s = assert_failed(&env, &run, "SHA256_MISMATCH");
+    assert!(s["message"].as_str().unwrap().contains(&good), "{s:#}");
+    assert!(env.download_files().is_empty(), "the bad file is deleted");
+
+    // Through --request, and resumed: the SHA-256 is rebuilt from the bytes on disk.
+    let mut env = Env::new();
+    let drop_srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(MIB as u64 + 77),
+            ..Behaviour::default()
+        },
+    );
+    env.set("TOPE_OTA_RETRIES", "0");
+    let body = serde_json::json!({"version": "1.2.0", "package_url": drop_srv.url("pkg.zip"), "package_name": "pkg.zip",
+        "package_size": p.bytes.len(), "package_md5": p.md5, "package_sha256": good.to_uppercase()});
+    let run = env.run_stdin(&["download", "--request", "-"], body.to_string().as_bytes());
+    assert_failed(&env, &run, "DOWNLOAD_FAILED");
+    env.vars.remove("TOPE_OTA_RETRIES");
+    env.run_stdin(&["download", "--request", "-"], body.to_string().as_bytes())
+        .expect(0);
+    assert_installed_package(&env, &p);
+    assert!(drop_srv.requests()[1].range().is_some());
+
+    let run = Env::new().run(&[
+        "download",
+        "--version",
+        "1",
+        "--url",
+        &url,
+        "--name",
+        "p",
+        "--size",
+        "5",
+        "--md5",
+        &p.md5,
+        "--sha256",
+        "abc",
+    ]);
+    run.expect(2);
+    assert!(run.stderr.contains("INVALID_REQUEST"), "{}", run.stderr);
+}
