@@ -339,7 +339,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__install)
-            opts="-v -q -h --version --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --version --allow-downgrade --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

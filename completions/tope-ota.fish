@@ -67,6 +67,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l report-url
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l allow-downgrade -d 'Install even if the version is lower than the current one'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -s q -l quiet -d 'Only errors on stderr, no progress bar'

@@ -139,6 +139,9 @@ pub struct InstallArgs {
     /// Version to install; must be the downloaded one
     #[arg(long, value_name = "V")]
     pub version: Option<String>,
+    /// Install even if the version is lower than the current one
+    #[arg(long, env = "TOPE_OTA_ALLOW_DOWNGRADE")]
+    pub allow_downgrade: bool,
 }
 
 #[derive(Debug, Clone, Args)]

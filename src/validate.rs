@@ -75,9 +75,59 @@ pub fn sha256(m: &str) -> Result<String> {
     Ok(m.to_ascii_lowercase())
 }
 
+/// Order versions: the leading dotted numeric parts as numbers (missing parts are 0), then
+/// the rest as text. `1.10.0 > 1.9.2`, `2 == 2.0`, `1.2.0-rc1 > 1.2.0` (text after equal numbers).
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    fn split(v: &str) -> (Vec<u64>, &str) {
+        let mut nums = Vec::new();
+        let mut rest = v;
+        loop {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                break;
+            }
+            nums.push(rest[..digits].parse().unwrap_or(u64::MAX));
+            rest = &rest[digits..];
+            match rest.strip_prefix('.') {
+                Some(r) if r.starts_with(|c: char| c.is_ascii_digit()) => rest = r,
+                _ => break,
+            }
+        }
+        (nums, rest)
+    }
+    let (na, ra) = split(a);
+    let (nb, rb) = split(b);
+    for i in 0..na.len().max(nb.len()) {
+        let (x, y) = (
+            na.get(i).copied().unwrap_or(0),
+            nb.get(i).copied().unwrap_or(0),
+        );
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    ra.cmp(rb)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_order() {
+        use std::cmp::Ordering::*;
+        for (a, b, o) in [
+            ("1.10.0", "1.9.2", Greater),
+            ("2", "2.0", Equal),
+            ("1.2.0", "1.2.1", Less),
+            ("1.2.0-rc1", "1.2.0", Greater),
+            ("10", "9.99", Greater),
+            ("1.0.0", "1.0.0", Equal),
+            ("abc", "abd", Less),
+        ] {
+            assert_eq!(compare_versions(a, b), o, "{a} vs {b}");
+        }
+    }
 
     #[test]
     fn versions() {

@@ -238,6 +238,16 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
             );
         }
     }
+    if !args.allow_downgrade {
+        if let Some(cur) = Links::read(&g.versions_dir).current {
+            if validate::compare_versions(&version, &cur) == std::cmp::Ordering::Less {
+                return fail(
+                    ErrorCode::DowngradeRefused,
+                    format!("{version} is lower than the current {cur}; use rollback, or --allow-downgrade"),
+                );
+            }
+        }
+    }
     let pkg = g.state_dir.join(DOWNLOADS_DIR).join(&name);
     if !pkg.is_file() {
         let err = OtaError::new(

@@ -278,6 +278,9 @@ async fn post_download(ctx: &Ctx, req: Request<Incoming>) -> Resp {
 #[serde(deny_unknown_fields)]
 struct UpdateRequest {
     version: String,
+    /// Optional: install even if lower than the current version.
+    #[serde(default)]
+    allow_downgrade: bool,
 }
 
 async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
@@ -319,7 +322,28 @@ async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
         .as_deref()
         .and_then(clock::parse_rfc3339)
         .is_none_or(|t| clock::now_unix() - t > PACKAGE_TTL_SECS);
-    let started = start_child(ctx, &["install", "--version", &upd.version], None).await;
+    // The same falsey words clap accepts for the flag's variable.
+    let env_allows = std::env::var("TOPE_OTA_ALLOW_DOWNGRADE").is_ok_and(|v| {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "" | "0" | "false" | "no" | "off" | "n" | "f"
+        )
+    });
+    if !upd.allow_downgrade && !env_allows {
+        if let Some(cur) = crate::snapshot::Links::read(&ctx.global.versions_dir).current {
+            if validate::compare_versions(&upd.version, &cur) == std::cmp::Ordering::Less {
+                return coded(&OtaError::new(
+                    ErrorCode::DowngradeRefused,
+                    format!("{} is lower than the current {cur}", upd.version),
+                ));
+            }
+        }
+    }
+    let mut args = vec!["install", "--version", upd.version.as_str()];
+    if upd.allow_downgrade {
+        args.push("--allow-downgrade");
+    }
+    let started = start_child(ctx, &args, None).await;
     match (started, expired) {
         // The child records the expiry and deletes the package.
         (Ok(()), true) => coded(&OtaError::new(

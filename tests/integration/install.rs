@@ -910,3 +910,34 @@ fn pack_builds_a_manifest_from_the_directory() {
         .collect();
     assert_eq!(dsts, ["README", "bin"]);
 }
+
+#[test]
+fn downgrade_is_refused_unless_allowed() {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    let old = d.pack(
+        "1.5.0",
+        &[("bin/device-api", b"#!/bin/sh\necho api 1.5\n", 0o755)],
+        &json!({"version": "1.5.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api"}]}),
+    );
+    d.download("1.5.0", old).expect(0);
+    let run = d.install();
+    run.expect(1);
+    assert!(
+        run.stderr
+            .contains("error: DOWNGRADE_REFUSED: 1.5.0 is lower than the current 2.0.0"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        d.env.state()["stage"],
+        "toInstall",
+        "refused by policy: the package waits"
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    d.env.run(&["install", "--allow-downgrade"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
+    assert_eq!(d.link("previous").as_deref(), Some("v2.0.0"));
+}

@@ -554,3 +554,41 @@ fn sigterm_stops_accepting_and_lets_the_worker_finish() {
     let s = env.state();
     assert_eq!(s["stage"], "toInstall", "the worker finished: {s}");
 }
+
+#[test]
+fn update_refuses_a_downgrade_unless_the_request_allows_it() {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    let old = d.pack(
+        "1.5.0",
+        &[("bin/device-api", b"#!/bin/sh\necho api 1.5\n", 0o755)],
+        &json!({"version": "1.5.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api"}]}),
+    );
+    d.download("1.5.0", old).expect(0);
+    let srv = Server::start(&d.env);
+    let (st, v) = call(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        Some(r#"{"version":"1.5.0"}"#),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("DOWNGRADE_REFUSED: "),
+        "{v}"
+    );
+    let (st, _) = call(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        Some(r#"{"version":"1.5.0","allow_downgrade":true}"#),
+    );
+    assert_eq!(st, 200);
+    wait_progress(&srv.addr, 30, "success", |p| p["stage"] == "success");
+    assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
+}
