@@ -96,6 +96,22 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     Some(days_from_civil(y, mo as u32, d as u32) * 86_400 + h * 3600 + mi * 60 + se - offset)
 }
 
+/// Bytes in decimal units with one decimal: `47.2 MB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
 /// A human duration like `3m 05s`.
 pub fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
@@ -119,6 +135,14 @@ mod tests {
         }
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(47_200_000), "47.2 MB");
+        assert_eq!(human_bytes(104_857_600), "104.9 MB");
+        assert_eq!(human_duration(Duration::from_secs(27)), "27s");
     }
 
     #[test]

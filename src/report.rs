@@ -33,6 +33,11 @@ pub struct PayloadData {
     pub message: String,
     pub error: Option<ErrorCode>,
     pub version: Option<String>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub speed_bps: u64,
+    pub eta_s: Option<u64>,
+    pub step: Option<String>,
 }
 
 impl Payload {
@@ -50,6 +55,11 @@ impl Payload {
                 message: s.message.clone(),
                 error: s.error,
                 version: s.version.clone(),
+                bytes_done: s.bytes_done,
+                bytes_total: s.bytes_total,
+                speed_bps: s.speed_bps,
+                eta_s: s.eta_s,
+                step: s.step.clone(),
             },
         }
     }

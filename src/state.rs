@@ -72,6 +72,12 @@ pub struct State {
     pub package_sha256: Option<String>,
     /// Bytes of the partial that are known durable (fsynced before this was written).
     pub bytes_downloaded: u64,
+    /// Rich progress of the running step: bytes done of bytes total, the rate this run has
+    /// reached, and the seconds it has left at that rate.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub speed_bps: u64,
+    pub eta_s: Option<u64>,
     /// ETag or Last-Modified of the first response, sent back as `If-Range` when resuming.
     pub resume_validator: Option<String>,
     pub verified_at: Option<String>,
@@ -98,6 +104,12 @@ pub struct ProgressData {
     pub progress: u8,
     pub message: String,
     pub error: Option<ErrorCode>,
+    // Additions to the old API's four fields; old clients ignore them.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub speed_bps: u64,
+    pub eta_s: Option<u64>,
+    pub step: Option<String>,
 }
 
 impl State {
@@ -107,6 +119,11 @@ impl State {
             progress: self.progress,
             message: self.message.clone(),
             error: self.error,
+            bytes_done: self.bytes_done,
+            bytes_total: self.bytes_total,
+            speed_bps: self.speed_bps,
+            eta_s: self.eta_s,
+            step: self.step.clone(),
         }
     }
 

@@ -130,6 +130,33 @@ struct StateSink<'a> {
     op: &'a mut Operation,
     bar: &'a Bar,
     size: u64,
+    /// Where this run started and when, for the rate and the time left.
+    start: (u64, std::time::Instant),
+}
+
+impl StateSink<'_> {
+    /// `Downloading 47.2 MB / 104.9 MB at 2.1 MB/s, 27 s left`, and the figures behind it.
+    fn figures(&self, done: u64) -> (u64, Option<u64>, String) {
+        let secs = self.start.1.elapsed().as_secs_f64();
+        let speed = if secs > 0.05 {
+            (done.saturating_sub(self.start.0) as f64 / secs) as u64
+        } else {
+            0
+        };
+        let eta = (speed > 0).then(|| (self.size - done.min(self.size)).div_ceil(speed));
+        let mut msg = format!(
+            "Downloading {} / {}",
+            clock::human_bytes(done),
+            clock::human_bytes(self.size)
+        );
+        if speed > 0 {
+            msg.push_str(&format!(" at {}/s", clock::human_bytes(speed)));
+        }
+        if let Some(e) = eta {
+            msg.push_str(&format!(", {e} s left"));
+        }
+        (speed, eta, msg)
+    }
 }
 
 impl Sink for StateSink<'_> {
@@ -138,7 +165,13 @@ impl Sink for StateSink<'_> {
         s.bytes_downloaded = durable;
         s.resume_validator = validator.map(str::to_string);
         s.progress = fetch::percent(durable, self.size);
-        s.message = format!("Downloading: {durable} of {} bytes", self.size);
+        let (speed, eta, msg) = self.figures(durable);
+        let s = &mut self.op.state;
+        s.bytes_done = durable;
+        s.bytes_total = self.size;
+        s.speed_bps = speed;
+        s.eta_s = eta;
+        s.message = msg;
         self.op.commit()
     }
 
@@ -270,11 +303,20 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     st.progress = fetch::percent(offset, pkg.package_size);
     st.verified_at = None;
     st.step = None;
-    st.message = if offset > 0 {
-        format!("Resuming at {offset} of {} bytes", pkg.package_size)
-    } else {
-        format!("Downloading: 0 of {} bytes", pkg.package_size)
-    };
+    st.bytes_done = offset;
+    st.bytes_total = pkg.package_size;
+    st.speed_bps = 0;
+    st.eta_s = None;
+    st.message = format!(
+        "{} {} / {}",
+        if offset > 0 {
+            "Resuming at"
+        } else {
+            "Downloading"
+        },
+        clock::human_bytes(offset),
+        clock::human_bytes(pkg.package_size)
+    );
 
     // The state names the new package before any file of the old one goes.
     op.commit()?;
@@ -323,6 +365,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
             op,
             bar: &bar,
             size: pkg.package_size,
+            start: (offset, std::time::Instant::now()),
         };
         fetch::fetch(&f.part, req, &Tuning::from_env(), &mut sink)
     };

@@ -280,6 +280,10 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
     op.state.stage = Stage::Installing;
     op.state.error = None;
     op.state.rollback = None;
+    op.state.bytes_done = 0;
+    op.state.bytes_total = 0;
+    op.state.speed_bps = 0;
+    op.state.eta_s = None;
     op.state.previous_version = old.clone();
     op.state.previous_before = links.previous.clone();
     op.state.services = Vec::new();

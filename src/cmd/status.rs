@@ -3,7 +3,7 @@
 use super::Output;
 use crate::cli::Global;
 use crate::snapshot;
-use crate::state::{self, ProgressData, ReadOutcome, Stage};
+use crate::state::{self, ProgressData, ReadOutcome};
 use anyhow::Result;
 use std::fmt::Write;
 
@@ -12,12 +12,11 @@ pub fn progress_data(g: &Global) -> Result<ProgressData> {
     Ok(match state::read(&g.state_dir)? {
         ReadOutcome::Ok(s) => s.progress_data(),
         ReadOutcome::Missing => state::State::default().progress_data(),
-        ReadOutcome::Corrupt(why) => ProgressData {
-            stage: Stage::Idle,
-            progress: 0,
+        ReadOutcome::Corrupt(why) => state::State {
             message: format!("state.json is unreadable ({why}); the next writer resets it"),
-            error: None,
-        },
+            ..Default::default()
+        }
+        .progress_data(),
     })
 }
 

@@ -738,7 +738,18 @@ fn callbacks_follow_stages_and_five_point_steps() {
         assert_eq!(keys(b), ["code", "data", "msg"]);
         assert_eq!(
             keys(&b["data"]),
-            ["error", "message", "progress", "stage", "version"]
+            [
+                "bytes_done",
+                "bytes_total",
+                "error",
+                "eta_s",
+                "message",
+                "progress",
+                "speed_bps",
+                "stage",
+                "step",
+                "version"
+            ]
         );
         assert_eq!(b["code"], 200);
         assert_eq!(b["msg"], "success");
@@ -1084,4 +1095,53 @@ fn sha256_good_bad_and_resumed() {
     ]);
     run.expect(2);
     assert!(run.stderr.contains("INVALID_REQUEST"), "{}", run.stderr);
+}
+
+#[test]
+fn rich_progress_fields_are_present_and_monotone() {
+    let env = Env::new();
+    let p = pkg(4 * MIB, 51);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            throttle: Some((128 * 1024, Duration::from_millis(25))),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let child = env.spawn(&args(&url, &p, &size));
+    let mut seen: Vec<Value> = Vec::new();
+    loop {
+        let j = env.run(&["--json", "status"]).json();
+        let done = j["stage"] == "toInstall";
+        if j["stage"] == "downloading" {
+            seen.push(j);
+        }
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    Run::from(child.wait_with_output().unwrap()).expect(0);
+    assert!(seen.len() >= 5, "{}", seen.len());
+    let bytes: Vec<u64> = seen
+        .iter()
+        .map(|j| j["bytes_done"].as_u64().unwrap())
+        .collect();
+    assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "{bytes:?}");
+    for j in &seen {
+        assert_eq!(j["bytes_total"], p.bytes.len() as u64);
+    }
+    let mid = seen
+        .iter()
+        .find(|j| j["speed_bps"].as_u64() > Some(0))
+        .expect("a speed");
+    assert!(mid["eta_s"].as_u64().is_some(), "{mid}");
+    let msg = mid["message"].as_str().unwrap();
+    let re = regex::Regex::new(
+        r"^Downloading \d+\.\d (kB|MB) / 4\.2 MB at \d+\.\d (kB|MB)/s, \d+ s left$",
+    )
+    .unwrap();
+    assert!(re.is_match(msg), "{msg}");
 }

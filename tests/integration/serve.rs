@@ -131,7 +131,8 @@ fn progress_answers_in_the_envelope() {
     assert_eq!(status, 200);
     assert_eq!(
         v,
-        json!({"code": 200, "msg": "success", "data": {"stage": "idle", "progress": 0, "message": "", "error": null}})
+        json!({"code": 200, "msg": "success", "data": {"stage": "idle", "progress": 0, "message": "", "error": null,
+            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null}})
     );
 }
 

@@ -12,7 +12,8 @@ fn status_of_a_fresh_device_is_idle() {
     let j = env.run(&["--json", "status"]).json();
     assert_eq!(
         j,
-        serde_json::json!({"stage": "idle", "progress": 0, "message": "", "error": null})
+        serde_json::json!({"stage": "idle", "progress": 0, "message": "", "error": null,
+            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null})
     );
     assert!(!env.state_dir.exists(), "status writes nothing");
 }
@@ -51,7 +52,8 @@ fn status_shows_state_and_versions() {
     let j = env.run(&["--json", "status"]).json();
     assert_eq!(
         j,
-        serde_json::json!({"stage": "failed", "progress": 40, "message": "expected a, got b", "error": "MD5_MISMATCH"})
+        serde_json::json!({"stage": "failed", "progress": 40, "message": "expected a, got b", "error": "MD5_MISMATCH",
+            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null})
     );
 }
 
