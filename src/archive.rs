@@ -48,6 +48,9 @@ impl Limits {
     }
 }
 
+/// Free space kept beyond the unpacked size, plus 1 % of it.
+pub const SPACE_MARGIN: u64 = 2 << 20;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     File,
@@ -227,11 +230,14 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
             limits.max_total
         ));
     }
-    if total > free {
+    // The snapshot's other files are hard links and cost nothing; the unpacked bytes, the
+    // directories and the state writes need room, and a full disk must not stop the services.
+    let margin = SPACE_MARGIN + total / 100;
+    if total.saturating_add(margin) > free {
         return fail(
             ErrorCode::DiskFull,
             format!(
-                "the package unpacks to {total} bytes, {free} are free in {}",
+                "the package unpacks to {total} bytes (+{margin} margin), {free} are free in {}",
                 dest.display()
             ),
         );
