@@ -71,7 +71,7 @@ _tope__ota() {
 
     case "${cmd}" in
         tope__ota)
-            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help --version download install status rollback heal serve pack help"
+            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help --version download install status rollback heal serve pack help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -101,6 +101,14 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -109,7 +117,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__download)
-            opts="-v -q -h --version --url --name --size --md5 --sha256 --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --version --url --name --size --md5 --sha256 --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -167,6 +175,14 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -175,7 +191,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__heal)
-            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -202,6 +218,14 @@ _tope__ota() {
                     return 0
                     ;;
                 --gui)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -339,13 +363,17 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__install)
-            opts="-v -q -h --version --allow-downgrade --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --version --allow-downgrade --wait --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --version)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -373,6 +401,14 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -381,7 +417,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__pack)
-            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -423,6 +459,14 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -431,12 +475,16 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__rollback)
-            opts="-v -q -h --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --wait --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --to)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -465,6 +513,14 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -473,7 +529,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__serve)
-            opts="-v -q -h --listen --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --listen --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -507,6 +563,14 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -515,7 +579,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__status)
-            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --json --verbose --quiet --help"
+            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -542,6 +606,14 @@ _tope__ota() {
                     return 0
                     ;;
                 --gui)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

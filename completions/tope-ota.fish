@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_tope_ota_global_optspecs
-    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= json v/verbose q/quiet h/help V/version
+    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= inhibit-dir= inhibit-cmd= json v/verbose q/quiet h/help V/version
 end
 
 function __fish_tope_ota_needs_command
@@ -30,6 +30,8 @@ complete -c tope-ota -n "__fish_tope_ota_needs_command" -l report-url -d 'Where 
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -56,17 +58,22 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l report-ur
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s q -l quiet -d 'Only errors on stderr, no progress bar'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s h -l help -d 'Print help'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l version -d 'Version to install; must be the downloaded one' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l wait -d 'Wait up to SECS for inhibitors (print jobs) to clear instead of refusing at once' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l state-dir -d 'Directory of state.json, its lock and downloads/' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l versions-dir -d 'Root of the version snapshots and the current/previous/factory symlinks' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l report-url -d 'Where progress callbacks are POSTed; an empty string disables them' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l allow-downgrade -d 'Install even if the version is lower than the current one'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -78,10 +85,13 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l report-url 
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s q -l quiet -d 'Only errors on stderr, no progress bar'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s h -l help -d 'Print help'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l wait -d 'Wait up to SECS for inhibitors (print jobs) to clear instead of refusing at once' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l to -d 'previous, factory or a version' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l state-dir -d 'Directory of state.json, its lock and downloads/' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l versions-dir -d 'Root of the version snapshots and the current/previous/factory symlinks' -r -F
@@ -89,6 +99,8 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l report-ur
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -99,6 +111,9 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l report-url -d
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l auto-install -d 'Also install a pending package once no print job inhibits it'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -110,6 +125,8 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l report-url -
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -123,6 +140,8 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l report-url -d
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s q -l quiet -d 'Only errors on stderr, no progress bar'

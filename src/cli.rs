@@ -77,6 +77,21 @@ pub struct Global {
     )]
     pub gui: PathBuf,
 
+    /// Directory where the printer's software drops a file while it prints: install and
+    /// rollback wait until it is empty
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_INHIBIT_DIR",
+        value_name = "DIR",
+        default_value = "/run/tope-ota/inhibit.d"
+    )]
+    pub inhibit_dir: PathBuf,
+
+    /// Command whose non-zero exit also inhibits install and rollback
+    #[arg(long, global = true, env = "TOPE_OTA_INHIBIT_CMD", value_name = "CMD")]
+    pub inhibit_cmd: Option<String>,
+
     /// Print one JSON object on stdout instead of human text
     #[arg(long, global = true)]
     pub json: bool,
@@ -101,7 +116,7 @@ pub enum Command {
     /// Switch back to the previous, the factory or a named version
     Rollback(RollbackArgs),
     /// Finish or undo whatever an interruption left (run at boot and by a timer)
-    Heal,
+    Heal(HealArgs),
     /// Serve the HTTP API of device-api on loopback
     Serve(ServeArgs),
     /// Build an update package (ZIP with manifest.json) from a directory
@@ -142,10 +157,23 @@ pub struct InstallArgs {
     /// Install even if the version is lower than the current one
     #[arg(long, env = "TOPE_OTA_ALLOW_DOWNGRADE")]
     pub allow_downgrade: bool,
+    /// Wait up to SECS for inhibitors (print jobs) to clear instead of refusing at once
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub wait: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealArgs {
+    /// Also install a pending package once no print job inhibits it
+    #[arg(long, env = "TOPE_OTA_AUTO_INSTALL")]
+    pub auto_install: bool,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct RollbackArgs {
+    /// Wait up to SECS for inhibitors (print jobs) to clear instead of refusing at once
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub wait: u64,
     /// previous, factory or a version
     #[arg(
         long,

@@ -15,6 +15,9 @@ pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code when another writer holds the lock (`BUSY`); sysexits' EX_TEMPFAIL.
 pub const EXIT_BUSY: i32 = 75;
+/// Exit code when a print job inhibits install or rollback (sysexits' EX_UNAVAILABLE): the
+/// package waits, nothing failed.
+pub const EXIT_INHIBITED: i32 = 69;
 /// Exit code of a command stopped by SIGINT (128 + 2); the operation can be resumed.
 pub const EXIT_SIGINT: i32 = 130;
 /// Exit code of a command stopped by SIGTERM (128 + 15); the operation can be resumed.
@@ -69,7 +72,7 @@ codes! {
     Internal => "INTERNAL", 500, EXIT_FAILED;
     Sha256Mismatch => "SHA256_MISMATCH", 500, EXIT_FAILED;
     SignatureInvalid => "SIGNATURE_INVALID", 500, EXIT_FAILED;
-    Inhibited => "INHIBITED", 409, EXIT_FAILED;
+    Inhibited => "INHIBITED", 409, EXIT_INHIBITED;
     DowngradeRefused => "DOWNGRADE_REFUSED", 400, EXIT_FAILED;
 }
 

@@ -21,6 +21,7 @@
 //! - [`logging`]: journal or stderr logging with version and stage on every record.
 //! - [`signals`]: SIGTERM/SIGINT as a flag polled at safe points.
 //! - [`clock`]: RFC 3339 timestamps.
+//! - [`inhibit`]: print-job inhibitors checked before install and rollback switch software.
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 
 pub mod archive;
@@ -31,6 +32,7 @@ pub mod error;
 pub mod failpoint;
 pub mod fetch;
 pub mod fsutil;
+pub mod inhibit;
 pub mod lock;
 pub mod logging;
 pub mod manifest;

@@ -5,18 +5,18 @@ use super::download::{self, Package};
 use super::install::{finish_forward, PACKAGE_TTL_SECS};
 use super::rollback::{auto_rollback, Level};
 use super::{Operation, Output};
-use crate::cli::Global;
+use crate::cli::{Global, HealArgs, InstallArgs};
 use crate::error::{ErrorCode, OtaError};
 use crate::services::Manager;
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR};
-use crate::{clock, fsutil};
+use crate::{clock, fsutil, inhibit};
 use anyhow::Result;
 use std::fs;
 
-pub fn run(g: &Global) -> Result<Output> {
+pub fn run(g: &Global, args: &HealArgs) -> Result<Output> {
     let mut op = Operation::begin(g)?;
-    let result = heal(g, &mut op);
+    let result = heal(g, args, &mut op);
     op.finish();
     result
 }
@@ -87,7 +87,7 @@ fn back_to_pending(g: &Global, op: &mut Operation, why: &str) -> Result<()> {
     op.commit()
 }
 
-fn heal(g: &Global, op: &mut Operation) -> Result<Output> {
+fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
     let mut did = Vec::new();
     if op.recovered {
         did.push("state.json did not parse; moved aside and reset to idle".to_string());
@@ -142,6 +142,20 @@ fn heal(g: &Global, op: &mut Operation) -> Result<Output> {
                 );
                 op.fail(&err)?;
                 did.push("expired a package older than 24 h".into());
+            } else if args.auto_install {
+                match inhibit::active(g) {
+                    Some(why) => did.push(format!("the pending install waits: INHIBITED: {why}")),
+                    None => {
+                        let v = op.state.version.clone().unwrap_or_default();
+                        did.push(format!("installing the pending package {v}"));
+                        let install_args = InstallArgs {
+                            version: None,
+                            allow_downgrade: false,
+                            wait: 0,
+                        };
+                        result = super::install::install(g, &install_args, op).map(|_| ());
+                    }
+                }
             }
         }
         Stage::Installing => {

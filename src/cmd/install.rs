@@ -10,7 +10,7 @@ use crate::manifest::{Manifest, MANIFEST};
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR};
-use crate::{clock, failpoint, fsutil, signals, validate};
+use crate::{clock, failpoint, fsutil, inhibit, signals, validate};
 use anyhow::{Context, Result};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -218,7 +218,8 @@ fn set_step(op: &mut Operation, step: &str, progress: u8, message: String) -> Re
     op.commit()
 }
 
-fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output> {
+/// The install under a writer's lock; heal --auto-install calls it too.
+pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output> {
     let s = &op.state;
     if s.stage != Stage::ToInstall {
         return fail(
@@ -270,6 +271,12 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
         );
         op.fail(&err)?;
         return Err(err.into());
+    }
+
+    if let Err(e) = inhibit::check(g, Duration::from_secs(args.wait)) {
+        op.state.message = format!("{}; the package waits", e.message());
+        op.commit()?;
+        return Err(e.into());
     }
 
     let root = g.versions_dir.clone();
@@ -328,6 +335,16 @@ fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output>
     let svc: Vec<Service> = services::start_order(manifest.services());
     op.state.services = svc.clone();
     set_step(op, "stop", 50, format!("Stopping {} service(s)", svc.len()))?;
+    // A print may have started while we unpacked: look again before stopping anything.
+    if let Err(e) = inhibit::check(g, Duration::ZERO) {
+        fsutil::remove_tree_durable(&target)?;
+        op.state.stage = Stage::ToInstall;
+        op.state.step = None;
+        op.state.progress = 100;
+        op.state.message = format!("{}; the package waits", e.message());
+        op.commit()?;
+        return Err(e.into());
+    }
     if signals::stop_requested().is_some() {
         // Nothing has changed for the running software yet: give the package back.
         fsutil::remove_tree_durable(&target)?;

@@ -36,7 +36,7 @@ pub fn run(cli: &Cli) -> Result<Output> {
         Command::Status => status::run(&cli.global),
         Command::Install(args) => install::run(&cli.global, args),
         Command::Rollback(args) => rollback::run(&cli.global, args),
-        Command::Heal => heal::run(&cli.global),
+        Command::Heal(args) => heal::run(&cli.global, args),
         Command::Serve(args) => serve::run(&cli.global, args),
         Command::Pack(args) => pack::run(&cli.global, args),
     }

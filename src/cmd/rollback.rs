@@ -7,7 +7,7 @@ use crate::error::{fail, ErrorCode, OtaError};
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, State};
-use crate::{failpoint, validate};
+use crate::{failpoint, inhibit, validate};
 use anyhow::Result;
 use std::path::Path;
 
@@ -153,6 +153,7 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
             exit: 0,
         });
     }
+    inhibit::check(g, std::time::Duration::from_secs(args.wait))?;
     let cur = links.current.clone();
     let mut list = snapshot::read_services(&snapshot::version_dir(root, &target));
     if let Some(c) = &cur {

@@ -201,6 +201,13 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
         .arg(&g.reboot_cmd)
         .arg("--gui")
         .arg(&g.gui)
+        .arg("--inhibit-dir")
+        .arg(&g.inhibit_dir)
+        .args(
+            g.inhibit_cmd
+                .iter()
+                .flat_map(|c| ["--inhibit-cmd", c.as_str()]),
+        )
         .arg("-q")
         .args(args)
         .env(LOCK_FD_ENV, fd.to_string())
@@ -338,6 +345,12 @@ async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
                 ));
             }
         }
+    }
+    if let Some(why) = crate::inhibit::active(&ctx.global) {
+        return coded(&OtaError::new(
+            ErrorCode::Inhibited,
+            format!("a print job is running: {why}"),
+        ));
     }
     let mut args = vec!["install", "--version", upd.version.as_str()];
     if upd.allow_downgrade {

@@ -941,3 +941,121 @@ fn downgrade_is_refused_unless_allowed() {
     assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
     assert_eq!(d.link("previous").as_deref(), Some("v2.0.0"));
 }
+
+// ---------------------------------------------------------------- print-job inhibit (issue 8)
+
+fn inhibit_dir(d: &Device) -> PathBuf {
+    PathBuf::from(&d.env.vars["TOPE_OTA_INHIBIT_DIR"])
+}
+
+fn start_print(d: &Device) -> PathBuf {
+    let dir = inhibit_dir(d);
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("print-job-42");
+    std::fs::write(&f, b"").unwrap();
+    f
+}
+
+fn v2_ready() -> Device {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", pkg).expect(0);
+    d
+}
+
+#[test]
+fn inhibited_install_waits_with_its_package() {
+    let d = v2_ready();
+    let job = start_print(&d);
+    let run = d.install();
+    run.expect(69);
+    assert!(
+        run.stderr
+            .contains("error: INHIBITED: a print job is running"),
+        "{}",
+        run.stderr
+    );
+    let s = d.env.state();
+    assert_eq!(s["stage"], "toInstall");
+    assert!(
+        s["message"].as_str().unwrap().starts_with("INHIBITED: "),
+        "{s}"
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert!(d.sc.calls().is_empty(), "no service was touched");
+    // --wait: the print ends while install waits.
+    let remover = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        std::fs::remove_file(job).unwrap();
+    });
+    let t = Instant::now();
+    d.env.run(&["install", "--wait", "30"]).expect(0);
+    remover.join().unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(600));
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+}
+
+#[test]
+fn inhibit_command_and_manual_rollback() {
+    let mut d = v2_ready();
+    d.env.set("TOPE_OTA_INHIBIT_CMD", "false");
+    let run = d.install();
+    run.expect(69);
+    d.env.set("TOPE_OTA_INHIBIT_CMD", "true");
+    d.install().expect(0);
+    start_print(&d);
+    let run = d.env.run(&["rollback"]);
+    run.expect(69);
+    assert!(run.stderr.contains("INHIBITED"), "{}", run.stderr);
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+}
+
+#[test]
+fn heal_auto_install_installs_once_the_print_ends() {
+    let d = v2_ready();
+    let job = start_print(&d);
+    let run = d.env.run(&["heal", "--auto-install"]);
+    run.expect(0);
+    assert!(run.stdout.contains("waits: INHIBITED"), "{}", run.stdout);
+    assert_eq!(d.env.state()["stage"], "toInstall");
+    // Without the opt-in, heal leaves a pending package alone.
+    std::fs::remove_file(job).unwrap();
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(d.env.state()["stage"], "toInstall");
+    let run = d.env.run(&["heal", "--auto-install"]);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("installing the pending package 2.0.0"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(d.env.state()["stage"], "success");
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+}
+
+#[test]
+fn automatic_rollback_ignores_inhibitors() {
+    let d = v2_ready();
+    // The print starts while the new version fails to come up: the rollback must still run.
+    let dir = inhibit_dir(&d);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hook = d.sc.dir.join("systemctl");
+    let script = std::fs::read_to_string(&hook).unwrap().replace(
+        "if [ -e \"$d/fail-$1-$2\" ]",
+        &format!("if [ \"$1 $cur\" = \"start v2.0.0\" ]; then touch '{}/print'; exit 1; fi\nif [ -e \"$d/fail-$1-$2\" ]", dir.display()),
+    );
+    std::fs::write(&hook, script).unwrap();
+    let run = d.install();
+    run.expect(1);
+    assert!(
+        run.stderr.contains("rolled back to previous 1.0.0"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        dir.join("print").exists(),
+        "the inhibitor was there during the rollback"
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}

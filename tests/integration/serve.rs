@@ -593,3 +593,35 @@ fn update_refuses_a_downgrade_unless_the_request_allows_it() {
     wait_progress(&srv.addr, 30, "success", |p| p["stage"] == "success");
     assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
 }
+
+#[test]
+fn update_is_409_inhibited_during_a_print() {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", pkg).expect(0);
+    let dir = std::path::PathBuf::from(&d.env.vars["TOPE_OTA_INHIBIT_DIR"]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("job"), b"").unwrap();
+    let srv = Server::start(&d.env);
+    let (st, v) = call(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        Some(r#"{"version":"2.0.0"}"#),
+    );
+    assert_eq!(st, 409, "{v}");
+    assert!(v["msg"].as_str().unwrap().starts_with("INHIBITED: "), "{v}");
+    std::fs::remove_file(dir.join("job")).unwrap();
+    assert_eq!(
+        call(
+            &srv.addr,
+            "POST",
+            "/api/v1.0/update",
+            Some(r#"{"version":"2.0.0"}"#)
+        )
+        .0,
+        200
+    );
+    wait_progress(&srv.addr, 30, "success", |p| p["stage"] == "success");
+}
