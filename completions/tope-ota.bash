@@ -71,7 +71,7 @@ _tope__ota() {
 
     case "${cmd}" in
         tope__ota)
-            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help --version download install status rollback heal serve pack help"
+            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help --version download install status rollback heal serve pack help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -105,6 +105,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -117,7 +121,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__download)
-            opts="-v -q -h --version --url --name --size --md5 --sha256 --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --version --url --name --size --md5 --sha256 --sig-url --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -144,6 +148,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --sha256)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sig-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -179,6 +187,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -191,7 +203,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__heal)
-            opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -222,6 +234,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keys-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -363,7 +379,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__install)
-            opts="-v -q -h --version --allow-downgrade --wait --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --version --allow-downgrade --wait --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -405,6 +421,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -417,7 +437,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__pack)
-            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -463,6 +483,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -475,7 +499,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__rollback)
-            opts="-v -q -h --wait --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --wait --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -517,6 +541,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -529,7 +557,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__serve)
-            opts="-v -q -h --listen --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --listen --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -567,6 +595,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --inhibit-cmd)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -579,7 +611,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__status)
-            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -610,6 +642,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keys-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

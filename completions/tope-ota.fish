@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_tope_ota_global_optspecs
-    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= inhibit-dir= inhibit-cmd= json v/verbose q/quiet h/help V/version
+    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= inhibit-dir= keys-dir= inhibit-cmd= json v/verbose q/quiet h/help V/version
 end
 
 function __fish_tope_ota_needs_command
@@ -31,6 +31,7 @@ complete -c tope-ota -n "__fish_tope_ota_needs_command" -l systemctl -d 'Service
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -51,6 +52,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l name -d '
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l size -d 'Size of the package in bytes' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l md5 -d 'MD5 of the package, 32 hex digits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l sha256 -d 'SHA-256 of the package, 64 hex digits (optional; checked beside the MD5)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l sig-url -d 'URL of the package\'s minisign signature (default: the package URL + .minisig)' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l request -d 'The API\'s JSON request body, from FILE or `-` for stdin' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l state-dir -d 'Directory of state.json, its lock and downloads/' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l versions-dir -d 'Root of the version snapshots and the current/previous/factory symlinks' -r -F
@@ -59,6 +61,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l systemctl
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -73,6 +76,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l systemctl 
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l allow-downgrade -d 'Install even if the version is lower than the current one'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l json -d 'Print one JSON object on stdout instead of human text'
@@ -86,6 +90,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l systemctl -
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -100,6 +105,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l systemctl
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -112,6 +118,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l systemctl -d 
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l auto-install -d 'Also install a pending package once no print job inhibits it'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l json -d 'Print one JSON object on stdout instead of human text'
@@ -126,6 +133,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l systemctl -d
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -141,6 +149,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l systemctl -d 
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l reboot-cmd -d 'Command that reboots the device' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l gui -d 'Progress screen launched during install, when it exists' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s v -l verbose -d 'More log output (repeat for debug)'

@@ -88,6 +88,16 @@ pub struct Global {
     )]
     pub inhibit_dir: PathBuf,
 
+    /// Trusted minisign public keys (*.pub); with at least one, packages must be signed
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_KEYS_DIR",
+        value_name = "DIR",
+        default_value = "/etc/tope-ota/keys.d"
+    )]
+    pub keys_dir: PathBuf,
+
     /// Command whose non-zero exit also inhibits install and rollback
     #[arg(long, global = true, env = "TOPE_OTA_INHIBIT_CMD", value_name = "CMD")]
     pub inhibit_cmd: Option<String>,
@@ -144,6 +154,9 @@ pub struct DownloadArgs {
     /// SHA-256 of the package, 64 hex digits (optional; checked beside the MD5)
     #[arg(long, value_name = "HEX", conflicts_with = "request")]
     pub sha256: Option<String>,
+    /// URL of the package's minisign signature (default: the package URL + .minisig)
+    #[arg(long, value_name = "URL", conflicts_with = "request")]
+    pub sig_url: Option<String>,
     /// The API's JSON request body, from FILE or `-` for stdin
     #[arg(long, value_name = "FILE|-", conflicts_with_all = ["version", "url", "name", "size", "md5"])]
     pub request: Option<String>,

@@ -21,6 +21,7 @@
 //! - [`logging`]: journal or stderr logging with version and stage on every record.
 //! - [`signals`]: SIGTERM/SIGINT as a flag polled at safe points.
 //! - [`clock`]: RFC 3339 timestamps.
+//! - [`sign`]: minisign signatures checked against the keys directory.
 //! - [`inhibit`]: print-job inhibitors checked before install and rollback switch software.
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 
@@ -39,6 +40,7 @@ pub mod manifest;
 pub mod progress;
 pub mod report;
 pub mod services;
+pub mod sign;
 pub mod signals;
 pub mod snapshot;
 pub mod state;

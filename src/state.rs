@@ -70,6 +70,7 @@ pub struct State {
     pub package_size: Option<u64>,
     pub package_md5: Option<String>,
     pub package_sha256: Option<String>,
+    pub package_sig_url: Option<String>,
     /// Bytes of the partial that are known durable (fsynced before this was written).
     pub bytes_downloaded: u64,
     /// Rich progress of the running step: bytes done of bytes total, the rate this run has

@@ -6,9 +6,9 @@ use crate::error::{self, fail, ErrorCode, OtaError, EXIT_SIGINT, EXIT_SIGTERM};
 use crate::fetch::{self, Outcome, Sink, Tuning};
 use crate::fsutil::{self, TEMP_PREFIX};
 use crate::progress::Bar;
-use crate::signals;
 use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::{clock, validate};
+use crate::{sign, signals};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::fs::File;
@@ -27,6 +27,9 @@ pub struct Package {
     /// Optional: checked beside the MD5 when given (old requests omit it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_sha256: Option<String>,
+    /// Optional: where the detached signature is (default `<package_url>.minisig`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_sig_url: Option<String>,
 }
 
 impl Package {
@@ -46,6 +49,7 @@ impl Package {
                 package_size: args.size.unwrap_or(0),
                 package_md5: args.md5.clone().unwrap_or_default(),
                 package_sha256: args.sha256.clone(),
+                package_sig_url: args.sig_url.clone(),
             },
         };
         pkg.validated()
@@ -62,6 +66,9 @@ impl Package {
         self.package_md5 = validate::md5(&self.package_md5)?;
         if let Some(sha) = &self.package_sha256 {
             self.package_sha256 = Some(validate::sha256(sha)?);
+        }
+        if let Some(u) = &self.package_sig_url {
+            validate::url(u)?;
         }
         Ok(self)
     }
@@ -298,6 +305,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     st.package_size = Some(pkg.package_size);
     st.package_md5 = Some(pkg.package_md5.clone());
     st.package_sha256 = pkg.package_sha256.clone();
+    st.package_sig_url = pkg.package_sig_url.clone();
     st.bytes_downloaded = offset;
     st.resume_validator = validator.clone();
     st.progress = fetch::percent(offset, pkg.package_size);
@@ -434,6 +442,36 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         );
         op.fail(&err)?;
         return Err(err.into());
+    }
+    let keys = match sign::load_keys(&g.keys_dir) {
+        Ok(k) => k,
+        Err(err) => {
+            op.fail(&err)?;
+            return Err(err.into());
+        }
+    };
+    if !keys.is_empty() {
+        op.state.message = format!(
+            "Verifying the signature against {} trusted key(s)",
+            keys.len()
+        );
+        op.commit()?;
+        let sig_url = pkg
+            .package_sig_url
+            .clone()
+            .unwrap_or_else(|| format!("{}.minisig", pkg.package_url));
+        let signed =
+            sign::fetch_signature(&sig_url).and_then(|s| sign::verify_file(&f.part, &s, &keys));
+        match signed {
+            Ok(key) => log::info!("{} is signed by {key}", pkg.package_name),
+            Err(err) => {
+                fsutil::remove_file_durable(&f.part)?;
+                op.state.bytes_downloaded = 0;
+                op.state.resume_validator = None;
+                op.fail(&err)?;
+                return Err(err.into());
+            }
+        }
     }
     crate::failpoint::hit("download-before-rename");
     fsutil::rename_durable(&f.part, &f.done)?;

@@ -203,6 +203,8 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
         .arg(&g.gui)
         .arg("--inhibit-dir")
         .arg(&g.inhibit_dir)
+        .arg("--keys-dir")
+        .arg(&g.keys_dir)
         .args(
             g.inhibit_cmd
                 .iter()

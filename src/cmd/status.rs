@@ -63,6 +63,20 @@ pub fn run(g: &Global) -> Result<Output> {
     let _ = writeln!(human, "current:   {}", dash(links.current.as_deref()));
     let _ = writeln!(human, "previous:  {}", dash(links.previous.as_deref()));
     let _ = writeln!(human, "factory:   {}", dash(links.factory.as_deref()));
+    let _ = match crate::sign::load_keys(&g.keys_dir) {
+        Ok(k) if k.is_empty() => writeln!(
+            human,
+            "packages:  not authenticated (no keys in {})",
+            g.keys_dir.display()
+        ),
+        Ok(k) => writeln!(
+            human,
+            "packages:  must be signed by one of {} key(s) in {}",
+            k.len(),
+            g.keys_dir.display()
+        ),
+        Err(e) => writeln!(human, "packages:  refused: {}", e.message()),
+    };
     Ok(Output {
         human,
         json: serde_json::to_value(&data)?,

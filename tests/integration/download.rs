@@ -1145,3 +1145,152 @@ fn rich_progress_fields_are_present_and_monotone() {
     .unwrap();
     assert!(re.is_match(msg), "{msg}");
 }
+
+// ---------------------------------------------------------------- signatures (issue 8)
+
+/// A minisign key pair made with Debian's minisign tool (as release engineers do).
+struct KeyPair {
+    public: std::path::PathBuf,
+    secret: std::path::PathBuf,
+}
+
+fn keypair(dir: &std::path::Path, name: &str) -> KeyPair {
+    let public = dir.join(format!("{name}.pub"));
+    let secret = dir.join(format!("{name}.key"));
+    let out = std::process::Command::new("minisign")
+        .args(["-G", "-W", "-p"])
+        .arg(&public)
+        .arg("-s")
+        .arg(&secret)
+        .output()
+        .expect("minisign is needed (.ci/run installs it)");
+    assert!(out.status.success(), "{out:?}");
+    KeyPair { public, secret }
+}
+
+fn sign(key: &KeyPair, file: &std::path::Path) -> Vec<u8> {
+    let sig = std::path::PathBuf::from(format!("{}.minisig", file.display()));
+    let out = std::process::Command::new("minisign")
+        .args(["-S", "-s"])
+        .arg(&key.secret)
+        .arg("-m")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read(sig).unwrap()
+}
+
+#[test]
+fn signed_packages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (keypair(tmp.path(), "a"), keypair(tmp.path(), "b"));
+    let p = pkg(MIB, 52);
+    let file = tmp.path().join("pkg.zip");
+    std::fs::write(&file, &p.bytes).unwrap();
+    let by_a = sign(&a, &file);
+    let by_b = sign(&b, &file);
+    let other = tmp.path().join("other.zip");
+    std::fs::write(&other, b"another file").unwrap();
+    let for_other = sign(&a, &other);
+
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    // Signatures served from a second server, each at its own path.
+    let sig_srv = |sig: &[u8]| PkgServer::start(sig.to_vec(), Behaviour::default());
+
+    let trust = |env: &Env, keys: &[&KeyPair]| {
+        let dir = std::path::PathBuf::from(&env.vars["TOPE_OTA_KEYS_DIR"]);
+        std::fs::create_dir_all(&dir).unwrap();
+        for k in keys {
+            std::fs::copy(&k.public, dir.join(k.public.file_name().unwrap())).unwrap();
+        }
+    };
+    let run_with = |env: &Env, sig_url: Option<&str>| {
+        let mut a = args(&url, &p, &size);
+        if let Some(u) = sig_url {
+            a.extend(["--sig-url", u]);
+        }
+        env.run(&a)
+    };
+
+    // No keys: old behaviour, no signature fetched, and status says so.
+    let env = Env::new();
+    run_with(&env, None).expect(0);
+    assert_eq!(srv.requests().len(), 1);
+    let st = env.run(&["status"]).stdout;
+    assert!(st.contains("packages:  not authenticated"), "{st}");
+
+    // Valid signature by a trusted key.
+    let env = Env::new();
+    trust(&env, &[&a]);
+    let s = sig_srv(&by_a);
+    run_with(&env, Some(&s.url("pkg.zip.minisig"))).expect(0);
+    assert_installed_package(&env, &p);
+    assert!(env
+        .run(&["status"])
+        .stdout
+        .contains("must be signed by one of 1 key(s)"));
+
+    // Default signature URL: <package_url>.minisig — the package server answers that path
+    // with the package bytes, which are no signature.
+    let env = Env::new();
+    trust(&env, &[&a]);
+    let run = run_with(&env, None);
+    assert_failed(&env, &run, "SIGNATURE_INVALID");
+    assert!(srv.requests().iter().any(|r| r.path == "/pkg.zip.minisig"));
+
+    // Missing signature (404).
+    let env = Env::new();
+    trust(&env, &[&a]);
+    let missing = PkgServer::start(
+        vec![],
+        Behaviour {
+            status: Some(404),
+            ..Behaviour::default()
+        },
+    );
+    let run = run_with(&env, Some(&missing.url("x.minisig")));
+    let st = assert_failed(&env, &run, "SIGNATURE_INVALID");
+    assert!(
+        st["message"].as_str().unwrap().contains("no signature"),
+        "{st}"
+    );
+    assert!(
+        env.download_files().is_empty(),
+        "a refused package is deleted"
+    );
+
+    // Signed by an unknown key.
+    let env = Env::new();
+    trust(&env, &[&a]);
+    let s = sig_srv(&by_b);
+    let run = run_with(&env, Some(&s.url("pkg.zip.minisig")));
+    let st = assert_failed(&env, &run, "SIGNATURE_INVALID");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("not signed by any"),
+        "{st}"
+    );
+
+    // A signature of another file.
+    let env = Env::new();
+    trust(&env, &[&a]);
+    let s = sig_srv(&for_other);
+    let run = run_with(&env, Some(&s.url("other.zip.minisig")));
+    let st = assert_failed(&env, &run, "SIGNATURE_INVALID");
+    assert!(
+        st["message"].as_str().unwrap().contains("does not match"),
+        "{st}"
+    );
+
+    // Key rotation: both keys trusted, the package signed by the new one.
+    let env = Env::new();
+    trust(&env, &[&a, &b]);
+    let s = sig_srv(&by_b);
+    run_with(&env, Some(&s.url("pkg.zip.minisig"))).expect(0);
+    assert_installed_package(&env, &p);
+}

@@ -438,6 +438,17 @@ fn download_then_update_through_the_api_with_callbacks() {
     );
     wait_progress(&a, 30, "success", |p| p["stage"] == "success");
     assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    // state.json says success before the worker's last callback has gone out: wait for it.
+    let until = Instant::now() + Duration::from_secs(5);
+    while api
+        .bodies()
+        .last()
+        .map(|b| b["data"]["stage"] != "success")
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < until, "no success callback");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let stages: Vec<String> = api
         .bodies()
         .iter()

@@ -58,7 +58,11 @@ impl Env {
         vars.insert("TOPE_OTA_STALL_TIMEOUT_MS".into(), "1000".into());
         vars.insert("TOPE_OTA_CONNECT_TIMEOUT_MS".into(), "1000".into());
         vars.insert("TOPE_OTA_RETRY_DELAY_MS".into(), "50".into());
-        // Never the machine's /run/tope-ota/inhibit.d.
+        // Never the machine's /etc/tope-ota/keys.d or /run/tope-ota/inhibit.d.
+        vars.insert(
+            "TOPE_OTA_KEYS_DIR".into(),
+            tmp.path().join("keys.d").to_string_lossy().into_owned(),
+        );
         vars.insert(
             "TOPE_OTA_INHIBIT_DIR".into(),
             tmp.path().join("inhibit.d").to_string_lossy().into_owned(),
