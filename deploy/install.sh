@@ -50,6 +50,7 @@ if [ ! -e "$DESTDIR/etc/default/tope-ota" ]; then
     f 0644 "$here/tope-ota.default" /etc/default/tope-ota
 fi
 
+d 0755 /etc/tope-ota/keys.d
 d 0700 "$STATE_DIR"
 d 0755 "$VERSIONS_DIR"
 

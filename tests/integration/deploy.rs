@@ -54,6 +54,7 @@ fn install_sh_is_idempotent_and_complete() {
         "usr/lib/systemd/system/tope-ota-heal.timer",
         "usr/lib/systemd/system/tope-ota-serve.service",
         "etc/default/tope-ota",
+        "etc/tope-ota/keys.d",
         "var/lib/tope-ota",
         "opt/tope/versions",
     ] {
