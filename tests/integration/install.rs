@@ -913,16 +913,7 @@ fn pack_builds_a_manifest_from_the_directory() {
 
 #[test]
 fn downgrade_is_refused_unless_allowed() {
-    let mut d = Device::with_v1();
-    let (files, manifest) = v2_partial();
-    let pkg = d.pack("2.0.0", &files, &manifest);
-    d.deliver("2.0.0", pkg).expect(0);
-    let old = d.pack(
-        "1.5.0",
-        &[("bin/device-api", b"#!/bin/sh\necho api 1.5\n", 0o755)],
-        &json!({"version": "1.5.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api"}]}),
-    );
-    d.download("1.5.0", old).expect(0);
+    let d = downgrade_ready();
     let run = d.install();
     run.expect(1);
     assert!(
@@ -956,7 +947,23 @@ fn start_print(d: &Device) -> PathBuf {
     f
 }
 
-fn v2_ready() -> Device {
+/// 2.0.0 installed over 1.0.0, and 1.5.0 downloaded: a downgrade waiting.
+pub fn downgrade_ready() -> Device {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    let old = d.pack(
+        "1.5.0",
+        &[("bin/device-api", b"#!/bin/sh\necho api 1.5\n", 0o755)],
+        &json!({"version": "1.5.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api"}]}),
+    );
+    d.download("1.5.0", old).expect(0);
+    d
+}
+
+/// 1.0.0 installed and 2.0.0 downloaded, ready to install.
+pub fn v2_ready() -> Device {
     let mut d = Device::with_v1();
     let (files, manifest) = v2_partial();
     let pkg = d.pack("2.0.0", &files, &manifest);

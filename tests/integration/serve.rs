@@ -569,16 +569,7 @@ fn sigterm_stops_accepting_and_lets_the_worker_finish() {
 
 #[test]
 fn update_refuses_a_downgrade_unless_the_request_allows_it() {
-    let mut d = Device::with_v1();
-    let (files, manifest) = v2_partial();
-    let pkg = d.pack("2.0.0", &files, &manifest);
-    d.deliver("2.0.0", pkg).expect(0);
-    let old = d.pack(
-        "1.5.0",
-        &[("bin/device-api", b"#!/bin/sh\necho api 1.5\n", 0o755)],
-        &json!({"version": "1.5.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api"}]}),
-    );
-    d.download("1.5.0", old).expect(0);
+    let d = downgrade_ready();
     let srv = Server::start(&d.env);
     let (st, v) = call(
         &srv.addr,
@@ -607,10 +598,7 @@ fn update_refuses_a_downgrade_unless_the_request_allows_it() {
 
 #[test]
 fn update_is_409_inhibited_during_a_print() {
-    let mut d = Device::with_v1();
-    let (files, manifest) = v2_partial();
-    let pkg = d.pack("2.0.0", &files, &manifest);
-    d.download("2.0.0", pkg).expect(0);
+    let d = v2_ready();
     let dir = std::path::PathBuf::from(&d.env.vars["TOPE_OTA_INHIBIT_DIR"]);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("job"), b"").unwrap();
