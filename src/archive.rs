@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 /// Caps on what a package may unpack to.
 #[derive(Debug, Clone)]
@@ -82,34 +82,17 @@ fn invalid<T>(detail: String) -> Result<T> {
     fail(ErrorCode::PackageInvalid, detail)
 }
 
-/// Where a symlink at `link` (relative path) pointing to `target` lands, lexically; None if it
-/// leaves the tree or is absolute.
-fn symlink_lands(link: &str, target: &str) -> Option<PathBuf> {
-    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
-        return None;
-    }
-    let mut parts: Vec<String> = Path::new(link)
-        .parent()
-        .map(|p| {
-            p.components()
-                .filter_map(|c| match c {
-                    Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for c in Path::new(target).components() {
-        match c {
-            Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                parts.pop()?;
-            }
-            Component::RootDir | Component::Prefix(_) => return None,
-        }
-    }
-    Some(parts.iter().collect())
+/// A package symlink may only point down: relative, with no `..` anywhere. Its place in the
+/// snapshot is the module's `dst`, not its place in the ZIP, and links can chain (`x -> .`,
+/// `y -> x/..`), so any upward step could be made to leave the snapshot; downward links stay
+/// inside whatever directory they are moved to.
+fn symlink_is_downward(target: &str) -> bool {
+    !target.is_empty()
+        && !target.starts_with('/')
+        && !target.contains('\0')
+        && Path::new(target)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 /// The entry count the end-of-central-directory record declares (zip64 aware). The zip crate
@@ -160,6 +143,10 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
     let mut file = File::open(zip).with_context(|| format!("open {}", zip.display()))?;
     let declared =
         declared_entries(&mut file).with_context(|| format!("read {}", zip.display()))?;
+    // Before the zip crate reads the central directory into memory.
+    if let Some(n) = declared.filter(|&n| n > limits.max_entries as u64) {
+        return invalid(format!("{n} entries, the limit is {}", limits.max_entries));
+    }
     let mut ar = match zip::ZipArchive::new(io::BufReader::new(file)) {
         Ok(a) => a,
         Err(e) => return invalid(format!("{} is not a readable ZIP: {e}", zip.display())),
@@ -182,6 +169,8 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
     let mut plan: Vec<(String, Kind, u64, u32)> = Vec::with_capacity(ar.len());
     let mut seen = HashSet::new();
     let mut total: u64 = 0;
+    // Every directory the entries imply, made or not by an entry of its own.
+    let mut dirs: HashSet<std::path::PathBuf> = HashSet::new();
     for i in 0..ar.len() {
         let e = match ar.by_index_raw(i) {
             Ok(e) => e,
@@ -221,6 +210,16 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
                 size / packed
             ));
         }
+        if name.len() > 1024 || name.matches('/').count() >= 32 {
+            return invalid(format!("entry {raw:?} is too long or too deep"));
+        }
+        let mut anc = Path::new(&name).parent();
+        while let Some(a) = anc.filter(|a| !a.as_os_str().is_empty()) {
+            if !dirs.insert(a.to_path_buf()) {
+                break;
+            }
+            anc = a.parent();
+        }
         total = total.saturating_add(size);
         plan.push((name, kind, size, mode));
     }
@@ -230,6 +229,15 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
             limits.max_total
         ));
     }
+    if dirs.len() > limits.max_entries {
+        return invalid(format!(
+            "the entries imply {} directories, the limit is {}",
+            dirs.len(),
+            limits.max_entries
+        ));
+    }
+    // A directory costs a block at least.
+    total = total.saturating_add(dirs.len() as u64 * 4096);
     // The snapshot's other files are hard links and cost nothing; the unpacked bytes, the
     // directories and the state writes need room, and a full disk must not stop the services.
     let margin = SPACE_MARGIN + total / 100;
@@ -289,9 +297,9 @@ pub fn unpack(zip: &Path, dest: &Path, limits: &Limits, free: u64) -> Result<Unp
                 if let Err(err) = (&mut entry).take(4096).read_to_string(&mut target) {
                     return invalid(format!("symlink entry {name:?}: {err}"));
                 }
-                if symlink_lands(&name, &target).is_none() {
+                if !symlink_is_downward(&target) {
                     return invalid(format!(
-                        "symlink entry {name:?} -> {target:?} points outside the package"
+                        "symlink entry {name:?} -> {target:?} may point outside: only relative links without .. are allowed"
                     ));
                 }
                 std::os::unix::fs::symlink(&target, &to)
@@ -349,10 +357,11 @@ mod tests {
 
     #[test]
     fn symlink_targets() {
-        assert_eq!(symlink_lands("a/b", "c"), Some(PathBuf::from("a/c")));
-        assert_eq!(symlink_lands("a/b", "../c"), Some(PathBuf::from("c")));
-        assert_eq!(symlink_lands("a/b", "../../c"), None);
-        assert_eq!(symlink_lands("b", "/etc/passwd"), None);
-        assert_eq!(symlink_lands("b", ".."), None);
+        for ok in ["c", "lib/libx.so.1", "./x", "a/./b"] {
+            assert!(symlink_is_downward(ok), "{ok}");
+        }
+        for bad in ["", "../c", "a/../../c", "x/..", "/etc/passwd", ".."] {
+            assert!(!symlink_is_downward(bad), "{bad}");
+        }
     }
 }

@@ -189,13 +189,27 @@ pub fn sync_fs(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Remove a directory tree if it exists and fsync its parent.
+/// Remove a directory tree if it exists, so that no crash leaves half of it under its name:
+/// it is first renamed to a temp name (durably), then deleted; `sweep_temp` finishes a deletion
+/// a crash interrupted.
 pub fn remove_tree_durable(path: &Path) -> Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => sync_dir(parent_of(path)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+    let parent = parent_of(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let trash = temp_path(parent, &format!("trash-{name}"));
+    match fs::rename(path, &trash) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("rename {} to {}", path.display(), trash.display()))
+        }
     }
+    sync_dir(parent)?;
+    fs::remove_dir_all(&trash).with_context(|| format!("remove {}", trash.display()))?;
+    sync_dir(parent)
 }
 
 /// Remove every entry of `dir` whose name starts with [`TEMP_PREFIX`]; returns how many.

@@ -86,6 +86,13 @@ impl Manifest {
                     md.dst
                 ));
             }
+            let top = md.dst.split('/').next().unwrap_or("");
+            if top == crate::snapshot::META_DIR {
+                return invalid(format!(
+                    "{who}: dst {:?} is tope-ota's own directory",
+                    md.dst
+                ));
+            }
             if !dsts.insert(md.dst.as_str()) {
                 return invalid(format!("two modules have dst {:?}", md.dst));
             }

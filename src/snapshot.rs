@@ -7,7 +7,7 @@ use crate::services::{self, Service};
 use anyhow::{Context, Result};
 use std::collections::HashSet;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 pub const CURRENT: &str = "current";
@@ -80,6 +80,10 @@ pub fn mirror(src: &Path, dst: &Path) -> Result<u64> {
                 .create(&to)
                 .with_context(|| format!("create dir {}", to.display()))?;
             count += mirror(&from, &to)?;
+            let meta = entry.metadata()?;
+            // Keep the owner: a service that writes in its directory must still be able to.
+            std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()))
+                .with_context(|| format!("chown {}", to.display()))?;
             fs::set_permissions(&to, fs::Permissions::from_mode(mode))
                 .with_context(|| format!("chmod {}", to.display()))?;
         } else if ft.is_symlink() {
@@ -87,6 +91,9 @@ pub fn mirror(src: &Path, dst: &Path) -> Result<u64> {
                 fs::read_link(&from).with_context(|| format!("readlink {}", from.display()))?;
             std::os::unix::fs::symlink(&target, &to)
                 .with_context(|| format!("symlink {}", to.display()))?;
+            let meta = fs::symlink_metadata(&from)?;
+            std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()))
+                .with_context(|| format!("chown {}", to.display()))?;
         } else if ft.is_file() {
             fs::hard_link(&from, &to)
                 .with_context(|| format!("hard link {} to {}", from.display(), to.display()))?;
@@ -111,7 +118,16 @@ pub fn read_services(dir: &Path) -> Vec<Service> {
 /// Write the services list of the snapshot at `dir` as a new file (never through a hard link).
 pub fn write_services(dir: &Path, list: &[Service]) -> Result<()> {
     let meta = dir.join(META_DIR);
-    fs::create_dir_all(&meta).with_context(|| format!("create dir {}", meta.display()))?;
+    // Whatever stands at .tope-ota but a real directory (a symlink above all) goes: we never
+    // write through a link.
+    match fs::symlink_metadata(&meta) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => fs::remove_file(&meta).with_context(|| format!("remove {}", meta.display()))?,
+        Err(_) => {}
+    }
+    if !meta.is_dir() {
+        fs::create_dir(&meta).with_context(|| format!("create dir {}", meta.display()))?;
+    }
     let bytes = serde_json::to_vec_pretty(&services::start_order(list.to_vec()))?;
     fsutil::write_atomic(&meta.join(SERVICES_FILE), &bytes)
 }
@@ -137,13 +153,9 @@ pub fn prune(root: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for name in candidates {
         if !referenced.contains(&name) {
-            fs::remove_dir_all(root.join(&name))
-                .with_context(|| format!("remove {}", root.join(&name).display()))?;
+            fsutil::remove_tree_durable(&root.join(&name))?;
             removed.push(name);
         }
-    }
-    if !removed.is_empty() {
-        fsutil::sync_dir(root)?;
     }
     Ok(removed)
 }

@@ -465,9 +465,13 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         match signed {
             Ok(key) => log::info!("{} is signed by {key}", pkg.package_name),
             Err(err) => {
-                fsutil::remove_file_durable(&f.part)?;
-                op.state.bytes_downloaded = 0;
-                op.state.resume_validator = None;
+                // A signature that could not be fetched says nothing against the package: keep
+                // it (whole and hash-verified) for the next attempt, as DOWNLOAD_FAILED does.
+                if err.code != ErrorCode::DownloadFailed {
+                    fsutil::remove_file_durable(&f.part)?;
+                    op.state.bytes_downloaded = 0;
+                    op.state.resume_validator = None;
+                }
                 op.fail(&err)?;
                 return Err(err.into());
             }

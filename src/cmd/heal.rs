@@ -220,8 +220,18 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
         }
         // Services may be stopped, current is unchanged: start them again, drop the snapshot.
         "stop" => {
-            let svc = op.state.services.clone();
             let current = Links::read(root).current;
+            // Start what the running version has; the new package's own list only when the
+            // snapshot records none.
+            let own = current
+                .as_deref()
+                .map(|c| snapshot::read_services(&snapshot::version_dir(root, c)))
+                .unwrap_or_default();
+            let svc = if own.is_empty() {
+                op.state.services.clone()
+            } else {
+                own
+            };
             if current.is_some() && current == op.state.previous_version {
                 if let Err(e) = mgr.start_all(&svc).and_then(|_| mgr.check_all(&svc)) {
                     auto_rollback(root, op, mgr, e, Level::Previous)?;

@@ -334,7 +334,6 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
 
     let svc: Vec<Service> = services::start_order(manifest.services());
     op.state.services = svc.clone();
-    set_step(op, "stop", 50, format!("Stopping {} service(s)", svc.len()))?;
     // A print may have started while we unpacked: look again before stopping anything.
     if let Err(e) = inhibit::check(g, Duration::ZERO) {
         fsutil::remove_tree_durable(&target)?;
@@ -360,6 +359,8 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
             exit: EXIT_SIGTERM,
         });
     }
+    // Recorded only now, after the last chance to give the package back unchanged.
+    set_step(op, "stop", 50, format!("Stopping {} service(s)", svc.len()))?;
     let mgr = Manager::new(&g.systemctl);
     failpoint::hit("before-stop");
     if let Err((e, _)) = mgr.stop_all(&svc) {
@@ -367,9 +368,15 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
     }
 
     failpoint::hit("after-stop");
-    set_step(op, "switch", 60, format!("Switching current to {version}"))?;
-    failpoint::hit("before-switch");
-    snapshot::switch(&root, old.as_deref(), &version)?;
+    // From here on, services are down: any failure rolls back instead of returning.
+    let switched =
+        set_step(op, "switch", 60, format!("Switching current to {version}")).and_then(|_| {
+            failpoint::hit("before-switch");
+            snapshot::switch(&root, old.as_deref(), &version)
+        });
+    if let Err(e) = switched {
+        return rolled_back(g, op, &mgr, crate::error::classify(&e));
+    }
     failpoint::hit("after-switch");
 
     if manifest.reboot {
@@ -408,17 +415,21 @@ pub fn finish_forward(g: &Global, op: &mut Operation, mgr: &Manager) -> Result<O
     let version = op.state.version.clone().unwrap_or_default();
     let svc = op.state.services.clone();
     op.state.stage = Stage::Installing;
-    set_step(
+    if let Err(e) = set_step(
         op,
         "start",
         70,
         format!("Starting {} service(s)", svc.len()),
-    )?;
+    ) {
+        return rolled_back(g, op, mgr, crate::error::classify(&e));
+    }
     failpoint::hit("before-start");
     if let Err(e) = mgr.start_all(&svc) {
         return rolled_back(g, op, mgr, e);
     }
-    set_step(op, "verify", 90, "Checking the services stay up".into())?;
+    if let Err(e) = set_step(op, "verify", 90, "Checking the services stay up".into()) {
+        return rolled_back(g, op, mgr, crate::error::classify(&e));
+    }
     if let Err(e) = mgr.check_all(&svc) {
         return rolled_back(g, op, mgr, e);
     }

@@ -11,7 +11,9 @@ use crate::{failpoint, inhibit, validate};
 use anyhow::Result;
 use std::path::Path;
 
-/// Stop `services`, point `current` at `target` (and `previous` at `previous`), start and check.
+/// Stop what may run (`services` of the failed version and the target's own), point `current`
+/// at `target` (and `previous` at `previous`), then start and check the target's services: a
+/// service only the failed version has is not started on a version that lacks its unit.
 fn try_level(
     root: &Path,
     mgr: &Manager,
@@ -19,11 +21,27 @@ fn try_level(
     target: &str,
     previous: Option<&str>,
 ) -> Result<(), OtaError> {
-    mgr.stop_best_effort(services);
+    let own = snapshot::read_services(&snapshot::version_dir(root, target));
+    // A snapshot made outside tope-ota records no services: fall back to the failed ones.
+    let start = if own.is_empty() {
+        services.to_vec()
+    } else {
+        own.clone()
+    };
+    let mut stop = services.to_vec();
+    stop.extend(own);
+    mgr.stop_best_effort(&services::start_order(stop));
     snapshot::switch(root, previous, target)
         .map_err(|e| OtaError::new(ErrorCode::DeploymentFailed, format!("{e:#}")))?;
-    mgr.start_all(services)?;
-    mgr.check_all(services)
+    mgr.start_all(&start)?;
+    mgr.check_all(&start)
+}
+
+/// Save the state, but never let a failing save (a full or broken disk) stop a rollback.
+fn save_best_effort(op: &mut Operation) {
+    if let Err(e) = op.commit() {
+        log::error!("recording the rollback failed (it goes on): {e:#}");
+    }
 }
 
 /// Where an automatic rollback starts: heal resumes one at the level it had reached.
@@ -57,7 +75,7 @@ pub fn auto_rollback(
             Some(v) if snapshot::version_dir(root, v).is_dir() => {
                 op.state.step = Some("rollback-previous".into());
                 op.state.message = format!("{}; rolling back to {v}", original.detail);
-                op.commit()?;
+                save_best_effort(op);
                 failpoint::hit("rollback-previous");
                 let restore = op.state.previous_before.clone();
                 match try_level(root, mgr, &services, v, restore.as_deref()) {
@@ -73,7 +91,7 @@ pub fn auto_rollback(
             Some(f) => {
                 op.state.step = Some("rollback-factory".into());
                 op.state.message = format!("{}; rolling back to factory {f}", original.detail);
-                op.commit()?;
+                save_best_effort(op);
                 failpoint::hit("rollback-factory");
                 match try_level(root, mgr, &services, &f, before.as_deref()) {
                     Ok(()) => held = Some(format!("factory {f}")),
@@ -160,6 +178,12 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
         list.extend(snapshot::read_services(&snapshot::version_dir(root, c)));
     }
     let svc = services::start_order(list);
+    // The rollback replaces the operation in flight: a pending package or partial goes with it.
+    if let Ok(rd) = std::fs::read_dir(g.state_dir.join(crate::state::DOWNLOADS_DIR)) {
+        for e in rd.flatten() {
+            crate::fsutil::remove_file_durable(&e.path())?;
+        }
+    }
     op.state = State {
         stage: Stage::Installing,
         version: Some(target.clone()),

@@ -277,6 +277,9 @@ async fn post_download(ctx: &Ctx, req: Request<Incoming>) -> Resp {
     if let Err(e) = pkg.clone().validated() {
         return coded(&crate::error::classify(&e));
     }
+    if let Some(r) = in_flight(ctx) {
+        return r;
+    }
     match start_child(ctx, &["download", "--request", "-"], Some(body)).await {
         Ok(()) => envelope(200, "success", Value::Null),
         Err(r) => r,
@@ -303,6 +306,9 @@ async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
     };
     if let Err(e) = validate::version(&upd.version) {
         return coded(&crate::error::classify(&e));
+    }
+    if let Some(r) = in_flight(ctx) {
+        return r;
     }
     // The preconditions answer synchronously, as the old API did; the child checks them again
     // under the lock.
@@ -348,7 +354,12 @@ async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
             }
         }
     }
-    if let Some(why) = crate::inhibit::active(&ctx.global) {
+    // The inhibit command may take seconds: off the one runtime thread.
+    let g = ctx.global.clone();
+    let inhibited = tokio::task::spawn_blocking(move || crate::inhibit::active(&g))
+        .await
+        .unwrap_or_else(|_| Some("the inhibit check failed".into()));
+    if let Some(why) = inhibited {
         return coded(&OtaError::new(
             ErrorCode::Inhibited,
             format!("a print job is running: {why}"),
@@ -368,6 +379,24 @@ async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
         (Ok(()), false) => envelope(200, "success", Value::Null),
         (Err(r), _) => r,
     }
+}
+
+/// 409 BUSY while state.json shows an install in flight (running, or interrupted and waiting
+/// for heal), as the CLI answers. An interrupted download is not: the same request resumes it.
+fn in_flight(ctx: &Ctx) -> Option<Resp> {
+    let s = match state::read(&ctx.global.state_dir) {
+        Ok(ReadOutcome::Ok(s)) => *s,
+        _ => return None,
+    };
+    matches!(s.stage, Stage::Installing | Stage::Rebooting).then(|| {
+        coded(&OtaError::new(
+            ErrorCode::Busy,
+            format!(
+                "an install is in flight (stage {}); heal finishes it",
+                s.stage
+            ),
+        ))
+    })
 }
 
 fn method_not_allowed(allow: &'static str) -> Resp {

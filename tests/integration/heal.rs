@@ -757,7 +757,11 @@ fn check_ordering(evs: &[Sys], watched: &[String]) -> Result<usize, String> {
     for (i, ev) in evs.iter().enumerate() {
         let Sys::Rename(from, to) = ev else { continue };
         let dir = parent(to);
-        if !watched.contains(&dir) {
+        // Renames onto temp names (a tree moved aside to be deleted) publish nothing.
+        let onto_temp = Path::new(to)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(".tope-ota-tmp"));
+        if !watched.contains(&dir) || onto_temp {
             continue;
         }
         checked += 1;

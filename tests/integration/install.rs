@@ -290,10 +290,11 @@ fn start_failure_rolls_back_to_previous() {
         run.stderr
     );
     assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    // The rollback restarts the whole service set of the version it lands on, in order.
     let calls = d.sc.calls();
     assert_eq!(
-        calls.last().map(String::as_str),
-        Some("start device-api v1.0.0"),
+        calls[calls.len() - 2..],
+        ["start device-api v1.0.0", "start printer-ui v1.0.0"],
         "{calls:?}"
     );
     let s = d.env.state();
@@ -331,10 +332,11 @@ fn previous_failing_too_falls_back_to_factory() {
     let s = d.env.state();
     assert_eq!(s["error"], "SERVICE_START_FAILED");
     assert_eq!(s["rollback"], "factory 0.9.0");
+    // The rollback restarts the whole service set of the version it lands on, in order.
     let calls = d.sc.calls();
     assert_eq!(
-        calls.last().map(String::as_str),
-        Some("start device-api v0.9.0"),
+        calls[calls.len() - 2..],
+        ["start device-api v0.9.0", "start printer-ui v0.9.0"],
         "{calls:?}"
     );
     assert!(
@@ -1065,4 +1067,88 @@ fn automatic_rollback_ignores_inhibitors() {
         "the inhibitor was there during the rollback"
     );
     assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}
+
+// ---------------------------------------------------------------- review fixes
+
+#[test]
+fn package_links_cannot_reach_outside_through_dst() {
+    let mut d = Device::with_v1();
+    d.add_factory();
+    let factory_before = tree(&d.root().join("v0.9.0"));
+    let m = |body: &str, extra: Vec<RawEntry>| {
+        let mut e = vec![RawEntry::file("manifest.json", body.as_bytes())];
+        e.extend(extra);
+        raw_zip(&e)
+    };
+    // A link module placed at .tope-ota would make tope-ota write through it.
+    let into_meta = m(
+        r#"{"version":"2.0.0","modules":[{"name":"m","src":"a/b/m","dst":".tope-ota"}]}"#,
+        vec![RawEntry::symlink("a/b/m", "x")],
+    );
+    hostile(&mut d, into_meta, "MANIFEST_INVALID", "dst .tope-ota");
+    // An upward link is refused wherever it would land, chained ones too.
+    let up = m(
+        r#"{"version":"2.0.0","modules":[{"name":"m","src":"a/b/m","dst":"m"}]}"#,
+        vec![RawEntry::symlink("a/b/m", "../../v0.9.0")],
+    );
+    hostile(&mut d, up, "PACKAGE_INVALID", "upward link");
+    let chained = m(
+        r#"{"version":"2.0.0","modules":[{"name":"m","src":"y","dst":"y"}]}"#,
+        vec![RawEntry::symlink("x", "."), RawEntry::symlink("y", "x/..")],
+    );
+    hostile(&mut d, chained, "PACKAGE_INVALID", "chained links");
+    assert_eq!(
+        tree(&d.root().join("v0.9.0")),
+        factory_before,
+        "factory changed"
+    );
+    // A downward link is fine.
+    let ok = m(
+        r#"{"version":"2.0.0","modules":[{"name":"lib","src":"lib","dst":"lib"}]}"#,
+        vec![
+            RawEntry::file("lib/libx.so.1", b"x"),
+            RawEntry::symlink("lib/libx.so", "libx.so.1"),
+        ],
+    );
+    d.deliver("2.0.0", ok).expect(0);
+    assert_eq!(
+        std::fs::read_link(d.root().join("v2.0.0/lib/libx.so")).unwrap(),
+        Path::new("libx.so.1")
+    );
+}
+
+#[test]
+fn rollback_starts_the_old_versions_services_not_the_new_ones() {
+    let mut d = Device::with_v1();
+    d.sc.touch("fail-start-camera");
+    let pkg = d.pack(
+        "2.0.0",
+        &[("bin/camera", b"#!/bin/sh\n", 0o755)],
+        &json!({"version": "2.0.0", "modules": [
+            {"name": "camera", "src": "bin/camera", "dst": "bin/camera", "process_name": "camera", "restart_order": 3}
+        ]}),
+    );
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("rolled back to previous 1.0.0"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.env.state()["rollback"], "previous 1.0.0");
+    let starts: Vec<String> =
+        d.sc.calls()
+            .into_iter()
+            .filter(|c| c.starts_with("start"))
+            .collect();
+    assert_eq!(
+        starts,
+        [
+            "start camera v2.0.0",
+            "start device-api v1.0.0",
+            "start printer-ui v1.0.0"
+        ],
+        "v1 has no camera unit: only its own services start after the rollback"
+    );
 }
