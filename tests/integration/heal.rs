@@ -59,11 +59,7 @@ fn stale_staging_and_temp_links_are_removed() {
 
 #[test]
 fn current_pointing_nowhere_is_repaired_to_previous_then_factory() {
-    let mut d = Device::with_v1();
-    d.add_factory();
-    let (files, manifest) = v2_partial();
-    let pkg = d.pack("2.0.0", &files, &manifest);
-    d.deliver("2.0.0", pkg).expect(0);
+    let d = v2_with_factory();
     // current -> a snapshot that is gone.
     std::fs::remove_dir_all(d.root().join("v2.0.0")).unwrap();
     d.sc.clear();

@@ -725,11 +725,7 @@ fn installing_a_version_in_use_is_refused() {
 
 #[test]
 fn manual_rollback_to_previous_factory_and_named_version() {
-    let mut d = Device::with_v1();
-    d.add_factory();
-    let (files, manifest) = v2_partial();
-    let pkg = d.pack("2.0.0", &files, &manifest);
-    d.deliver("2.0.0", pkg).expect(0);
+    let d = v2_with_factory();
     d.sc.clear();
 
     let run = d.env.run(&["rollback"]);
@@ -961,6 +957,16 @@ pub fn downgrade_ready() -> Device {
         &json!({"version": "1.5.0", "modules": [{"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api"}]}),
     );
     d.download("1.5.0", old).expect(0);
+    d
+}
+
+/// 2.0.0 installed over 1.0.0, with a factory 0.9.0.
+pub fn v2_with_factory() -> Device {
+    let mut d = Device::with_v1();
+    d.add_factory();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
     d
 }
 
