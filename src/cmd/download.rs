@@ -192,13 +192,11 @@ impl Sink for StateSink<'_> {
 }
 
 fn output(op: &Operation, human: String, exit: i32) -> Result<Output> {
-    let data = serde_json::to_value(op.state.progress_data())?;
-    let json = if exit == 0 {
-        serde_json::json!({"code": 200, "msg": "success", "error": null, "data": data})
+    Ok(if exit == 0 {
+        Output::success(human, op.state.progress_data())
     } else {
-        serde_json::json!({"code": 503, "msg": op.state.message, "error": null, "data": data})
-    };
-    Ok(Output { human, json, exit })
+        Output::interrupted(human.trim_end(), op.state.progress_data(), exit)
+    })
 }
 
 pub fn run(g: &Global, args: &DownloadArgs) -> Result<Output> {

@@ -23,12 +23,9 @@ pub fn run(g: &Global, args: &HealArgs) -> Result<Output> {
 
 fn output(op: &Operation, did: &[String]) -> Output {
     let human = did.iter().map(|d| format!("heal: {d}\n")).collect();
-    Output {
-        human,
-        json: serde_json::json!({"code": 200, "msg": "success", "error": null,
-            "repaired": did, "data": op.state.progress_data()}),
-        exit: 0,
-    }
+    let mut out = Output::success(human, op.state.progress_data());
+    out.json["repaired"] = serde_json::json!(did);
+    out
 }
 
 /// The package the state describes, if every field is there and valid.

@@ -352,12 +352,11 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
         op.state.progress = 100;
         op.state.message = "Install interrupted before any change; run install again".into();
         op.commit()?;
-        return Ok(Output {
-            human: format!("{}\n", op.state.message),
-            json: serde_json::json!({"code": 503, "msg": op.state.message, "error": null,
-                "data": op.state.progress_data()}),
-            exit: EXIT_SIGTERM,
-        });
+        return Ok(Output::interrupted(
+            &op.state.message,
+            op.state.progress_data(),
+            EXIT_SIGTERM,
+        ));
     }
     // Recorded only now, after the last chance to give the package back unchanged.
     set_step(op, "stop", 50, format!("Stopping {} service(s)", svc.len()))?;
@@ -383,12 +382,10 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
         op.state.stage = Stage::Rebooting;
         set_step(op, "reboot", 70, format!("Rebooting into {version}"))?;
         if reboot(&g.reboot_cmd) {
-            return Ok(Output {
-                human: format!("version {version} switched in; rebooting\n"),
-                json: serde_json::json!({"code": 200, "msg": "success", "error": null,
-                    "data": op.state.progress_data()}),
-                exit: 0,
-            });
+            return Ok(Output::success(
+                format!("version {version} switched in; rebooting\n"),
+                op.state.progress_data(),
+            ));
         }
         log::error!(
             "the reboot command {:?} failed; starting services instead",
@@ -457,12 +454,10 @@ pub fn finish_forward(g: &Global, op: &mut Operation, mgr: &Manager) -> Result<O
     };
     op.commit()?;
     failpoint::hit("after-success");
-    Ok(Output {
-        human: format!("{}\n", op.state.message),
-        json: serde_json::json!({"code": 200, "msg": "success", "error": null,
-            "data": op.state.progress_data()}),
-        exit: 0,
-    })
+    Ok(Output::success(
+        format!("{}\n", op.state.message),
+        op.state.progress_data(),
+    ))
 }
 
 /// Roll back after `original`, record the outcome and return it as this command's error.

@@ -29,6 +29,26 @@ pub struct Output {
     pub exit: i32,
 }
 
+impl Output {
+    /// A command that did its work: `--json` prints the success envelope around `data`.
+    pub fn success(human: String, data: impl serde::Serialize) -> Output {
+        Output {
+            human,
+            json: serde_json::json!({"code": 200, "msg": "success", "error": null, "data": data}),
+            exit: 0,
+        }
+    }
+
+    /// A command stopped by a signal at a safe point: its state says how far it got.
+    pub fn interrupted(message: &str, data: impl serde::Serialize, exit: i32) -> Output {
+        Output {
+            human: format!("{message}\n"),
+            json: serde_json::json!({"code": 503, "msg": message, "error": null, "data": data}),
+            exit,
+        }
+    }
+}
+
 /// Run the parsed command line.
 pub fn run(cli: &Cli) -> Result<Output> {
     match &cli.command {

@@ -140,14 +140,12 @@ pub fn run(_g: &Global, args: &PackArgs) -> Result<Output> {
     written?;
     let size = fs::metadata(&args.out)?.len();
     let md5 = crate::fetch::md5_file(&args.out)?;
-    Ok(Output {
-        human: format!(
+    Ok(Output::success(
+        format!(
             "wrote {} version {}: --size {size} --md5 {md5}\n",
             args.out.display(),
             args.version
         ),
-        json: serde_json::json!({"code": 200, "msg": "success", "error": null,
-            "data": {"path": args.out, "version": args.version, "size": size, "md5": md5}}),
-        exit: 0,
-    })
+        serde_json::json!({"path": args.out, "version": args.version, "size": size, "md5": md5}),
+    ))
 }

@@ -164,12 +164,10 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
         );
     };
     if links.current.as_deref() == Some(target.as_str()) {
-        return Ok(Output {
-            human: format!("version {target} is already current; nothing to do\n"),
-            json: serde_json::json!({"code": 200, "msg": "success", "error": null,
-                "data": op.state.progress_data()}),
-            exit: 0,
-        });
+        return Ok(Output::success(
+            format!("version {target} is already current; nothing to do\n"),
+            op.state.progress_data(),
+        ));
     }
     inhibit::check(g, std::time::Duration::from_secs(args.wait))?;
     let cur = links.current.clone();

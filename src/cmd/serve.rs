@@ -464,11 +464,7 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         progress_cache: std::sync::Mutex::new(None),
     });
     rt.block_on(serve(ctx, addr))?;
-    Ok(Output {
-        human: String::new(),
-        json: json!({"code": 200, "msg": "success", "error": null, "data": null}),
-        exit: 0,
-    })
+    Ok(Output::success(String::new(), Value::Null))
 }
 
 async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {

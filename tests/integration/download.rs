@@ -270,10 +270,10 @@ fn leave_partial(env: &mut Env, srv: &PkgServer, p: &Pkg) -> u64 {
     durable
 }
 
-#[test]
-fn server_ignoring_range_restarts_from_zero() {
+/// A 2 MiB package whose first download was cut at 1 MiB, leaving a resumable partial.
+fn with_partial(seed: u64) -> (Env, Pkg, PkgServer) {
     let mut env = Env::new();
-    let p = pkg(2 * MIB, 9);
+    let p = pkg(2 * MIB, seed);
     let srv = PkgServer::start(
         p.bytes.clone(),
         Behaviour {
@@ -282,6 +282,12 @@ fn server_ignoring_range_restarts_from_zero() {
         },
     );
     leave_partial(&mut env, &srv, &p);
+    (env, p, srv)
+}
+
+#[test]
+fn server_ignoring_range_restarts_from_zero() {
+    let (env, p, srv) = with_partial(9);
     srv.set(|b| b.honor_range = false);
     download(&env, &srv, &p).expect(0);
     assert_installed_package(&env, &p);
@@ -293,16 +299,7 @@ fn server_ignoring_range_restarts_from_zero() {
 
 #[test]
 fn range_not_satisfiable_deletes_partial_and_restarts() {
-    let mut env = Env::new();
-    let p = pkg(2 * MIB, 10);
-    let srv = PkgServer::start(
-        p.bytes.clone(),
-        Behaviour {
-            drop_once_at: Some(MIB as u64),
-            ..Behaviour::default()
-        },
-    );
-    leave_partial(&mut env, &srv, &p);
+    let (env, p, srv) = with_partial(10);
     srv.set(|b| b.refuse_ranges = true);
     download(&env, &srv, &p).expect(0);
     assert_installed_package(&env, &p);
@@ -673,16 +670,7 @@ fn sigterm_leaves_a_resumable_partial() {
 
 #[test]
 fn another_package_discards_the_old_partial() {
-    let mut env = Env::new();
-    let p = pkg(2 * MIB, 21);
-    let srv = PkgServer::start(
-        p.bytes.clone(),
-        Behaviour {
-            drop_once_at: Some(MIB as u64),
-            ..Behaviour::default()
-        },
-    );
-    leave_partial(&mut env, &srv, &p);
+    let (env, _, _old_server) = with_partial(21);
     let q = pkg(MIB, 22);
     let srv2 = PkgServer::start(q.bytes.clone(), Behaviour::default());
     let url = srv2.url("new.zip");
@@ -1000,16 +988,7 @@ fn weak_etag_sends_no_if_range() {
 
 #[test]
 fn a_changed_file_behind_a_server_ignoring_if_range_restarts_cleanly() {
-    let mut env = Env::new();
-    let p = pkg(2 * MIB, 44);
-    let srv = PkgServer::start(
-        p.bytes.clone(),
-        Behaviour {
-            drop_once_at: Some(MIB as u64),
-            ..Behaviour::default()
-        },
-    );
-    leave_partial(&mut env, &srv, &p);
+    let (env, p, srv) = with_partial(44);
     srv.set(|b| {
         b.etag = Some("\"pkg-etag-2\"".into());
         b.ignore_if_range = true;

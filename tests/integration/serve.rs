@@ -99,6 +99,17 @@ pub fn call(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, V
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// A call that must fail with `status` and `msg` starting `CODE: `; the whole body back.
+fn refused(addr: &str, path: &str, body: &str, status: u16, code: &str) -> Value {
+    let (st, v) = call(addr, "POST", path, Some(body));
+    assert_eq!(st, status, "{v}");
+    assert!(
+        v["msg"].as_str().unwrap().starts_with(&format!("{code}: ")),
+        "{v}"
+    );
+    v
+}
+
 fn progress(addr: &str) -> Value {
     let (status, v) = call(addr, "GET", "/api/v1.0/progress", None);
     assert_eq!(status, 200);
@@ -415,16 +426,12 @@ fn download_then_update_through_the_api_with_callbacks() {
         200
     );
     wait_progress(&a, 30, "toInstall", |p| p["stage"] == "toInstall");
-    let (st, v) = call(
+    refused(
         &a,
-        "POST",
         "/api/v1.0/update",
-        Some(r#"{"version":"9.9.9"}"#),
-    );
-    assert_eq!(st, 400);
-    assert!(
-        v["msg"].as_str().unwrap().starts_with("VERSION_MISMATCH: "),
-        "{v}"
+        r#"{"version":"9.9.9"}"#,
+        400,
+        "VERSION_MISMATCH",
     );
     assert_eq!(
         call(
@@ -478,16 +485,12 @@ fn update_of_an_expired_package_and_while_busy() {
     s["verified_at"] = json!("2000-01-01T00:00:00Z");
     std::fs::write(d.env.state_dir.join("state.json"), s.to_string()).unwrap();
     let srv = Server::start(&d.env);
-    let (st, v) = call(
+    refused(
         &srv.addr,
-        "POST",
         "/api/v1.0/update",
-        Some(r#"{"version":"2.0.0"}"#),
-    );
-    assert_eq!(st, 400, "{v}");
-    assert!(
-        v["msg"].as_str().unwrap().starts_with("PACKAGE_EXPIRED: "),
-        "{v}"
+        r#"{"version":"2.0.0"}"#,
+        400,
+        "PACKAGE_EXPIRED",
     );
     let until = Instant::now() + Duration::from_secs(10);
     while d.env.state()["error"] != "PACKAGE_EXPIRED" {
@@ -512,14 +515,13 @@ fn update_of_an_expired_package_and_while_busy() {
     s["stage"] = json!("toInstall");
     s["verified_at"] = json!(clock_now());
     std::fs::write(d.env.state_dir.join("state.json"), s.to_string()).unwrap();
-    let (st, v) = call(
+    refused(
         &srv.addr,
-        "POST",
         "/api/v1.0/update",
-        Some(r#"{"version":"2.0.0"}"#),
+        r#"{"version":"2.0.0"}"#,
+        409,
+        "BUSY",
     );
-    assert_eq!(st, 409, "{v}");
-    assert!(v["msg"].as_str().unwrap().starts_with("BUSY: "), "{v}");
     let (st, _) = call(
         &srv.addr,
         "POST",
@@ -571,19 +573,12 @@ fn sigterm_stops_accepting_and_lets_the_worker_finish() {
 fn update_refuses_a_downgrade_unless_the_request_allows_it() {
     let d = downgrade_ready();
     let srv = Server::start(&d.env);
-    let (st, v) = call(
+    refused(
         &srv.addr,
-        "POST",
         "/api/v1.0/update",
-        Some(r#"{"version":"1.5.0"}"#),
-    );
-    assert_eq!(st, 400, "{v}");
-    assert!(
-        v["msg"]
-            .as_str()
-            .unwrap()
-            .starts_with("DOWNGRADE_REFUSED: "),
-        "{v}"
+        r#"{"version":"1.5.0"}"#,
+        400,
+        "DOWNGRADE_REFUSED",
     );
     let (st, _) = call(
         &srv.addr,
@@ -603,14 +598,13 @@ fn update_is_409_inhibited_during_a_print() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("job"), b"").unwrap();
     let srv = Server::start(&d.env);
-    let (st, v) = call(
+    refused(
         &srv.addr,
-        "POST",
         "/api/v1.0/update",
-        Some(r#"{"version":"2.0.0"}"#),
+        r#"{"version":"2.0.0"}"#,
+        409,
+        "INHIBITED",
     );
-    assert_eq!(st, 409, "{v}");
-    assert!(v["msg"].as_str().unwrap().starts_with("INHIBITED: "), "{v}");
     std::fs::remove_file(dir.join("job")).unwrap();
     assert_eq!(
         call(
