@@ -131,6 +131,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Build an update package (ZIP with manifest.json) from a directory
     Pack(PackArgs),
+    /// Make the factory snapshot: a private, read-only copy of current (once per device)
+    Factory,
+    /// Compare snapshots with what was installed; exit 1 on any difference
+    Verify(VerifyArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -210,6 +214,16 @@ pub struct PackArgs {
     /// Directory whose contents become the package
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// Version or snapshot dir to check (default: current)
+    #[arg(value_name = "VERSION", conflicts_with = "all")]
+    pub version: Option<String>,
+    /// Check every snapshot in the versions root
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Clone, Args)]

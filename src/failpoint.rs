@@ -1,6 +1,11 @@
-//! Named crash points for the crash-injection tests. Compiled in only with the `failpoints`
-//! feature (the device binary has none): when `TOPE_OTA_FAILPOINT` names a point, the process
-//! SIGKILLs itself there, on the `TOPE_OTA_FAILPOINT_HIT`-th pass (default the first).
+//! Named crash points and injected I/O faults for the crash-injection tests. Compiled in only
+//! with the `failpoints` feature (the device binary has none).
+//!
+//! - `TOPE_OTA_FAILPOINT=name`: the process SIGKILLs itself at [`hit`]`(name)`, on the
+//!   `TOPE_OTA_FAILPOINT_HIT`-th pass (default the first).
+//! - `TOPE_OTA_FAULT=op:N`: from the N-th call of [`fault`]`(op)` on, every call fails with EIO,
+//!   as a disk that went bad stays bad. `op` is `fsync`, `rename` or `symlink` (the calls that
+//!   make a change durable or visible); `N` defaults to 1.
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
@@ -24,3 +29,29 @@ pub fn hit(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn hit(_name: &str) {}
+
+#[cfg(feature = "failpoints")]
+pub fn fault(op: &str) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static PASSES: AtomicU32 = AtomicU32::new(0);
+    let Ok(spec) = std::env::var("TOPE_OTA_FAULT") else {
+        return Ok(());
+    };
+    let (name, from) = match spec.split_once(':') {
+        Some((n, k)) => (n.to_string(), k.parse::<u32>().unwrap_or(1)),
+        None => (spec, 1),
+    };
+    if name != op {
+        return Ok(());
+    }
+    if PASSES.fetch_add(1, Ordering::SeqCst) + 1 >= from {
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn fault(_op: &str) -> std::io::Result<()> {
+    Ok(())
+}

@@ -11,6 +11,8 @@
 //! - [`fetch`]: HTTP streaming into a partial with hashing, resume, retries and timeouts.
 //! - [`report`]: progress callbacks to device-api, off the operation's path.
 //! - [`snapshot`]: version snapshot dirs, the current/previous/factory symlinks, mirroring.
+//! - [`integrity`]: each snapshot's record of its files, and what changed since.
+//! - [`transition`]: from one snapshot to another once services may be down, with fall-backs.
 //! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
@@ -34,6 +36,7 @@ pub mod failpoint;
 pub mod fetch;
 pub mod fsutil;
 pub mod inhibit;
+pub mod integrity;
 pub mod lock;
 pub mod logging;
 pub mod manifest;
@@ -44,6 +47,7 @@ pub mod sign;
 pub mod signals;
 pub mod snapshot;
 pub mod state;
+pub mod transition;
 pub mod validate;
 
 use error::OtaError;

@@ -15,6 +15,10 @@ pub struct Manifest {
     pub modules: Vec<Module>,
     #[serde(default)]
     pub reboot: bool,
+    /// Paths inside the snapshot (files or directories) that hold the version's changing data:
+    /// not recorded, so `verify` and the rollback checks do not report them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutable: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +115,16 @@ impl Manifest {
                     return invalid(format!("{who}: process_name {p:?} is not a unit name"));
                 }
             }
+        }
+        for p in m.mutable.iter().flatten() {
+            if !is_clean_relative(p) || p.split('/').next() == Some(crate::snapshot::META_DIR) {
+                return invalid(format!(
+                    "mutable path {p:?} must be a clean relative path inside the snapshot"
+                ));
+            }
+        }
+        if m.mutable.as_ref().is_some_and(|v| v.len() > 256) {
+            return invalid("more than 256 mutable paths".into());
         }
         for a in &dsts {
             for b in &dsts {

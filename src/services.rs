@@ -139,6 +139,12 @@ impl Manager {
         self.checked("is-active", name, self.stop_timeout, code)
     }
 
+    /// Whether `is-active` says the unit runs (a failing call counts as not running).
+    pub fn is_running(&self, name: &str) -> bool {
+        self.is_active(name, ErrorCode::ServiceStartFailed)
+            .unwrap_or(false)
+    }
+
     /// Stop one service and confirm it is no longer active.
     pub fn stop(&self, name: &str) -> Result<(), OtaError> {
         let code = ErrorCode::ServiceStopFailed;

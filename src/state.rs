@@ -96,6 +96,15 @@ pub struct State {
     /// After an automatic rollback: the level that held (`previous <v>`, `factory <v>`) or
     /// `failed`.
     pub rollback: Option<String>,
+    /// The snapshot dir the operation switches `current` to.
+    pub target: Option<String>,
+    /// The snapshot dir `current` pointed to when the operation began.
+    pub from: Option<String>,
+    /// The snapshot dir `previous` pointed to when the operation began.
+    pub previous_from: Option<String>,
+    /// The latest time a download made durable progress (RFC 3339): a kept partial may be
+    /// resumed until 24 h after it.
+    pub progressed_at: Option<String>,
 }
 
 /// The `data` object of `GET /progress` and of `status --json`.
@@ -114,6 +123,27 @@ pub struct ProgressData {
 }
 
 impl State {
+    /// The snapshot dir being switched to (older state files name only the version).
+    pub fn target_dir(&self) -> Option<String> {
+        self.target
+            .clone()
+            .or_else(|| self.version.as_deref().map(crate::snapshot::dir_name))
+    }
+
+    /// The snapshot dir that was current when the operation began.
+    pub fn from_dir(&self) -> Option<String> {
+        self.from
+            .clone()
+            .or_else(|| self.previous_version.as_deref().map(crate::snapshot::dir_name))
+    }
+
+    /// The snapshot dir that `previous` pointed to when the operation began.
+    pub fn previous_dir(&self) -> Option<String> {
+        self.previous_from
+            .clone()
+            .or_else(|| self.previous_before.as_deref().map(crate::snapshot::dir_name))
+    }
+
     pub fn progress_data(&self) -> ProgressData {
         ProgressData {
             stage: self.stage,

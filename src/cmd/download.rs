@@ -169,6 +169,9 @@ impl StateSink<'_> {
 impl Sink for StateSink<'_> {
     fn checkpoint(&mut self, durable: u64, validator: Option<&str>) -> Result<()> {
         let s = &mut self.op.state;
+        if durable > s.bytes_downloaded {
+            s.progressed_at = Some(clock::now_rfc3339());
+        }
         s.bytes_downloaded = durable;
         s.resume_validator = validator.map(str::to_string);
         s.progress = fetch::percent(durable, self.size);
@@ -305,6 +308,10 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     st.package_sha256 = pkg.package_sha256.clone();
     st.package_sig_url = pkg.package_sig_url.clone();
     st.bytes_downloaded = offset;
+    // A resume that fetches nothing (no network yet at boot) does not restart the 24 h clock.
+    if offset == 0 || st.progressed_at.is_none() {
+        st.progressed_at = Some(clock::now_rfc3339());
+    }
     st.resume_validator = validator.clone();
     st.progress = fetch::percent(offset, pkg.package_size);
     st.verified_at = None;

@@ -2,14 +2,14 @@
 //! Quiet and fast when there is nothing to do.
 
 use super::download::{self, Package};
-use super::install::{finish_forward, PACKAGE_TTL_SECS};
-use super::rollback::{auto_rollback, Level};
+use super::install::{Gui, PACKAGE_TTL_SECS};
 use super::{Operation, Output};
 use crate::cli::{Global, HealArgs, InstallArgs};
 use crate::error::{ErrorCode, OtaError};
 use crate::services::Manager;
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR};
+use crate::transition::{self, Level};
 use crate::{clock, fsutil, inhibit};
 use anyhow::Result;
 use std::fs;
@@ -57,6 +57,12 @@ fn remove_downloads(g: &Global) -> Result<usize> {
     Ok(n)
 }
 
+/// Seconds since the RFC 3339 time `t` (None when absent or unparsable).
+fn age_of(t: Option<&str>) -> Option<i64> {
+    t.and_then(clock::parse_rfc3339)
+        .map(|t| clock::now_unix() - t)
+}
+
 /// Back to where the interrupted install started: `toInstall` when its package is still there
 /// and fresh, else idle.
 fn back_to_pending(g: &Global, op: &mut Operation, why: &str) -> Result<()> {
@@ -65,12 +71,7 @@ fn back_to_pending(g: &Global, op: &mut Operation, why: &str) -> Result<()> {
         .package_name
         .as_ref()
         .map(|n| g.state_dir.join(DOWNLOADS_DIR).join(n));
-    let fresh = op
-        .state
-        .verified_at
-        .as_deref()
-        .and_then(clock::parse_rfc3339)
-        .is_some_and(|t| clock::now_unix() - t <= PACKAGE_TTL_SECS);
+    let fresh = age_of(op.state.verified_at.as_deref()).is_some_and(|a| a <= PACKAGE_TTL_SECS);
     op.state.step = None;
     op.state.error = None;
     if pkg.as_ref().is_some_and(|p| p.is_file()) && fresh {
@@ -85,15 +86,30 @@ fn back_to_pending(g: &Global, op: &mut Operation, why: &str) -> Result<()> {
     op.commit()
 }
 
+/// A download that failed on the network (or whose signature could not be fetched) keeps its
+/// bytes for the next attempt: the partial, or the whole verified file.
+fn kept_download(g: &Global, op: &Operation) -> bool {
+    let Some(name) = op.state.package_name.as_deref() else {
+        return false;
+    };
+    let dl = g.state_dir.join(DOWNLOADS_DIR);
+    op.state.error == Some(ErrorCode::DownloadFailed)
+        && (dl.join(name).is_file() || dl.join(format!("{name}.part")).is_file())
+}
+
 fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
     let mut did = Vec::new();
     if op.recovered {
         did.push("state.json did not parse; moved aside and reset to idle".to_string());
     }
     let root = &g.versions_dir;
-    let swept = fsutil::sweep_temp(&g.state_dir)?
-        + fsutil::sweep_temp(&g.state_dir.join(DOWNLOADS_DIR))?
-        + fsutil::sweep_temp(root)?;
+    let mut swept = fsutil::sweep_temp(&g.state_dir)?
+        + fsutil::sweep_temp(&g.state_dir.join(DOWNLOADS_DIR))?;
+    // A versions root that went read-only must not stop heal from bringing services up.
+    match fsutil::sweep_temp(root) {
+        Ok(n) => swept += n,
+        Err(e) => log::warn!("sweeping {}: {e:#}", root.display()),
+    }
     if swept > 0 {
         did.push(format!(
             "removed {swept} stale temp file(s), staging dir(s) or link(s)"
@@ -126,12 +142,7 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
             }
         }
         Stage::ToInstall => {
-            let age = op
-                .state
-                .verified_at
-                .as_deref()
-                .and_then(clock::parse_rfc3339)
-                .map(|t| clock::now_unix() - t);
+            let age = age_of(op.state.verified_at.as_deref());
             if age.is_none_or(|a| a > PACKAGE_TTL_SECS) {
                 remove_downloads(g)?;
                 let err = OtaError::new(
@@ -151,7 +162,9 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
                             allow_downgrade: false,
                             wait: 0,
                         };
-                        result = super::install::install(g, &install_args, op).map(|_| ());
+                        let mut gui = Gui::none();
+                        result =
+                            super::install::install(g, &install_args, op, &mut gui).map(|_| ());
                     }
                 }
             }
@@ -163,13 +176,46 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
         }
         Stage::Rebooting => {
             did.push("checking the services after the reboot".into());
-            result = finish_forward(g, op, &mgr).map(|_| ());
+            result = transition::forward(g, op, &mgr).map(|_| ());
         }
-        // A device whose rollback failed waits for a person: keep saying so.
-        Stage::Failed if op.state.error == Some(ErrorCode::RollbackFailed) => {}
+        // A device whose rollback failed waits for a person, but its services run whenever the
+        // snapshot current points at is complete.
+        Stage::Failed if op.state.error == Some(ErrorCode::RollbackFailed) => {
+            if let Some(what) = transition::revive_current(root, &mgr) {
+                op.state.message = format!("{}; {what}", op.state.message);
+                op.commit_best_effort();
+                did.push(what);
+            }
+        }
+        // Bytes kept for a resume stay until 24 h after the download last made progress.
+        Stage::Failed if kept_download(g, op) => {
+            let since = op
+                .state
+                .progressed_at
+                .as_deref()
+                .or(op.state.updated_at.as_deref());
+            if age_of(since).is_none_or(|a| a > PACKAGE_TTL_SECS) {
+                let n = remove_downloads(g)?;
+                op.state = crate::state::State {
+                    message: "a failed download made no progress for 24 h; its bytes were deleted"
+                        .into(),
+                    ..Default::default()
+                };
+                op.commit()?;
+                did.push(format!(
+                    "deleted {n} download(s) that made no progress for 24 h; idle"
+                ));
+            }
+        }
         Stage::Failed => {
             let n = remove_downloads(g)?;
-            let pruned = snapshot::prune(root)?;
+            let pruned = match snapshot::prune(root) {
+                Ok(p) => p.len(),
+                Err(e) => {
+                    log::warn!("removing unused snapshots: {e:#}");
+                    0
+                }
+            };
             op.state = crate::state::State {
                 message: format!(
                     "cleaned up after {}",
@@ -182,14 +228,18 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
             };
             op.commit()?;
             did.push(format!(
-                "cleaned up after a failure ({n} download(s), {} snapshot(s)); idle",
-                pruned.len()
+                "cleaned up after a failure ({n} download(s), {pruned} snapshot(s)); idle"
             ));
         }
         Stage::Idle | Stage::Success => {}
     }
-    if let Some(fixed) = repair_current(g, &mgr)? {
+    if let Some(fixed) = transition::repair_current(root, &mgr) {
         did.push(fixed);
+    }
+    match super::factory::remake_if_shared(root) {
+        Ok(Some(what)) => did.push(what),
+        Ok(None) => {}
+        Err(e) => did.push(format!("the factory snapshot could not be re-made: {e:#}")),
     }
     // An operation that failed again is recorded in state.json; heal itself did its job.
     if let Err(e) = result {
@@ -208,45 +258,36 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
     match step {
         // Nothing the running software depends on changed yet: drop the new snapshot.
         "" | "unpack" | "snapshot" => {
-            snapshot::prune(root)?;
+            snapshot::prune_best_effort(root);
             back_to_pending(
                 g,
                 op,
                 &format!("the install was interrupted at {step:?} and undone"),
             )
         }
-        // Services may be stopped, current is unchanged: start them again, drop the snapshot.
+        // Services may be stopped and current is unchanged: start them again on current.
         "stop" => {
             let current = Links::read(root).current;
-            // Start what the running version has; the new package's own list only when the
-            // snapshot records none.
-            let own = current
-                .as_deref()
-                .map(|c| snapshot::read_services(&snapshot::version_dir(root, c)))
-                .unwrap_or_default();
-            let svc = if own.is_empty() {
-                op.state.services.clone()
-            } else {
-                own
-            };
-            if current.is_some() && current == op.state.previous_version {
-                if let Err(e) = mgr.start_all(&svc).and_then(|_| mgr.check_all(&svc)) {
-                    auto_rollback(root, op, mgr, e, Level::Previous)?;
-                    return Ok(());
-                }
-                snapshot::prune(root)?;
-                back_to_pending(
-                    g,
-                    op,
-                    "the install was interrupted while stopping services and undone",
-                )
-            } else {
-                // The switch had begun after all (crash right after recording it elsewhere).
-                redo_switch(g, op, mgr)
+            if current.is_some() && current == op.state.target_dir() {
+                // The switch had happened after all: go forward.
+                return transition::forward(g, op, mgr).map(|_| ());
             }
+            let cur = current.unwrap_or_default();
+            let svc = transition::services_for(root, &cur, &op.state.services, true);
+            if let Err(e) = mgr.start_all(&svc).and_then(|_| mgr.check_all(&svc)) {
+                transition::fall_back(root, op, mgr, e, Level::Previous);
+                return Ok(());
+            }
+            snapshot::prune_best_effort(root);
+            back_to_pending(
+                g,
+                op,
+                "the install was interrupted while stopping services and undone",
+            )
         }
-        "switch" => redo_switch(g, op, mgr),
-        "reboot" | "start" | "verify" => finish_forward(g, op, mgr).map(|_| ()),
+        // The snapshot was complete before the stop step: switch to it again and go forward.
+        "switch" => transition::switch_and_forward(g, op, mgr).map(|_| ()),
+        "reboot" | "start" | "verify" => transition::forward(g, op, mgr).map(|_| ()),
         "rollback-previous" | "rollback-factory" => {
             let original = OtaError::new(
                 op.state.error.unwrap_or(ErrorCode::Internal),
@@ -260,7 +301,7 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
             } else {
                 Level::Factory
             };
-            auto_rollback(root, op, mgr, original, from)?;
+            transition::fall_back(root, op, mgr, original, from);
             Ok(())
         }
         other => {
@@ -269,51 +310,8 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
                 ErrorCode::Internal,
                 format!("install interrupted at unknown step {other:?}"),
             );
-            auto_rollback(root, op, mgr, e, Level::Previous)?;
+            transition::fall_back(root, op, mgr, e, Level::Previous);
             Ok(())
         }
     }
-}
-
-/// The snapshot is complete (it was renamed into place before the stop step): switch to it
-/// again, idempotently, and go forward.
-fn redo_switch(g: &Global, op: &mut Operation, mgr: &Manager) -> Result<()> {
-    let root = &g.versions_dir;
-    let version = op.state.version.clone().unwrap_or_default();
-    if !snapshot::version_dir(root, &version).is_dir() {
-        let e = OtaError::new(
-            ErrorCode::DeploymentFailed,
-            format!("snapshot v{version} is missing"),
-        );
-        auto_rollback(root, op, mgr, e, Level::Previous)?;
-        return Ok(());
-    }
-    mgr.stop_best_effort(&op.state.services);
-    snapshot::switch(root, op.state.previous_version.as_deref(), &version)?;
-    finish_forward(g, op, mgr).map(|_| ())
-}
-
-/// A `current` that points nowhere is pointed at previous, then factory, and that version's
-/// services are started.
-fn repair_current(g: &Global, mgr: &Manager) -> Result<Option<String>> {
-    let root = &g.versions_dir;
-    if !root.is_dir() {
-        return Ok(None);
-    }
-    let links = Links::read(root);
-    if links.current.is_some() {
-        return Ok(None);
-    }
-    let has_link = fs::symlink_metadata(root.join(snapshot::CURRENT)).is_ok();
-    let Some(to) = links.previous.clone().or(links.factory.clone()) else {
-        return Ok(has_link.then(|| {
-            "current points nowhere and there is no previous or factory version".to_string()
-        }));
-    };
-    snapshot::switch(root, None, &to)?;
-    let svc = snapshot::read_services(&snapshot::version_dir(root, &to));
-    if let Err(e) = mgr.start_all(&svc) {
-        log::error!("after repairing current: {}", e.message());
-    }
-    Ok(Some(format!("current pointed nowhere; now {to}")))
 }

@@ -1,7 +1,7 @@
 //! `install`: the verified package becomes a new version snapshot and the running software,
-//! with an automatic rollback when the new version does not come up.
+//! with an automatic rollback (through [`crate::transition`]) when the new version does not
+//! come up.
 
-use super::rollback::{auto_rollback, Level};
 use super::{Operation, Output};
 use crate::archive::{self, Limits};
 use crate::cli::{Global, InstallArgs};
@@ -10,7 +10,8 @@ use crate::manifest::{Manifest, MANIFEST};
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR};
-use crate::{clock, failpoint, fsutil, inhibit, signals, validate};
+use crate::transition::{self, set_step};
+use crate::{clock, failpoint, fsutil, inhibit, integrity, signals, validate};
 use anyhow::{Context, Result};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -24,20 +25,26 @@ pub const PACKAGE_TTL_SECS: i64 = 24 * 3600;
 
 pub fn run(g: &Global, args: &InstallArgs) -> Result<Output> {
     let mut op = Operation::begin(g)?;
-    let gui = Gui::launch(&g.gui);
-    let result = install(g, args, &mut op);
+    let mut gui = Gui::none();
+    let result = install(g, args, &mut op, &mut gui);
     gui.finish();
     op.finish();
     result
 }
 
-/// The optional progress screen: started detached, never waited for, never fatal.
-struct Gui(Option<Child>);
+/// The optional progress screen: started detached once the install will run, never waited
+/// for, never fatal.
+pub struct Gui(Option<Child>);
 
 impl Gui {
+    /// No screen (yet).
+    pub fn none() -> Gui {
+        Gui(None)
+    }
+
     fn launch(path: &Path) -> Gui {
         if !path.exists() {
-            log::debug!("no ota-gui at {}", path.display());
+            log::warn!("no ota-gui at {}; installing without a progress screen", path.display());
             return Gui(None);
         }
         match Command::new(path)
@@ -52,6 +59,17 @@ impl Gui {
                 log::warn!("ota-gui {} did not start: {e}", path.display());
                 Gui(None)
             }
+        }
+    }
+
+    /// Take the screen down again: the install gave the package back (a print started).
+    fn close(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SAFETY: kill(2) on the GUI's own process group.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGTERM);
+            }
+            let _ = child.wait();
         }
     }
 
@@ -111,7 +129,8 @@ fn place(from: &Path, snap: &Path, dst: &str) -> Result<()> {
     fsutil::rename(from, &to)
 }
 
-/// Unpack, validate and build the snapshot in `staging/snapshot`; returns the manifest.
+/// Unpack, validate and build the snapshot in `staging/snapshot` (recorded, durable); returns
+/// the manifest.
 fn build(
     op: &mut Operation,
     root: &Path,
@@ -158,18 +177,20 @@ fn build(
             }
         }
     }
-    op.state.progress = 30;
-    op.state.step = Some("snapshot".into());
-    op.state.message = format!("Building snapshot v{version}");
-    op.commit()?;
+    set_step(op, "snapshot", 30, format!("Building snapshot v{version}"))?;
 
     let snap = staging.join("snapshot");
     fs::DirBuilder::new().mode(0o755).create(&snap)?;
     let mut list: Vec<Service> = Vec::new();
+    let mut reuse = None;
     if let Some(cur) = current {
         let n = snapshot::mirror(cur, &snap)?;
         log::info!("mirrored {n} entries of {} by hard links", cur.display());
         list = snapshot::read_services(cur);
+        match integrity::read(cur) {
+            Ok(r) => reuse = r,
+            Err(e) => log::warn!("{e:#}; every file of the new snapshot is hashed"),
+        }
     }
     for md in &manifest.modules {
         place(&unpack.join(&md.src), &snap, &md.dst)?;
@@ -179,7 +200,14 @@ fn build(
         list.push(s);
     }
     snapshot::write_services(&snap, &list)?;
-    fsutil::sync_fs(&snap)?;
+    let mutable = match (&manifest.mutable, &reuse) {
+        (Some(m), _) => m.clone(),
+        (None, Some(r)) => r.mutable.clone(),
+        (None, None) => Vec::new(),
+    };
+    let rec = integrity::build(&snap, &mutable, current.zip(reuse.as_ref()))?;
+    integrity::write(&snap, &rec)?;
+    fsutil::sync_new_tree(&snap)?;
     Ok(manifest)
 }
 
@@ -211,15 +239,8 @@ fn reboot(cmd: &str) -> bool {
     false
 }
 
-fn set_step(op: &mut Operation, step: &str, progress: u8, message: String) -> Result<()> {
-    op.state.step = Some(step.into());
-    op.state.progress = progress;
-    op.state.message = message;
-    op.commit()
-}
-
 /// The install under a writer's lock; heal --auto-install calls it too.
-pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Output> {
+pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation, gui: &mut Gui) -> Result<Output> {
     let s = &op.state;
     if s.stage != Stage::ToInstall {
         return fail(
@@ -239,9 +260,11 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
             );
         }
     }
+    let root = g.versions_dir.clone();
+    let links = Links::read(&root);
     if !args.allow_downgrade {
-        if let Some(cur) = Links::read(&g.versions_dir).current {
-            if validate::compare_versions(&version, &cur) == std::cmp::Ordering::Less {
+        if let Some(cur) = links.current_version() {
+            if validate::compare_versions(&version, cur) == std::cmp::Ordering::Less {
                 return fail(
                     ErrorCode::DowngradeRefused,
                     format!("{version} is lower than the current {cur}; use rollback, or --allow-downgrade"),
@@ -278,45 +301,46 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
         op.commit()?;
         return Err(e.into());
     }
+    // The install will run: now the progress screen may cover the device's own.
+    *gui = Gui::launch(&g.gui);
 
-    let root = g.versions_dir.clone();
     fsutil::ensure_dir(&root)?;
     fsutil::sweep_temp(&root)?;
-    let links = Links::read(&root);
-    let old = links.current.clone();
+    let target = snapshot::dir_name(&version);
     op.state.stage = Stage::Installing;
     op.state.error = None;
     op.state.rollback = None;
+    op.state.rollback_cause = None;
     op.state.bytes_done = 0;
     op.state.bytes_total = 0;
     op.state.speed_bps = 0;
     op.state.eta_s = None;
-    op.state.previous_version = old.clone();
-    op.state.previous_before = links.previous.clone();
+    op.state.previous_version = links.current_version().map(str::to_string);
+    op.state.previous_before = links.previous_version().map(str::to_string);
+    op.state.from = links.current.clone();
+    op.state.previous_from = links.previous.clone();
+    op.state.target = Some(target.clone());
     op.state.services = Vec::new();
     set_step(op, "unpack", 0, format!("Unpacking {name}"))?;
 
-    let target = snapshot::version_dir(&root, &version);
+    let target_path = root.join(&target);
     let staging = fsutil::temp_path(&root, "stage");
     let built = (|| -> Result<Manifest> {
-        if target.exists() {
-            let used = [&links.current, &links.previous, &links.factory]
-                .iter()
-                .any(|l| l.as_deref() == Some(version.as_str()));
-            if used {
+        if fs::symlink_metadata(&target_path).is_ok() {
+            if links.references(&target) {
                 return fail(
                     ErrorCode::DeploymentFailed,
                     format!("version {version} is already installed (current, previous or factory); use rollback"),
                 );
             }
-            log::info!("removing the unreferenced leftover {}", target.display());
-            fsutil::remove_tree_durable(&target)?;
+            log::info!("removing the unreferenced leftover {}", target_path.display());
+            fsutil::remove_tree_durable(&target_path)?;
         }
         fs::DirBuilder::new().mode(0o755).create(&staging)?;
-        let current_dir = old.as_ref().map(|v| snapshot::version_dir(&root, v));
+        let current_dir = links.current.as_ref().map(|d| root.join(d));
         let m = build(op, &root, &pkg, &version, &staging, current_dir.as_deref())?;
         failpoint::hit("before-snapshot-rename");
-        fsutil::rename_durable(&staging.join("snapshot"), &target)?;
+        fsutil::rename_durable(&staging.join("snapshot"), &target_path)?;
         failpoint::hit("after-snapshot-rename");
         Ok(m)
     })();
@@ -335,23 +359,24 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
     let svc: Vec<Service> = services::start_order(manifest.services());
     op.state.services = svc.clone();
     // A print may have started while we unpacked: look again before stopping anything.
-    if let Err(e) = inhibit::check(g, Duration::ZERO) {
-        fsutil::remove_tree_durable(&target)?;
-        op.state.stage = Stage::ToInstall;
-        op.state.step = None;
-        op.state.progress = 100;
-        op.state.message = format!("{}; the package waits", e.message());
-        op.commit()?;
-        return Err(e.into());
-    }
-    if signals::stop_requested().is_some() {
+    let gave_back = match inhibit::check(g, Duration::ZERO) {
+        Err(e) => Some((format!("{}; the package waits", e.message()), Err(e))),
+        Ok(()) if signals::stop_requested().is_some() => Some((
+            "Install interrupted before any change; run install again".to_string(),
+            Ok(()),
+        )),
+        Ok(()) => None,
+    };
+    if let Some((message, why)) = gave_back {
         // Nothing has changed for the running software yet: give the package back.
-        fsutil::remove_tree_durable(&target)?;
+        gui.close();
+        fsutil::remove_tree_durable(&target_path)?;
         op.state.stage = Stage::ToInstall;
         op.state.step = None;
         op.state.progress = 100;
-        op.state.message = "Install interrupted before any change; run install again".into();
+        op.state.message = message;
         op.commit()?;
+        why?;
         return Ok(Output::interrupted(
             &op.state.message,
             op.state.progress_data(),
@@ -363,24 +388,27 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
     let mgr = Manager::new(&g.systemctl);
     failpoint::hit("before-stop");
     if let Err((e, _)) = mgr.stop_all(&svc) {
-        return rolled_back(g, op, &mgr, e);
+        return Err(transition::failed(g, op, &mgr, e).into());
     }
 
     failpoint::hit("after-stop");
-    // From here on, services are down: any failure rolls back instead of returning.
+    // From here on, services are down: any failure falls back instead of returning.
+    let from = op.state.from.clone();
     let switched =
         set_step(op, "switch", 60, format!("Switching current to {version}")).and_then(|_| {
             failpoint::hit("before-switch");
-            snapshot::switch(&root, old.as_deref(), &version)
+            snapshot::switch(&root, from.as_deref(), &target)
         });
     if let Err(e) = switched {
-        return rolled_back(g, op, &mgr, crate::error::classify(&e));
+        return Err(transition::failed(g, op, &mgr, crate::error::classify(&e)).into());
     }
     failpoint::hit("after-switch");
 
     if manifest.reboot {
         op.state.stage = Stage::Rebooting;
-        set_step(op, "reboot", 70, format!("Rebooting into {version}"))?;
+        if let Err(e) = set_step(op, "reboot", 70, format!("Rebooting into {version}")) {
+            return Err(transition::failed(g, op, &mgr, crate::error::classify(&e)).into());
+        }
         if reboot(&g.reboot_cmd) {
             return Ok(Output::success(
                 format!("version {version} switched in; rebooting\n"),
@@ -394,7 +422,8 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
         op.state.stage = Stage::Installing;
     }
 
-    let out = finish_forward(g, op, &mgr)?;
+    let old = op.state.previous_version.clone();
+    let out = transition::forward(g, op, &mgr)?;
     Ok(Output {
         human: format!(
             "installed version {version}{}\n",
@@ -402,73 +431,4 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation) -> Result<Out
         ),
         ..out
     })
-}
-
-/// From the switch on, an install (or a rollback by hand) only goes forward: start the
-/// services of `state.version`, check them, and finish with success; any failure rolls back.
-/// Shared by install and by heal, which re-enters here after a crash or a reboot.
-pub fn finish_forward(g: &Global, op: &mut Operation, mgr: &Manager) -> Result<Output> {
-    let root = &g.versions_dir;
-    let version = op.state.version.clone().unwrap_or_default();
-    let svc = op.state.services.clone();
-    op.state.stage = Stage::Installing;
-    if let Err(e) = set_step(
-        op,
-        "start",
-        70,
-        format!("Starting {} service(s)", svc.len()),
-    ) {
-        return rolled_back(g, op, mgr, crate::error::classify(&e));
-    }
-    failpoint::hit("before-start");
-    if let Err(e) = mgr.start_all(&svc) {
-        return rolled_back(g, op, mgr, e);
-    }
-    if let Err(e) = set_step(op, "verify", 90, "Checking the services stay up".into()) {
-        return rolled_back(g, op, mgr, crate::error::classify(&e));
-    }
-    if let Err(e) = mgr.check_all(&svc) {
-        return rolled_back(g, op, mgr, e);
-    }
-    failpoint::hit("before-success");
-    let installing = op.state.package_name.is_some();
-    if installing {
-        if let Some(name) = &op.state.package_name {
-            fsutil::remove_file_durable(&g.state_dir.join(DOWNLOADS_DIR).join(name))?;
-        }
-        let removed = snapshot::prune(root)?;
-        if !removed.is_empty() {
-            log::info!("removed old snapshots {}", removed.join(", "));
-        }
-    }
-    op.state.stage = Stage::Success;
-    op.state.step = None;
-    op.state.progress = 100;
-    op.state.message = if installing {
-        format!("Installed version {version}")
-    } else {
-        format!(
-            "Rolled back to {version}; previous is now {}",
-            op.state.previous_version.as_deref().unwrap_or("-")
-        )
-    };
-    op.commit()?;
-    failpoint::hit("after-success");
-    Ok(Output::success(
-        format!("{}\n", op.state.message),
-        op.state.progress_data(),
-    ))
-}
-
-/// Roll back after `original`, record the outcome and return it as this command's error.
-fn rolled_back(
-    g: &Global,
-    op: &mut Operation,
-    mgr: &Manager,
-    original: OtaError,
-) -> Result<Output> {
-    let fin = auto_rollback(&g.versions_dir, op, mgr, original, Level::Previous)?;
-    let pkg_name = op.state.package_name.clone().unwrap_or_default();
-    let _ = fsutil::remove_file_durable(&g.state_dir.join(DOWNLOADS_DIR).join(pkg_name));
-    Err(fin.into())
 }

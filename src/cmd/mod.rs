@@ -2,12 +2,14 @@
 //! of a writer, so that every state change is saved durably, logged and reported in one place.
 
 pub mod download;
+pub mod factory;
 pub mod heal;
 pub mod install;
 pub mod pack;
 pub mod rollback;
 pub mod serve;
 pub mod status;
+pub mod verify;
 
 use crate::cli::{Cli, Command, Global};
 use crate::error::OtaError;
@@ -59,6 +61,8 @@ pub fn run(cli: &Cli) -> Result<Output> {
         Command::Heal(args) => heal::run(&cli.global, args),
         Command::Serve(args) => serve::run(&cli.global, args),
         Command::Pack(args) => pack::run(&cli.global, args),
+        Command::Factory => factory::run(&cli.global),
+        Command::Verify(args) => verify::run(&cli.global, args),
     }
 }
 
@@ -93,6 +97,21 @@ impl Operation {
         self.state.save(&self.lock)?;
         self.reporter.observe(&self.state);
         Ok(())
+    }
+
+    /// Save, but never let a failing save (a full or broken disk) stop what must go on once
+    /// services are down.
+    pub fn commit_best_effort(&mut self) {
+        if let Err(e) = self.commit() {
+            log::error!("recording the state failed (the operation goes on): {e:#}");
+        }
+    }
+
+    /// [`Operation::fail`], logging a failing save instead of returning it.
+    pub fn fail_best_effort(&mut self, err: &OtaError) {
+        if let Err(e) = self.fail(err) {
+            log::error!("recording the failure failed: {e:#}");
+        }
     }
 
     /// Record a failure: stage `failed`, the code in `error`, the detail in `message`.

@@ -76,6 +76,7 @@ fn default_manifest(dir: &Path, version: &str) -> Result<Manifest> {
         version: version.to_string(),
         modules,
         reboot: false,
+        mutable: None,
     })
 }
 

@@ -1,134 +1,57 @@
-//! `rollback`: switch to the previous, the factory or a named version by hand, and the
-//! automatic rollback that install (and a failed manual rollback) fall back on.
+//! `rollback`: switch to the previous, the factory or a named version by hand. The switch, the
+//! service restart and the fall-back when the target does not come up are
+//! [`crate::transition`]'s.
 
 use super::{Operation, Output};
 use crate::cli::{Global, RollbackArgs};
 use crate::error::{fail, ErrorCode, OtaError};
-use crate::services::{self, Manager, Service};
+use crate::services::{self, Manager};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, State};
-use crate::{failpoint, inhibit, validate};
+use crate::transition::{self, set_step};
+use crate::{failpoint, inhibit, integrity, validate};
 use anyhow::Result;
-use std::path::Path;
-
-/// Stop what may run (`services` of the failed version and the target's own), point `current`
-/// at `target` (and `previous` at `previous`), then start and check the target's services: a
-/// service only the failed version has is not started on a version that lacks its unit.
-fn try_level(
-    root: &Path,
-    mgr: &Manager,
-    services: &[Service],
-    target: &str,
-    previous: Option<&str>,
-) -> Result<(), OtaError> {
-    let own = snapshot::read_services(&snapshot::version_dir(root, target));
-    // A snapshot made outside tope-ota records no services: fall back to the failed ones.
-    let start = if own.is_empty() {
-        services.to_vec()
-    } else {
-        own.clone()
-    };
-    let mut stop = services.to_vec();
-    stop.extend(own);
-    mgr.stop_best_effort(&services::start_order(stop));
-    snapshot::switch(root, previous, target)
-        .map_err(|e| OtaError::new(ErrorCode::DeploymentFailed, format!("{e:#}")))?;
-    mgr.start_all(&start)?;
-    mgr.check_all(&start)
-}
-
-/// Save the state, but never let a failing save (a full or broken disk) stop a rollback.
-fn save_best_effort(op: &mut Operation) {
-    if let Err(e) = op.commit() {
-        log::error!("recording the rollback failed (it goes on): {e:#}");
-    }
-}
-
-/// Where an automatic rollback starts: heal resumes one at the level it had reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Previous,
-    Factory,
-}
-
-/// After `original` failed an install or rollback: level 1 back to the version that was
-/// current before (`state.previous_version`), level 2 to `factory`, each with the services
-/// restarted and checked. Records the outcome in the state (stage `failed`, the original code,
-/// or `ROLLBACK_FAILED`) and returns the error to report. Each level is recorded as the step
-/// before it acts, so heal can run it again after a crash.
-pub fn auto_rollback(
-    root: &Path,
-    op: &mut Operation,
-    mgr: &Manager,
-    original: OtaError,
-    from: Level,
-) -> Result<OtaError> {
-    log::error!("{}; rolling back", original.message());
-    op.state.error = Some(original.code);
-    op.state.rollback_cause = Some(original.detail.clone());
-    let services = op.state.services.clone();
-    let before = op.state.previous_version.clone();
-    let mut why = Vec::new();
-    let mut held = None;
-    if from == Level::Previous {
-        match before.as_deref() {
-            Some(v) if snapshot::version_dir(root, v).is_dir() => {
-                op.state.step = Some("rollback-previous".into());
-                op.state.message = format!("{}; rolling back to {v}", original.detail);
-                save_best_effort(op);
-                failpoint::hit("rollback-previous");
-                let restore = op.state.previous_before.clone();
-                match try_level(root, mgr, &services, v, restore.as_deref()) {
-                    Ok(()) => held = Some(format!("previous {v}")),
-                    Err(e) => why.push(format!("to previous {v}: {}", e.message())),
-                }
-            }
-            _ => why.push("no previous version".to_string()),
-        }
-    }
-    if held.is_none() {
-        match Links::read(root).factory {
-            Some(f) => {
-                op.state.step = Some("rollback-factory".into());
-                op.state.message = format!("{}; rolling back to factory {f}", original.detail);
-                save_best_effort(op);
-                failpoint::hit("rollback-factory");
-                match try_level(root, mgr, &services, &f, before.as_deref()) {
-                    Ok(()) => held = Some(format!("factory {f}")),
-                    Err(e) => why.push(format!("to factory {f}: {}", e.message())),
-                }
-            }
-            None => why.push("no factory version".to_string()),
-        }
-    }
-    let fin = match &held {
-        Some(level) => OtaError::new(
-            original.code,
-            format!("{}; rolled back to {level}", original.detail),
-        ),
-        None => OtaError::new(
-            ErrorCode::RollbackFailed,
-            format!("{}; rollback failed {}", original.message(), why.join("; ")),
-        ),
-    };
-    op.state.rollback = Some(held.clone().unwrap_or_else(|| "failed".into()));
-    op.state.step = None;
-    if held.is_some() {
-        if let Ok(removed) = snapshot::prune(root) {
-            if !removed.is_empty() {
-                log::info!("removed the failed snapshot(s) {}", removed.join(", "));
-            }
-        }
-    }
-    op.fail(&fin)?;
-    Ok(fin)
-}
 
 pub fn run(g: &Global, args: &RollbackArgs) -> Result<Output> {
     let mut op = Operation::begin(g)?;
     let result = rollback(g, args, &mut op);
     op.finish();
     result
+}
+
+/// The snapshot dir `--to` names: `previous`, `factory` (its dir; a copy is built later), a
+/// snapshot dir name, or a version (its plain `v<version>` dir, else the newest `~n` one).
+fn resolve(root: &std::path::Path, links: &Links, to: &str) -> Result<Option<String>> {
+    Ok(match to {
+        "previous" => links.previous.clone(),
+        "factory" => links.factory.clone(),
+        d if snapshot::version_of(d).is_some() && root.join(d).is_dir() => Some(d.to_string()),
+        v => {
+            validate::version(v)?;
+            let plain = snapshot::dir_name(v);
+            if root.join(&plain).is_dir() {
+                Some(plain)
+            } else {
+                let mut same: Vec<String> = std::fs::read_dir(root)
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .filter(|n| {
+                                snapshot::version_of(n) == Some(v) && !snapshot::is_factory_dir(n)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                same.sort();
+                same.pop().or_else(|| {
+                    links
+                        .factory
+                        .clone()
+                        .filter(|f| snapshot::version_of(f) == Some(v))
+                })
+            }
+        }
+    })
 }
 
 fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Output> {
@@ -143,17 +66,7 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
     }
     let root = &g.versions_dir;
     let links = Links::read(root);
-    let target = match args.to.as_str() {
-        "previous" => links.previous.clone(),
-        "factory" => links.factory.clone(),
-        v => {
-            validate::version(v)?;
-            snapshot::version_dir(root, v)
-                .is_dir()
-                .then(|| v.to_string())
-        }
-    };
-    let Some(target) = target else {
+    let Some(mut target) = resolve(root, &links, &args.to)? else {
         return fail(
             ErrorCode::InvalidRequest,
             format!(
@@ -169,11 +82,29 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
             op.state.progress_data(),
         ));
     }
+    // Nothing is stopped for a target that changed since it was built.
+    let st = integrity::check_target(root, &target);
+    if !st.usable() {
+        return fail(
+            ErrorCode::DeploymentFailed,
+            format!(
+                "{target} changed since it was built ({}); see `tope-ota verify {}`",
+                st.summary(),
+                snapshot::version_of(&target).unwrap_or(&target)
+            ),
+        );
+    }
     inhibit::check(g, std::time::Duration::from_secs(args.wait))?;
-    let cur = links.current.clone();
-    let mut list = snapshot::read_services(&snapshot::version_dir(root, &target));
-    if let Some(c) = &cur {
-        list.extend(snapshot::read_services(&snapshot::version_dir(root, c)));
+    if snapshot::is_factory_dir(&target) || links.factory.as_deref() == Some(target.as_str()) {
+        // current never points at the factory itself: a fresh, writable copy is built first,
+        // while everything still runs.
+        target = transition::copy_of_factory(root, &target)?;
+    }
+    let version = snapshot::version_of(&target).unwrap_or(&target).to_string();
+    // The services of both versions are stopped; only the target's own are started.
+    let mut list = snapshot::read_services(&root.join(&target));
+    if let Some(c) = &links.current {
+        list.extend(snapshot::read_services(&root.join(c)));
     }
     let svc = services::start_order(list);
     // The rollback replaces the operation in flight: a pending package or partial goes with it.
@@ -184,25 +115,32 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
     }
     op.state = State {
         stage: Stage::Installing,
-        version: Some(target.clone()),
-        previous_version: cur.clone(),
-        previous_before: links.previous.clone(),
+        version: Some(version.clone()),
+        previous_version: links.current_version().map(str::to_string),
+        previous_before: links.previous_version().map(str::to_string),
+        from: links.current.clone(),
+        previous_from: links.previous.clone(),
+        target: Some(target.clone()),
         services: svc.clone(),
         step: Some("stop".into()),
-        message: format!("Rolling back to {target}"),
+        message: format!("Rolling back to {version}"),
         ..State::default()
     };
     op.commit()?;
     let mgr = Manager::new(&g.systemctl);
     if let Err((e, _)) = mgr.stop_all(&svc) {
-        let fin = auto_rollback(root, op, &mgr, e, Level::Previous)?;
-        return Err(fin.into());
+        return Err(transition::failed(g, op, &mgr, e).into());
     }
-    op.state.step = Some("switch".into());
-    op.state.progress = 40;
-    op.commit()?;
-    failpoint::hit("before-switch");
-    snapshot::switch(root, cur.as_deref(), &target)?;
+    let from = op.state.from.clone();
+    let switched = set_step(op, "switch", 40, format!("Switching current to {target}"))
+        .and_then(|_| {
+            failpoint::hit("before-switch");
+            snapshot::switch(root, from.as_deref(), &target)
+        });
+    if let Err(e) = switched {
+        let e: OtaError = crate::error::classify(&e);
+        return Err(transition::failed(g, op, &mgr, e).into());
+    }
     failpoint::hit("after-switch");
-    super::install::finish_forward(g, op, &mgr)
+    transition::forward(g, op, &mgr)
 }

@@ -345,8 +345,9 @@ async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
         )
     });
     if !upd.allow_downgrade && !env_allows {
-        if let Some(cur) = crate::snapshot::Links::read(&ctx.global.versions_dir).current {
-            if validate::compare_versions(&upd.version, &cur) == std::cmp::Ordering::Less {
+        let links = crate::snapshot::Links::read(&ctx.global.versions_dir);
+        if let Some(cur) = links.current_version() {
+            if validate::compare_versions(&upd.version, cur) == std::cmp::Ordering::Less {
                 return coded(&OtaError::new(
                     ErrorCode::DowngradeRefused,
                     format!("{} is lower than the current {cur}", upd.version),

@@ -60,9 +60,18 @@ pub fn run(g: &Global) -> Result<Output> {
             let _ = writeln!(human, "updated:   {at}");
         }
     }
-    let _ = writeln!(human, "current:   {}", dash(links.current.as_deref()));
-    let _ = writeln!(human, "previous:  {}", dash(links.previous.as_deref()));
-    let _ = writeln!(human, "factory:   {}", dash(links.factory.as_deref()));
+    // The version, and the snapshot dir where its name is not the plain `v<version>`.
+    let show = |d: &Option<String>| match d.as_deref() {
+        None => "-".to_string(),
+        Some(d) => match snapshot::version_of(d) {
+            Some(v) if snapshot::dir_name(v) == d => v.to_string(),
+            Some(v) => format!("{v} ({d})"),
+            None => d.to_string(),
+        },
+    };
+    let _ = writeln!(human, "current:   {}", show(&links.current));
+    let _ = writeln!(human, "previous:  {}", show(&links.previous));
+    let _ = writeln!(human, "factory:   {}", show(&links.factory));
     let _ = match crate::sign::load_keys(&g.keys_dir) {
         Ok(k) if k.is_empty() => writeln!(
             human,

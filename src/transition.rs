@@ -1,0 +1,472 @@
+//! Moving the device from one snapshot to another once services may be down: switch, start,
+//! check, and fall back through a list of targets. Install, rollback and heal all end here, so
+//! the rule that keeps a printer up is written once:
+//!
+//! after services stop, the device ends with `current` resolving to a complete snapshot whose
+//! services run. A failed switch is followed by a look at where `current` really points; if that
+//! snapshot is complete, its services are started. `ROLLBACK_FAILED` only when no complete
+//! snapshot's services can be started.
+
+use crate::cmd::{Operation, Output};
+use crate::error::{ErrorCode, OtaError};
+use crate::integrity;
+use crate::services::{self, Manager, Service};
+use crate::snapshot::{self, Links, CURRENT, PREVIOUS};
+use crate::state::{Stage, DOWNLOADS_DIR};
+use crate::{failpoint, fsutil};
+use anyhow::{Context, Result};
+use std::fs;
+use std::path::Path;
+
+/// Where an automatic rollback starts: heal resumes one at the level it had reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// The snapshot that was current when the operation began.
+    Previous,
+    /// A fresh copy of the factory snapshot.
+    Factory,
+}
+
+/// The services to start on `dir`: its own list, limited to `stopped` when `only_stopped`
+/// (an install restarts only what it stopped); the stopped ones when the snapshot has no list.
+pub fn services_for(root: &Path, dir: &str, stopped: &[Service], only_stopped: bool) -> Vec<Service> {
+    let own = snapshot::read_services(&root.join(dir));
+    if own.is_empty() {
+        return stopped.to_vec();
+    }
+    if only_stopped {
+        own.into_iter()
+            .filter(|s| stopped.iter().any(|t| t.name == s.name))
+            .collect()
+    } else {
+        own
+    }
+}
+
+/// Stop what may run (`running`, and the target's own services), point `current` at `dir`,
+/// start and check the target's own services. `previous` is restored on a best-effort basis: a
+/// rollback that holds does not fail on the cosmetic link.
+fn bring_up(
+    root: &Path,
+    mgr: &Manager,
+    running: &[Service],
+    dir: &str,
+    previous: Option<&str>,
+) -> Result<(), OtaError> {
+    let own = services_for(root, dir, running, false);
+    let mut stop = running.to_vec();
+    stop.extend(own.iter().cloned());
+    mgr.stop_best_effort(&services::start_order(stop));
+    point_current(root, dir, previous)?;
+    mgr.start_all(&own)?;
+    mgr.check_all(&own)
+}
+
+/// `current` -> `dir` (strict), then `previous` -> `previous` (best effort). When the switch
+/// fails but `current` already points at `dir`, that is success.
+fn point_current(root: &Path, dir: &str, previous: Option<&str>) -> Result<(), OtaError> {
+    let switched = snapshot::set_link(root, CURRENT, dir).and_then(|changed| {
+        if changed {
+            fsutil::sync_dir(root)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = switched {
+        if snapshot::link_dir(root, CURRENT).as_deref() != Some(dir) {
+            return Err(OtaError::new(
+                ErrorCode::DeploymentFailed,
+                format!("switching current to {dir}: {e:#}"),
+            ));
+        }
+        log::warn!("current points at {dir}, but making that durable failed: {e:#}");
+    }
+    if let Some(p) = previous {
+        if root.join(p).is_dir() {
+            let kept = snapshot::set_link(root, PREVIOUS, p).and_then(|changed| {
+                if changed {
+                    fsutil::sync_dir(root)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = kept {
+                log::warn!("restoring previous to {p} failed (current is right): {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Build a fresh, writable snapshot from the factory's: a private copy (current never points at
+/// the factory itself), with the modes the version was installed with. Returns its dir name.
+pub fn copy_of_factory(root: &Path, factory: &str) -> Result<String> {
+    let version = snapshot::version_of(factory)
+        .context("the factory link names no version")?
+        .to_string();
+    let src = root.join(factory);
+    let staging = fsutil::temp_path(root, "stage");
+    let built = (|| -> Result<String> {
+        fs::create_dir(&staging).with_context(|| format!("create dir {}", staging.display()))?;
+        snapshot::copy_tree(&src, &staging)?;
+        // The factory copy is read-only: give the new snapshot the modes it was built with.
+        if let Some(rec) = integrity::read(&staging)? {
+            for (path, e) in &rec.entries {
+                if e.kind != integrity::Kind::Link {
+                    use std::os::unix::fs::PermissionsExt;
+                    let p = staging.join(path);
+                    fs::set_permissions(&p, fs::Permissions::from_mode(e.mode))
+                        .with_context(|| format!("chmod {}", p.display()))?;
+                }
+            }
+        } else {
+            make_owner_writable(&staging)?;
+        }
+        make_owner_writable(&staging.join(snapshot::META_DIR))?;
+        fsutil::sync_new_tree(&staging)?;
+        let name = snapshot::fresh_dir_name(root, &version);
+        fsutil::rename_durable(&staging, &root.join(&name))?;
+        Ok(name)
+    })();
+    if built.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    built
+}
+
+/// `u+w` on a dir tree (dirs and files), for a copy of a read-only tree without a record.
+pub fn make_owner_writable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o200 == 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o200))
+            .with_context(|| format!("chmod {}", dir.display()))?;
+    }
+    if meta.is_dir() {
+        for e in fs::read_dir(dir).with_context(|| format!("read dir {}", dir.display()))? {
+            make_owner_writable(&e?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// After `original` failed an install or a rollback once services may be down: level 1 back to
+/// the snapshot that was current when the operation began, level 2 to a fresh copy of the
+/// factory (an intact target is preferred: a level whose snapshot changed since it was built is
+/// tried last), and as the last resort the snapshot `current` points at now, if it is
+/// complete. Records the outcome (stage `failed`, the original code, or `ROLLBACK_FAILED`) and
+/// returns the error to report. Each level is recorded as the step before it acts, so heal can
+/// run it again after a crash; a state write that fails never stops the rollback.
+pub fn fall_back(
+    root: &Path,
+    op: &mut Operation,
+    mgr: &Manager,
+    original: OtaError,
+    from: Level,
+) -> OtaError {
+    log::error!("{}; rolling back", original.message());
+    op.state.stage = Stage::Installing;
+    op.state.error = Some(original.code);
+    op.state.rollback_cause = Some(original.detail.clone());
+    let mut running = op.state.services.clone();
+    if let Some(t) = op.state.target_dir() {
+        running.extend(snapshot::read_services(&root.join(t)));
+    }
+    let running = services::start_order(running);
+    let links = Links::read(root);
+    let start_dir = op.state.from_dir();
+    let mut why = Vec::new();
+    let mut held = None;
+
+    // The order of levels: previous (unless it changed since it was built), factory, then a
+    // changed previous.
+    let mut plan: Vec<(Level, bool)> = Vec::new();
+    if from == Level::Previous {
+        match start_dir.as_deref() {
+            Some(d) if root.join(d).is_dir() => {
+                let intact = integrity::check_target(root, d).usable();
+                plan.push((Level::Previous, intact));
+            }
+            _ => why.push("no previous version".to_string()),
+        }
+    }
+    plan.push((Level::Factory, true));
+    plan.sort_by_key(|(_, intact)| !intact);
+
+    for (level, _) in plan {
+        let (step, label, attempt) = match level {
+            Level::Previous => {
+                let d = start_dir.clone().unwrap_or_default();
+                let restore = op.state.previous_dir();
+                let label = format!("previous {}", snapshot::version_of(&d).unwrap_or(&d));
+                ("rollback-previous", label, Some((d, restore)))
+            }
+            Level::Factory => match links.factory.clone() {
+                Some(f) => {
+                    let label = format!("factory {}", snapshot::version_of(&f).unwrap_or(&f));
+                    ("rollback-factory", label, Some((f, start_dir.clone())))
+                }
+                None => {
+                    why.push("no factory version".to_string());
+                    continue;
+                }
+            },
+        };
+        let Some((dir, previous)) = attempt else {
+            continue;
+        };
+        op.state.step = Some(step.into());
+        op.state.message = format!("{}; rolling back to {label}", original.detail);
+        op.commit_best_effort();
+        failpoint::hit(step);
+        let dir = if level == Level::Factory {
+            match integrity::check_target(root, &dir) {
+                st if !st.usable() => {
+                    why.push(format!("to {label}: its snapshot changed: {}", st.summary()));
+                    continue;
+                }
+                _ => {}
+            }
+            match copy_of_factory(root, &dir) {
+                Ok(d) => d,
+                Err(e) => {
+                    why.push(format!("to {label}: copying the factory snapshot: {e:#}"));
+                    continue;
+                }
+            }
+        } else {
+            dir
+        };
+        match bring_up(root, mgr, &running, &dir, previous.as_deref()) {
+            Ok(()) => {
+                held = Some(label);
+                break;
+            }
+            Err(e) => why.push(format!("to {label}: {}", e.message())),
+        }
+    }
+    if held.is_none() {
+        held = last_resort(root, mgr, &running, &mut why);
+    }
+    let fin = match &held {
+        Some(level) => OtaError::new(
+            original.code,
+            format!("{}; rolled back to {level}", original.detail),
+        ),
+        None => OtaError::new(
+            ErrorCode::RollbackFailed,
+            format!("{}; rollback failed {}", original.message(), why.join("; ")),
+        ),
+    };
+    op.state.rollback = Some(held.clone().unwrap_or_else(|| "failed".into()));
+    op.state.step = None;
+    if held.is_some() {
+        snapshot::prune_best_effort(root);
+    }
+    op.fail_best_effort(&fin);
+    fin
+}
+
+/// When every level failed: if `current` (re-read) resolves to a complete snapshot, start and
+/// check its services. Returns what held.
+fn last_resort(
+    root: &Path,
+    mgr: &Manager,
+    running: &[Service],
+    why: &mut Vec<String>,
+) -> Option<String> {
+    let Some(cur) = snapshot::link_dir(root, CURRENT) else {
+        why.push("current points nowhere".into());
+        return None;
+    };
+    let label = format!(
+        "current {} as it was",
+        snapshot::version_of(&cur).unwrap_or(&cur)
+    );
+    let st = integrity::check_target(root, &cur);
+    if !st.usable() {
+        why.push(format!("{label}: not complete: {}", st.summary()));
+        return None;
+    }
+    match bring_up(root, mgr, running, &cur, None) {
+        Ok(()) => {
+            log::warn!("no rollback level held; {label} runs again");
+            Some(label)
+        }
+        Err(e) => {
+            why.push(format!("{label}: {}", e.message()));
+            None
+        }
+    }
+}
+
+/// From the switch on, an install (or a rollback by hand) only goes forward: start the target's
+/// services, check them, and finish with success; any failure falls back. Heal re-enters here
+/// after a crash or a reboot.
+pub fn forward(g: &crate::cli::Global, op: &mut Operation, mgr: &Manager) -> Result<Output> {
+    let root = &g.versions_dir;
+    let version = op.state.version.clone().unwrap_or_default();
+    let target = op.state.target_dir().unwrap_or_default();
+    let installing = op.state.package_name.is_some();
+    let svc = services_for(root, &target, &op.state.services, installing);
+    op.state.stage = Stage::Installing;
+    let started = set_step(op, "start", 70, format!("Starting {} service(s)", svc.len()))
+        .map_err(|e| crate::error::classify(&e))
+        .and_then(|_| {
+            failpoint::hit("before-start");
+            mgr.start_all(&svc)
+        })
+        .and_then(|_| {
+            set_step(op, "verify", 90, "Checking the services stay up".into())
+                .map_err(|e| crate::error::classify(&e))
+        })
+        .and_then(|_| mgr.check_all(&svc));
+    if let Err(e) = started {
+        return Err(failed(g, op, mgr, e).into());
+    }
+    failpoint::hit("before-success");
+    if installing {
+        if let Some(name) = &op.state.package_name {
+            let pkg = g.state_dir.join(DOWNLOADS_DIR).join(name);
+            if let Err(e) = fsutil::remove_file_durable(&pkg) {
+                log::warn!("removing the installed package: {e:#}");
+            }
+        }
+    }
+    snapshot::prune_best_effort(root);
+    op.state.stage = Stage::Success;
+    op.state.step = None;
+    op.state.progress = 100;
+    op.state.message = if installing {
+        format!("Installed version {version}")
+    } else {
+        format!(
+            "Rolled back to {version}; previous is now {}",
+            op.state.previous_version.as_deref().unwrap_or("-")
+        )
+    };
+    op.commit()?;
+    failpoint::hit("after-success");
+    Ok(Output::success(
+        format!("{}\n", op.state.message),
+        op.state.progress_data(),
+    ))
+}
+
+/// Fall back after `e`, and delete the package that failed (it is of no further use).
+pub fn failed(g: &crate::cli::Global, op: &mut Operation, mgr: &Manager, e: OtaError) -> OtaError {
+    let fin = fall_back(&g.versions_dir, op, mgr, e, Level::Previous);
+    if let Some(name) = op.state.package_name.clone() {
+        let _ = fsutil::remove_file_durable(&g.state_dir.join(DOWNLOADS_DIR).join(name));
+    }
+    fin
+}
+
+/// Switch to the target recorded in the state and go forward; the snapshot must be complete.
+pub fn switch_and_forward(
+    g: &crate::cli::Global,
+    op: &mut Operation,
+    mgr: &Manager,
+) -> Result<Output> {
+    let root = &g.versions_dir;
+    let target = op.state.target_dir().unwrap_or_default();
+    let st = integrity::check_target(root, &target);
+    if !st.usable() {
+        let e = OtaError::new(
+            ErrorCode::DeploymentFailed,
+            format!("snapshot {target} is not complete: {}", st.summary()),
+        );
+        return Err(failed(g, op, mgr, e).into());
+    }
+    let switched = set_step(op, "switch", 60, format!("Switching current to {target}"))
+        .and_then(|_| {
+            failpoint::hit("before-switch");
+            let prev = op.state.from_dir();
+            snapshot::switch(root, prev.as_deref(), &target)
+        });
+    if let Err(e) = switched {
+        return Err(failed(g, op, mgr, crate::error::classify(&e)).into());
+    }
+    failpoint::hit("after-switch");
+    forward(g, op, mgr)
+}
+
+/// Record the step reached (before the action it names).
+pub fn set_step(op: &mut Operation, step: &str, progress: u8, message: String) -> Result<()> {
+    op.state.step = Some(step.into());
+    op.state.progress = progress;
+    op.state.message = message;
+    op.commit()
+}
+
+/// Heal's repair of a `current` that points nowhere: previous, then a fresh copy of factory,
+/// each checked first. A `current` that resolves is left alone even if it changed (that is
+/// logged): switching software under a running print is not heal's to decide. Returns what it
+/// did.
+pub fn repair_current(root: &Path, mgr: &Manager) -> Option<String> {
+    if !root.is_dir() {
+        return None;
+    }
+    let links = Links::read(root);
+    if let Some(c) = links.current.as_deref() {
+        integrity::check_target(root, c);
+        return None;
+    }
+    let exists = fs::symlink_metadata(root.join(CURRENT)).is_ok();
+    if !exists && links.previous.is_none() && links.factory.is_none() {
+        return None;
+    }
+    let what = "current points nowhere";
+    let running = links
+        .previous
+        .as_deref()
+        .map(|p| snapshot::read_services(&root.join(p)))
+        .unwrap_or_default();
+    if let Some(p) = links.previous.as_deref() {
+        if integrity::check_target(root, p).usable() {
+            match bring_up(root, mgr, &running, p, None) {
+                Ok(()) => return Some(format!("{what}; now {p}")),
+                Err(e) => log::error!("repairing current to {p}: {}", e.message()),
+            }
+        }
+    }
+    if let Some(f) = links.factory.as_deref() {
+        if integrity::check_target(root, f).usable() {
+            let brought = copy_of_factory(root, f)
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|d| {
+                    bring_up(root, mgr, &running, &d, None)
+                        .map(|_| d)
+                        .map_err(|e| e.message())
+                });
+            match brought {
+                Ok(d) => return Some(format!("{what}; now {d}, a fresh copy of factory")),
+                Err(e) => log::error!("repairing current from factory {f}: {e}"),
+            }
+        }
+    }
+    Some(format!(
+        "{what}; no previous or factory version could be brought up"
+    ))
+}
+
+/// Heal in `ROLLBACK_FAILED`: if the snapshot `current` points at is complete and a service of
+/// it is not active, start its services again. Returns what it did.
+pub fn revive_current(root: &Path, mgr: &Manager) -> Option<String> {
+    let cur = snapshot::link_dir(root, CURRENT)?;
+    let own = snapshot::read_services(&root.join(&cur));
+    if own.iter().all(|s| mgr.is_running(&s.name)) {
+        return None;
+    }
+    if !integrity::check_target(root, &cur).usable() {
+        return Some(format!("current {cur} is not complete; it waits for a person"));
+    }
+    Some(match mgr.start_all(&own).and_then(|_| mgr.check_all(&own)) {
+        Ok(()) => format!("started the services of current {cur} again"),
+        Err(e) => format!("the services of current {cur} do not start: {}", e.message()),
+    })
+}
