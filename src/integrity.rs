@@ -123,9 +123,12 @@ impl Status {
 }
 
 fn is_mutable(path: &str, mutable: &[String]) -> bool {
-    mutable
-        .iter()
-        .any(|m| path == m || path.strip_prefix(m.as_str()).is_some_and(|r| r.starts_with('/')))
+    mutable.iter().any(|m| {
+        path == m
+            || path
+                .strip_prefix(m.as_str())
+                .is_some_and(|r| r.starts_with('/'))
+    })
 }
 
 /// SHA-256 of a file, hex.
@@ -404,7 +407,10 @@ pub fn check_target(root: &Path, name: &str) -> Status {
     }
     let st = check(&dir, Depth::Quick, crate::snapshot::is_factory_dir(name));
     if let Status::Changed(_) = &st {
-        log::warn!("snapshot {name} changed since it was built: {}", st.summary());
+        log::warn!(
+            "snapshot {name} changed since it was built: {}",
+            st.summary()
+        );
     }
     st
 }

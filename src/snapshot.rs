@@ -270,7 +270,15 @@ mod tests {
         assert_eq!(version_of("v1.2.0"), Some("1.2.0"));
         assert_eq!(version_of("v1.2.0~2"), Some("1.2.0"));
         assert_eq!(version_of("v1.2.0~factory"), Some("1.2.0"));
-        for bad in ["1.2.0", "v", "v1~", "v1~x", "v..", "current", ".tope-ota-tmp-x"] {
+        for bad in [
+            "1.2.0",
+            "v",
+            "v1~",
+            "v1~x",
+            "v..",
+            "current",
+            ".tope-ota-tmp-x",
+        ] {
             assert_eq!(version_of(bad), None, "{bad}");
         }
         assert!(is_factory_dir("v1~factory"));

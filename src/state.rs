@@ -132,16 +132,20 @@ impl State {
 
     /// The snapshot dir that was current when the operation began.
     pub fn from_dir(&self) -> Option<String> {
-        self.from
-            .clone()
-            .or_else(|| self.previous_version.as_deref().map(crate::snapshot::dir_name))
+        self.from.clone().or_else(|| {
+            self.previous_version
+                .as_deref()
+                .map(crate::snapshot::dir_name)
+        })
     }
 
     /// The snapshot dir that `previous` pointed to when the operation began.
     pub fn previous_dir(&self) -> Option<String> {
-        self.previous_from
-            .clone()
-            .or_else(|| self.previous_before.as_deref().map(crate::snapshot::dir_name))
+        self.previous_from.clone().or_else(|| {
+            self.previous_before
+                .as_deref()
+                .map(crate::snapshot::dir_name)
+        })
     }
 
     pub fn progress_data(&self) -> ProgressData {

@@ -29,7 +29,12 @@ pub enum Level {
 
 /// The services to start on `dir`: its own list, limited to `stopped` when `only_stopped`
 /// (an install restarts only what it stopped); the stopped ones when the snapshot has no list.
-pub fn services_for(root: &Path, dir: &str, stopped: &[Service], only_stopped: bool) -> Vec<Service> {
+pub fn services_for(
+    root: &Path,
+    dir: &str,
+    stopped: &[Service],
+    only_stopped: bool,
+) -> Vec<Service> {
     let own = snapshot::read_services(&root.join(dir));
     if own.is_empty() {
         return stopped.to_vec();
@@ -226,7 +231,10 @@ pub fn fall_back(
         let dir = if level == Level::Factory {
             match integrity::check_target(root, &dir) {
                 st if !st.usable() => {
-                    why.push(format!("to {label}: its snapshot changed: {}", st.summary()));
+                    why.push(format!(
+                        "to {label}: its snapshot changed: {}",
+                        st.summary()
+                    ));
                     continue;
                 }
                 _ => {}
@@ -314,17 +322,22 @@ pub fn forward(g: &crate::cli::Global, op: &mut Operation, mgr: &Manager) -> Res
     let installing = op.state.package_name.is_some();
     let svc = services_for(root, &target, &op.state.services, installing);
     op.state.stage = Stage::Installing;
-    let started = set_step(op, "start", 70, format!("Starting {} service(s)", svc.len()))
-        .map_err(|e| crate::error::classify(&e))
-        .and_then(|_| {
-            failpoint::hit("before-start");
-            mgr.start_all(&svc)
-        })
-        .and_then(|_| {
-            set_step(op, "verify", 90, "Checking the services stay up".into())
-                .map_err(|e| crate::error::classify(&e))
-        })
-        .and_then(|_| mgr.check_all(&svc));
+    let started = set_step(
+        op,
+        "start",
+        70,
+        format!("Starting {} service(s)", svc.len()),
+    )
+    .map_err(|e| crate::error::classify(&e))
+    .and_then(|_| {
+        failpoint::hit("before-start");
+        mgr.start_all(&svc)
+    })
+    .and_then(|_| {
+        set_step(op, "verify", 90, "Checking the services stay up".into())
+            .map_err(|e| crate::error::classify(&e))
+    })
+    .and_then(|_| mgr.check_all(&svc));
     if let Err(e) = started {
         return Err(failed(g, op, mgr, e).into());
     }
@@ -337,7 +350,9 @@ pub fn forward(g: &crate::cli::Global, op: &mut Operation, mgr: &Manager) -> Res
             }
         }
     }
-    snapshot::prune_best_effort(root);
+    if installing {
+        snapshot::prune_best_effort(root);
+    }
     op.state.stage = Stage::Success;
     op.state.step = None;
     op.state.progress = 100;
@@ -382,8 +397,8 @@ pub fn switch_and_forward(
         );
         return Err(failed(g, op, mgr, e).into());
     }
-    let switched = set_step(op, "switch", 60, format!("Switching current to {target}"))
-        .and_then(|_| {
+    let switched =
+        set_step(op, "switch", 60, format!("Switching current to {target}")).and_then(|_| {
             failpoint::hit("before-switch");
             let prev = op.state.from_dir();
             snapshot::switch(root, prev.as_deref(), &target)
@@ -463,10 +478,17 @@ pub fn revive_current(root: &Path, mgr: &Manager) -> Option<String> {
         return None;
     }
     if !integrity::check_target(root, &cur).usable() {
-        return Some(format!("current {cur} is not complete; it waits for a person"));
+        return Some(format!(
+            "current {cur} is not complete; it waits for a person"
+        ));
     }
-    Some(match mgr.start_all(&own).and_then(|_| mgr.check_all(&own)) {
-        Ok(()) => format!("started the services of current {cur} again"),
-        Err(e) => format!("the services of current {cur} do not start: {}", e.message()),
-    })
+    Some(
+        match mgr.start_all(&own).and_then(|_| mgr.check_all(&own)) {
+            Ok(()) => format!("started the services of current {cur} again"),
+            Err(e) => format!(
+                "the services of current {cur} do not start: {}",
+                e.message()
+            ),
+        },
+    )
 }

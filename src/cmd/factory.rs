@@ -36,7 +36,10 @@ fn factory(g: &Global, op: &Operation) -> Result<Output> {
     let Some(cur) = links.current.clone() else {
         return fail(
             ErrorCode::InvalidRequest,
-            format!("no current version in {} to make factory of", root.display()),
+            format!(
+                "no current version in {} to make factory of",
+                root.display()
+            ),
         );
     };
     let data = serde_json::json!({"factory": links.factory});

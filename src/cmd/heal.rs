@@ -103,8 +103,8 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
         did.push("state.json did not parse; moved aside and reset to idle".to_string());
     }
     let root = &g.versions_dir;
-    let mut swept = fsutil::sweep_temp(&g.state_dir)?
-        + fsutil::sweep_temp(&g.state_dir.join(DOWNLOADS_DIR))?;
+    let mut swept =
+        fsutil::sweep_temp(&g.state_dir)? + fsutil::sweep_temp(&g.state_dir.join(DOWNLOADS_DIR))?;
     // A versions root that went read-only must not stop heal from bringing services up.
     match fsutil::sweep_temp(root) {
         Ok(n) => swept += n,

@@ -44,7 +44,10 @@ impl Gui {
 
     fn launch(path: &Path) -> Gui {
         if !path.exists() {
-            log::warn!("no ota-gui at {}; installing without a progress screen", path.display());
+            log::warn!(
+                "no ota-gui at {}; installing without a progress screen",
+                path.display()
+            );
             return Gui(None);
         }
         match Command::new(path)
@@ -240,7 +243,12 @@ fn reboot(cmd: &str) -> bool {
 }
 
 /// The install under a writer's lock; heal --auto-install calls it too.
-pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation, gui: &mut Gui) -> Result<Output> {
+pub fn install(
+    g: &Global,
+    args: &InstallArgs,
+    op: &mut Operation,
+    gui: &mut Gui,
+) -> Result<Output> {
     let s = &op.state;
     if s.stage != Stage::ToInstall {
         return fail(
@@ -333,7 +341,10 @@ pub fn install(g: &Global, args: &InstallArgs, op: &mut Operation, gui: &mut Gui
                     format!("version {version} is already installed (current, previous or factory); use rollback"),
                 );
             }
-            log::info!("removing the unreferenced leftover {}", target_path.display());
+            log::info!(
+                "removing the unreferenced leftover {}",
+                target_path.display()
+            );
             fsutil::remove_tree_durable(&target_path)?;
         }
         fs::DirBuilder::new().mode(0o755).create(&staging)?;

@@ -132,8 +132,8 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
         return Err(transition::failed(g, op, &mgr, e).into());
     }
     let from = op.state.from.clone();
-    let switched = set_step(op, "switch", 40, format!("Switching current to {target}"))
-        .and_then(|_| {
+    let switched =
+        set_step(op, "switch", 40, format!("Switching current to {target}")).and_then(|_| {
             failpoint::hit("before-switch");
             snapshot::switch(root, from.as_deref(), &target)
         });

@@ -66,7 +66,7 @@ fn current_pointing_nowhere_is_repaired_to_previous_then_factory() {
     let run = d.env.run(&["heal"]);
     run.expect(0);
     assert!(
-        run.stdout.contains("current pointed nowhere; now 1.0.0"),
+        run.stdout.contains("current points nowhere; now v1.0.0"),
         "{}",
         run.stdout
     );
@@ -76,10 +76,12 @@ fn current_pointing_nowhere_is_repaired_to_previous_then_factory() {
         Some("start printer-ui v1.0.0")
     );
 
-    // Previous gone too: factory.
+    // Previous gone too: a fresh copy of factory.
     std::fs::remove_dir_all(d.root().join("v1.0.0")).unwrap();
     d.env.run(&["heal"]).expect(0);
     assert_eq!(d.link("current").as_deref(), Some("v0.9.0"));
+    d.assert_current_is(&factory_files());
+    assert_eq!(d.link("factory").as_deref(), Some("v0.9.0~factory"));
 }
 
 #[test]
@@ -234,7 +236,7 @@ fn known_versions() -> BTreeMap<&'static str, Tree> {
         "bin/device-api".into(),
         (b"#!/bin/sh\necho api 3\n".to_vec(), 0o755),
     );
-    let factory: Tree = [("bin/device-api".to_string(), (b"factory".to_vec(), 0o644))].into();
+    let factory = expect_tree(&factory_files());
     [
         ("v1.0.0", v1),
         ("v2.0.0", v2),
@@ -266,6 +268,7 @@ const SCENARIOS: [Scenario; 4] = [
 /// A prepared device per scenario, copied for every crash so each starts from the same state.
 struct Lab {
     base: Device,
+    factory: FullTree,
     v3: Vec<u8>,
     v3_url: String,
     slow: PkgServer,
@@ -273,8 +276,7 @@ struct Lab {
 
 impl Lab {
     fn new(s: Scenario) -> Lab {
-        let mut d = Device::with_v1();
-        d.add_factory();
+        let mut d = Device::with_factory();
         let (files, manifest) = v2_partial();
         let pkg = d.pack("2.0.0", &files, &manifest);
         let v3 = d.pack(
@@ -312,6 +314,7 @@ impl Lab {
             },
         );
         Lab {
+            factory: factory_tree(d.root()).unwrap(),
             base: d,
             v3,
             v3_url,
@@ -370,15 +373,6 @@ impl Lab {
     }
 }
 
-fn calls(env: &Env) -> Vec<String> {
-    std::fs::read_to_string(env.tmp.path().join("systemctl/calls.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.starts_with("is-active"))
-        .map(str::to_string)
-        .collect()
-}
-
 fn temp_names(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -390,20 +384,31 @@ fn temp_names(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The invariants after a crash and a heal. Returns a description of the first violation.
-fn check(env: &Env, versions: &BTreeMap<&str, Tree>) -> Result<(), String> {
-    let s = env.try_state().ok_or("state.json does not parse")?;
-    let stage = s["stage"].as_str().unwrap_or("?");
-    if ["installing", "rebooting", "downloading", "verifying"].contains(&stage) {
-        return Err(format!("heal left stage {stage}: {s}"));
-    }
+/// The version a snapshot dir holds (`v1.0.0`, `v0.9.0~2` -> `v0.9.0`).
+fn version_key(dir: &str) -> &str {
+    dir.split('~').next().unwrap_or(dir)
+}
+
+/// The invariants after a crash, a fault or a heal: state.json parses, `current` resolves to a
+/// complete snapshot (every file matches its version) whose services run from it, `previous`
+/// is intact, factory is unchanged (same entries, contents, modes and inodes). Returns a
+/// description of the first violation.
+fn check_device(
+    env: &Env,
+    versions: &BTreeMap<&str, Tree>,
+    factory: &FullTree,
+) -> Result<(), String> {
+    env.try_state().ok_or("state.json does not parse")?;
     let root = &env.versions_dir;
     let cur = std::fs::read_link(root.join("current"))
         .map_err(|e| format!("no current: {e}"))?
         .to_string_lossy()
         .into_owned();
+    if cur.ends_with("~factory") {
+        return Err(format!("current points at the factory itself ({cur})"));
+    }
     let cur_tree = version_tree(&root.join(&cur));
-    match versions.get(cur.as_str()) {
+    match versions.get(version_key(&cur)) {
         Some(t) if *t == cur_tree => {}
         _ => {
             return Err(format!(
@@ -414,35 +419,67 @@ fn check(env: &Env, versions: &BTreeMap<&str, Tree>) -> Result<(), String> {
     }
     if let Ok(p) = std::fs::read_link(root.join("previous")) {
         let p = p.to_string_lossy().into_owned();
-        if versions.get(p.as_str()) != Some(&version_tree(&root.join(&p))) {
+        if versions.get(version_key(&p)) != Some(&version_tree(&root.join(&p))) {
             return Err(format!("previous -> {p} is not intact"));
         }
     }
-    if std::fs::read_link(root.join("factory")).ok().as_deref() != Some(Path::new("v0.9.0"))
-        || version_tree(&root.join("v0.9.0")) != versions["v0.9.0"]
+    if std::fs::read_link(root.join("factory")).ok().as_deref() != Some(Path::new("v0.9.0~factory"))
+        || factory_tree(root)? != *factory
     {
         return Err("factory changed".into());
     }
-    for dir in [root.clone(), env.state_dir.clone(), env.downloads()] {
+    // Each unit runs, and runs the program current holds (a unit an install did not restart
+    // runs from an older snapshot, with the same program).
+    for (unit, prog) in [("device-api", "bin/device-api"), ("printer-ui", "bin/ui")] {
+        let runs = std::fs::read_to_string(env.tmp.path().join(format!("systemctl/active-{unit}")))
+            .map(|s| s.trim().to_string())
+            .map_err(|_| format!("{unit} is not running (current {cur})"))?;
+        let running = std::fs::read(root.join(&runs).join(prog)).ok();
+        if running.is_none() || running != std::fs::read(root.join(&cur).join(prog)).ok() {
+            return Err(format!("{unit} runs {runs}'s program, not current {cur}'s"));
+        }
+    }
+    Ok(())
+}
+
+type FullTree = BTreeMap<String, (char, Vec<u8>, u32)>;
+
+/// The factory snapshot's entries (kind, content, mode); panics if any file shares its inode.
+fn factory_tree(root: &Path) -> Result<FullTree, String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = root.join("v0.9.0~factory");
+    let mut out = FullTree::new();
+    for (p, (k, c, m, _)) in tree(&dir) {
+        if k == 'f'
+            && std::fs::metadata(dir.join(&p))
+                .map(|m| m.nlink())
+                .unwrap_or(0)
+                != 1
+        {
+            return Err(format!("factory file {p} shares its inode"));
+        }
+        out.insert(p, (k, c, m));
+    }
+    Ok(out)
+}
+
+/// [`check_device`] after a heal, and heal left no operation in flight and no temp files.
+fn check(env: &Env, versions: &BTreeMap<&str, Tree>, factory: &FullTree) -> Result<(), String> {
+    let s = env.try_state().ok_or("state.json does not parse")?;
+    let stage = s["stage"].as_str().unwrap_or("?");
+    if ["installing", "rebooting", "downloading", "verifying"].contains(&stage) {
+        return Err(format!("heal left stage {stage}: {s}"));
+    }
+    check_device(env, versions, factory)?;
+    for dir in [
+        env.versions_dir.clone(),
+        env.state_dir.clone(),
+        env.downloads(),
+    ] {
         let t = temp_names(&dir);
         if !t.is_empty() {
             return Err(format!("temp left in {}: {t:?}", dir.display()));
         }
-    }
-    let started: Vec<String> = calls(env)
-        .into_iter()
-        .filter(|c| c.starts_with("start "))
-        .collect();
-    match started.last() {
-        Some(last) if last.ends_with(&format!(" {cur}")) => {}
-        other => {
-            return Err(format!(
-                "last service start {other:?} is not of current {cur}"
-            ))
-        }
-    }
-    if !env.tmp.path().join("systemctl/active-device-api").exists() {
-        return Err("device-api is not running after heal".into());
     }
     Ok(())
 }
@@ -502,7 +539,7 @@ fn heal_and_check(
     if run.code != 0 {
         return Err(format!("{what}: heal failed: {run:?}"));
     }
-    check(env, versions).map_err(|e| format!("{what}: {e}"))?;
+    check(env, versions, &lab.factory).map_err(|e| format!("{what}: {e}"))?;
     // The periodic heal converges: a second one at most cleans up after a recorded failure,
     // a third finds nothing to do.
     let second = env.run(&["heal"]);
@@ -512,7 +549,7 @@ fn heal_and_check(
             "{what}: heal does not settle: {second:?} then {third:?}"
         ));
     }
-    check(env, versions).map_err(|e| format!("{what} (after more heals): {e}"))?;
+    check(env, versions, &lab.factory).map_err(|e| format!("{what} (after more heals): {e}"))?;
     if full {
         later_update_works(env, lab).map_err(|e| format!("{what}: {e}"))?;
     }
@@ -804,8 +841,7 @@ fn renames_are_fsynced_before_and_after_under_strace() {
         Command::new("strace").arg("-V").output().is_ok(),
         "strace is needed (.ci/run installs it)"
     );
-    let d = Device::with_v1();
-    d.add_factory();
+    let d = Device::with_factory();
     let (files, manifest) = v2_partial();
     let pkg = d.pack("2.0.0", &files, &manifest);
     let md5 = md5_hex(&pkg);

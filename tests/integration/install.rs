@@ -132,18 +132,40 @@ impl Device {
         d
     }
 
-    /// A factory snapshot 0.9.0 (as create-factory would leave it), with the same services.
-    pub fn add_factory(&self) {
-        let f = self.root().join("v0.9.0");
-        std::fs::create_dir_all(f.join("bin")).unwrap();
-        std::fs::write(f.join("bin/device-api"), b"factory").unwrap();
-        std::fs::create_dir_all(f.join(".tope-ota")).unwrap();
-        std::fs::write(
-            f.join(".tope-ota/services.json"),
-            r#"[{"name":"device-api","order":1},{"name":"printer-ui","order":2}]"#,
-        )
-        .unwrap();
-        std::os::unix::fs::symlink("v0.9.0", self.root().join("factory")).unwrap();
+    /// A device as one is made: 0.9.0 installed and made factory by `tope-ota factory`, then
+    /// 1.0.0 installed over it (current v1.0.0, previous v0.9.0, factory v0.9.0~factory).
+    pub fn with_factory() -> Device {
+        let mut d = Device::new();
+        let pkg = d.pack("0.9.0", &factory_files(), &full_manifest("0.9.0"));
+        d.deliver("0.9.0", pkg).expect(0);
+        d.env.run(&["factory"]).expect(0);
+        let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+        d.deliver("1.0.0", pkg).expect(0);
+        d.sc.clear();
+        d
+    }
+
+    /// The snapshot `current` points to holds exactly `files` (every file, content and mode),
+    /// and the services run from it.
+    #[track_caller]
+    pub fn assert_current_is(&self, files: Files) {
+        let cur = self.link("current").expect("current resolves");
+        assert_eq!(
+            version_files(&self.root().join(&cur)),
+            spec_files(files),
+            "current -> {cur} is not the complete version"
+        );
+        for (unit, prog) in [("device-api", "bin/device-api"), ("printer-ui", "bin/ui")] {
+            let runs = self
+                .sc
+                .running(unit)
+                .unwrap_or_else(|| panic!("{unit} is not running"));
+            assert_eq!(
+                std::fs::read(self.root().join(&runs).join(prog)).ok(),
+                std::fs::read(self.root().join(&cur).join(prog)).ok(),
+                "{unit} runs {runs}'s program, not current {cur}'s"
+            );
+        }
     }
 
     pub fn no_staging_left(&self) {
@@ -155,6 +177,41 @@ impl Device {
             .collect();
         assert!(left.is_empty(), "staging left behind: {left:?}");
     }
+}
+
+/// The factory version's files: all of v1's paths, other contents.
+pub fn factory_files() -> Vec<FileSpec> {
+    vec![
+        ("bin/device-api", b"#!/bin/sh\necho api 0.9\n", 0o755),
+        ("bin/ui", b"#!/bin/sh\necho ui 0.9\n", 0o755),
+        ("share/a.txt", b"alpha 0.9", 0o644),
+        ("share/b.txt", b"beta 1", 0o644),
+        ("lib/libx.so", b"\x7fELF libx 0.9", 0o644),
+    ]
+}
+
+/// v1's files with 2.0.0's device-api.
+pub fn v2_files() -> Vec<FileSpec> {
+    let mut f = v1_files();
+    f[0] = ("bin/device-api", b"#!/bin/sh\necho api 2\n", 0o755);
+    f
+}
+
+/// Files (and symlinks) of a snapshot: path -> (content or link target, permission bits),
+/// without tope-ota's own `.tope-ota/`.
+pub fn version_files(dir: &Path) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+    tree(dir)
+        .into_iter()
+        .filter(|(p, v)| !p.starts_with(".tope-ota") && v.0 != 'd')
+        .map(|(p, v)| (p, (v.1, v.2 & 0o777)))
+        .collect()
+}
+
+pub fn spec_files(files: Files) -> std::collections::BTreeMap<String, (Vec<u8>, u32)> {
+    files
+        .iter()
+        .map(|(p, c, m)| (p.to_string(), (c.to_vec(), *m)))
+        .collect()
 }
 
 pub fn v2_partial() -> (Vec<FileSpec>, Value) {
@@ -320,15 +377,19 @@ fn service_dying_after_start_rolls_back() {
 
 #[test]
 fn previous_failing_too_falls_back_to_factory() {
-    let mut d = Device::with_v1();
-    d.add_factory();
+    let mut d = Device::with_factory();
     d.sc.touch("fail-start-device-api@v2.0.0");
     d.sc.touch("fail-start-device-api@v1.0.0");
     let (files, manifest) = v2_partial();
     let pkg = d.pack("2.0.0", &files, &manifest);
     let run = d.deliver("2.0.0", pkg);
     run.expect(1);
-    assert_eq!(d.link("current").as_deref(), Some("v0.9.0"));
+    // current never points at the factory itself: a fresh copy of it.
+    let cur = d.link("current").unwrap();
+    assert!(
+        cur.starts_with("v0.9.0") && cur != "v0.9.0~factory",
+        "{cur}"
+    );
     let s = d.env.state();
     assert_eq!(s["error"], "SERVICE_START_FAILED");
     assert_eq!(s["rollback"], "factory 0.9.0");
@@ -336,19 +397,19 @@ fn previous_failing_too_falls_back_to_factory() {
     let calls = d.sc.calls();
     assert_eq!(
         calls[calls.len() - 2..],
-        ["start device-api v0.9.0", "start printer-ui v0.9.0"],
+        [
+            format!("start device-api {cur}"),
+            format!("start printer-ui {cur}")
+        ],
         "{calls:?}"
     );
-    assert!(
-        d.root().join("v0.9.0/bin/device-api").exists(),
-        "factory untouched"
-    );
+    d.assert_current_is(&factory_files());
+    assert_eq!(d.link("factory").as_deref(), Some("v0.9.0~factory"));
 }
 
 #[test]
 fn everything_failing_is_rollback_failed() {
-    let mut d = Device::with_v1();
-    d.add_factory();
+    let mut d = Device::with_factory();
     d.sc.touch("fail-start-device-api");
     let (files, manifest) = v2_partial();
     let pkg = d.pack("2.0.0", &files, &manifest);
@@ -365,7 +426,7 @@ fn everything_failing_is_rollback_failed() {
     assert_eq!(s["rollback"], "failed");
     // current still names a complete version, and factory is intact.
     assert!(d.root().join("current/bin/device-api").exists());
-    assert_eq!(d.link("factory").as_deref(), Some("v0.9.0"));
+    assert_eq!(d.link("factory").as_deref(), Some("v0.9.0~factory"));
 }
 
 #[test]
@@ -748,14 +809,16 @@ fn manual_rollback_to_previous_factory_and_named_version() {
     assert_eq!(d.env.state()["stage"], "success");
 
     d.env.run(&["rollback", "--to", "factory"]).expect(0);
+    // A fresh, writable copy of factory; factory itself stays read-only and unlinked.
     assert_eq!(d.link("current").as_deref(), Some("v0.9.0"));
     assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+    d.assert_current_is(&factory_files());
 
     d.env.run(&["rollback", "--to", "2.0.0"]).expect(0);
     assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
     assert_eq!(
         d.link("factory").as_deref(),
-        Some("v0.9.0"),
+        Some("v0.9.0~factory"),
         "factory never moves"
     );
 
@@ -962,8 +1025,7 @@ pub fn downgrade_ready() -> Device {
 
 /// 2.0.0 installed over 1.0.0, with a factory 0.9.0.
 pub fn v2_with_factory() -> Device {
-    let mut d = Device::with_v1();
-    d.add_factory();
+    let mut d = Device::with_factory();
     let (files, manifest) = v2_partial();
     let pkg = d.pack("2.0.0", &files, &manifest);
     d.deliver("2.0.0", pkg).expect(0);
@@ -1079,9 +1141,8 @@ fn automatic_rollback_ignores_inhibitors() {
 
 #[test]
 fn package_links_cannot_reach_outside_through_dst() {
-    let mut d = Device::with_v1();
-    d.add_factory();
-    let factory_before = tree(&d.root().join("v0.9.0"));
+    let mut d = Device::with_factory();
+    let factory_before = tree(&d.root().join("v0.9.0~factory"));
     let m = |body: &str, extra: Vec<RawEntry>| {
         let mut e = vec![RawEntry::file("manifest.json", body.as_bytes())];
         e.extend(extra);
@@ -1096,7 +1157,7 @@ fn package_links_cannot_reach_outside_through_dst() {
     // An upward link is refused wherever it would land, chained ones too.
     let up = m(
         r#"{"version":"2.0.0","modules":[{"name":"m","src":"a/b/m","dst":"m"}]}"#,
-        vec![RawEntry::symlink("a/b/m", "../../v0.9.0")],
+        vec![RawEntry::symlink("a/b/m", "../../v0.9.0~factory")],
     );
     hostile(&mut d, up, "PACKAGE_INVALID", "upward link");
     let chained = m(
@@ -1105,7 +1166,7 @@ fn package_links_cannot_reach_outside_through_dst() {
     );
     hostile(&mut d, chained, "PACKAGE_INVALID", "chained links");
     assert_eq!(
-        tree(&d.root().join("v0.9.0")),
+        tree(&d.root().join("v0.9.0~factory")),
         factory_before,
         "factory changed"
     );

@@ -689,10 +689,14 @@ pub fn run_measured(cmd: &mut Command) -> (Duration, i32, u64) {
 
 // ---------------------------------------------------------------- fake systemctl
 
-/// A fake service manager on disk: logs `ACTION NAME CURRENT-TARGET` per call; services are
-/// active while a marker file exists. Misbehaviour by files in its dir:
-/// `fail-ACTION-NAME` (always), `fail-ACTION-NAME@vX` (while current points to vX),
-/// `hang-ACTION-NAME` (sleeps 60 s), `die-NAME@vX` (is-active false while current is vX).
+/// A fake service manager on disk that fails the way a device's does: a unit's program lives
+/// in a version, so `start` runs it only when its executable exists in the snapshot `current`
+/// points to (`bin/<unit>`, or the path in `unit-<unit>`), and records that snapshot as what the
+/// unit runs (`active-<unit>` holds its dir name). Logs `ACTION NAME CURRENT-TARGET` per call.
+/// Misbehaviour by files in its dir: `fail-ACTION-NAME` (always), `fail-ACTION-NAME@vX` (while
+/// current points to vX), `hang-ACTION-NAME` (sleeps 60 s), `die-NAME@vX` (is-active false
+/// while current is vX), and `on-ACTION`, a script run once at the next such call (a fault that
+/// strikes while services are down).
 pub struct FakeSystemctl {
     pub dir: PathBuf,
     pub script: PathBuf,
@@ -710,10 +714,18 @@ d=$(dirname "$0")
 cur=$(readlink "$TOPE_OTA_VERSIONS_DIR/current" 2>/dev/null || echo none)
 echo "$1 $2 $cur" >> "$d/calls.log"
 if [ -e "$d/hang-$1-$2" ]; then sleep 60; fi
+if [ -x "$d/on-$1" ]; then mv "$d/on-$1" "$d/ran-on-$1"; "$d/ran-on-$1"; fi
 if [ -e "$d/fail-$1-$2" ] || [ -e "$d/fail-$1-$2@$cur" ]; then echo "fake: $1 $2 failed" >&2; exit 1; fi
+prog="bin/$2"
+if [ -f "$d/unit-$2" ]; then prog=$(cat "$d/unit-$2"); fi
 case "$1" in
   stop) rm -f "$d/active-$2" ;;
-  start) touch "$d/active-$2" ;;
+  start)
+    if [ -e "$d/active-$2" ]; then exit 0; fi
+    if [ ! -x "$TOPE_OTA_VERSIONS_DIR/current/$prog" ]; then
+      echo "fake: $2: $prog is not in $cur (status=203/EXEC)" >&2; exit 1
+    fi
+    echo "$cur" > "$d/active-$2" ;;
   is-active)
     if [ -e "$d/die-$2@$cur" ]; then exit 3; fi
     [ -e "$d/active-$2" ] || exit 3 ;;
@@ -723,9 +735,25 @@ exit 0
         std::fs::write(&script, body).unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
+        // printer-ui's program is bin/ui in the test versions.
+        std::fs::write(dir.join("unit-printer-ui"), "bin/ui").unwrap();
         env.set("TOPE_OTA_SYSTEMCTL", script.to_str().unwrap());
         env.set("TOPE_OTA_SETTLE_MS", "0");
         FakeSystemctl { dir, script }
+    }
+
+    /// The snapshot dir a unit runs from, when it runs.
+    pub fn running(&self, unit: &str) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(format!("active-{unit}")))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// A script run once at the next `action` call.
+    pub fn on(&self, action: &str, script: &str) {
+        let p = self.dir.join(format!("on-{action}"));
+        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
 
     pub fn touch(&self, name: &str) {
