@@ -168,8 +168,8 @@ pub fn remake_if_shared(root: &Path) -> Result<Option<String>> {
     let in_use = [&links.current, &links.previous]
         .iter()
         .any(|l| l.as_deref() == Some(f.as_str()));
-    if in_use && integrity::read(&fdir).ok().flatten().is_none() {
-        if let Err(e) = transition::make_owner_writable(&fdir) {
+    if in_use {
+        if let Err(e) = restore_write_bits(&fdir) {
             log::warn!("restoring write permission on {f}: {e:#}");
         }
     }
@@ -177,6 +177,31 @@ pub fn remake_if_shared(root: &Path) -> Result<Option<String>> {
     Ok(Some(format!(
         "factory pointed at the installed snapshot {f}; it is now {made}, a private copy"
     )))
+}
+
+/// Give back the write bits the old script took: the recorded modes where the snapshot has a
+/// record (only where nothing but write bits differ), else write for the owner.
+fn restore_write_bits(dir: &Path) -> Result<()> {
+    let Some(rec) = integrity::read(dir)? else {
+        return transition::make_owner_writable(dir);
+    };
+    for (path, e) in &rec.entries {
+        if e.kind == integrity::Kind::Link {
+            continue;
+        }
+        let p = dir.join(path);
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let mode = m.mode() & 0o7777;
+        if mode != e.mode && mode & !0o222 == e.mode & !0o222 {
+            fs::set_permissions(&p, fs::Permissions::from_mode(e.mode))
+                .with_context(|| format!("chmod {}", p.display()))?;
+        }
+    }
+    let root_mode = fs::metadata(dir)?.mode() & 0o7777;
+    fs::set_permissions(dir, fs::Permissions::from_mode(root_mode | 0o200))
+        .with_context(|| format!("chmod {}", dir.display()))
 }
 
 /// Replace every multiply-linked file under `dir` by its own copy.

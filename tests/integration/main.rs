@@ -3,6 +3,7 @@
 mod support;
 
 mod download;
+mod faults;
 mod heal;
 mod install;
 mod openapi;

@@ -614,9 +614,14 @@ pub struct Tmpfs {
 
 impl Tmpfs {
     pub fn mount(mib: u32) -> Tmpfs {
+        Tmpfs::mount_with(&format!("size={mib}m"))
+    }
+
+    /// A tmpfs with these mount options (`size=16m,nr_inodes=500`).
+    pub fn mount_with(opts: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
             .arg(dir.path())
             .status()
             .expect("run mount");
