@@ -1,38 +1,24 @@
 #!/bin/sh
-# Make an installed version the device's factory version: the last line of defence, never
-# modified or removed by tope-ota. Its tree is made read-only and `factory` points at it.
+# Make the device's factory snapshot, the last line of defence: a private, read-only copy of the
+# version `current` runs, sharing no inode with any other snapshot. `tope-ota factory` makes it
+# under the updater's lock, so it never races an install or a heal; this script only checks
+# that the version given is the one running.
 #
-#   sh deploy/create-factory.sh 1.0.0 [VERSIONS_DIR]
+#   sh deploy/create-factory.sh [VERSION [VERSIONS_DIR]]
 set -eu
 
-version=${1:?usage: create-factory.sh VERSION [VERSIONS_DIR]}
+BIN=${BIN:-$(command -v tope-ota || echo /usr/bin/tope-ota)}
+version=${1:-}
 root=${2:-${TOPE_OTA_VERSIONS_DIR:-/opt/tope/versions}}
-snap="$root/v$version"
 
 case "$version" in
-    .|..|*/*|"") echo "create-factory.sh: bad version '$version'" >&2; exit 2 ;;
+    .|..|*/*) echo "create-factory.sh: bad version '$version'" >&2; exit 2 ;;
 esac
-if [ ! -d "$snap" ]; then
-    echo "create-factory.sh: no snapshot $snap" >&2
-    exit 1
-fi
-if [ -L "$root/factory" ]; then
-    current=$(readlink "$root/factory")
-    if [ "$current" = "v$version" ]; then
-        echo "factory is already $version"
-        exit 0
+if [ -n "$version" ]; then
+    current=$(readlink "$root/current" 2>/dev/null || true)
+    if [ "$current" != "v$version" ]; then
+        echo "create-factory.sh: current is '${current:-nothing}', not v$version: install $version first" >&2
+        exit 1
     fi
-    echo "create-factory.sh: factory already points to $current; it is never replaced" >&2
-    exit 1
 fi
-
-# Read-only for everyone: directories and files. Files are shared by hard links with later
-# snapshots, which tope-ota never writes in place, so their content stays the factory's.
-chmod -R a-w "$snap"
-
-tmp="$root/.tope-ota-tmp-factory-$$"
-ln -s "v$version" "$tmp"
-sync "$root" 2>/dev/null || sync
-mv -T "$tmp" "$root/factory"
-sync "$root" 2>/dev/null || sync
-echo "factory is now $version ($snap, read-only)"
+exec "$BIN" --versions-dir "$root" factory

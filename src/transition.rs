@@ -314,8 +314,15 @@ fn last_resort(
 
 /// From the switch on, an install (or a rollback by hand) only goes forward: start the target's
 /// services, check them, and finish with success; any failure falls back. Heal re-enters here
-/// after a crash or a reboot.
-pub fn forward(g: &crate::cli::Global, op: &mut Operation, mgr: &Manager) -> Result<Output> {
+/// after a crash or a reboot with `restart`: what state.json says may lag behind what runs (a
+/// write that failed), and `start` leaves a unit that still runs an older program as it is, so
+/// the services are stopped first.
+pub fn forward(
+    g: &crate::cli::Global,
+    op: &mut Operation,
+    mgr: &Manager,
+    restart: bool,
+) -> Result<Output> {
     let root = &g.versions_dir;
     let version = op.state.version.clone().unwrap_or_default();
     let target = op.state.target_dir().unwrap_or_default();
@@ -331,6 +338,9 @@ pub fn forward(g: &crate::cli::Global, op: &mut Operation, mgr: &Manager) -> Res
     .map_err(|e| crate::error::classify(&e))
     .and_then(|_| {
         failpoint::hit("before-start");
+        if restart {
+            mgr.stop_best_effort(&svc);
+        }
         mgr.start_all(&svc)
     })
     .and_then(|_| {
@@ -407,7 +417,7 @@ pub fn switch_and_forward(
         return Err(failed(g, op, mgr, crate::error::classify(&e)).into());
     }
     failpoint::hit("after-switch");
-    forward(g, op, mgr)
+    forward(g, op, mgr, true)
 }
 
 /// Record the step reached (before the action it names).

@@ -176,7 +176,7 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
         }
         Stage::Rebooting => {
             did.push("checking the services after the reboot".into());
-            result = transition::forward(g, op, &mgr).map(|_| ());
+            result = transition::forward(g, op, &mgr, true).map(|_| ());
         }
         // A device whose rollback failed waits for a person, but its services run whenever the
         // snapshot current points at is complete.
@@ -270,10 +270,11 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
             let current = Links::read(root).current;
             if current.is_some() && current == op.state.target_dir() {
                 // The switch had happened after all: go forward.
-                return transition::forward(g, op, mgr).map(|_| ());
+                return transition::forward(g, op, mgr, true).map(|_| ());
             }
             let cur = current.unwrap_or_default();
             let svc = transition::services_for(root, &cur, &op.state.services, true);
+            mgr.stop_best_effort(&svc);
             if let Err(e) = mgr.start_all(&svc).and_then(|_| mgr.check_all(&svc)) {
                 transition::fall_back(root, op, mgr, e, Level::Previous);
                 return Ok(());
@@ -287,7 +288,7 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
         }
         // The snapshot was complete before the stop step: switch to it again and go forward.
         "switch" => transition::switch_and_forward(g, op, mgr).map(|_| ()),
-        "reboot" | "start" | "verify" => transition::forward(g, op, mgr).map(|_| ()),
+        "reboot" | "start" | "verify" => transition::forward(g, op, mgr, true).map(|_| ()),
         "rollback-previous" | "rollback-factory" => {
             let original = OtaError::new(
                 op.state.error.unwrap_or(ErrorCode::Internal),

@@ -434,7 +434,7 @@ pub fn install(
     }
 
     let old = op.state.previous_version.clone();
-    let out = transition::forward(g, op, &mgr)?;
+    let out = transition::forward(g, op, &mgr, false)?;
     Ok(Output {
         human: format!(
             "installed version {version}{}\n",

@@ -142,5 +142,5 @@ fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Outpu
         return Err(transition::failed(g, op, &mgr, e).into());
     }
     failpoint::hit("after-switch");
-    transition::forward(g, op, &mgr)
+    transition::forward(g, op, &mgr, false)
 }

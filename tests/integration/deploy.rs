@@ -181,28 +181,37 @@ fn create_factory_then_verify_setup() {
     assert!(!out.status.success());
     assert!(text.contains("PROBLEM: no factory symlink"), "{text}");
 
+    // The script runs `tope-ota factory` (under the lock) for the version current runs.
+    let fenv: Vec<(&str, &Path)> = vec![("TOPE_OTA_STATE_DIR", &state), ("BIN", &bin)];
     let out = sh(
         "create-factory.sh",
-        &[],
+        &fenv,
         &["1.0.0", versions.to_str().unwrap()],
     );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         std::fs::read_link(versions.join("factory")).unwrap(),
-        Path::new("v1.0.0")
+        Path::new("v1.0.0~factory")
     );
-    let mode = std::fs::metadata(versions.join("v1.0.0/bin/device-api"))
-        .unwrap()
-        .permissions();
+    let mode_of = |p: &str| {
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(versions.join(p)).unwrap().permissions(),
+        )
+    };
     assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o222,
+        mode_of("v1.0.0~factory/bin/device-api") & 0o222,
         0,
         "factory is read-only"
     );
-    // Idempotent for the same version, refused for another.
+    assert_ne!(
+        mode_of("v1.0.0/bin/device-api") & 0o200,
+        0,
+        "current is untouched"
+    );
+    // Idempotent for the version current runs, refused for another.
     assert!(sh(
         "create-factory.sh",
-        &[],
+        &fenv,
         &["1.0.0", versions.to_str().unwrap()]
     )
     .status
@@ -210,13 +219,13 @@ fn create_factory_then_verify_setup() {
     std::fs::create_dir_all(versions.join("v2.0.0")).unwrap();
     let out = sh(
         "create-factory.sh",
-        &[],
+        &fenv,
         &["2.0.0", versions.to_str().unwrap()],
     );
     assert!(!out.status.success(), "factory was replaced");
     assert!(!sh(
         "create-factory.sh",
-        &[],
+        &fenv,
         &["9.9.9", versions.to_str().unwrap()]
     )
     .status

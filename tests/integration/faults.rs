@@ -37,7 +37,10 @@ fn versions_root_turning_read_only_at_the_first_stop_keeps_current_running() {
     let (files, manifest) = v2_partial();
     let pkg = d.pack("2.0.0", &files, &manifest);
     d.download("2.0.0", pkg).expect(0);
-    d.sc.on("stop", &format!("mount -o remount,ro {}", fs.path().display()));
+    d.sc.on(
+        "stop",
+        &format!("mount -o remount,ro {}", fs.path().display()),
+    );
     let run = d.install();
     run.expect(1);
     let s = d.env.state();
@@ -57,7 +60,10 @@ fn versions_root_turning_read_only_at_the_first_stop_keeps_current_running() {
     d.assert_current_is(&v2_files());
 
     // A manual rollback under the same fault stays on the complete 2.0.0, services running.
-    d.sc.on("stop", &format!("mount -o remount,ro {}", fs.path().display()));
+    d.sc.on(
+        "stop",
+        &format!("mount -o remount,ro {}", fs.path().display()),
+    );
     let run = d.env.run(&["rollback"]);
     run.expect(1);
     let s = d.env.state();
@@ -242,7 +248,11 @@ fn verify_reports_what_changed_and_rollbacks_prefer_an_intact_target() {
     let mut d = Device::with_factory();
     let run = d.env.run(&["verify"]);
     run.expect(0);
-    assert!(run.stdout.contains("v1.0.0 (current): intact"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("v1.0.0 (current): intact"),
+        "{}",
+        run.stdout
+    );
     let run = d.env.run(&["--json", "verify", "--all"]);
     run.expect(0);
     let j = run.json();
@@ -317,10 +327,18 @@ fn heal_brings_current_up_after_rollback_failed() {
     d.sc.rm("fail-start-device-api");
     let run = d.env.run(&["heal"]);
     run.expect(0);
-    assert!(run.stdout.contains("started the services"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("started the services"),
+        "{}",
+        run.stdout
+    );
     let cur = d.link("current").unwrap();
     assert_eq!(d.sc.running("device-api").as_deref(), Some(cur.as_str()));
-    assert_eq!(d.env.state()["error"], "ROLLBACK_FAILED", "still for a person");
+    assert_eq!(
+        d.env.state()["error"],
+        "ROLLBACK_FAILED",
+        "still for a person"
+    );
     // With the services up, the next heal has nothing to do.
     assert_eq!(d.env.run(&["heal"]).stdout, "");
 }

@@ -912,3 +912,146 @@ fn renames_are_fsynced_before_and_after_under_strace() {
     println!("fsync ordering: {total} renames checked");
     assert!(total >= 20, "{total}");
 }
+
+/// I/O errors from a failing disk (EIO at the N-th fsync, rename or symlink and every one after
+/// it, as a disk that went bad stays bad) during an install and a manual rollback: right after
+/// the failed command the device runs a complete snapshot; after a heal on a repaired disk it
+/// has settled and takes a later update.
+#[cfg(feature = "failpoints")]
+#[test]
+fn io_errors_at_every_fsync_rename_and_symlink_keep_current_running() {
+    let versions = known_versions();
+    let mut faults = 0;
+    let mut violations = Vec::new();
+    for scenario in [Scenario::Install, Scenario::ManualRollback] {
+        let lab = Lab::new(scenario);
+        let args = lab.op_args(scenario);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        for (op, upto) in [("fsync", 40), ("rename", 16), ("symlink", 6)] {
+            for n in 1..=upto {
+                let mut env = lab.copy();
+                env.set("TOPE_OTA_FAULT", &format!("{op}:{n}"));
+                let run = env.run(&args);
+                env.vars.remove("TOPE_OTA_FAULT");
+                if run.code == 0 {
+                    continue; // the operation needed fewer such calls
+                }
+                faults += 1;
+                let what = format!("{scenario:?} with EIO from {op} #{n} on");
+                if let Err(e) = check_device(&env, &versions, &lab.factory) {
+                    violations.push(format!("{what}, before heal: {e} ({run:?})"));
+                    continue;
+                }
+                if let Err(e) = heal_and_check(&env, &lab, &versions, n % 4 == 0, &what) {
+                    violations.push(e);
+                }
+            }
+        }
+    }
+    println!(
+        "io_errors: {faults} failed operations, {} violations",
+        violations.len()
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert!(faults >= 60, "only {faults} operations met a fault");
+}
+
+/// A partial that DOWNLOAD_FAILED keeps survives heal (the network may come back after boot),
+/// and the next download of the same package resumes it; 24 h without progress and heal
+/// deletes it.
+#[test]
+fn heal_keeps_the_partial_of_a_failed_download_for_24_hours() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_RETRIES", "0");
+    let bytes = data(3 << 20, 77);
+    let md5 = md5_hex(&bytes);
+    let srv = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(2 << 20),
+            ..Behaviour::default()
+        },
+    );
+    let size = bytes.len().to_string();
+    let url = srv.url("p.zip");
+    let args = [
+        "download",
+        "--version",
+        "3.0.0",
+        "--url",
+        &url,
+        "--name",
+        "p.zip",
+        "--size",
+        &size,
+        "--md5",
+        &md5,
+    ];
+    let run = env.run(&args);
+    run.expect(1);
+    assert_eq!(env.state()["error"], "DOWNLOAD_FAILED");
+    let part = env.downloads().join("p.zip.part");
+    let kept = std::fs::metadata(&part).expect("the partial is kept").len();
+    assert!(kept > 0);
+    for _ in 0..2 {
+        env.run(&["heal"]).expect(0);
+        assert_eq!(
+            std::fs::metadata(&part).unwrap().len(),
+            kept,
+            "heal threw the bytes away"
+        );
+        assert_eq!(env.state()["stage"], "failed");
+    }
+    env.vars.remove("TOPE_OTA_RETRIES");
+    env.run(&args).expect(0);
+    let ranges: Vec<_> = srv
+        .requests()
+        .iter()
+        .filter_map(|r| r.range().map(str::to_string))
+        .collect();
+    assert!(
+        !ranges.is_empty(),
+        "the download did not resume: {:?}",
+        srv.requests()
+    );
+    assert_eq!(std::fs::read(env.downloads().join("p.zip")).unwrap(), bytes);
+
+    // Once more, and then a day without progress.
+    let env = Env::new();
+    let srv = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(1 << 20),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("p.zip");
+    let mut env = env;
+    env.set("TOPE_OTA_RETRIES", "0");
+    let args = [
+        "download",
+        "--version",
+        "3.0.0",
+        "--url",
+        &url,
+        "--name",
+        "p.zip",
+        "--size",
+        &size,
+        "--md5",
+        &md5,
+    ];
+    env.run(&args).expect(1);
+    let mut s = env.state();
+    s["progressed_at"] = json!("2001-01-01T00:00:00Z");
+    std::fs::write(env.state_dir.join("state.json"), s.to_string()).unwrap();
+    let run = env.run(&["heal"]);
+    run.expect(0);
+    assert!(
+        run.stdout.contains("no progress for 24 h"),
+        "{}",
+        run.stdout
+    );
+    assert!(env.download_files().is_empty());
+    assert_eq!(env.state()["stage"], "idle");
+}
