@@ -1043,10 +1043,21 @@ pub fn v2_ready() -> Device {
 
 #[test]
 fn inhibited_install_waits_with_its_package() {
-    let d = v2_ready();
+    let mut d = v2_ready();
+    // A progress screen that records being shown: never over a print.
+    let gui = d.env.tmp.path().join("ota-gui");
+    std::fs::write(&gui, "#!/bin/sh\necho shown >> \"$0.ran\"\n").unwrap();
+    std::fs::set_permissions(&gui, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.env.set("TOPE_OTA_GUI", gui.to_str().unwrap());
+    let shown = PathBuf::from(format!("{}.ran", gui.display()));
     let job = start_print(&d);
     let run = d.install();
     run.expect(69);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !shown.exists(),
+        "ota-gui was started for an inhibited install"
+    );
     assert!(
         run.stderr
             .contains("error: INHIBITED: a print job is running"),
