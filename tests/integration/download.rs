@@ -1273,3 +1273,58 @@ fn signed_packages() {
     run_with(&env, Some(&s.url("pkg.zip.minisig"))).expect(0);
     assert_installed_package(&env, &p);
 }
+// ---------------------------------------------------------------- keys directory (fail closed)
+
+#[test]
+fn a_keys_dir_that_is_a_file_refuses_unsigned_packages() {
+    let mut env = Env::new();
+    let keys = env.tmp.path().join("keys-file");
+    std::fs::write(&keys, b"not a directory").unwrap();
+    env.set("TOPE_OTA_KEYS_DIR", keys.to_str().unwrap());
+    let bytes = data(64 * 1024, 90);
+    let srv = PkgServer::start(bytes.clone(), Behaviour::default());
+    let run = env.run(&[
+        "download",
+        "--version",
+        "1.0.0",
+        "--url",
+        &srv.url("pkg.zip"),
+        "--name",
+        "pkg.zip",
+        "--size",
+        &bytes.len().to_string(),
+        "--md5",
+        &md5_hex(&bytes),
+    ]);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: SIGNATURE_INVALID: ")
+            && run.stderr.contains(keys.to_str().unwrap()),
+        "{}",
+        run.stderr
+    );
+    let s = env.state();
+    assert_eq!(s["stage"], "failed", "{s}");
+    assert_eq!(s["error"], "SIGNATURE_INVALID", "{s}");
+    // A keys dir that does not exist still means "no keys".
+    env.set(
+        "TOPE_OTA_KEYS_DIR",
+        env.tmp.path().join("no-such-dir").to_str().unwrap(),
+    );
+    let srv = PkgServer::start(bytes.clone(), Behaviour::default());
+    env.run(&[
+        "download",
+        "--version",
+        "1.0.0",
+        "--url",
+        &srv.url("pkg.zip"),
+        "--name",
+        "pkg.zip",
+        "--size",
+        &bytes.len().to_string(),
+        "--md5",
+        &md5_hex(&bytes),
+    ])
+    .expect(0);
+    assert_eq!(env.state()["stage"], "toInstall");
+}
