@@ -1328,3 +1328,46 @@ fn a_keys_dir_that_is_a_file_refuses_unsigned_packages() {
     .expect(0);
     assert_eq!(env.state()["stage"], "toInstall");
 }
+// ---------------------------------------------------------------- SemVer precedence
+
+#[test]
+fn a_prerelease_of_the_installed_version_is_a_downgrade() {
+    use crate::install::{full_manifest, v1_files, v2_partial, Device};
+    use crate::serve::{call, Server};
+    let mut d = Device::new();
+    let pkg = d.pack("1.2.0", &v1_files(), &full_manifest("1.2.0"));
+    d.deliver("1.2.0", pkg).expect(0);
+    let (files, _) = v2_partial();
+    let manifest = serde_json::json!({"version": "1.2.0-rc1", "modules": [
+        {"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1}
+    ]});
+    let rc = d.pack("1.2.0-rc1", &files, &manifest);
+    d.download("1.2.0-rc1", rc).expect(0);
+    let run = d.install();
+    run.expect(1);
+    assert!(
+        run.stderr
+            .contains("error: DOWNGRADE_REFUSED: 1.2.0-rc1 is lower than the current 1.2.0"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.env.state()["stage"], "toInstall", "the package waits");
+    assert_eq!(d.link("current").as_deref(), Some("v1.2.0"));
+    // Through the API too.
+    let srv = Server::start(&d.env);
+    let (st, v) = call(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        Some(r#"{"version":"1.2.0-rc1"}"#),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("DOWNGRADE_REFUSED: "),
+        "{v}"
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.2.0"));
+}
