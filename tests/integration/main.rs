@@ -2,6 +2,7 @@
 
 mod support;
 
+mod api;
 mod download;
 mod heal;
 mod install;
