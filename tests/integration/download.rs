@@ -836,7 +836,7 @@ fn download_on_tty(env: &Env, srv: &PkgServer, p: &Pkg, extra: &[&str]) -> Strin
         )
         .env("TERM", "xterm")
         .output()
-        .unwrap();
+        .expect("script (bsdutils) is needed: bash tests/setup.sh installs it");
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -1142,7 +1142,7 @@ fn keypair(dir: &std::path::Path, name: &str) -> KeyPair {
         .arg("-s")
         .arg(&secret)
         .output()
-        .expect("minisign is needed (.ci/run installs it)");
+        .expect("minisign is needed: bash tests/setup.sh installs it");
     assert!(out.status.success(), "{out:?}");
     KeyPair { public, secret }
 }
@@ -1155,7 +1155,7 @@ fn sign(key: &KeyPair, file: &std::path::Path) -> Vec<u8> {
         .arg("-m")
         .arg(file)
         .output()
-        .unwrap();
+        .expect("minisign is needed: bash tests/setup.sh installs it");
     assert!(out.status.success(), "{out:?}");
     std::fs::read(sig).unwrap()
 }

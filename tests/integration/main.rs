@@ -8,6 +8,7 @@ mod heal;
 mod install;
 mod openapi;
 mod serve;
+mod setup;
 mod status;
 
 mod bench;
