@@ -167,6 +167,16 @@ impl ConnSlot {
         self.ctx.conns.set_busy(self.id, true);
         BusyGuard(self)
     }
+
+    /// A request's head has arrived: busy now when nothing else is to come (`whole`), else
+    /// once its body is in ([`ConnSlot::busy`]). Either way the connection counts as waiting
+    /// for its next request from the moment this guard drops, not from when it was opened.
+    fn request(&self, whole: bool) -> BusyGuard<'_> {
+        if whole {
+            self.ctx.conns.set_busy(self.id, true);
+        }
+        BusyGuard(self)
+    }
 }
 
 impl Drop for ConnSlot {
@@ -633,6 +643,7 @@ fn refuse_browsers(req: &Request<Incoming>) -> Option<Resp> {
 
 async fn route(conn: Arc<ConnSlot>, req: Request<Incoming>) -> Result<Resp, std::io::Error> {
     let ctx = conn.ctx.clone();
+    let _request = conn.request(req.method() != Method::POST);
     if let Some(r) = refuse_browsers(&req) {
         return Ok(r);
     }

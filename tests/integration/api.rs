@@ -253,6 +253,56 @@ fn a_connection_flood_sheds_the_oldest_incomplete_connection() {
     );
 }
 
+/// GET /progress on a kept-alive connection; the status, 0 when the server closed it.
+fn get_kept_alive(s: &mut TcpStream, addr: &str) -> u16 {
+    let req = format!("GET /api/v1.0/progress HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => return 0,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if s.read_exact(&mut body).is_err() {
+        return 0;
+    }
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn idle_keep_alive_connections_are_shed_too() {
+    let env = Env::new();
+    let srv = Server::start(&env);
+    // More kept-alive connections than the cap, each served one whole request and left idle:
+    // every new one is served, the idle ones that waited longest make room.
+    let mut idle = Vec::new();
+    for i in 0..520 {
+        let mut s = TcpStream::connect(&srv.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(get_kept_alive(&mut s, &srv.addr), 200, "connection {i}");
+        idle.push(s);
+    }
+    // The newest idle connection is still open and answers a second request.
+    let last = idle.last_mut().unwrap();
+    assert_eq!(get_kept_alive(last, &srv.addr), 200);
+    // The oldest was shed.
+    assert_eq!(get_kept_alive(&mut idle[0], &srv.addr), 0);
+}
+
 // ---------------------------------------------------------------- boolean variables
 
 #[test]
