@@ -1,6 +1,7 @@
 //! The command-line definition (clap derive), and nothing else: man pages, completions and tests
 //! render from this same definition.
 
+use clap::builder::FalseyValueParser;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -172,7 +173,7 @@ pub struct InstallArgs {
     #[arg(long, value_name = "V")]
     pub version: Option<String>,
     /// Install even if the version is lower than the current one
-    #[arg(long, env = "TOPE_OTA_ALLOW_DOWNGRADE")]
+    #[arg(long, env = "TOPE_OTA_ALLOW_DOWNGRADE", value_parser = FalseyValueParser::new())]
     pub allow_downgrade: bool,
     /// Wait up to SECS for inhibitors (print jobs) to clear instead of refusing at once
     #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -182,7 +183,7 @@ pub struct InstallArgs {
 #[derive(Debug, Clone, Args)]
 pub struct HealArgs {
     /// Also install a pending package once no print job inhibits it
-    #[arg(long, env = "TOPE_OTA_AUTO_INSTALL")]
+    #[arg(long, env = "TOPE_OTA_AUTO_INSTALL", value_parser = FalseyValueParser::new())]
     pub auto_install: bool,
 }
 
@@ -231,6 +232,10 @@ pub struct ServeArgs {
     /// Address to listen on (loopback unless the operator says otherwise)
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:12315")]
     pub listen: String,
+    /// Honour `"allow_downgrade": true` in POST /update; without it the field is ignored
+    /// (logged) and a lower version is refused with DOWNGRADE_REFUSED
+    #[arg(long, env = "TOPE_OTA_API_ALLOW_DOWNGRADE", value_parser = FalseyValueParser::new())]
+    pub api_allow_downgrade: bool,
 }
 
 #[cfg(test)]

@@ -18,17 +18,36 @@ fn invalid(detail: impl Into<String>) -> OtaError {
     OtaError::new(ErrorCode::SignatureInvalid, detail)
 }
 
-/// The `*.pub` keys in `dir`; none when the dir is missing or empty. A key file that does not
-/// parse fails closed: the operator meant to require signatures.
+/// The `*.pub` keys in `dir`; none when the dir does not exist (ENOENT) or holds no `*.pub`.
+/// Trust fails closed: any other error opening or listing the dir (a file in its place,
+/// EACCES, EIO, an entry that cannot be read mid-listing, a link to nowhere) and a key file
+/// that does not parse refuse with `SIGNATURE_INVALID` naming the path: the operator meant to
+/// require signatures, and an unreadable dir is not "no keys".
 pub fn load_keys(dir: &Path) -> Result<Vec<Key>, OtaError> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Ok(Vec::new());
+    let unreadable = |e: std::io::Error| {
+        invalid(format!(
+            "the trusted keys directory {} cannot be read ({e}); refusing every package until it can",
+            dir.display()
+        ))
     };
-    let mut paths: Vec<_> = rd
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "pub"))
-        .collect();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        // Missing means no keys, unless the path itself is there (a dangling symlink).
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::fs::symlink_metadata(dir).is_err() =>
+        {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(unreadable(e)),
+    };
+    let mut paths = Vec::new();
+    for entry in rd {
+        let p = entry.map_err(unreadable)?.path();
+        if p.extension().is_some_and(|x| x == "pub") {
+            paths.push(p);
+        }
+    }
     paths.sort();
     let mut keys = Vec::new();
     for p in paths {
@@ -113,4 +132,53 @@ pub fn verify_file(file: &Path, sig_text: &str, keys: &[Key]) -> Result<String, 
             keys.len()
         )
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
+    fn refused(dir: &Path) -> String {
+        match load_keys(dir) {
+            Ok(k) => panic!("{}: {} key(s), expected a refusal", dir.display(), k.len()),
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::SignatureInvalid, "{}", e.message());
+                assert!(
+                    e.message().contains(&dir.display().to_string()),
+                    "{}",
+                    e.message()
+                );
+                e.message()
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_missing_dir_means_no_keys() {
+        let tmp = std::env::temp_dir().join(format!("tope-ota-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        // Missing, also under a missing parent: no keys.
+        assert!(load_keys(&tmp.join("none")).unwrap().is_empty());
+        assert!(load_keys(&tmp.join("none/keys.d")).unwrap().is_empty());
+        // Empty, or no *.pub: no keys.
+        std::fs::create_dir(tmp.join("empty")).unwrap();
+        assert!(load_keys(&tmp.join("empty")).unwrap().is_empty());
+        // A file where the dir should be (ENOTDIR), and a path through a file.
+        std::fs::write(tmp.join("file"), b"x").unwrap();
+        refused(&tmp.join("file"));
+        refused(&tmp.join("file/keys.d"));
+        // A symlink to nowhere, and a symlink loop (ELOOP).
+        std::os::unix::fs::symlink(tmp.join("nowhere"), tmp.join("dangling")).unwrap();
+        refused(&tmp.join("dangling"));
+        std::os::unix::fs::symlink(tmp.join("loop"), tmp.join("loop")).unwrap();
+        refused(&tmp.join("loop"));
+        // A *.pub that does not parse.
+        std::fs::create_dir(tmp.join("bad")).unwrap();
+        std::fs::write(tmp.join("bad/k.pub"), b"nonsense").unwrap();
+        let msg = refused(&tmp.join("bad"));
+        assert!(msg.contains("does not parse"), "{msg}");
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }

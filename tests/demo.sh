@@ -148,13 +148,15 @@ echo "\$ curl -s http://$api/api/v1.0/progress"
 curl -s "http://$api/api/v1.0/progress"; echo
 f=$work/srv/tope-1.2.0.zip
 body="{\"version\":\"1.2.0\",\"package_url\":\"http://127.0.0.1:$pkg_port/tope-1.2.0.zip\",\"package_name\":\"tope-1.2.0.zip\",\"package_size\":$(stat -c %s "$f"),\"package_md5\":\"$(md5sum "$f" | cut -d' ' -f1)\"}"
-echo "\$ curl -s -X POST http://$api/api/v1.0/download -d '$body'"
-curl -s -X POST "http://$api/api/v1.0/download" -H 'Content-Type: application/json' -d "$body"; echo
+# curl -d alone sends Content-Type: application/x-www-form-urlencoded, which serve refuses (415).
+json='Content-Type: application/json'
+echo "\$ curl -s -X POST http://$api/api/v1.0/download -H '$json' -d '$body'"
+curl -s -X POST "http://$api/api/v1.0/download" -H "$json" -d "$body"; echo
 poll toInstall
-echo "\$ curl -s -X POST http://$api/api/v1.0/update -d '{\"version\":\"9.9.9\"}'"
-curl -s -X POST "http://$api/api/v1.0/update" -d '{"version":"9.9.9"}'; echo
-echo "\$ curl -s -X POST http://$api/api/v1.0/update -d '{\"version\":\"1.2.0\"}'"
-curl -s -X POST "http://$api/api/v1.0/update" -d '{"version":"1.2.0"}'; echo
+echo "\$ curl -s -X POST http://$api/api/v1.0/update -H '$json' -d '{\"version\":\"9.9.9\"}'"
+curl -s -X POST "http://$api/api/v1.0/update" -H "$json" -d '{"version":"9.9.9"}'; echo
+echo "\$ curl -s -X POST http://$api/api/v1.0/update -H '$json' -d '{\"version\":\"1.2.0\"}'"
+curl -s -X POST "http://$api/api/v1.0/update" -H "$json" -d '{"version":"1.2.0"}'; echo
 poll success
 "$bin" status
 

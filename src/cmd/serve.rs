@@ -16,33 +16,181 @@ use crate::{clock, validate};
 use anyhow::{Context, Result};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use tokio::task::AbortHandle;
 
 /// Largest request body accepted (413 above).
 pub const MAX_BODY: usize = 64 * 1024;
 /// Largest request head accepted (hyper answers 431 above). hyper's minimum buffer.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// A request must arrive whole within this (headers by hyper's timer, the body by ours).
+/// A request must arrive whole within this: its head by hyper's header timer, its body by
+/// ours. Only receiving is bounded; the work a complete request starts (the lock hand-over,
+/// the inhibit command) is not, so it answers instead of being cut off.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 512;
+/// Connections open at once. At the cap, a new connection sheds the oldest incomplete one
+/// (see [`Conns`]).
+pub const MAX_CONNECTIONS: usize = 512;
 
 struct Ctx {
     global: Global,
     exe: std::path::PathBuf,
-    connections: AtomicUsize,
+    /// `serve --api-allow-downgrade`: honour `allow_downgrade` in POST /update.
+    api_allow_downgrade: bool,
+    conns: Conns,
     /// The last /progress body, valid while state.json keeps its inode, size and mtime.
-    progress_cache: std::sync::Mutex<Option<(StateKey, Bytes)>>,
+    progress_cache: Mutex<Option<(StateKey, Bytes)>>,
+}
+
+/// The open connections. Each is *incomplete* while its request head or body is still arriving
+/// (an idle keep-alive connection between requests too) and *busy* from the moment a whole
+/// request has arrived until it is answered. At [`MAX_CONNECTIONS`], a new connection sheds the
+/// incomplete connection that has been waiting longest, so connections that send a byte and
+/// stall cannot lock out a client that sends a whole request; busy ones are never shed.
+#[derive(Default)]
+struct Conns {
+    table: Mutex<ConnTable>,
+    /// A connection ended or stopped being busy.
+    freed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct ConnTable {
+    /// Increases at every registration and every busy→incomplete step: the order of "oldest".
+    seq: u64,
+    open: HashMap<u64, ConnEntry>,
+}
+
+struct ConnEntry {
+    /// When (in `seq` order) it last became incomplete.
+    since: u64,
+    busy: bool,
+    abort: Option<AbortHandle>,
+}
+
+impl Conns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn len(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// A new incomplete connection; its id.
+    fn register(&self) -> u64 {
+        let mut t = self.lock();
+        t.seq += 1;
+        let id = t.seq;
+        t.open.insert(
+            id,
+            ConnEntry {
+                since: id,
+                busy: false,
+                abort: None,
+            },
+        );
+        id
+    }
+
+    fn set_abort(&self, id: u64, h: AbortHandle) {
+        if let Some(e) = self.lock().open.get_mut(&id) {
+            e.abort = Some(h);
+        }
+    }
+
+    fn set_busy(&self, id: u64, busy: bool) {
+        let mut t = self.lock();
+        t.seq += 1;
+        let seq = t.seq;
+        if let Some(e) = t.open.get_mut(&id) {
+            e.busy = busy;
+            if !busy {
+                e.since = seq;
+            }
+        }
+        drop(t);
+        if !busy {
+            self.freed.notify_one();
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        if self.lock().open.remove(&id).is_some() {
+            self.freed.notify_one();
+        }
+    }
+
+    /// Close the incomplete connection that has waited longest; false when every open
+    /// connection is busy.
+    fn shed_oldest_incomplete(&self) -> bool {
+        let mut t = self.lock();
+        let oldest = t
+            .open
+            .iter()
+            .filter(|(_, e)| !e.busy && e.abort.is_some())
+            .min_by_key(|(_, e)| e.since)
+            .map(|(id, _)| *id);
+        let Some(id) = oldest else {
+            return false;
+        };
+        if let Some(h) = t.open.remove(&id).and_then(|e| e.abort) {
+            h.abort();
+        }
+        log::debug!(
+            "{} connections open: shed the oldest incomplete one",
+            MAX_CONNECTIONS
+        );
+        true
+    }
+}
+
+/// One connection's registration, held by its task: removed when the task ends or is shed.
+struct ConnSlot {
+    ctx: Arc<Ctx>,
+    id: u64,
+}
+
+impl ConnSlot {
+    /// Mark the connection busy (a whole request has arrived) until the guard drops.
+    fn busy(&self) -> BusyGuard<'_> {
+        self.ctx.conns.set_busy(self.id, true);
+        BusyGuard(self)
+    }
+
+    /// A request's head has arrived: busy now when nothing else is to come (`whole`), else
+    /// once its body is in ([`ConnSlot::busy`]). Either way the connection counts as waiting
+    /// for its next request from the moment this guard drops, not from when it was opened.
+    fn request(&self, whole: bool) -> BusyGuard<'_> {
+        if whole {
+            self.ctx.conns.set_busy(self.id, true);
+        }
+        BusyGuard(self)
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.ctx.conns.remove(self.id);
+    }
+}
+
+struct BusyGuard<'a>(&'a ConnSlot);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.ctx.conns.set_busy(self.0.id, false);
+    }
 }
 
 /// What identifies one version of state.json: every write renames a new inode over it.
@@ -97,6 +245,14 @@ pub fn is_loopback_host(host: &str) -> bool {
         Ok(ip) => ip.is_loopback(),
         Err(_) => false,
     }
+}
+
+/// The body, within [`REQUEST_DEADLINE`]: `Err` drops the connection (nothing is answered to
+/// a request that did not arrive whole), `Ok(Err(resp))` answers 400/413.
+async fn receive_body(req: Request<Incoming>) -> Result<Result<Bytes, Resp>, std::io::Error> {
+    tokio::time::timeout(REQUEST_DEADLINE, read_body(req))
+        .await
+        .map_err(|_| std::io::Error::other("request body not whole within 5 s"))
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
@@ -265,11 +421,20 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
 /// Children running, for the orderly shutdown.
 static CHILDREN: AtomicUsize = AtomicUsize::new(0);
 
-async fn post_download(ctx: &Ctx, req: Request<Incoming>) -> Resp {
-    let body = match read_body(req).await {
+async fn post_download(
+    ctx: &Ctx,
+    conn: &ConnSlot,
+    req: Request<Incoming>,
+) -> Result<Resp, std::io::Error> {
+    let body = match receive_body(req).await? {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return Ok(r),
     };
+    let _busy = conn.busy();
+    Ok(start_download(ctx, body).await)
+}
+
+async fn start_download(ctx: &Ctx, body: Bytes) -> Resp {
     let pkg = match serde_json::from_slice::<Package>(&body) {
         Ok(p) => p,
         Err(e) => return invalid(format!("request body: {e}")),
@@ -290,22 +455,40 @@ async fn post_download(ctx: &Ctx, req: Request<Incoming>) -> Resp {
 #[serde(deny_unknown_fields)]
 struct UpdateRequest {
     version: String,
-    /// Optional: install even if lower than the current version.
+    /// Optional: install even if lower than the current version; honoured only with
+    /// `serve --api-allow-downgrade`.
     #[serde(default)]
     allow_downgrade: bool,
 }
 
-async fn post_update(ctx: &Ctx, req: Request<Incoming>) -> Resp {
-    let body = match read_body(req).await {
+async fn post_update(
+    ctx: &Ctx,
+    conn: &ConnSlot,
+    req: Request<Incoming>,
+) -> Result<Resp, std::io::Error> {
+    let body = match receive_body(req).await? {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return Ok(r),
     };
-    let upd = match serde_json::from_slice::<UpdateRequest>(&body) {
+    let _busy = conn.busy();
+    Ok(start_update(ctx, body).await)
+}
+
+async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
+    let mut upd = match serde_json::from_slice::<UpdateRequest>(&body) {
         Ok(u) => u,
         Err(e) => return invalid(format!("request body: {e}")),
     };
     if let Err(e) = validate::version(&upd.version) {
         return coded(&crate::error::classify(&e));
+    }
+    if upd.allow_downgrade && !ctx.api_allow_downgrade {
+        log::warn!(
+            "POST /update for {} asks for allow_downgrade, which this device does not allow \
+             over the API (serve --api-allow-downgrade): ignored",
+            upd.version
+        );
+        upd.allow_downgrade = false;
     }
     if let Some(r) = in_flight(ctx) {
         return r;
@@ -407,18 +590,63 @@ fn method_not_allowed(allow: &'static str) -> Resp {
     r
 }
 
-async fn route(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Resp, std::io::Error> {
+/// `application/json`, in any case, with any parameters (`; charset=utf-8`).
+pub fn is_json_media_type(value: &[u8]) -> bool {
+    let Ok(v) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let essence = v.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
+/// The browser rules, before any route: a non-loopback Host (DNS rebinding) and any Origin
+/// (only a web page sends one; device-api never does) are 403, a POST whose Content-Type is
+/// present and not JSON is 415 (an HTML form or a "simple" cross-site request).
+fn refuse_browsers(req: &Request<Incoming>) -> Option<Resp> {
     let host = req
         .headers()
         .get(HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     if !is_loopback_host(host) {
-        return Ok(envelope(
+        return Some(envelope(
             403,
             format!("FORBIDDEN: Host {host:?} is not a loopback name"),
             Value::Null,
         ));
+    }
+    if let Some(origin) = req.headers().get(ORIGIN) {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        return Some(envelope(
+            403,
+            format!(
+                "FORBIDDEN: a request with an Origin header (Origin {origin:?}) comes from a web page; this API serves device-api only"
+            ),
+            Value::Null,
+        ));
+    }
+    if req.method() == Method::POST {
+        if let Some(ct) = req.headers().get(CONTENT_TYPE) {
+            if !is_json_media_type(ct.as_bytes()) {
+                let ct = String::from_utf8_lossy(ct.as_bytes());
+                return Some(envelope(
+                    415,
+                    format!(
+                        "UNSUPPORTED_MEDIA_TYPE: Content-Type {ct:?}; the body must be application/json"
+                    ),
+                    Value::Null,
+                ));
+            }
+        }
+    }
+    None
+}
+
+async fn route(conn: Arc<ConnSlot>, req: Request<Incoming>) -> Result<Resp, std::io::Error> {
+    let ctx = conn.ctx.clone();
+    let _request = conn.request(req.method() != Method::POST);
+    if let Some(r) = refuse_browsers(&req) {
+        return Ok(r);
     }
     let path = req.uri().path().to_string();
     let method = req.method().clone();
@@ -430,18 +658,8 @@ async fn route(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Resp, std::io::E
         "/api/v1.0/download" | "/api/v1.0/update" if method != Method::POST => {
             method_not_allowed("POST")
         }
-        "/api/v1.0/download" => {
-            match tokio::time::timeout(REQUEST_DEADLINE, post_download(&ctx, req)).await {
-                Ok(r) => r,
-                Err(_) => return Err(std::io::Error::other("request body not whole within 5 s")),
-            }
-        }
-        "/api/v1.0/update" => {
-            match tokio::time::timeout(REQUEST_DEADLINE, post_update(&ctx, req)).await {
-                Ok(r) => r,
-                Err(_) => return Err(std::io::Error::other("request body not whole within 5 s")),
-            }
-        }
+        "/api/v1.0/download" => post_download(&ctx, &conn, req).await?,
+        "/api/v1.0/update" => post_update(&ctx, &conn, req).await?,
         _ => envelope(404, format!("NOT_FOUND: no route {path}"), Value::Null),
     };
     Ok(resp)
@@ -461,8 +679,9 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
     let ctx = Arc::new(Ctx {
         global: g.clone(),
         exe: std::env::current_exe().context("find our own binary")?,
-        connections: AtomicUsize::new(0),
-        progress_cache: std::sync::Mutex::new(None),
+        api_allow_downgrade: args.api_allow_downgrade,
+        conns: Conns::default(),
+        progress_cache: Mutex::new(None),
     });
     rt.block_on(serve(ctx, addr))?;
     Ok(Output::success(String::new(), Value::Null))
@@ -489,7 +708,7 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
         .max_buf_size(MAX_HEAD)
         .keep_alive(true);
     let builder = Arc::new(builder);
-    loop {
+    'serve: loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = term.recv() => break,
@@ -503,22 +722,31 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
                 continue;
             }
         };
-        if ctx.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            drop(stream);
-            continue;
+        // At the cap: make room by shedding the oldest incomplete connection; when every
+        // connection is busy with a whole request, wait for one to be answered.
+        while ctx.conns.len() >= MAX_CONNECTIONS && !ctx.conns.shed_oldest_incomplete() {
+            tokio::select! {
+                _ = ctx.conns.freed.notified() => {}
+                _ = term.recv() => break 'serve,
+                _ = int.recv() => break 'serve,
+            }
         }
         let _ = stream.set_nodelay(true);
-        ctx.connections.fetch_add(1, Ordering::SeqCst);
-        let ctx2 = ctx.clone();
+        let slot = Arc::new(ConnSlot {
+            ctx: ctx.clone(),
+            id: ctx.conns.register(),
+        });
+        let id = slot.id;
         let builder = builder.clone();
-        tokio::spawn(async move {
-            let c = ctx2.clone();
-            let svc = hyper::service::service_fn(move |req| route(c.clone(), req));
+        let task = tokio::spawn(async move {
+            let s = slot.clone();
+            let svc = hyper::service::service_fn(move |req| route(s.clone(), req));
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                 log::debug!("connection ended: {e}");
             }
-            ctx2.connections.fetch_sub(1, Ordering::SeqCst);
+            drop(slot);
         });
+        ctx.conns.set_abort(id, task.abort_handle());
     }
     drop(listener);
     let running = CHILDREN.load(Ordering::SeqCst);
@@ -560,5 +788,29 @@ mod tests {
         ] {
             assert!(!is_loopback_host(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn json_media_types() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "APPLICATION/JSON;charset=UTF-8",
+            " application/json ",
+        ] {
+            assert!(is_json_media_type(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "text/plain",
+            "application/jsonp",
+            "application/json-patch+json",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "text/plain; application/json",
+        ] {
+            assert!(!is_json_media_type(bad.as_bytes()), "{bad}");
+        }
+        assert!(!is_json_media_type(b"application/json\xff"));
     }
 }

@@ -120,7 +120,7 @@ fn units_pass_systemd_analyze_verify() {
         .args(&paths)
         .env("MANPATH", dest.join("usr/share/man"))
         .output()
-        .expect("systemd-analyze is needed");
+        .expect("systemd-analyze (systemd) is needed: bash tests/setup.sh installs it");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -141,12 +141,13 @@ fn scripts_pass_shellcheck() {
         "deploy/debian/postinst",
         "deploy/debian/prerm",
         "tests/demo.sh",
+        "tests/setup.sh",
         ".ci/run",
     ];
     let out = Command::new("shellcheck")
         .args(scripts.iter().map(|s| repo().join(s)))
         .output()
-        .expect("shellcheck is needed (.ci/run installs it)");
+        .expect("shellcheck is needed: bash tests/setup.sh installs it");
     assert!(
         out.status.success(),
         "{}",

@@ -836,7 +836,7 @@ fn download_on_tty(env: &Env, srv: &PkgServer, p: &Pkg, extra: &[&str]) -> Strin
         )
         .env("TERM", "xterm")
         .output()
-        .unwrap();
+        .expect("script (bsdutils) is needed: bash tests/setup.sh installs it");
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -1142,7 +1142,7 @@ fn keypair(dir: &std::path::Path, name: &str) -> KeyPair {
         .arg("-s")
         .arg(&secret)
         .output()
-        .expect("minisign is needed (.ci/run installs it)");
+        .expect("minisign is needed: bash tests/setup.sh installs it");
     assert!(out.status.success(), "{out:?}");
     KeyPair { public, secret }
 }
@@ -1155,7 +1155,7 @@ fn sign(key: &KeyPair, file: &std::path::Path) -> Vec<u8> {
         .arg("-m")
         .arg(file)
         .output()
-        .unwrap();
+        .expect("minisign is needed: bash tests/setup.sh installs it");
     assert!(out.status.success(), "{out:?}");
     std::fs::read(sig).unwrap()
 }
@@ -1272,4 +1272,102 @@ fn signed_packages() {
     let s = sig_srv(&by_b);
     run_with(&env, Some(&s.url("pkg.zip.minisig"))).expect(0);
     assert_installed_package(&env, &p);
+}
+// ---------------------------------------------------------------- keys directory (fail closed)
+
+#[test]
+fn a_keys_dir_that_is_a_file_refuses_unsigned_packages() {
+    let mut env = Env::new();
+    let keys = env.tmp.path().join("keys-file");
+    std::fs::write(&keys, b"not a directory").unwrap();
+    env.set("TOPE_OTA_KEYS_DIR", keys.to_str().unwrap());
+    let bytes = data(64 * 1024, 90);
+    let srv = PkgServer::start(bytes.clone(), Behaviour::default());
+    let run = env.run(&[
+        "download",
+        "--version",
+        "1.0.0",
+        "--url",
+        &srv.url("pkg.zip"),
+        "--name",
+        "pkg.zip",
+        "--size",
+        &bytes.len().to_string(),
+        "--md5",
+        &md5_hex(&bytes),
+    ]);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: SIGNATURE_INVALID: ")
+            && run.stderr.contains(keys.to_str().unwrap()),
+        "{}",
+        run.stderr
+    );
+    let s = env.state();
+    assert_eq!(s["stage"], "failed", "{s}");
+    assert_eq!(s["error"], "SIGNATURE_INVALID", "{s}");
+    // A keys dir that does not exist still means "no keys".
+    env.set(
+        "TOPE_OTA_KEYS_DIR",
+        env.tmp.path().join("no-such-dir").to_str().unwrap(),
+    );
+    let srv = PkgServer::start(bytes.clone(), Behaviour::default());
+    env.run(&[
+        "download",
+        "--version",
+        "1.0.0",
+        "--url",
+        &srv.url("pkg.zip"),
+        "--name",
+        "pkg.zip",
+        "--size",
+        &bytes.len().to_string(),
+        "--md5",
+        &md5_hex(&bytes),
+    ])
+    .expect(0);
+    assert_eq!(env.state()["stage"], "toInstall");
+}
+// ---------------------------------------------------------------- SemVer precedence
+
+#[test]
+fn a_prerelease_of_the_installed_version_is_a_downgrade() {
+    use crate::install::{full_manifest, v1_files, v2_partial, Device};
+    use crate::serve::{call, Server};
+    let mut d = Device::new();
+    let pkg = d.pack("1.2.0", &v1_files(), &full_manifest("1.2.0"));
+    d.deliver("1.2.0", pkg).expect(0);
+    let (files, _) = v2_partial();
+    let manifest = serde_json::json!({"version": "1.2.0-rc1", "modules": [
+        {"name": "api", "src": "bin/device-api", "dst": "bin/device-api", "process_name": "device-api", "restart_order": 1}
+    ]});
+    let rc = d.pack("1.2.0-rc1", &files, &manifest);
+    d.download("1.2.0-rc1", rc).expect(0);
+    let run = d.install();
+    run.expect(1);
+    assert!(
+        run.stderr
+            .contains("error: DOWNGRADE_REFUSED: 1.2.0-rc1 is lower than the current 1.2.0"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.env.state()["stage"], "toInstall", "the package waits");
+    assert_eq!(d.link("current").as_deref(), Some("v1.2.0"));
+    // Through the API too.
+    let srv = Server::start(&d.env);
+    let (st, v) = call(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        Some(r#"{"version":"1.2.0-rc1"}"#),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("DOWNGRADE_REFUSED: "),
+        "{v}"
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.2.0"));
 }

@@ -2,12 +2,14 @@
 
 mod support;
 
+mod api;
 mod download;
 mod faults;
 mod heal;
 mod install;
 mod openapi;
 mod serve;
+mod setup;
 mod status;
 
 mod bench;

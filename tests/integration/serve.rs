@@ -17,8 +17,16 @@ pub struct Server {
 
 impl Server {
     pub fn start(env: &Env) -> Server {
+        Server::start_with(env, &[], &[])
+    }
+
+    /// With extra `serve` arguments and environment variables.
+    pub fn start_with(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Server {
+        let mut argv = vec!["serve", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
         let mut child = env
-            .cmd(&["serve", "--listen", "127.0.0.1:0"])
+            .cmd(&argv)
+            .envs(vars.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -572,7 +580,8 @@ fn sigterm_stops_accepting_and_lets_the_worker_finish() {
 #[test]
 fn update_refuses_a_downgrade_unless_the_request_allows_it() {
     let d = downgrade_ready();
-    let srv = Server::start(&d.env);
+    // The request's allow_downgrade counts only where the device allows it over the API.
+    let srv = Server::start_with(&d.env, &["--api-allow-downgrade"], &[]);
     refused(
         &srv.addr,
         "/api/v1.0/update",

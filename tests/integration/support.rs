@@ -671,7 +671,10 @@ pub fn kill(child: &Child, sig: i32) {
 /// that the child shared between fork and exec.
 pub fn run_measured(cmd: &mut Command) -> (Duration, i32, u64) {
     let t = Instant::now();
-    let mut child = cmd.stdout(Stdio::null()).spawn().unwrap();
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd.stdout(Stdio::null()).spawn().unwrap_or_else(|e| {
+        panic!("cannot run {program}: {e} (bash tests/setup.sh installs the tools the suite calls)")
+    });
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak = 0u64;
     loop {

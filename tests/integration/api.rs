@@ -1,0 +1,345 @@
+//! `serve` hardening: the browser rules (Origin, Content-Type, `allow_downgrade`), the request
+//! deadline that bounds only receiving a request, connection shedding under a flood, and the
+//! boolean settings' values.
+
+use crate::install::*;
+use crate::openapi;
+use crate::serve::{raw, Server};
+use crate::support::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// One request with extra headers (Host is the server's own, so only the rule under test can
+/// refuse it); the response is checked against the OpenAPI document.
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Value) {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    let (status, text) = raw(addr, req.as_bytes());
+    openapi::check(method, path, status, &text)
+        .unwrap_or_else(|e| panic!("contract ({method} {path} {headers:?}): {e}"));
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[track_caller]
+fn assert_refused(v: &Value, status: u16, prefix: &str, what: &str) {
+    assert_eq!(v["code"], status, "{what}: {v}");
+    assert_eq!(v["data"], Value::Null, "{what}: {v}");
+    assert!(
+        v["msg"].as_str().unwrap_or("").starts_with(prefix),
+        "{what}: {v}"
+    );
+}
+
+fn download_body(url: &str) -> String {
+    json!({"version": "1.0.0", "package_url": url, "package_name": "pkg.zip",
+           "package_size": 10, "package_md5": "0123456789abcdef0123456789abcdef"})
+    .to_string()
+}
+
+// ---------------------------------------------------------------- browser rules
+
+#[test]
+fn any_origin_header_is_forbidden_on_every_path_and_method() {
+    let env = Env::new();
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let dl = download_body("http://127.0.0.1:1/pkg.zip");
+    let requests: [(&str, &str, &str); 6] = [
+        ("GET", "/api/v1.0/progress", ""),
+        ("POST", "/api/v1.0/download", &dl),
+        ("POST", "/api/v1.0/update", r#"{"version":"1.0.0"}"#),
+        ("POST", "/api/v1.0/progress", ""),
+        ("GET", "/api/v1.0/download", ""),
+        ("GET", "/nothing", ""),
+    ];
+    for origin in [
+        "null",
+        "http://localhost",
+        "http://127.0.0.1:12315",
+        "http://[::1]:8080",
+        "https://evil.example",
+        "",
+    ] {
+        for (method, path, body) in requests {
+            let what = format!("Origin {origin:?} {method} {path}");
+            let (st, v) = request(
+                a,
+                method,
+                path,
+                &[("Origin", origin), ("Content-Type", "application/json")],
+                body,
+            );
+            assert_eq!(st, 403, "{what}: {v}");
+            assert_refused(&v, 403, "FORBIDDEN: ", &what);
+        }
+    }
+    // Without an Origin the same server answers as before.
+    let (st, _) = request(a, "GET", "/api/v1.0/progress", &[], "");
+    assert_eq!(st, 200);
+    assert!(
+        !env.state_dir.join("state.json").exists(),
+        "a refused POST /download started nothing"
+    );
+}
+
+#[test]
+fn a_post_with_a_non_json_content_type_is_415() {
+    let env = Env::new();
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let upd = r#"{"version":"1.0.0"}"#;
+    let dl = download_body("http://127.0.0.1:1/pkg.zip");
+    for ct in [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+        "application/json-patch+json",
+        "application/problem+json",
+        "",
+    ] {
+        for (path, body) in [
+            ("/api/v1.0/update", upd),
+            ("/api/v1.0/download", dl.as_str()),
+        ] {
+            let what = format!("Content-Type {ct:?} POST {path}");
+            let (st, v) = request(a, "POST", path, &[("Content-Type", ct)], body);
+            assert_eq!(st, 415, "{what}: {v}");
+            assert_refused(&v, 415, "UNSUPPORTED_MEDIA_TYPE: ", &what);
+        }
+    }
+    assert!(
+        !env.state_dir.join("state.json").exists(),
+        "a refused POST /download started nothing"
+    );
+    // JSON, with parameters and in any case, and a missing Content-Type (old clients) pass
+    // this rule: nothing was downloaded, so POST /update reaches NO_PACKAGE.
+    for headers in [
+        &[("Content-Type", "application/json")][..],
+        &[("Content-Type", "application/json; charset=utf-8")],
+        &[("Content-Type", "Application/JSON ; Charset=UTF-8")],
+        &[],
+    ] {
+        let (st, v) = request(a, "POST", "/api/v1.0/update", headers, upd);
+        assert_eq!(st, 400, "{headers:?}: {v}");
+        assert_refused(&v, 400, "NO_PACKAGE: ", &format!("{headers:?}"));
+    }
+}
+
+#[test]
+fn allow_downgrade_in_the_request_needs_the_serve_option() {
+    let d = downgrade_ready();
+    let body = r#"{"version":"1.5.0","allow_downgrade":true}"#;
+    let ct = [("Content-Type", "application/json")];
+    {
+        let srv = Server::start(&d.env);
+        let (st, v) = request(&srv.addr, "POST", "/api/v1.0/update", &ct, body);
+        assert_eq!(st, 400, "{v}");
+        assert_refused(
+            &v,
+            400,
+            "DOWNGRADE_REFUSED: ",
+            "without --api-allow-downgrade",
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(srv.children().is_empty(), "no install was started");
+        assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+        assert_eq!(d.env.state()["stage"], "toInstall", "the package waits");
+    }
+    // The variable is honoured as the flag: the device allows downgrades over the API.
+    let srv = Server::start_with(&d.env, &[], &[("TOPE_OTA_API_ALLOW_DOWNGRADE", "1")]);
+    let (st, v) = request(&srv.addr, "POST", "/api/v1.0/update", &ct, body);
+    assert_eq!(st, 200, "{v}");
+    let until = Instant::now() + Duration::from_secs(30);
+    while d.env.try_state().map(|s| s["stage"].clone()) != Some(json!("success")) {
+        assert!(Instant::now() < until, "{:?}", d.env.try_state());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
+}
+
+// ---------------------------------------------------------------- request deadline
+
+#[test]
+fn a_slow_inhibit_command_answers_409_inhibited_not_a_dropped_connection() {
+    let mut d = v2_ready();
+    let script = d.env.tmp.path().join("slow-inhibit.sh");
+    std::fs::write(&script, "#!/bin/sh\nsleep 7\nexit 1\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    d.env.set("TOPE_OTA_INHIBIT_CMD", script.to_str().unwrap());
+    let srv = Server::start(&d.env);
+    let t = Instant::now();
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &[("Content-Type", "application/json")],
+        r#"{"version":"2.0.0"}"#,
+    );
+    assert_eq!(st, 409, "{v} after {:?}", t.elapsed());
+    assert_refused(&v, 409, "INHIBITED: ", "slow inhibit command");
+    assert!(t.elapsed() >= Duration::from_secs(6), "{:?}", t.elapsed());
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}
+
+// ---------------------------------------------------------------- connection flood
+
+#[test]
+fn a_connection_flood_sheds_the_oldest_incomplete_connection() {
+    let env = Env::new();
+    let srv = Server::start(&env);
+    let mut flood = Vec::new();
+    for i in 0..520 {
+        let mut s =
+            TcpStream::connect(&srv.addr).unwrap_or_else(|e| panic!("flood connection {i}: {e}"));
+        s.write_all(b"G").unwrap();
+        flood.push(s);
+    }
+    // A complete request after the flood is served, at once rather than after the flood's
+    // header timeout: one attempt, failing after 10 s.
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!(
+            "GET /api/v1.0/progress HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            srv.addr
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 200 "),
+        "the request after 520 stuck connections got {text:?}"
+    );
+    // 521 connections over a cap of 512: the 9 oldest of the flood were shed (closed), the
+    // newest is still open (its header timeout of 5 s has not run out).
+    let closed = |s: &mut TcpStream, wait: Duration| {
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+            Ok(_) | Err(_) => false,
+        }
+    };
+    for (i, s) in flood.iter_mut().enumerate().take(9) {
+        assert!(
+            closed(s, Duration::from_secs(2)),
+            "flood connection {i} was not shed"
+        );
+    }
+    assert!(
+        !closed(flood.last_mut().unwrap(), Duration::from_millis(200)),
+        "the newest flood connection was shed"
+    );
+}
+
+/// GET /progress on a kept-alive connection; the status, 0 when the server closed it.
+fn get_kept_alive(s: &mut TcpStream, addr: &str) -> u16 {
+    let req = format!("GET /api/v1.0/progress HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => return 0,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if s.read_exact(&mut body).is_err() {
+        return 0;
+    }
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn idle_keep_alive_connections_are_shed_too() {
+    let env = Env::new();
+    let srv = Server::start(&env);
+    // More kept-alive connections than the cap, each served one whole request and left idle:
+    // every new one is served, the idle ones that waited longest make room.
+    let mut idle = Vec::new();
+    for i in 0..520 {
+        let mut s = TcpStream::connect(&srv.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(get_kept_alive(&mut s, &srv.addr), 200, "connection {i}");
+        idle.push(s);
+    }
+    // The newest idle connection is still open and answers a second request.
+    let last = idle.last_mut().unwrap();
+    assert_eq!(get_kept_alive(last, &srv.addr), 200);
+    // The oldest was shed.
+    assert_eq!(get_kept_alive(&mut idle[0], &srv.addr), 0);
+}
+
+// ---------------------------------------------------------------- boolean variables
+
+#[test]
+fn boolean_variables_take_1_yes_and_0() {
+    // /etc/default/tope-ota suggests `TOPE_OTA_AUTO_INSTALL=1`: it must not make every heal a
+    // usage error. Falsey words (0, false, no, off, empty) turn the setting off.
+    let env = Env::new();
+    for v in ["1", "yes", "true", "on", "0", "false", "no", "off", ""] {
+        let run = env.cmd(&["heal"]).env("TOPE_OTA_AUTO_INSTALL", v).output();
+        let run = Run::from(run.unwrap());
+        assert_eq!(run.code, 0, "TOPE_OTA_AUTO_INSTALL={v:?}: {run:?}");
+        let run = Run::from(
+            env.cmd(&["install"])
+                .env("TOPE_OTA_ALLOW_DOWNGRADE", v)
+                .output()
+                .unwrap(),
+        );
+        assert!(
+            run.code == 1 && run.stderr.contains("NO_PACKAGE"),
+            "TOPE_OTA_ALLOW_DOWNGRADE={v:?}: {run:?}"
+        );
+    }
+    // An allowed downgrade over the API, by the device-wide variable alone.
+    let d = downgrade_ready();
+    let srv = Server::start_with(&d.env, &[], &[("TOPE_OTA_ALLOW_DOWNGRADE", "1")]);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &[("Content-Type", "application/json")],
+        r#"{"version":"1.5.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    let until = Instant::now() + Duration::from_secs(30);
+    while d.env.try_state().map(|s| s["stage"].clone()) != Some(json!("success")) {
+        assert!(Instant::now() < until, "{:?}", d.env.try_state());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
+}
