@@ -19,6 +19,9 @@ _tope__ota() {
             tope__ota,download)
                 cmd="tope__ota__subcmd__download"
                 ;;
+            tope__ota,factory)
+                cmd="tope__ota__subcmd__factory"
+                ;;
             tope__ota,heal)
                 cmd="tope__ota__subcmd__heal"
                 ;;
@@ -40,8 +43,14 @@ _tope__ota() {
             tope__ota,status)
                 cmd="tope__ota__subcmd__status"
                 ;;
+            tope__ota,verify)
+                cmd="tope__ota__subcmd__verify"
+                ;;
             tope__ota__subcmd__help,download)
                 cmd="tope__ota__subcmd__help__subcmd__download"
+                ;;
+            tope__ota__subcmd__help,factory)
+                cmd="tope__ota__subcmd__help__subcmd__factory"
                 ;;
             tope__ota__subcmd__help,heal)
                 cmd="tope__ota__subcmd__help__subcmd__heal"
@@ -64,6 +73,9 @@ _tope__ota() {
             tope__ota__subcmd__help,status)
                 cmd="tope__ota__subcmd__help__subcmd__status"
                 ;;
+            tope__ota__subcmd__help,verify)
+                cmd="tope__ota__subcmd__help__subcmd__verify"
+                ;;
             *)
                 ;;
         esac
@@ -71,7 +83,7 @@ _tope__ota() {
 
     case "${cmd}" in
         tope__ota)
-            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help --version download install status rollback heal serve pack help"
+            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help --version download install status rollback heal serve pack factory verify help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -202,6 +214,56 @@ _tope__ota() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        tope__subcmd__ota__subcmd__factory)
+            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --versions-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --report-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --systemctl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --reboot-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gui)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         tope__subcmd__ota__subcmd__heal)
             opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -253,7 +315,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__help)
-            opts="download install status rollback heal serve pack help"
+            opts="download install status rollback heal serve pack factory verify help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -267,6 +329,20 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__help__subcmd__download)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tope__subcmd__ota__subcmd__help__subcmd__factory)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -365,6 +441,20 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tope__subcmd__ota__subcmd__help__subcmd__verify)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -557,7 +647,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__serve)
-            opts="-v -q -h --listen --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --listen --api-allow-downgrade --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -612,6 +702,56 @@ _tope__ota() {
             ;;
         tope__subcmd__ota__subcmd__status)
             opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --versions-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --report-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --systemctl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --reboot-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gui)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keys-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        tope__subcmd__ota__subcmd__verify)
+            opts="-v -q -h --all --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -45,6 +45,8 @@ complete -c tope-ota -n "__fish_tope_ota_needs_command" -f -a "rollback" -d 'Swi
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -f -a "heal" -d 'Finish or undo whatever an interruption left (run at boot and by a timer)'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -f -a "serve" -d 'Serve the HTTP API of device-api on loopback'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -f -a "pack" -d 'Build an update package (ZIP with manifest.json) from a directory'
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -f -a "factory" -d 'Make the factory snapshot: a private, read-only copy of current (once per device)'
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -f -a "verify" -d 'Compare snapshots with what was installed; exit 1 on any difference'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l version -d 'Version of the package, [0-9A-Za-z._+-]{1,64}' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l url -d 'http(s) URL of the package' -r
@@ -135,6 +137,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l gui -d 'Prog
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l api-allow-downgrade -d 'Honour `"allow_downgrade": true` in POST /update; without it the field is ignored (logged) and a lower version is refused with DOWNGRADE_REFUSED'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -155,11 +158,40 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l json -d 'Prin
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s q -l quiet -d 'Only errors on stderr, no progress bar'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s h -l help -d 'Print help'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "download" -d 'Download and verify an update package, resuming a partial one'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "install" -d 'Install the downloaded package as a new version snapshot'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "status" -d 'Show the operation in flight and the installed versions'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "rollback" -d 'Switch back to the previous, the factory or a named version'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "heal" -d 'Finish or undo whatever an interruption left (run at boot and by a timer)'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "serve" -d 'Serve the HTTP API of device-api on loopback'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "pack" -d 'Build an update package (ZIP with manifest.json) from a directory'
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l state-dir -d 'Directory of state.json, its lock and downloads/' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l versions-dir -d 'Root of the version snapshots and the current/previous/factory symlinks' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l report-url -d 'Where progress callbacks are POSTed; an empty string disables them' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l reboot-cmd -d 'Command that reboots the device' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l json -d 'Print one JSON object on stdout instead of human text'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -s v -l verbose -d 'More log output (repeat for debug)'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -s q -l quiet -d 'Only errors on stderr, no progress bar'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -s h -l help -d 'Print help'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l state-dir -d 'Directory of state.json, its lock and downloads/' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l versions-dir -d 'Root of the version snapshots and the current/previous/factory symlinks' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l report-url -d 'Where progress callbacks are POSTed; an empty string disables them' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l systemctl -d 'Service manager command, called as `CMD stop|start|is-active NAME`' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l reboot-cmd -d 'Command that reboots the device' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l gui -d 'Progress screen launched during install, when it exists' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l all -d 'Check every snapshot in the versions root'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l json -d 'Print one JSON object on stdout instead of human text'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -s v -l verbose -d 'More log output (repeat for debug)'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -s q -l quiet -d 'Only errors on stderr, no progress bar'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -s h -l help -d 'Print help'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "download" -d 'Download and verify an update package, resuming a partial one'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "install" -d 'Install the downloaded package as a new version snapshot'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "status" -d 'Show the operation in flight and the installed versions'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "rollback" -d 'Switch back to the previous, the factory or a named version'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "heal" -d 'Finish or undo whatever an interruption left (run at boot and by a timer)'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "serve" -d 'Serve the HTTP API of device-api on loopback'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "pack" -d 'Build an update package (ZIP with manifest.json) from a directory'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "factory" -d 'Make the factory snapshot: a private, read-only copy of current (once per device)'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "verify" -d 'Compare snapshots with what was installed; exit 1 on any difference'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand help; and not __fish_seen_subcommand_from download install status rollback heal serve pack factory verify help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
