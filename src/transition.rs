@@ -112,8 +112,12 @@ pub fn copy_of_factory(root: &Path, factory: &str) -> Result<String> {
     let built = (|| -> Result<String> {
         fs::create_dir(&staging).with_context(|| format!("create dir {}", staging.display()))?;
         snapshot::copy_tree(&src, &staging)?;
-        // The factory copy is read-only: give the new snapshot the modes it was built with.
+        // The factory copy is read-only: give the new snapshot the modes it was built with,
+        // and its unrecorded mutable data back to its owner.
         if let Some(rec) = integrity::read(&staging)? {
+            for m in &rec.mutable {
+                make_owner_writable(&staging.join(m))?;
+            }
             for (path, e) in &rec.entries {
                 if e.kind != integrity::Kind::Link {
                     use std::os::unix::fs::PermissionsExt;
@@ -326,6 +330,11 @@ pub fn forward(
     let root = &g.versions_dir;
     let version = op.state.version.clone().unwrap_or_default();
     let target = op.state.target_dir().unwrap_or_default();
+    // Heal trusts no record that may lag: success is only ever written for the snapshot
+    // `current` really points at (a lost write may hide a rollback that already ran).
+    if restart && snapshot::link_dir(root, CURRENT).as_deref() != Some(target.as_str()) {
+        return switch_and_forward(g, op, mgr);
+    }
     let installing = op.state.package_name.is_some();
     let svc = services_for(root, &target, &op.state.services, installing);
     op.state.stage = Stage::Installing;

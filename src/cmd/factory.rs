@@ -90,12 +90,24 @@ fn make(root: &Path, src: &str) -> Result<String> {
         // No link points at it (checked above): a leftover of an interrupted earlier attempt.
         fsutil::remove_tree_durable(&root.join(&name))?;
     }
+    // Never fill the disk (every heal would do it again): the copy must fit with a margin.
+    let need = tree_bytes(&root.join(src))?;
+    let free = fsutil::free_bytes(root)?;
+    if free < need + need / 10 + (2 << 20) {
+        return Err(crate::error::OtaError::new(
+            ErrorCode::DiskFull,
+            format!("copying {src} needs {need} bytes and a margin; {free} free"),
+        )
+        .into());
+    }
     let staging = fsutil::temp_path(root, "factory");
     let built = (|| -> Result<()> {
         fs::create_dir(&staging).with_context(|| format!("create dir {}", staging.display()))?;
         snapshot::copy_tree(&root.join(src), &staging)?;
         if integrity::read(&staging)?.is_none() {
-            // Made before records existed: record what the copy holds now.
+            // Made before records existed (maybe made read-only by the old script): record
+            // what the copy holds, writable for its owner as an installed snapshot is.
+            transition::make_owner_writable(&staging)?;
             let rec = integrity::build(&staging, &[], None)?;
             integrity::write(&staging, &rec)?;
         }
@@ -152,15 +164,11 @@ pub fn remake_if_shared(root: &Path) -> Result<Option<String>> {
     };
     let fdir = root.join(&f);
     if snapshot::is_factory_dir(&f) {
-        if !shares_inodes(&fdir)? {
-            return Ok(None);
+        // Ours: never changed in place. Sharing can only come from a hard link made by hand.
+        if shares_inodes(&fdir)? {
+            log::warn!("factory {f} shares inodes with files outside it (linked by hand)");
         }
-        // A private copy that gained shared inodes (linked into by hand): unshare in place.
-        unshare(&fdir)?;
-        fsutil::sync_new_tree(&fdir)?;
-        return Ok(Some(format!(
-            "factory {f} shared inodes with other snapshots; it has its own copies now"
-        )));
+        return Ok(None);
     }
     let made = make(root, &f)?;
     // The old create-factory.sh made the shared inodes and the directories read-only, and new
@@ -204,19 +212,17 @@ fn restore_write_bits(dir: &Path) -> Result<()> {
         .with_context(|| format!("chmod {}", dir.display()))
 }
 
-/// Replace every multiply-linked file under `dir` by its own copy.
-fn unshare(dir: &Path) -> Result<()> {
+/// Bytes of the regular files under `dir`.
+fn tree_bytes(dir: &Path) -> Result<u64> {
+    let mut n = 0;
     for e in fs::read_dir(dir).with_context(|| format!("read dir {}", dir.display()))? {
         let e = e?;
         let ft = e.file_type()?;
-        let p = e.path();
         if ft.is_dir() {
-            unshare(&p)?;
-        } else if ft.is_file() && e.metadata()?.nlink() > 1 {
-            let tmp = fsutil::temp_path(dir, "copy");
-            fsutil::copy_file(&p, &tmp)?;
-            fsutil::rename(&tmp, &p)?;
+            n += tree_bytes(&e.path())?;
+        } else if ft.is_file() {
+            n += e.metadata()?.len();
         }
     }
-    Ok(())
+    Ok(n)
 }

@@ -182,7 +182,9 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
         // snapshot current points at is complete.
         Stage::Failed if op.state.error == Some(ErrorCode::RollbackFailed) => {
             if let Some(what) = transition::revive_current(root, &mgr) {
-                op.state.message = format!("{}; {what}", op.state.message);
+                // One heal note, replaced each time: the message must not grow every 15 min.
+                let base = op.state.message.split("; heal: ").next().unwrap_or("");
+                op.state.message = format!("{base}; heal: {what}");
                 op.commit_best_effort();
                 did.push(what);
             }

@@ -42,7 +42,12 @@ fn resolve(root: &std::path::Path, links: &Links, to: &str) -> Result<Option<Str
                             .collect()
                     })
                     .unwrap_or_default();
-                same.sort();
+                // The newest: the highest `~n` (numerically), the plain name lowest.
+                same.sort_by_key(|n| {
+                    n.split_once('~')
+                        .and_then(|(_, t)| t.parse::<u64>().ok())
+                        .unwrap_or(0)
+                });
                 same.pop().or_else(|| {
                     links
                         .factory

@@ -26,7 +26,9 @@ pub fn run(g: &Global, args: &VerifyArgs) -> Result<Output> {
         dirs
     } else {
         match args.version.as_deref() {
-            None => links.current.clone().into_iter().collect(),
+            None | Some("current") => links.current.clone().into_iter().collect(),
+            Some("previous") => links.previous.clone().into_iter().collect(),
+            Some("factory") => links.factory.clone().into_iter().collect(),
             Some(v) if dirs.iter().any(|d| d == v) => vec![v.to_string()],
             Some(v) => {
                 crate::validate::version(v)?;

@@ -342,3 +342,26 @@ fn heal_brings_current_up_after_rollback_failed() {
     // With the services up, the next heal has nothing to do.
     assert_eq!(d.env.run(&["heal"]).stdout, "");
 }
+
+#[test]
+fn heal_never_records_success_for_a_version_current_does_not_run() {
+    // A reboot package switched in; then a rollback to 1.0.0 ran whose state writes were lost
+    // (a full state disk): state.json still says `rebooting` into 2.0.0, current is 1.0.0.
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REBOOT_CMD", "true");
+    let (files, mut manifest) = v2_partial();
+    manifest["reboot"] = json!(true);
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", pkg).expect(0);
+    assert_eq!(d.env.state()["stage"], "rebooting");
+    std::fs::remove_file(d.root().join("current")).unwrap();
+    std::os::unix::fs::symlink("v1.0.0", d.root().join("current")).unwrap();
+    d.env.run(&["heal"]).expect(0);
+    let s = d.env.state();
+    if s["stage"] == "success" {
+        assert_eq!(d.link("current").as_deref(), Some("v2.0.0"), "{s:#}");
+        d.assert_current_is(&v2_files());
+    } else {
+        d.assert_current_is(&v1_files());
+    }
+}

@@ -23,8 +23,8 @@ const TOOLS: [(&str, &str); 7] = [
 
 /// Programs the tests may call without tests/setup.sh: in every Debian base system
 /// (coreutils, util-linux's mount, dash, bash), or only in the ignored benchmarks (curl).
-const ESSENTIAL: [&str; 9] = [
-    "sh", "bash", "cp", "mount", "umount", "md5sum", "dd", "sync", "curl",
+const ESSENTIAL: [&str; 10] = [
+    "sh", "bash", "cp", "mount", "umount", "md5sum", "dd", "sync", "curl", "chmod",
 ];
 
 fn write_exe(path: &Path, body: &str) {
