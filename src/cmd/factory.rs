@@ -7,7 +7,6 @@ use super::{Operation, Output};
 use crate::cli::Global;
 use crate::error::{fail, ErrorCode};
 use crate::snapshot::{self, Links, FACTORY, FACTORY_TAG};
-use crate::state::Stage;
 use crate::{fsutil, integrity, transition};
 use anyhow::{Context, Result};
 use std::fs;
@@ -22,15 +21,7 @@ pub fn run(g: &Global) -> Result<Output> {
 }
 
 fn factory(g: &Global, op: &Operation) -> Result<Output> {
-    if matches!(op.state.stage, Stage::Installing | Stage::Rebooting) {
-        return fail(
-            ErrorCode::Busy,
-            format!(
-                "an install is in flight (stage {}); run `tope-ota heal` first",
-                op.state.stage
-            ),
-        );
-    }
+    op.refuse_in_flight()?;
     let root = &g.versions_dir;
     let links = Links::read(root);
     let Some(cur) = links.current.clone() else {

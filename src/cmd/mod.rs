@@ -99,6 +99,21 @@ impl Operation {
         Ok(())
     }
 
+    /// `BUSY` while state.json shows an install in flight (running, or interrupted and waiting
+    /// for heal): nothing may switch software under it.
+    pub fn refuse_in_flight(&self) -> Result<()> {
+        if matches!(self.state.stage, Stage::Installing | Stage::Rebooting) {
+            return crate::error::fail(
+                crate::error::ErrorCode::Busy,
+                format!(
+                    "an install is in flight (stage {}); run `tope-ota heal` first",
+                    self.state.stage
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// Save, but never let a failing save (a full or broken disk) stop what must go on once
     /// services are down.
     pub fn commit_best_effort(&mut self) {

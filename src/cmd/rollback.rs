@@ -60,15 +60,7 @@ fn resolve(root: &std::path::Path, links: &Links, to: &str) -> Result<Option<Str
 }
 
 fn rollback(g: &Global, args: &RollbackArgs, op: &mut Operation) -> Result<Output> {
-    if matches!(op.state.stage, Stage::Installing | Stage::Rebooting) {
-        return fail(
-            ErrorCode::Busy,
-            format!(
-                "an install is in flight (stage {}); run `tope-ota heal` first",
-                op.state.stage
-            ),
-        );
-    }
+    op.refuse_in_flight()?;
     let root = &g.versions_dir;
     let links = Links::read(root);
     let Some(mut target) = resolve(root, &links, &args.to)? else {
