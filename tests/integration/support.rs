@@ -350,7 +350,9 @@ impl PkgServer {
     }
 }
 
-fn read_head(conn: &mut BufReader<TcpStream>) -> Option<(String, String, HashMap<String, String>)> {
+pub fn read_head(
+    conn: &mut BufReader<TcpStream>,
+) -> Option<(String, String, HashMap<String, String>)> {
     let mut line = String::new();
     conn.read_line(&mut line).ok()?;
     let mut parts = line.split_whitespace();

@@ -1,0 +1,545 @@
+//! The device in a box: tope-ota's real .deb on a booted Debian under QEMU, with real systemd,
+//! real units of the printer's (stand-in) software, real reboots and real power cuts.
+//!
+//! Every scenario resumes the pristine device (booted once, saved) on a fresh qcow2 overlay;
+//! only reboots and power cuts boot. One box at a time: TCG uses both cores.
+//! See README "The device in a box".
+
+#[path = "../integration/support.rs"]
+mod support;
+
+mod device;
+mod qemu;
+mod shelf;
+
+use device::{Catalog, Release, FACTORY_VERSION, UNITS};
+use qemu::{artifacts, Launch, Vm};
+use serde_json::Value;
+use shelf::{Package, Shelf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static ONE_BOX: Mutex<()> = Mutex::new(());
+
+const FACTORY_DIR: &str = "v1.0.0~factory";
+
+/// A running box: the pristine device resumed, and its package server.
+struct Box {
+    vm: Vm,
+    shelf: Shelf,
+    catalog: Catalog,
+    _one: MutexGuard<'static, ()>,
+}
+
+impl Box {
+    fn pristine() -> Box {
+        let one = ONE_BOX.lock().unwrap_or_else(|e| e.into_inner());
+        let a = artifacts();
+        let shelf = Shelf::start();
+        let dir = tempfile::Builder::new()
+            .prefix("tope-box.")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let disk = dir.join("run.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-b"])
+            .arg(a.pristine.join("disk.qcow2"))
+            .args(["-F", "qcow2"])
+            .arg(&disk)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut vm = Vm::start(Launch {
+            dir,
+            disk,
+            base: a.base.clone(),
+            incoming: Some(a.pristine.join("state.bin")),
+            shelf_port: shelf.port,
+            keep: false,
+        });
+        let t = vm.resume();
+        eprintln!("box: pristine device resumed in {t:.1?}");
+        Box {
+            vm,
+            shelf,
+            catalog: Catalog::default(),
+            _one: one,
+        }
+    }
+
+    fn publish(&mut self, r: &Release) -> Package {
+        self.catalog.add(r);
+        self.shelf.put(&r.version, r.pack())
+    }
+
+    /// Download and install `r` with the CLI, as a technician would; the install's --json.
+    fn install(&mut self, r: &Release) -> (i64, Value) {
+        let p = self.publish(r);
+        self.vm.sh_ok(&p.download_cmd(), 300);
+        let e = self.vm.sh("tope-ota --json install", 300);
+        (e.code, serde_json::from_str(&e.out).unwrap_or(Value::Null))
+    }
+
+    fn assert_runs(&mut self, version: &str) {
+        for (u, (active, seen, pid, main)) in device::running(&mut self.vm) {
+            assert_eq!(active, "active", "{u}");
+            assert_eq!(seen, version, "{u} runs another version");
+            assert_eq!(pid, main, "{u}: the report is not from the running process");
+        }
+    }
+
+    fn assert_intact(&mut self) {
+        let v = device::violations(&mut self.vm, &self.catalog, FACTORY_DIR);
+        assert!(v.is_empty(), "invariants violated:\n{}", v.join("\n"));
+    }
+
+    fn wait_stage(&mut self, secs: u64, stages: &[&str]) -> Value {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = device::state(&mut self.vm);
+            if stages.contains(&s["stage"].as_str().unwrap_or("")) {
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "stage not in {stages:?} after {secs} s: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Wait for a new boot and for the heal that its timer starts to have run.
+    fn wait_boot_and_heal(&mut self, old_boot: &str) -> (Duration, String) {
+        let t = Instant::now();
+        let boot = loop {
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "no new boot in 300 s"
+            );
+            if let Ok(id) = self.vm.try_sh("cat /proc/sys/kernel/random/boot_id", 5) {
+                let id = id.out.trim().to_string();
+                if !id.is_empty() && id != old_boot {
+                    break id;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let booted = t.elapsed();
+        // Heal from the timer: ran once (an exit timestamp) and is not running any more.
+        let until = Instant::now() + Duration::from_secs(600);
+        loop {
+            let e = self.vm.sh(
+                "systemctl show -p ExecMainExitTimestampMonotonic --value tope-ota-heal.service; systemctl is-active tope-ota-heal.service",
+                30,
+            );
+            let mut l = e.out.lines();
+            let exited = l.next().unwrap_or("0").trim() != "0";
+            let state = l.next().unwrap_or("");
+            if exited && state != "activating" {
+                break;
+            }
+            assert!(Instant::now() < until, "heal did not run after boot");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        (booted, boot)
+    }
+}
+
+fn curl_json(vm: &mut Vm, args: &str) -> Value {
+    let e = vm.sh(&format!("curl -s --max-time 10 {args}"), 30);
+    serde_json::from_str(&e.out).unwrap_or(Value::Null)
+}
+
+// ---------------------------------------------------------------- scenarios
+
+#[test]
+fn boot_units_are_active_and_serve_is_sandboxed() {
+    let mut b = Box::pristine();
+    let out = b.vm.sh_ok(
+        "systemctl is-active tope-ota-heal.timer tope-ota-serve.service; systemctl is-enabled tope-ota-heal.timer tope-ota-serve.service",
+        30,
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["active", "active", "enabled", "enabled"]
+    );
+    let sec = b.vm.sh(
+        "systemd-analyze security tope-ota-serve.service --no-pager",
+        60,
+    );
+    let overall = sec
+        .out
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure in:\n{}{}", sec.out, sec.err))
+        .trim()
+        .to_string();
+    println!("box: {overall}");
+    let level: f64 = overall
+        .split(':')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(level < 5.0, "serve's sandbox got weaker: {overall}");
+    b.assert_runs(FACTORY_VERSION);
+    b.assert_intact();
+}
+
+#[test]
+fn device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox() {
+    let mut b = Box::pristine();
+    let r = Release::new("1.1.0");
+    let p = b.publish(&r);
+    let before = device::running(&mut b.vm);
+    b.vm.sh_ok(
+        "journalctl --rotate --vacuum-files=1 -q 2>/dev/null; rm -f /run/tope-device/ota-gui.json",
+        30,
+    );
+
+    // device-api drives tope-ota over 127.0.0.1:12315, as the real one does.
+    let body = p.request().replace('\'', "");
+    let resp = curl_json(
+        &mut b.vm,
+        &format!("-X POST -H 'Content-Type: application/json' --data '{body}' http://127.0.0.1:9080/ota/download"),
+    );
+    assert_eq!(resp["code"], 200, "{resp}");
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pr = curl_json(&mut b.vm, "http://127.0.0.1:9080/ota/progress");
+        if pr["data"]["stage"] == "toInstall" {
+            break;
+        }
+        assert!(pr["data"]["stage"] != "failed", "{pr}");
+        assert!(Instant::now() < until, "download did not finish: {pr}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The host reaches the guest's API through hostfwd, like a technician's laptop would not.
+    let host_view = host_get(b.vm.api_port, "/api/v1.0/progress");
+    assert!(host_view.contains("toInstall"), "{host_view}");
+
+    let resp = curl_json(
+        &mut b.vm,
+        "-X POST -H 'Content-Type: application/json' --data '{\"version\":\"1.1.0\"}' http://127.0.0.1:9080/ota/update",
+    );
+    assert_eq!(resp["code"], 200, "{resp}");
+    let s = b.wait_stage(180, &["success", "failed"]);
+    assert_eq!(s["stage"], "success", "{s}");
+    b.assert_runs("1.1.0");
+    for u in UNITS {
+        assert_ne!(
+            before[u].3,
+            device::running(&mut b.vm)[u].3,
+            "{u} was not restarted"
+        );
+    }
+    b.assert_intact();
+
+    // Real systemctl stop in reverse restart_order, start in restart_order.
+    let log = b.vm.sh_ok(
+        "journalctl --no-pager -o cat _PID=1 | grep -E '^(Stopping|Started) (mainboard|device-api|printer-ui)\\.service' | tail -6",
+        30,
+    );
+    let seen: Vec<String> = log
+        .lines()
+        .map(|l| l.split(" - ").next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "Stopping printer-ui.service",
+            "Stopping device-api.service",
+            "Stopping mainboard.service",
+            "Started mainboard.service",
+            "Started device-api.service",
+            "Started printer-ui.service",
+        ],
+        "journal:\n{log}"
+    );
+
+    // Callbacks reached the real device-api (those while it was stopped are lost, by design).
+    let calls = b.vm.sh_ok("cat /var/lib/device-api/callbacks.jsonl", 30);
+    let stages: Vec<String> = calls
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["data"]["stage"].as_str().unwrap_or("").to_string())
+        .collect();
+    for want in ["downloading", "toInstall", "installing", "success"] {
+        assert!(
+            stages.iter().any(|s| s == want),
+            "no {want} callback in {stages:?}"
+        );
+    }
+
+    // ota-gui, started by the install that serve's child ran, runs outside serve's sandbox.
+    let gui = b.vm.sh_ok(
+        "cat /run/tope-device/ota-gui.json || cat /var/lib/tope-ota/ota-gui.json",
+        30,
+    );
+    let g: Value = serde_json::from_str(&gui).unwrap();
+    assert_eq!(g["written_to"], "/run/tope-device/ota-gui.json", "{g}");
+    assert_eq!(g["no_new_privs"], "0", "{g}");
+    assert_eq!(g["seccomp"], "0", "{g}");
+    assert_eq!(g["mnt_ns"], g["init_mnt_ns"], "private mounts: {g}");
+    assert!(
+        !g["cgroup"].as_str().unwrap().contains("tope-ota-serve"),
+        "{g}"
+    );
+    let full_caps = b.vm.sh_ok("grep CapBnd /proc/1/status | cut -f2", 30);
+    assert_eq!(g["cap_bnd"].as_str().unwrap(), full_caps.trim(), "{g}");
+}
+
+fn host_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn a_service_that_fails_to_start_rolls_back_with_real_systemd() {
+    let mut b = Box::pristine();
+    let mut r = Release::new("1.2.0");
+    r.broken = true;
+    let (code, out) = b.install(&r);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out["error"], "SERVICE_START_FAILED", "{out}");
+    let link = b.vm.sh_ok("readlink /opt/tope/versions/current", 30);
+    assert_eq!(link.trim(), "v1.0.0");
+    b.assert_runs(FACTORY_VERSION);
+    b.assert_intact();
+}
+
+#[test]
+fn a_reboot_package_reboots_and_heal_at_boot_commits_it() {
+    let mut b = Box::pristine();
+    let mut r = Release::new("1.3.0");
+    r.reboot = true;
+    let p = b.publish(&r);
+    b.vm.sh_ok(&p.download_cmd(), 300);
+    let boot = b.vm.boot_id();
+    b.vm.spawn_sh("tope-ota install >/tmp/install.log 2>&1");
+    let (took, _) = b.wait_boot_and_heal(&boot);
+    eprintln!("box: install to rebooted: {took:.1?}");
+    let s = device::state(&mut b.vm);
+    assert_eq!(s["stage"], "success", "{s}");
+    assert_eq!(s["version"], "1.3.0");
+    b.assert_runs("1.3.0");
+    b.assert_intact();
+}
+
+#[test]
+fn technician_man_page_completion_and_status() {
+    let mut b = Box::pristine();
+    let man =
+        b.vm.sh_ok("MANPAGER=cat MANWIDTH=80 man tope-ota 2>&1 | head -20", 60);
+    assert!(man.contains("tope-ota"), "{man}");
+    assert!(man.to_lowercase().contains("install"), "{man}");
+    let comp = b.vm.sh_ok(
+        r#"bash -c '. /usr/share/bash-completion/bash_completion
+_completion_loader tope-ota
+f=$(complete -p tope-ota | sed -E "s/.* -F ([^ ]+) .*/\1/")
+COMP_WORDS=(tope-ota ins); COMP_CWORD=1; COMP_LINE="tope-ota ins"; COMP_POINT=${#COMP_LINE}
+"$f" tope-ota ins tope-ota
+printf "%s\n" "${COMPREPLY[@]}"'"#,
+        60,
+    );
+    assert_eq!(
+        comp.split_whitespace().collect::<Vec<_>>(),
+        ["install"],
+        "{comp}"
+    );
+    let status = b.vm.sh_ok("tope-ota status", 30);
+    assert!(status.contains("1.0.0"), "{status}");
+    let js: Value = serde_json::from_str(&b.vm.sh_ok("tope-ota --json status", 30)).unwrap();
+    assert_eq!(js["current"], "1.0.0", "{js}");
+}
+
+// ---------------------------------------------------------------- power cuts
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Download,
+    Install,
+    Rollback,
+    Heal,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn ms(&mut self, max: u64) -> Duration {
+        Duration::from_millis(self.next() % max.max(1))
+    }
+}
+
+struct Cut {
+    op: Op,
+    at: Duration,
+    landed: String,
+    after: String,
+    violations: Vec<String>,
+    secs: f64,
+}
+
+fn stage_step(s: &Value) -> String {
+    if s.is_null() {
+        return "no state".into();
+    }
+    let mut t = s["stage"].as_str().unwrap_or("?").to_string();
+    if let Some(step) = s["step"].as_str() {
+        t += &format!("/{step}");
+    }
+    if t.starts_with("downloading") {
+        t += &format!(" {}%", s["progress"]);
+    }
+    t
+}
+
+/// One power cut: set up, start `op`, cut at a random instant, boot, let the timer's heal run,
+/// check the invariants, then show that a later update still works.
+fn one_cut(op: Op, rng: &mut Rng) -> Cut {
+    let t0 = Instant::now();
+    let mut b = Box::pristine();
+    let v11 = Release {
+        payload: 3 << 20,
+        ..Release::new("1.1.0")
+    };
+    let p11 = b.publish(&v11);
+    let (cmd, window) = match op {
+        Op::Download => {
+            b.shelf.set_rate(1 << 20);
+            (p11.download_cmd(), 3500)
+        }
+        Op::Install => {
+            b.vm.sh_ok(&p11.download_cmd(), 300);
+            ("tope-ota install".to_string(), 8000)
+        }
+        Op::Rollback => {
+            let (code, out) = b.install(&v11);
+            assert_eq!(code, 0, "{out}");
+            ("tope-ota rollback".to_string(), 7000)
+        }
+        Op::Heal => {
+            // An interrupted download for heal to resume.
+            b.shelf.set_rate(1 << 20);
+            let pid = b.vm.spawn_sh(&p11.download_cmd());
+            std::thread::sleep(Duration::from_millis(1200));
+            b.vm.sh("pkill -9 -x tope-ota", 30);
+            let _ = b.vm.poll(pid);
+            ("tope-ota heal".to_string(), 3000)
+        }
+    };
+    let at = rng.ms(window);
+    b.vm.spawn_sh(&format!("{cmd} >/dev/null 2>&1"));
+    let started = Instant::now();
+    let mut landed = String::new();
+    while started.elapsed() < at {
+        if let Ok(e) = b.vm.try_sh("cat /var/lib/tope-ota/state.json", 2) {
+            landed = stage_step(&serde_json::from_str(&e.out).unwrap_or(Value::Null));
+        }
+    }
+    let boot =
+        b.vm.try_sh("cat /proc/sys/kernel/random/boot_id", 2)
+            .map(|e| e.out.trim().to_string())
+            .unwrap_or_default();
+    b.vm.power_cut();
+    b.shelf.set_rate(0);
+    b.vm.power_on();
+    b.wait_boot_and_heal(&boot);
+    let after = stage_step(&device::state(&mut b.vm));
+    let mut violations = device::violations(&mut b.vm, &b.catalog, FACTORY_DIR);
+    // A later update still works.
+    let later = Release::new("2.0.0");
+    let (code, out) = b.install(&later);
+    if code != 0 {
+        violations.push(format!("a later install failed: {out}"));
+    } else {
+        violations.extend(device::violations(&mut b.vm, &b.catalog, FACTORY_DIR));
+    }
+    Cut {
+        op,
+        at,
+        landed,
+        after,
+        violations,
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `TOPE_OTA_POWER_CUTS` cuts (5 by default) with seed `TOPE_OTA_POWER_CUT_SEED`. With
+/// `TOPE_OTA_BOX_FEATURES=break-dir-fsync` (tests/vm/power-cuts.sh --broken) the device runs a
+/// build without one directory fsync, and the cuts must find violations.
+#[test]
+fn power_cuts() {
+    let n = env_u64("TOPE_OTA_POWER_CUTS", 5);
+    let seed = env_u64("TOPE_OTA_POWER_CUT_SEED", 20261123);
+    let broken = std::env::var("TOPE_OTA_BOX_FEATURES").is_ok_and(|f| !f.is_empty());
+    let mut rng = Rng(seed | 1);
+    let ops = [Op::Download, Op::Install, Op::Rollback, Op::Heal];
+    let mut cuts = Vec::new();
+    let t = Instant::now();
+    for i in 0..n {
+        let op = ops[(i as usize) % ops.len()];
+        let c = one_cut(op, &mut rng);
+        println!(
+            "cut {:>3} {:<8?} at {:>5} ms  landed in {:<28} after heal {:<16} {:>5.1} s  {}",
+            i + 1,
+            c.op,
+            c.at.as_millis(),
+            c.landed,
+            c.after,
+            c.secs,
+            if c.violations.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("VIOLATIONS: {}", c.violations.join("; "))
+            }
+        );
+        cuts.push(c);
+    }
+    let bad = cuts.iter().filter(|c| !c.violations.is_empty()).count();
+    println!(
+        "power cuts: {n} (seed {seed}), {bad} with violations, {:.1} s per cut, {:.0} s in all{}",
+        t.elapsed().as_secs_f64() / n.max(1) as f64,
+        t.elapsed().as_secs_f64(),
+        if broken { " [broken build]" } else { "" }
+    );
+    let mut landed: std::collections::BTreeMap<String, usize> = Default::default();
+    for c in &cuts {
+        *landed
+            .entry(format!("{:?} {}", c.op, c.landed))
+            .or_default() += 1;
+    }
+    for (k, v) in landed {
+        println!("  {v:>3} × {k}");
+    }
+    if broken {
+        assert!(
+            bad > 0,
+            "the broken build survived {n} cuts: the cuts find nothing"
+        );
+    } else {
+        assert_eq!(bad, 0, "power cuts broke invariants");
+    }
+}

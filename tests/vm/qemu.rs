@@ -1,0 +1,867 @@
+//! The box's machinery: the cached images, the pristine booted device, and one running QEMU
+//! with its monitor (QMP) and guest agent (QGA).
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Bump when what the pristine device is made of changes in this file.
+const PRISTINE_RECIPE: &str = "pristine-3";
+const MEMORY_MIB: &str = "512";
+/// The guest's name for the host's package server (see customize.sh's /etc/hosts).
+pub const PACKAGES_ADDR: &str = "10.0.2.100:80";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn vm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm")
+}
+
+fn cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("TOPE_OTA_BOX_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    Path::new(&home).join(".cache/tope-ota-box")
+}
+
+/// Fail loudly, with the reason, when the box cannot run: never a silent skip.
+fn need(tool: &str, why: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "the box cannot run: `{tool}` is missing ({why}); `bash tests/setup.sh` installs it"
+    );
+}
+
+// ---------------------------------------------------------------- accelerator
+
+pub struct Accel {
+    pub name: &'static str,
+    args: Vec<&'static str>,
+}
+
+/// KVM only where it is real hardware virtualisation: under `kvm_pvm` (a nested software
+/// hypervisor) a stock kernel runs far slower than TCG (VM-NOTES.md).
+pub fn accel() -> Accel {
+    let forced = std::env::var("TOPE_OTA_BOX_ACCEL").ok();
+    let kvm_usable = Path::new("/dev/kvm").exists()
+        && !Path::new("/sys/module/kvm_pvm").exists()
+        && fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+    let kvm = match forced.as_deref() {
+        Some("kvm") => true,
+        Some("tcg") => false,
+        _ => kvm_usable,
+    };
+    if kvm {
+        Accel {
+            name: "kvm",
+            args: vec![
+                "-machine",
+                "q35,accel=kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+            ],
+        }
+    } else {
+        Accel {
+            name: "tcg",
+            args: vec!["-machine", "q35,accel=tcg", "-cpu", "max"],
+        }
+    }
+}
+
+// ---------------------------------------------------------------- artifacts
+
+/// What every box starts from: the base image, the .deb, and the pristine device (a disk layer
+/// and the RAM of it booted, saved together).
+pub struct Artifacts {
+    pub accel: Accel,
+    pub base: PathBuf,
+    pub pristine: PathBuf,
+    pub deb: PathBuf,
+    pub boot_secs: f64,
+}
+
+static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+
+pub fn artifacts() -> &'static Artifacts {
+    ARTIFACTS.get_or_init(|| {
+        need(
+            "qemu-system-x86_64",
+            "package qemu-system-x86 from bookworm-backports",
+        );
+        need("qemu-img", "package qemu-utils");
+        need("mmdebstrap", "package mmdebstrap");
+        need("mkfs.ext4", "package e2fsprogs");
+        need(
+            "socat",
+            "package socat: the guest's one path to the package server",
+        );
+        let accel = accel();
+        eprintln!(
+            "box: accelerator {} ({})",
+            accel.name,
+            if accel.name == "tcg" {
+                "no usable hardware KVM here"
+            } else {
+                "hardware KVM"
+            }
+        );
+        let cache = cache_root();
+        fs::create_dir_all(&cache).unwrap();
+        let lock = fs::File::create(cache.join("lock")).unwrap();
+        fs2::FileExt::lock_exclusive(&lock).unwrap();
+        let base = base_image(&cache);
+        let deb = build_deb(std::env::var("TOPE_OTA_BOX_FEATURES").ok().as_deref());
+        let (pristine, boot_secs) = pristine_device(&cache, &base, &deb, &accel);
+        Artifacts {
+            accel,
+            base,
+            pristine,
+            deb,
+            boot_secs,
+        }
+    })
+}
+
+/// The Debian image, built by image.sh and cached outside the clone, keyed by its inputs.
+fn base_image(cache: &Path) -> PathBuf {
+    let mut h = Sha256::new();
+    let dir = vm_dir();
+    let mut inputs = vec![dir.join("image.sh"), dir.join("customize.sh")];
+    let mut device: Vec<PathBuf> = fs::read_dir(dir.join("device"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    device.sort();
+    inputs.extend(device);
+    for p in &inputs {
+        h.update(p.file_name().unwrap().as_encoded_bytes());
+        h.update(fs::read(p).unwrap());
+    }
+    let key = hex(&h.finalize()[..8]);
+    let out = cache.join(format!("base-{key}"));
+    if out.join("base.img").exists() {
+        return out;
+    }
+    let t = Instant::now();
+    eprintln!(
+        "box: building the base image (mmdebstrap) into {}",
+        out.display()
+    );
+    let st = Command::new("bash")
+        .arg(dir.join("image.sh"))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "tests/vm/image.sh failed: {st}");
+    eprintln!("box: base image built in {:.0?}", t.elapsed());
+    out
+}
+
+/// The real .deb, by `cargo deb` (a release build of this tree).
+fn build_deb(features: Option<&str>) -> PathBuf {
+    need(
+        "cargo-deb",
+        "cargo install cargo-deb --locked (tests/setup.sh does it)",
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("target/box");
+    fs::create_dir_all(&out).unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root)
+        .args(["deb", "--locked", "--output"])
+        .arg(&out);
+    if let Some(f) = features {
+        // A separate target dir, so the device build in target/release stays as it is.
+        cmd.args(["--features", f])
+            .env("CARGO_TARGET_DIR", root.join("target/box-features"));
+    }
+    let t = Instant::now();
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "cargo deb failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let deb = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .rfind(|l| l.ends_with(".deb"))
+        .map(|l| PathBuf::from(l.trim()))
+        .expect("cargo deb printed no .deb path");
+    eprintln!("box: {} built in {:.0?}", deb.display(), t.elapsed());
+    deb
+}
+
+fn qemu_version() -> String {
+    let o = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The pristine device: the base image booted once, tope-ota's .deb installed with dpkg -i,
+/// factory made; then the running machine (RAM and devices) saved beside its disk layer, so
+/// every scenario resumes a booted device in about a second. Cached by image, .deb, QEMU and
+/// accelerator: the saved RAM belongs with exactly this disk chain.
+fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (PathBuf, f64) {
+    let mut h = Sha256::new();
+    h.update(base.file_name().unwrap().as_encoded_bytes());
+    h.update(fs::read(deb).unwrap());
+    h.update(qemu_version());
+    h.update(accel.name);
+    h.update(PRISTINE_RECIPE);
+    let key = hex(&h.finalize()[..8]);
+    let out = cache.join(format!("pristine-{key}"));
+    if out.join("state.bin").exists() {
+        let boot = fs::read_to_string(out.join("boot-secs"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0.0);
+        return (out, boot);
+    }
+    // Older pristine devices of this cache are of no use any more.
+    for e in fs::read_dir(cache).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("pristine-") {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    let tmp = cache.join(format!(".tope-ota-pristine-{key}"));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).unwrap();
+    let disk = tmp.join("disk.qcow2");
+    qemu_img_overlay(&base.join("base.img"), "raw", &disk);
+
+    let t = Instant::now();
+    eprintln!("box: making the pristine device");
+    let mut vm = Vm::start(Launch {
+        dir: tmp.clone(),
+        disk: disk.clone(),
+        base: base.to_path_buf(),
+        incoming: None,
+        shelf_port: 9, // nothing listens: the pristine device downloads nothing
+        keep: true,
+    });
+    let boot = vm.wait_agent(Duration::from_secs(300));
+    eprintln!("box: cold boot to the guest agent: {boot:.1?}");
+    vm.put("/root/tope-ota.deb", &fs::read(deb).unwrap());
+    let t_dpkg = Instant::now();
+    vm.sh_ok("dpkg -i /root/tope-ota.deb && rm /root/tope-ota.deb", 300);
+    eprintln!("box: dpkg -i: {:.1?}", t_dpkg.elapsed());
+    // Tests shorten the boot heal's delay with a drop-in, as an operator could.
+    vm.sh_ok(
+        "mkdir -p /etc/systemd/system/tope-ota-heal.timer.d && \
+         printf '[Timer]\\nOnBootSec=5s\\nRandomizedDelaySec=0\\nAccuracySec=1s\\n' \
+           > /etc/systemd/system/tope-ota-heal.timer.d/box.conf && \
+         systemctl daemon-reload && systemctl restart tope-ota-heal.timer",
+        60,
+    );
+    vm.sh_ok("/usr/share/tope-ota/create-factory.sh", 120);
+    vm.wait_units(
+        &[
+            "device-api",
+            "printer-ui",
+            "mainboard",
+            "tope-ota-serve",
+            "tope-ota-heal.timer",
+        ],
+        120,
+    );
+    vm.sh_ok("sync", 60);
+    vm.save(&tmp.join("state.bin"));
+    drop(vm);
+    fs::set_permissions(&disk, fs::Permissions::from_mode(0o444)).unwrap();
+    fs::write(
+        tmp.join("boot-secs"),
+        format!("{:.1}\n", boot.as_secs_f64()),
+    )
+    .unwrap();
+    for f in ["qga.sock", "qmp.sock"] {
+        let _ = fs::remove_file(tmp.join(f));
+    }
+    fs::rename(&tmp, &out).unwrap();
+    eprintln!("box: pristine device ready in {:.0?}", t.elapsed());
+    (out, boot.as_secs_f64())
+}
+
+fn qemu_img_overlay(backing: &Path, fmt: &str, out: &Path) {
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(backing)
+        .args(["-F", fmt])
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img create failed");
+}
+
+// ---------------------------------------------------------------- one running QEMU
+
+pub struct Launch {
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    pub base: PathBuf,
+    /// Resume this saved machine instead of booting.
+    pub incoming: Option<PathBuf>,
+    /// Host port the guest's packages.box:80 reaches.
+    pub shelf_port: u16,
+    /// Keep `dir` when the Vm is dropped.
+    pub keep: bool,
+}
+
+pub struct Vm {
+    launch: Launch,
+    child: Option<Child>,
+    pub api_port: u16,
+    agent: Option<BufReader<UnixStream>>,
+    sync_id: u64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Output of one command in the guest.
+#[derive(Debug)]
+pub struct Exec {
+    pub code: i64,
+    pub out: String,
+    pub err: String,
+}
+
+impl Vm {
+    pub fn start(launch: Launch) -> Vm {
+        let api_port = free_port();
+        let mut vm = Vm {
+            launch,
+            child: None,
+            api_port,
+            agent: None,
+            sync_id: 0,
+        };
+        vm.spawn();
+        vm
+    }
+
+    fn spawn(&mut self) {
+        let l = &self.launch;
+        let accel = &accel();
+        let _ = fs::remove_file(l.dir.join("qga.sock"));
+        let _ = fs::remove_file(l.dir.join("qmp.sock"));
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(&accel.args)
+            .args(["-smp", "2", "-m", MEMORY_MIB])
+            .args(["-display", "none", "-vga", "none", "-monitor", "none"])
+            .arg("-kernel")
+            .arg(l.base.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(l.base.join("initrd.img"))
+            // commit=300: ext4 writes back on its own only every 5 minutes, so a power cut
+            // loses whatever tope-ota did not fsync.
+            .args([
+                "-append",
+                "console=ttyS0 root=LABEL=vmroot rw rootflags=commit=300 panic=-1",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=qcow2,cache=writeback",
+                l.disk.display()
+            ))
+            .arg("-serial")
+            .arg(format!("file:{}", l.dir.join("console.log").display()))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=qga,path={},server=on,wait=off",
+                l.dir.join("qga.sock").display()
+            ))
+            .args(["-device", "virtio-serial-pci,id=vs"])
+            .args([
+                "-device",
+                "virtserialport,bus=vs.0,chardev=qga,name=org.qemu.guest_agent.0",
+            ])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                l.dir.join("qmp.sock").display()
+            ))
+            // restrict=on: the guest reaches nothing but the one package server.
+            .arg("-netdev")
+            .arg(format!(
+                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:12315,\
+                 guestfwd=tcp:{PACKAGES_ADDR}-cmd:socat - TCP:127.0.0.1:{}",
+                self.api_port, l.shelf_port
+            ))
+            .args(["-device", "virtio-net-pci,netdev=n0"]);
+        if let Some(state) = &l.incoming {
+            cmd.arg("-incoming")
+                .arg(format!("exec:cat {}", state.display()));
+        }
+        let log = fs::File::create(l.dir.join("qemu.log")).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: prctl in the child before exec; QEMU dies with the test thread that made it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(cmd.spawn().expect("start qemu-system-x86_64"));
+        self.agent = None;
+    }
+
+    /// Power cut: SIGKILL QEMU. The guest's page cache is gone; what it flushed is on disk.
+    pub fn power_cut(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.agent = None;
+    }
+
+    /// Power back on: a cold boot from the same disk.
+    pub fn power_on(&mut self) {
+        assert!(self.child.is_none(), "power on a running box");
+        self.launch.incoming = None;
+        self.spawn();
+    }
+
+    fn check_alive(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                panic!(
+                    "qemu exited ({st}):\n{}\nconsole tail:\n{}",
+                    fs::read_to_string(self.launch.dir.join("qemu.log")).unwrap_or_default(),
+                    self.console_tail(30)
+                );
+            }
+        }
+    }
+
+    pub fn console_tail(&self, lines: usize) -> String {
+        let s = fs::read_to_string(self.launch.dir.join("console.log")).unwrap_or_default();
+        let v: Vec<&str> = s.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    // ------------------------------------------------------------ QMP
+
+    fn qmp(&mut self, cmds: &[Value]) -> Vec<Value> {
+        let path = self.launch.dir.join("qmp.sock");
+        let until = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < until => {
+                    self.check_alive();
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("qmp connect {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap(); // greeting
+        let mut out = Vec::new();
+        for c in std::iter::once(&json!({"execute": "qmp_capabilities"})).chain(cmds) {
+            writeln!(w, "{c}").unwrap();
+            loop {
+                line.clear();
+                let n = r.read_line(&mut line).unwrap();
+                assert!(n > 0, "qmp closed during {c}");
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v.get("event").is_some() {
+                    continue;
+                }
+                if let Some(e) = v.get("error") {
+                    panic!("qmp {c}: {e}");
+                }
+                out.push(v["return"].clone());
+                break;
+            }
+        }
+        out.remove(0);
+        out
+    }
+
+    fn run_state(&mut self) -> String {
+        let r = self.qmp(&[json!({"execute": "query-status"})]);
+        r[0]["status"].as_str().unwrap_or("").to_string()
+    }
+
+    /// Save the running machine (RAM and devices) to `file`; the disk is left as it is now.
+    fn save(&mut self, file: &Path) {
+        let t = Instant::now();
+        self.qmp(&[
+            json!({"execute": "stop"}),
+            json!({"execute": "migrate", "arguments": {"uri": format!("exec:cat > {}", file.display())}}),
+        ]);
+        loop {
+            let r = self.qmp(&[json!({"execute": "query-migrate"})]);
+            match r[0]["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => panic!("saving the machine failed: {}", r[0]),
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        self.qmp(&[json!({"execute": "quit"})]);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+        eprintln!("box: machine saved in {:.1?}", t.elapsed());
+    }
+
+    /// Resume a saved machine: wait for the load, continue, set the stale guest clock.
+    pub fn resume(&mut self) -> Duration {
+        let t = Instant::now();
+        loop {
+            match self.run_state().as_str() {
+                "inmigrate" => std::thread::sleep(Duration::from_millis(20)),
+                "paused" | "postmigrate" | "prelaunch" => break,
+                "running" => break,
+                other => panic!("unexpected state while resuming: {other}"),
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "resume took over 2 minutes"
+            );
+        }
+        self.qmp(&[json!({"execute": "cont"})]);
+        self.wait_agent(Duration::from_secs(60));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        self.sh_ok(
+            &format!(
+                "date -s @{}.{:09} >/dev/null",
+                now.as_secs(),
+                now.subsec_nanos()
+            ),
+            30,
+        );
+        t.elapsed()
+    }
+
+    // ------------------------------------------------------------ guest agent
+
+    fn agent_connect(&mut self, deadline: Instant) -> Result<(), String> {
+        let path = self.launch.dir.join("qga.sock");
+        loop {
+            self.check_alive();
+            if let Ok(s) = UnixStream::connect(&path) {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                self.sync_id += 1;
+                let id = self.sync_id;
+                // 0xFF resets the agent's parser; the delimited reply starts with 0xFF too.
+                let _ = w.write_all(&[0xff]);
+                let _ = writeln!(
+                    w,
+                    "{}",
+                    json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})
+                );
+                let until = Instant::now() + Duration::from_secs(3);
+                let mut buf = Vec::new();
+                while Instant::now() < until {
+                    buf.clear();
+                    match r.read_until(b'\n', &mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            let text: Vec<u8> =
+                                buf.iter().copied().filter(|&b| b != 0xff).collect();
+                            if let Ok(v) = serde_json::from_slice::<Value>(&text) {
+                                if v["return"].as_u64() == Some(id) {
+                                    r.get_ref()
+                                        .set_read_timeout(Some(Duration::from_secs(60)))
+                                        .unwrap();
+                                    self.agent = Some(r);
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err("the guest agent does not answer".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// One agent request; reconnects (after a reboot or resume) until `deadline`.
+    fn agent(&mut self, cmd: Value, deadline: Instant) -> Result<Value, String> {
+        loop {
+            if self.agent.is_none() {
+                self.agent_connect(deadline)?;
+            }
+            let r = self.agent.as_mut().unwrap();
+            let sent = writeln!(r.get_mut(), "{cmd}");
+            let mut line = Vec::new();
+            let got = sent.is_ok() && r.read_until(b'\n', &mut line).is_ok_and(|n| n > 0);
+            if got {
+                let text: Vec<u8> = line.iter().copied().filter(|&b| b != 0xff).collect();
+                match serde_json::from_slice::<Value>(&text) {
+                    Ok(v) if v.get("return").is_some() => return Ok(v["return"].clone()),
+                    Ok(v) if v.get("error").is_some() => {
+                        return Err(format!("agent: {}", v["error"]))
+                    }
+                    _ => {}
+                }
+            }
+            self.agent = None;
+            if Instant::now() >= deadline {
+                return Err(format!("agent request {cmd} got no answer"));
+            }
+        }
+    }
+
+    /// Wait until the guest agent answers; the time it took.
+    pub fn wait_agent(&mut self, bound: Duration) -> Duration {
+        let t = Instant::now();
+        if let Err(e) = self.agent_connect(t + bound) {
+            panic!(
+                "{e} after {bound:?}; console tail:\n{}",
+                self.console_tail(40)
+            );
+        }
+        t.elapsed()
+    }
+
+    /// Start `sh -c script` in the guest; its agent pid.
+    pub fn spawn_sh(&mut self, script: &str) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let r = self
+            .agent(
+                json!({"execute": "guest-exec", "arguments": {
+                    "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}}),
+                deadline,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        r["pid"].as_i64().unwrap()
+    }
+
+    /// The result of a started command, if it has ended.
+    pub fn poll(&mut self, pid: i64) -> Result<Option<Exec>, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let r = self.agent(
+            json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+            deadline,
+        )?;
+        if !r["exited"].as_bool().unwrap_or(false) {
+            return Ok(None);
+        }
+        let text = |k: &str| {
+            String::from_utf8_lossy(&b64_decode(r[k].as_str().unwrap_or(""))).into_owned()
+        };
+        Ok(Some(Exec {
+            code: r["exitcode"]
+                .as_i64()
+                .unwrap_or(-(r["signal"].as_i64().unwrap_or(255))),
+            out: text("out-data"),
+            err: text("err-data"),
+        }))
+    }
+
+    /// Run `sh -c script` in the guest, for at most `secs`.
+    pub fn sh(&mut self, script: &str, secs: u64) -> Exec {
+        let pid = self.spawn_sh(script);
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            match self.poll(pid) {
+                Ok(Some(e)) => return e,
+                Ok(None) => {}
+                Err(e) => panic!("`{script}`: {e}"),
+            }
+            assert!(
+                Instant::now() < until,
+                "`{script}` did not finish within {secs} s in the guest"
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// Like [`Vm::sh`], but an unreachable agent (a reboot under way) is an error, not a panic.
+    pub fn try_sh(&mut self, script: &str, secs: u64) -> Result<Exec, String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let r = self.agent(
+            json!({"execute": "guest-exec", "arguments": {
+                "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}}),
+            deadline,
+        )?;
+        let pid = r["pid"].as_i64().ok_or("no pid")?;
+        loop {
+            if let Some(e) = self.poll(pid)? {
+                return Ok(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("`{script}` did not finish within {secs} s"));
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// Run a script that must succeed; its stdout.
+    pub fn sh_ok(&mut self, script: &str, secs: u64) -> String {
+        let e = self.sh(script, secs);
+        assert_eq!(
+            e.code, 0,
+            "`{script}` failed in the guest ({}):\n{}{}",
+            e.code, e.out, e.err
+        );
+        e.out
+    }
+
+    /// Write a file in the guest through the agent.
+    pub fn put(&mut self, path: &str, bytes: &[u8]) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let h = self
+            .agent(
+                json!({"execute": "guest-file-open", "arguments": {"path": path, "mode": "w"}}),
+                deadline,
+            )
+            .unwrap();
+        for chunk in bytes.chunks(1 << 20) {
+            self.agent(
+                json!({"execute": "guest-file-write", "arguments": {"handle": h, "buf-b64": b64_encode(chunk)}}),
+                deadline,
+            )
+            .unwrap();
+        }
+        self.agent(
+            json!({"execute": "guest-file-close", "arguments": {"handle": h}}),
+            deadline,
+        )
+        .unwrap();
+    }
+
+    /// Wait until every unit is active.
+    pub fn wait_units(&mut self, units: &[&str], secs: u64) {
+        let script = format!("systemctl is-active {}", units.join(" "));
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let e = self.sh(&script, 30);
+            if e.code == 0 {
+                return;
+            }
+            if Instant::now() >= until {
+                let status = self.sh("systemctl --no-pager status --lines=5 device-api printer-ui mainboard tope-ota-serve 2>&1 | head -60", 30);
+                panic!(
+                    "units not active after {secs} s:\n{}\n{}",
+                    e.out, status.out
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    pub fn boot_id(&mut self) -> String {
+        self.sh_ok("cat /proc/sys/kernel/random/boot_id", 30)
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.power_cut();
+        if std::thread::panicking() {
+            eprintln!(
+                "box: console tail of {}:\n{}",
+                self.launch.dir.display(),
+                self.console_tail(40)
+            );
+        }
+        if !self.launch.keep && std::env::var_os("TOPE_OTA_BOX_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.launch.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- base64 for the agent
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn b64_encode(data: &[u8]) -> String {
+    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0);
+    for b in s.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        acc = acc << 6 | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_round_trips() {
+    for n in 0..10 {
+        let d: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+        assert_eq!(b64_decode(&b64_encode(&d)), d);
+    }
+    assert_eq!(b64_encode(b"hello"), "aGVsbG8=");
+}
