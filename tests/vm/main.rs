@@ -496,6 +496,11 @@ fn power_cuts() {
     let seed = env_u64("TOPE_OTA_POWER_CUT_SEED", 20261123);
     let broken = std::env::var("TOPE_OTA_BOX_FEATURES").is_ok_and(|f| !f.is_empty());
     let mut rng = Rng(seed | 1);
+    let a = artifacts();
+    println!(
+        "box: accelerator {}, cold boot to the guest agent {:.1} s",
+        a.accel.name, a.boot_secs
+    );
     let ops = [Op::Download, Op::Install, Op::Rollback, Op::Heal];
     let mut cuts = Vec::new();
     let t = Instant::now();

@@ -97,7 +97,6 @@ pub struct Artifacts {
     pub accel: Accel,
     pub base: PathBuf,
     pub pristine: PathBuf,
-    pub deb: PathBuf,
     pub boot_secs: f64,
 }
 
@@ -137,7 +136,6 @@ pub fn artifacts() -> &'static Artifacts {
             accel,
             base,
             pristine,
-            deb,
             boot_secs,
         }
     })

@@ -157,8 +157,8 @@ fn serve(conn: TcpStream, inner: &Mutex<Inner>) -> std::io::Result<()> {
         let end = (pos + chunk).min(file.len());
         out.write_all(&file[pos..end])?;
         pos = end;
-        if rate > 0 {
-            thread::sleep(Duration::from_micros(chunk as u64 * 1_000_000 / rate));
+        if let Some(us) = (chunk as u64 * 1_000_000).checked_div(rate) {
+            thread::sleep(Duration::from_micros(us));
         }
     }
     out.flush()
