@@ -51,3 +51,21 @@ for u in device-api printer-ui mainboard; do
     install -m 644 "$dev/$u.service" "$root/etc/systemd/system/$u.service"
     chroot "$root" systemctl enable "$u.service"
 done
+
+# Test equipment, not the printer's: serve listens on loopback only, so the host's hostfwd
+# reaches it through this relay on the guest's user-mode address (requests arrive from
+# 127.0.0.1, as device-api's do).
+cat > "$root/etc/systemd/system/box-api-relay.service" <<'UNIT'
+[Unit]
+Description=Box test equipment: relay 10.0.2.15:12315 to tope-ota serve on 127.0.0.1:12315
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/socat TCP-LISTEN:12315,bind=10.0.2.15,fork,reuseaddr TCP:127.0.0.1:12315
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+chroot "$root" systemctl enable box-api-relay.service

@@ -12,7 +12,7 @@ work="$(mktemp -d "$out/.tope-ota-image.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 root="$work/root"
 
-packages=systemd,systemd-sysv,udev,dbus,python3,curl,linux-image-cloud-amd64,initramfs-tools,qemu-guest-agent,iproute2,procps,man-db,bash-completion,less
+packages=systemd,systemd-sysv,udev,dbus,python3,curl,linux-image-cloud-amd64,initramfs-tools,qemu-guest-agent,iproute2,procps,man-db,bash-completion,less,socat
 
 mmdebstrap --mode=root --variant=minbase --include="$packages" \
     --customize-hook="$here/customize.sh \"\$1\" \"$here/device\"" \

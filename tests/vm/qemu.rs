@@ -286,6 +286,7 @@ fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (Pat
             "mainboard",
             "tope-ota-serve",
             "tope-ota-heal.timer",
+            "box-api-relay",
         ],
         120,
     );
@@ -413,7 +414,7 @@ impl Vm {
             // restrict=on: the guest reaches nothing but the one package server.
             .arg("-netdev")
             .arg(format!(
-                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:12315,\
+                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-10.0.2.15:12315,\
                  guestfwd=tcp:{PACKAGES_ADDR}-cmd:socat - TCP:127.0.0.1:{}",
                 self.api_port, l.shelf_port
             ))
