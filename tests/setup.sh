@@ -9,7 +9,17 @@
 #   - man (man-db): rendering the man pages
 #   - systemd-analyze (systemd): verifying the units
 #   - script (bsdutils): the progress-bar test on a pseudo-terminal
+#   - mmdebstrap, mkfs.ext4 (e2fsprogs): the box's Debian image (tests/vm/image.sh)
+#   - socat: the box's relay to its package server
+#   - qemu-system-x86_64 (qemu-system-x86, from <codename>-backports: the machine's qemu-utils
+#     comes from there and the release's own qemu-system-x86 would remove it)
+#   - cargo deb (crates.io cargo-deb): the box installs the real .deb
 set -euo pipefail
+
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "tests/setup.sh: installing cargo-deb" >&2
+    cargo install --quiet --locked cargo-deb --version 3.8.0
+fi
 
 need=()
 command -v minisign >/dev/null 2>&1 || need+=(minisign)
@@ -19,6 +29,10 @@ command -v unzip >/dev/null 2>&1 || need+=(unzip)
 command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
@@ -34,5 +48,15 @@ if [ "$(id -u)" -ne 0 ]; then
     sudo=(sudo)
 fi
 echo "tests/setup.sh: installing ${need[*]}" >&2
+backports=()
+if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
+    # shellcheck disable=SC1091
+    codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+    if [ -n "$codename" ] && [ ! -e /etc/apt/sources.list.d/tope-ota-backports.sources ]; then
+        printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$codename" | "${sudo[@]}" tee /etc/apt/sources.list.d/tope-ota-backports.sources >/dev/null
+    fi
+    [ -n "$codename" ] && backports=(-t "$codename-backports")
+fi
 "${sudo[@]}" apt-get update -qq
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${backports[@]}" "${need[@]}" >/dev/null

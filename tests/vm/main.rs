@@ -494,8 +494,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// `TOPE_OTA_POWER_CUTS` cuts (5 by default) with seed `TOPE_OTA_POWER_CUT_SEED`. With
-/// `TOPE_OTA_BOX_FEATURES=break-dir-fsync` (tests/vm/power-cuts.sh --broken) the device runs a
-/// build without one directory fsync, and the cuts must find violations.
+/// `TOPE_OTA_BOX_FEATURES=break-snapshot-sync` (tests/vm/power-cuts.sh --broken) the device runs a
+/// build that does not sync a new snapshot, and the cuts must find violations.
 #[test]
 fn power_cuts() {
     let n = env_u64("TOPE_OTA_POWER_CUTS", 5);

@@ -242,11 +242,17 @@ fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (Pat
             .unwrap_or(0.0);
         return (out, boot);
     }
-    // Older pristine devices of this cache are of no use any more.
-    for e in fs::read_dir(cache).unwrap().flatten() {
-        if e.file_name().to_string_lossy().starts_with("pristine-") {
-            let _ = fs::remove_dir_all(e.path());
-        }
+    // Keep the two most recent others (a broken-build run may be using one).
+    let mut old: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(cache)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pristine-"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    old.sort();
+    old.reverse();
+    for (_, p) in old.into_iter().skip(2) {
+        let _ = fs::remove_dir_all(p);
     }
     let tmp = cache.join(format!(".tope-ota-pristine-{key}"));
     let _ = fs::remove_dir_all(&tmp);
