@@ -354,7 +354,8 @@ pub fn checks_for(dir: &Path, cfg: &HealthConfig) -> Result<Vec<Check>, OtaError
 
 /// Run `checks` from the snapshot `dir` in rounds until one round passes (each check in order,
 /// a round ending at the first failure) or the deadline passes: then `HEALTH_CHECK_FAILED`
-/// naming the check and ending with its last output.
+/// naming the check and ending with its last output. The first round always runs (a deadline
+/// of 0 means one try).
 pub fn run_checks(
     dir: &Path,
     version: &str,
@@ -375,8 +376,14 @@ pub fn run_checks(
         round += 1;
         let mut failure = None;
         for c in checks {
+            // The first round gives every check its full bound, whatever the deadline; later
+            // rounds end at the deadline.
             let left = until.saturating_duration_since(Instant::now());
-            let bound = cfg.timeout.min(left).max(Duration::from_millis(1));
+            let bound = if round == 1 {
+                cfg.timeout
+            } else {
+                cfg.timeout.min(left).max(Duration::from_millis(1))
+            };
             let ran = run(&c.command, dir, &env, bound);
             if !ran.ok() {
                 log::info!(

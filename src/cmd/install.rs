@@ -338,6 +338,19 @@ fn carry_and_migrate(
             ),
         );
     }
+    // A migration changes the data, nothing else: a snapshot it changed elsewhere would no
+    // longer be an intact rollback target (verify, and the rollback checks, would say so).
+    let st = integrity::check(&snap, integrity::Depth::Quick, false);
+    if let integrity::Status::Changed(_) = st {
+        return fail(
+            ErrorCode::DeploymentFailed,
+            format!(
+                "migrate (`{}`) changed files outside the mutable paths: {}",
+                argv.join(" "),
+                st.summary()
+            ),
+        );
+    }
     // What the migration wrote is durable before anything runs on it.
     fsutil::sync_new_tree(&snap)?;
     failpoint::hit("after-migrate");

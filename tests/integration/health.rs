@@ -428,6 +428,7 @@ printf '%s\n' "$old" | sed 's/format=1/format=2/' > data/.new
 cat data/.new > data/settings.json; rm data/.new
 echo "$TOPE_OTA_FROM_VERSION -> $TOPE_OTA_VERSION from $TOPE_OTA_FROM_SNAPSHOT" >> data/migrations.log
 if [ -e "$TEST_DIR/migrate-fails" ]; then echo "half done" > data/settings.json; echo "schema error at row 7" >&2; exit 2; fi
+if [ -e "$TEST_DIR/migrate-litters" ]; then echo scratch > scratch.db; printf x >> bin/ui; fi
 "#;
 
 fn v2_migrating() -> (Vec<FileSpec>, Value) {
@@ -496,6 +497,26 @@ fn a_migration_failing_halfway_rolls_back_with_the_data_untouched() {
         "{:?}",
         d.sc.calls()
     );
+
+    // A migration that succeeds but writes outside the mutable paths (a scratch file, and in
+    // place through bin/ui, a hard link shared with 1.0.0) is refused as well.
+    std::fs::remove_file(tmp(&d, "migrate-fails")).unwrap();
+    touch(&d, "migrate-litters");
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert!(
+        run.stderr
+            .contains("changed files outside the mutable paths")
+            && run.stderr.contains("scratch.db: added"),
+        "{}",
+        run.stderr
+    );
+    // The write through the shared inode reached 1.0.0: verify says so (a migration is the
+    // package's code, run as root; it is caught, not prevented).
+    let v = d.env.run(&["verify", "1.0.0"]);
+    v.expect(1);
+    assert!(v.stdout.contains("bin/ui: size"), "{}", v.stdout);
 }
 
 #[test]
