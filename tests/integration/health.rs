@@ -645,36 +645,42 @@ fn with_symlink(d: &Device, pkg: Vec<u8>, name: &str, target: &str) -> Vec<u8> {
 #[cfg(feature = "failpoints")]
 #[test]
 fn crash_after_the_migration_or_during_the_checks_then_heal() {
-    // Killed after the migration, before the switch: heal undoes the install (the old version
-    // and its data as they were); the next install migrates a fresh copy, once.
+    // Killed while carrying the data, before or after the migration (before the switch): heal
+    // undoes the install (the old version and its data as they were); the next install
+    // migrates a fresh copy, once.
     let mut d = with_data();
     service_writes(&d, "data/settings.json", "format=1 cal=0.37\n");
     let (files, m) = v2_migrating();
     let pkg = d.pack("2.0.0", &files, &m);
     d.download("2.0.0", pkg).expect(0);
-    d.env.set("TOPE_OTA_FAILPOINT", "after-migrate");
-    d.install().expect(128 + libc::SIGKILL);
-    d.env.vars.remove("TOPE_OTA_FAILPOINT");
-    assert_eq!(d.env.state()["step"], "migrate");
-    let run = d.env.run(&["heal"]);
-    run.expect(0);
-    assert!(
-        run.stdout.contains("interrupted at \"migrate\" and undone")
-            || d.env.state()["message"]
+    for (point, step) in [
+        ("before-data", "data"),
+        ("before-migrate", "migrate"),
+        ("after-migrate", "migrate"),
+    ] {
+        d.env.set("TOPE_OTA_FAILPOINT", point);
+        d.install().expect(128 + libc::SIGKILL);
+        d.env.vars.remove("TOPE_OTA_FAILPOINT");
+        assert_eq!(d.env.state()["step"], step);
+        d.env.run(&["heal"]).expect(0);
+        let s = d.env.state();
+        assert_eq!(s["stage"], "toInstall", "{point}: {s}");
+        assert!(
+            s["message"]
                 .as_str()
                 .unwrap()
-                .contains("\"migrate\""),
-        "{}",
-        run.stdout
-    );
-    assert_eq!(d.env.state()["stage"], "toInstall");
-    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
-    assert_eq!(d.sc.running("device-api").as_deref(), Some("v1.0.0"));
-    assert_eq!(
-        read(&d.root().join("v1.0.0/data/settings.json")),
-        "format=1 cal=0.37\n"
-    );
-    assert!(!d.root().join("v2.0.0").exists());
+                .contains(&format!("interrupted at \"{step}\" and undone")),
+            "{s}"
+        );
+        assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+        assert_eq!(d.sc.running("device-api").as_deref(), Some("v1.0.0"));
+        assert_eq!(d.sc.running("printer-ui").as_deref(), Some("v1.0.0"));
+        assert_eq!(
+            read(&d.root().join("v1.0.0/data/settings.json")),
+            "format=1 cal=0.37\n"
+        );
+        assert!(!d.root().join("v2.0.0").exists(), "{point}");
+    }
     d.install().expect(0);
     let v2 = d.root().join("v2.0.0");
     assert_eq!(read(&v2.join("data/settings.json")), "format=2 cal=0.37\n");
