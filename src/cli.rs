@@ -138,7 +138,8 @@ pub struct Global {
     #[arg(long, global = true, env = "TOPE_OTA_HEALTH_CMD", value_name = "CMD")]
     pub health_cmd: Option<String>,
 
-    /// Every health check must pass within this long, retried until then (500ms, 60s, 2m)
+    /// Health checks are retried in rounds until one passes or this long has passed (500ms,
+    /// 60s, 2m); a run started before then has its full --health-timeout
     #[arg(
         long,
         global = true,

@@ -113,7 +113,7 @@ impl Tail {
 }
 
 /// Read what the pipe holds now, at most `budget` bytes (a command that writes without end
-/// must not keep us from its bound). Returns false at end of file.
+/// must not keep us from its bound). Returns false at end of file (or on an error).
 fn drain(pipe: &mut fs::File, tail: &mut Tail, budget: usize) -> bool {
     let mut buf = [0u8; 16 * 1024];
     let mut read = 0;
@@ -125,7 +125,9 @@ fn drain(pipe: &mut fs::File, tail: &mut Tail, budget: usize) -> bool {
                 read += n;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return true, // EAGAIN: nothing more for now
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            // Any other error: read no further (polling a broken fd would spin).
+            Err(_) => return false,
         }
     }
     true
@@ -315,9 +317,9 @@ pub fn merge_checks(old: Vec<Check>, manifest: &crate::manifest::Manifest) -> Ve
 pub struct HealthConfig {
     /// The device-wide check (`--health-cmd`), split on whitespace.
     pub device: Option<String>,
-    /// All checks must pass within this long from the first run.
+    /// No new round starts after this long from the first run.
     pub deadline: Duration,
-    /// Each run of a check is killed after this long (or at the deadline, if sooner).
+    /// Each run of a check is killed after this long.
     pub timeout: Duration,
     /// Pause between rounds.
     pub interval: Duration,
@@ -354,8 +356,9 @@ pub fn checks_for(dir: &Path, cfg: &HealthConfig) -> Result<Vec<Check>, OtaError
 
 /// Run `checks` from the snapshot `dir` in rounds until one round passes (each check in order,
 /// a round ending at the first failure) or the deadline passes: then `HEALTH_CHECK_FAILED`
-/// naming the check and ending with its last output. The first round always runs (a deadline
-/// of 0 means one try).
+/// naming the check and ending with its last output. A round starts only before the deadline
+/// (the first always: a deadline of 0 means one try), and each run has its full timeout, so the
+/// phase takes at most the deadline plus one timeout per check.
 pub fn run_checks(
     dir: &Path,
     version: &str,
@@ -376,14 +379,9 @@ pub fn run_checks(
         round += 1;
         let mut failure = None;
         for c in checks {
-            // The first round gives every check its full bound, whatever the deadline; later
-            // rounds end at the deadline.
-            let left = until.saturating_duration_since(Instant::now());
-            let bound = if round == 1 {
-                cfg.timeout
-            } else {
-                cfg.timeout.min(left).max(Duration::from_millis(1))
-            };
+            // The deadline decides whether a round starts, never how long a run may take: a
+            // run cut short would report a hang instead of its real answer.
+            let bound = cfg.timeout;
             let ran = run(&c.command, dir, &env, bound);
             if !ran.ok() {
                 log::info!(

@@ -338,14 +338,14 @@ fn carry_and_migrate(
             ),
         );
     }
-    // A migration changes the data, nothing else: a snapshot it changed elsewhere would no
-    // longer be an intact rollback target (verify, and the rollback checks, would say so).
+    // A migration changes the data, nothing else: a snapshot changed elsewhere would not be
+    // an intact rollback target later (verify, and the rollback checks, would say so).
     let st = integrity::check(&snap, integrity::Depth::Quick, false);
     if let integrity::Status::Changed(_) = st {
         return fail(
             ErrorCode::DeploymentFailed,
             format!(
-                "migrate (`{}`) changed files outside the mutable paths: {}",
+                "after migrate (`{}`) the new snapshot's files outside the mutable paths differ from its record: {}",
                 argv.join(" "),
                 st.summary()
             ),

@@ -507,7 +507,7 @@ fn a_migration_failing_halfway_rolls_back_with_the_data_untouched() {
     assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
     assert!(
         run.stderr
-            .contains("changed files outside the mutable paths")
+            .contains("files outside the mutable paths differ from its record")
             && run.stderr.contains("scratch.db: added"),
         "{}",
         run.stderr
