@@ -275,6 +275,17 @@ fn device_wide_health_check_from_the_configuration() {
     let pkg = d.pack("2.0.0", &files, &manifest);
     d.deliver("2.0.0", pkg).expect(0);
     assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+
+    // It runs for every target: a rollback to a version that cannot pass it returns, unless
+    // the technician turns it off for that run.
+    touch(&d, "device-check.sick");
+    let run = d.env.run(&["rollback"]);
+    run.expect(1);
+    assert!(run.stderr.contains("HEALTH_CHECK_FAILED"), "{}", run.stderr);
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    d.env.run(&["heal"]).expect(0);
+    d.env.run(&["--health-cmd", "", "rollback"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
 }
 
 #[test]
