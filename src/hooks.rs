@@ -88,7 +88,13 @@ impl Ran {
     }
 }
 
-/// The program to execute: a relative path with a `/` is inside the snapshot.
+/// `p` made absolute (against our working directory), so that neither the child's working
+/// directory nor its environment depends on where tope-ota was started.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The program to execute: a relative path with a `/` is inside the snapshot (absolute).
 fn program(prog: &str, snapshot: &Path) -> PathBuf {
     if prog.contains('/') && !prog.starts_with('/') {
         snapshot.join(prog)
@@ -167,6 +173,7 @@ pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Dura
     let Some((prog, args)) = argv.split_first() else {
         return not_run("empty command".into());
     };
+    let snapshot = &absolute(snapshot);
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the two fds we own from here on.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -371,7 +378,10 @@ pub fn run_checks(
     let start = Instant::now();
     let until = start + cfg.deadline;
     let env = [
-        ("TOPE_OTA_SNAPSHOT", dir.to_string_lossy().into_owned()),
+        (
+            "TOPE_OTA_SNAPSHOT",
+            absolute(dir).to_string_lossy().into_owned(),
+        ),
         ("TOPE_OTA_VERSION", version.to_string()),
     ];
     let mut round = 0u32;

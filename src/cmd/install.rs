@@ -307,13 +307,18 @@ fn carry_and_migrate(
     )?;
     failpoint::hit("before-migrate");
     let mut env = vec![
-        ("TOPE_OTA_SNAPSHOT", snap.to_string_lossy().into_owned()),
+        (
+            "TOPE_OTA_SNAPSHOT",
+            hooks::absolute(&snap).to_string_lossy().into_owned(),
+        ),
         ("TOPE_OTA_VERSION", version.to_string()),
     ];
     if let Some(f) = from {
         env.push((
             "TOPE_OTA_FROM_SNAPSHOT",
-            root.join(f).to_string_lossy().into_owned(),
+            hooks::absolute(&root.join(f))
+                .to_string_lossy()
+                .into_owned(),
         ));
         env.push((
             "TOPE_OTA_FROM_VERSION",

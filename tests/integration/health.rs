@@ -28,7 +28,7 @@ fn device() -> Device {
     let dir = d.env.tmp.path().to_str().unwrap().to_string();
     d.env
         .set("TEST_DIR", &dir)
-        .set("TOPE_OTA_HEALTH_DEADLINE", "1s")
+        .set("TOPE_OTA_HEALTH_DEADLINE", "500ms")
         .set("TOPE_OTA_HEALTH_INTERVAL", "50ms");
     d
 }
@@ -722,4 +722,27 @@ fn crash_after_the_migration_or_during_the_checks_then_heal() {
         assert_eq!(s["stage"], if sick { "failed" } else { "success" }, "{s}");
         assert_eq!(d.sc.running("device-api").as_deref(), Some(ends_on));
     }
+}
+
+#[test]
+fn checks_run_from_the_snapshot_with_a_relative_versions_dir() {
+    let mut d = device();
+    let pkg = d.pack("1.0.0", &v1_data_files(), &v1_data_manifest("1.0.0"));
+    d.download("1.0.0", pkg).expect(0);
+    // Started from the sandbox with `versions` relative to it.
+    let run: Run = d
+        .env
+        .cmd(&["install"])
+        .current_dir(d.env.tmp.path())
+        .env("TOPE_OTA_VERSIONS_DIR", "versions")
+        .output()
+        .unwrap()
+        .into();
+    run.expect(0);
+    let snap = std::fs::canonicalize(d.root().join("v1.0.0")).unwrap();
+    let log = read(&tmp(&d, "check.log"));
+    assert_eq!(
+        log.trim(),
+        format!("check 1 of 1.0.0 in {}", snap.display())
+    );
 }
