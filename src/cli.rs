@@ -30,9 +30,45 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// A duration setting as given (flag or environment). It never fails to parse: a typo in
+/// /etc/default/tope-ota must not stop every command, heal at boot included. An invalid value
+/// is logged and its default used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationSetting {
+    pub raw: String,
+    parsed: Result<Duration, String>,
+}
+
+impl DurationSetting {
+    /// The duration, or `default` with a warning when the setting is not a duration.
+    pub fn or(&self, name: &str, default: Duration) -> Duration {
+        match &self.parsed {
+            Ok(d) => *d,
+            Err(e) => {
+                log::warn!(
+                    "{name}: {e}; using the default {}",
+                    format_duration(default)
+                );
+                default
+            }
+        }
+    }
+}
+
+fn duration_setting(s: &str) -> Result<DurationSetting, std::convert::Infallible> {
+    Ok(DurationSetting {
+        raw: s.to_string(),
+        parsed: parse_duration(s),
+    })
+}
+
 /// A duration as [`parse_duration`] reads it back.
 pub fn format_duration(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
+    if d.as_millis() % 1000 == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 /// Over-the-air updater of TOPE devices: download, verify, install and roll back software versions.
@@ -146,9 +182,9 @@ pub struct Global {
         env = "TOPE_OTA_HEALTH_DEADLINE",
         value_name = "DURATION",
         default_value = "60s",
-        value_parser = parse_duration
+        value_parser = duration_setting
     )]
-    pub health_deadline: Duration,
+    pub health_deadline: DurationSetting,
 
     /// Each run of a health check is killed, with its process group, after this long
     #[arg(
@@ -157,9 +193,9 @@ pub struct Global {
         env = "TOPE_OTA_HEALTH_TIMEOUT",
         value_name = "DURATION",
         default_value = "10s",
-        value_parser = parse_duration
+        value_parser = duration_setting
     )]
-    pub health_timeout: Duration,
+    pub health_timeout: DurationSetting,
 
     /// Pause between rounds of health checks
     #[arg(
@@ -168,9 +204,9 @@ pub struct Global {
         env = "TOPE_OTA_HEALTH_INTERVAL",
         value_name = "DURATION",
         default_value = "2s",
-        value_parser = parse_duration
+        value_parser = duration_setting
     )]
-    pub health_interval: Duration,
+    pub health_interval: DurationSetting,
 
     /// A package's migrate command is killed, with its process group, after this long
     #[arg(
@@ -179,9 +215,9 @@ pub struct Global {
         env = "TOPE_OTA_MIGRATE_TIMEOUT",
         value_name = "DURATION",
         default_value = "300s",
-        value_parser = parse_duration
+        value_parser = duration_setting
     )]
-    pub migrate_timeout: Duration,
+    pub migrate_timeout: DurationSetting,
 
     /// Print one JSON object on stdout instead of human text
     #[arg(long, global = true)]
@@ -337,7 +373,12 @@ mod tests {
         for bad in ["", "s", "-1s", "1.5s", "25h", "100000m"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
-        let d = Duration::from_millis(1234);
-        assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        for d in [Duration::from_millis(1234), Duration::from_secs(60)] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        let bad = duration_setting("60 seconds").unwrap();
+        assert_eq!(bad.or("x", Duration::from_secs(3)), Duration::from_secs(3));
+        let good = duration_setting("2s").unwrap();
+        assert_eq!(good.or("x", Duration::from_secs(3)), Duration::from_secs(2));
     }
 }

@@ -341,9 +341,15 @@ impl HealthConfig {
                 .map(str::trim)
                 .filter(|c| !c.is_empty())
                 .map(str::to_string),
-            deadline: g.health_deadline,
-            timeout: g.health_timeout,
-            interval: g.health_interval,
+            deadline: g
+                .health_deadline
+                .or("TOPE_OTA_HEALTH_DEADLINE", Duration::from_secs(60)),
+            timeout: g
+                .health_timeout
+                .or("TOPE_OTA_HEALTH_TIMEOUT", Duration::from_secs(10)),
+            interval: g
+                .health_interval
+                .or("TOPE_OTA_HEALTH_INTERVAL", Duration::from_secs(2)),
         }
     }
 }

@@ -326,7 +326,10 @@ fn carry_and_migrate(
         ));
     }
     let argv = m.argv();
-    let ran = hooks::run(&argv, &snap, &env, g.migrate_timeout);
+    let bound = g
+        .migrate_timeout
+        .or("TOPE_OTA_MIGRATE_TIMEOUT", Duration::from_secs(300));
+    let ran = hooks::run(&argv, &snap, &env, bound);
     if !ran.ok() {
         let out = ran.last_output();
         return fail(
@@ -334,7 +337,7 @@ fn carry_and_migrate(
             format!(
                 "migrate (`{}`) {}{}",
                 argv.join(" "),
-                ran.describe(g.migrate_timeout),
+                ran.describe(bound),
                 if out.is_empty() {
                     ", no output".to_string()
                 } else {

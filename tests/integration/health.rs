@@ -746,3 +746,73 @@ fn checks_run_from_the_snapshot_with_a_relative_versions_dir() {
         format!("check 1 of 1.0.0 in {}", snap.display())
     );
 }
+
+#[test]
+fn a_bad_duration_in_the_configuration_stops_nothing() {
+    let mut d = Device::with_v1();
+    // A typo in /etc/default/tope-ota must not turn heal (or anything else) off.
+    d.env
+        .set("TOPE_OTA_HEALTH_DEADLINE", "60 seconds")
+        .set("TOPE_OTA_HEALTH_CMD", "true");
+    let heal = d.env.run(&["heal"]);
+    heal.expect(0);
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(0);
+    assert!(
+        run.stderr
+            .contains("TOPE_OTA_HEALTH_DEADLINE: \"60 seconds\" is not a duration")
+            && run.stderr.contains("using the default 60s"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn serve_hands_its_health_settings_to_the_install_it_starts() {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", pkg).expect(0);
+    let check = tmp(&d, "api-status");
+    std::fs::write(
+        &check,
+        "#!/bin/sh\necho \"device-api answered 500\"\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Flags on serve's command line (not the environment) reach the install it runs.
+    let srv = crate::serve::Server::start_with(
+        &d.env,
+        &[
+            "--health-cmd",
+            check.to_str().unwrap(),
+            "--health-deadline",
+            "0",
+            "--health-timeout",
+            "2s",
+        ],
+        &[],
+    );
+    let body = r#"{"version":"2.0.0"}"#;
+    let req = format!(
+        "POST /api/v1.0/update HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        srv.addr,
+        body.len()
+    );
+    let (status, text) = crate::serve::raw(&srv.addr, req.as_bytes());
+    assert_eq!(status, 200, "{text}");
+    let s = d.env.wait_state(30, "the install to end", |s| {
+        s["stage"] == "failed" || s["stage"] == "success"
+    });
+    assert_eq!(s["error"], "HEALTH_CHECK_FAILED", "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains("device-api answered 500"),
+        "{s}"
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+}
