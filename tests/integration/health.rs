@@ -151,8 +151,14 @@ fn active_service_with_a_failing_health_check_ends_on_the_previous_version() {
     let t = Instant::now();
     let run = install_v2(&mut d, json!({}));
     assert_rolled_back_to_v1(&d, &run, "HEALTH_CHECK_FAILED");
-    // The service was up the whole time: only the check failed, retried until the deadline.
-    assert!(!d.sc.calls().iter().any(|c| c.contains("failed")));
+    // The service started on 2.0.0 and was active when the checks ran (else the code would
+    // be SERVICE_START_FAILED): only the check failed, retried until the deadline.
+    assert!(
+        d.sc.calls()
+            .contains(&"start device-api v2.0.0".to_string()),
+        "{:?}",
+        d.sc.calls()
+    );
     let runs = checks_run(&d);
     assert!(runs.len() >= 3, "retried within the deadline: {runs:?}");
     assert!(
@@ -174,7 +180,7 @@ fn active_service_with_a_failing_health_check_ends_on_the_previous_version() {
         "{}",
         run.stderr
     );
-    // The health phase showed in state.json's step (recorded before the checks ran).
+    // status (and GET /progress) show the code.
     let st = d.env.run(&["--json", "status"]).json();
     assert_eq!(st["error"], "HEALTH_CHECK_FAILED");
 }
