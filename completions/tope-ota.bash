@@ -83,7 +83,7 @@ _tope__ota() {
 
     case "${cmd}" in
         tope__ota)
-            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help --version download install status rollback heal serve pack factory verify help"
+            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help --version download install status rollback heal serve pack factory verify help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -125,6 +125,26 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -133,7 +153,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__download)
-            opts="-v -q -h --version --url --name --size --md5 --sha256 --sig-url --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --version --url --name --size --md5 --sha256 --sig-url --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -207,6 +227,26 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -215,7 +255,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__factory)
-            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -254,6 +294,26 @@ _tope__ota() {
                     return 0
                     ;;
                 --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -265,7 +325,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__heal)
-            opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -304,6 +364,26 @@ _tope__ota() {
                     return 0
                     ;;
                 --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -469,7 +549,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__install)
-            opts="-v -q -h --version --allow-downgrade --wait --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --version --allow-downgrade --wait --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -519,6 +599,26 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -527,7 +627,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__pack)
-            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -581,6 +681,26 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -589,7 +709,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__rollback)
-            opts="-v -q -h --wait --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --wait --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -639,6 +759,26 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -647,7 +787,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__serve)
-            opts="-v -q -h --listen --api-allow-downgrade --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --listen --api-allow-downgrade --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -693,6 +833,26 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -701,7 +861,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__status)
-            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -740,6 +900,26 @@ _tope__ota() {
                     return 0
                     ;;
                 --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -751,7 +931,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__verify)
-            opts="-v -q -h --all --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --json --verbose --quiet --help"
+            opts="-v -q -h --all --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -790,6 +970,26 @@ _tope__ota() {
                     return 0
                     ;;
                 --inhibit-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-deadline)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --health-interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --migrate-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

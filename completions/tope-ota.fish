@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_tope_ota_global_optspecs
-    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= inhibit-dir= keys-dir= inhibit-cmd= json v/verbose q/quiet h/help V/version
+    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= inhibit-dir= keys-dir= inhibit-cmd= health-cmd= health-deadline= health-timeout= health-interval= migrate-timeout= json v/verbose q/quiet h/help V/version
 end
 
 function __fish_tope_ota_needs_command
@@ -33,6 +33,11 @@ complete -c tope-ota -n "__fish_tope_ota_needs_command" -l gui -d 'Progress scre
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -65,6 +70,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l gui -d 'P
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -80,6 +90,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l gui -d 'Pr
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l allow-downgrade -d 'Install even if the version is lower than the current one'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -94,6 +109,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l gui -d 'Pro
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -109,6 +129,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l gui -d 'P
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -122,6 +147,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l gui -d 'Progr
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l auto-install -d 'Also install a pending package once no print job inhibits it'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -137,6 +167,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l gui -d 'Prog
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l api-allow-downgrade -d 'Honour `"allow_downgrade": true` in POST /update; without it the field is ignored (logged) and a lower version is refused with DOWNGRADE_REFUSED'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -154,6 +189,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l gui -d 'Progr
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -167,6 +207,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l gui -d 'Pr
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -180,6 +225,11 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l gui -d 'Pro
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l inhibit-dir -d 'Directory where the printer\'s software drops a file while it prints: install and rollback wait until it is empty' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-interval -d 'Pause between rounds of health checks' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l all -d 'Check every snapshot in the versions root'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -s v -l verbose -d 'More log output (repeat for debug)'

@@ -4,6 +4,72 @@
 use clap::builder::FalseyValueParser;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// A duration: a number with `ms`, `s` or `m`, or a bare number of seconds (`500ms`, `60s`,
+/// `2m`, `60`); at most 24 h.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (500ms, 60s, 2m)"))?;
+    let ms = n.saturating_mul(unit_ms);
+    if ms > 24 * 3600 * 1000 {
+        return Err(format!("{s:?} is longer than 24 h"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// A duration setting as given (flag or environment). It never fails to parse: a typo in
+/// /etc/default/tope-ota must not stop every command, heal at boot included. An invalid value
+/// is logged and its default used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationSetting {
+    pub raw: String,
+    parsed: Result<Duration, String>,
+}
+
+impl DurationSetting {
+    /// The duration, or `default` with a warning when the setting is not a duration.
+    pub fn or(&self, name: &str, default: Duration) -> Duration {
+        match &self.parsed {
+            Ok(d) => *d,
+            Err(e) => {
+                log::warn!(
+                    "{name}: {e}; using the default {}",
+                    format_duration(default)
+                );
+                default
+            }
+        }
+    }
+}
+
+fn duration_setting(s: &str) -> Result<DurationSetting, std::convert::Infallible> {
+    Ok(DurationSetting {
+        raw: s.to_string(),
+        parsed: parse_duration(s),
+    })
+}
+
+/// A duration as [`parse_duration`] reads it back.
+pub fn format_duration(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
 
 /// Over-the-air updater of TOPE devices: download, verify, install and roll back software versions.
 #[derive(Debug, Parser)]
@@ -102,6 +168,56 @@ pub struct Global {
     /// Command whose non-zero exit also inhibits install and rollback
     #[arg(long, global = true, env = "TOPE_OTA_INHIBIT_CMD", value_name = "CMD")]
     pub inhibit_cmd: Option<String>,
+
+    /// Device-wide health check, run from the new snapshot after its services started, before
+    /// a version is committed: exit 0 means healthy (split on whitespace, no shell)
+    #[arg(long, global = true, env = "TOPE_OTA_HEALTH_CMD", value_name = "CMD")]
+    pub health_cmd: Option<String>,
+
+    /// Health checks are retried in rounds until one passes or this long has passed (500ms,
+    /// 60s, 2m); a run started before then has its full --health-timeout
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_HEALTH_DEADLINE",
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = duration_setting
+    )]
+    pub health_deadline: DurationSetting,
+
+    /// Each run of a health check is killed, with its process group, after this long
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_HEALTH_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = duration_setting
+    )]
+    pub health_timeout: DurationSetting,
+
+    /// Pause between rounds of health checks
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_HEALTH_INTERVAL",
+        value_name = "DURATION",
+        default_value = "2s",
+        value_parser = duration_setting
+    )]
+    pub health_interval: DurationSetting,
+
+    /// A package's migrate command is killed, with its process group, after this long
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_MIGRATE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "300s",
+        value_parser = duration_setting
+    )]
+    pub migrate_timeout: DurationSetting,
 
     /// Print one JSON object on stdout instead of human text
     #[arg(long, global = true)]
@@ -246,5 +362,23 @@ mod tests {
     #[test]
     fn definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "-1s", "1.5s", "25h", "100000m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        for d in [Duration::from_millis(1234), Duration::from_secs(60)] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        let bad = duration_setting("60 seconds").unwrap();
+        assert_eq!(bad.or("x", Duration::from_secs(3)), Duration::from_secs(3));
+        let good = duration_setting("2s").unwrap();
+        assert_eq!(good.or("x", Duration::from_secs(3)), Duration::from_secs(2));
     }
 }

@@ -74,6 +74,7 @@ codes! {
     SignatureInvalid => "SIGNATURE_INVALID", 500, EXIT_FAILED;
     Inhibited => "INHIBITED", 409, EXIT_INHIBITED;
     DowngradeRefused => "DOWNGRADE_REFUSED", 400, EXIT_FAILED;
+    HealthCheckFailed => "HEALTH_CHECK_FAILED", 500, EXIT_FAILED;
 }
 
 impl ErrorCode {
@@ -108,6 +109,9 @@ impl ErrorCode {
             ErrorCode::SignatureInvalid => "the package's signature is missing or does not verify",
             ErrorCode::Inhibited => "a print job inhibits switching software now",
             ErrorCode::DowngradeRefused => "the version is lower than the current one",
+            ErrorCode::HealthCheckFailed => {
+                "a health check did not pass within its deadline; the device rolled back"
+            }
         }
     }
 }

@@ -122,7 +122,8 @@ impl Status {
     }
 }
 
-fn is_mutable(path: &str, mutable: &[String]) -> bool {
+/// Whether `path` is one of `mutable` or lies under one.
+pub fn within(path: &str, mutable: &[String]) -> bool {
     mutable.iter().any(|m| {
         path == m
             || path
@@ -172,7 +173,7 @@ fn walk(
                 .unwrap_or(&path)
                 .to_string_lossy()
                 .into_owned();
-            if rel == META_DIR || is_mutable(&rel, mutable) {
+            if rel == META_DIR || within(&rel, mutable) {
                 continue;
             }
             let meta =

@@ -16,6 +16,8 @@
 //! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
+//! - [`hooks`]: bounded commands from a snapshot: health checks and migrations.
+//! - [`data`]: a version's mutable data, carried privately into the next snapshot.
 //! - [`fsutil`]: the only place that fsyncs and renames; temp names; free space.
 //! - [`validate`]: request validation (`INVALID_REQUEST`).
 //! - [`error`]: the spec's error codes, their exit codes and HTTP statuses.
@@ -31,10 +33,12 @@ pub mod archive;
 pub mod cli;
 pub mod clock;
 pub mod cmd;
+pub mod data;
 pub mod error;
 pub mod failpoint;
 pub mod fetch;
 pub mod fsutil;
+pub mod hooks;
 pub mod inhibit;
 pub mod integrity;
 pub mod lock;

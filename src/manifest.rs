@@ -19,6 +19,57 @@ pub struct Manifest {
     /// not recorded, so `verify` and the rollback checks do not report them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutable: Option<Vec<String>>,
+    /// Run in the new snapshot after its mutable data was carried over from `current` and
+    /// before anything starts: converts that data for this version (bounded, not retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate: Option<HookCommand>,
+}
+
+/// A command a package runs from its snapshot: a string split on whitespace, or an argv array
+/// (no shell either way). A program path with a `/` that is relative is inside the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HookCommand {
+    Line(String),
+    Argv(Vec<String>),
+}
+
+impl HookCommand {
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            HookCommand::Line(s) => s.split_whitespace().map(str::to_string).collect(),
+            HookCommand::Argv(v) => v.clone(),
+        }
+    }
+
+    /// Check the command's shape: at most 64 arguments and 4 KiB, no NUL, a program that is
+    /// absolute, a bare name (looked up in PATH) or a clean relative path inside the snapshot.
+    pub fn check(&self, who: &str) -> Result<()> {
+        let argv = self.argv();
+        let Some(prog) = argv.first().filter(|p| !p.is_empty()) else {
+            return invalid(format!("{who}: the command is empty"));
+        };
+        if argv.len() > 64 || argv.iter().map(|a| a.len() + 1).sum::<usize>() > 4096 {
+            return invalid(format!(
+                "{who}: the command is longer than 64 arguments or 4 KiB"
+            ));
+        }
+        if argv.iter().any(|a| a.contains('\0')) {
+            return invalid(format!("{who}: the command holds a NUL byte"));
+        }
+        if prog.contains('/') && !prog.starts_with('/') && !is_clean_relative(prog) {
+            return invalid(format!(
+                "{who}: program {prog:?} must be absolute, a bare name, or a clean relative path inside the snapshot"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The program's path inside the snapshot when it is relative (to check it was installed).
+    pub fn snapshot_program(&self) -> Option<String> {
+        let prog = self.argv().into_iter().next()?;
+        (prog.contains('/') && !prog.starts_with('/')).then_some(prog)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +85,10 @@ pub struct Module {
     pub restart_order: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub md5: Option<String>,
+    /// Run from the new snapshot after the services started and before success: exit 0 means
+    /// the module works. Retried until the health deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HookCommand>,
 }
 
 fn invalid<T>(detail: String) -> Result<T> {
@@ -105,6 +160,9 @@ impl Manifest {
                     return invalid(format!("{who}: md5 {md5:?} is not 32 hex digits"));
                 }
             }
+            if let Some(h) = &md.health {
+                h.check(&format!("{who}: health"))?;
+            }
             if let Some(p) = &md.process_name {
                 let ok = !p.is_empty()
                     && p.len() <= 256
@@ -125,6 +183,18 @@ impl Manifest {
         }
         if m.mutable.as_ref().is_some_and(|v| v.len() > 256) {
             return invalid("more than 256 mutable paths".into());
+        }
+        let mutable = m.mutable.as_deref().unwrap_or(&[]);
+        let inside = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+        for (i, a) in mutable.iter().enumerate() {
+            for b in &mutable[i + 1..] {
+                if inside(a, b) || inside(b, a) {
+                    return invalid(format!("mutable paths {a:?} and {b:?} overlap"));
+                }
+            }
+        }
+        if let Some(c) = &m.migrate {
+            c.check("migrate")?;
         }
         for a in &dsts {
             for b in &dsts {

@@ -201,6 +201,11 @@ impl Manager {
             return Ok(());
         }
         std::thread::sleep(self.settle);
+        self.check_now(services)
+    }
+
+    /// Every service must be active now.
+    pub fn check_now(&self, services: &[Service]) -> Result<(), OtaError> {
         for s in services {
             if !self.is_active(&s.name, ErrorCode::ServiceStartFailed)? {
                 return Err(OtaError::new(

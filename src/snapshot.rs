@@ -134,30 +134,59 @@ pub fn switch(root: &Path, previous: Option<&str>, current: &str) -> Result<()> 
     Ok(())
 }
 
+/// How a mirror places one entry of the snapshot it mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// A hard link (a file), or recreated (a dir, a symlink).
+    Link,
+    /// A private copy, sharing no inode.
+    Copy,
+    /// Left out.
+    Skip,
+}
+
 /// Mirror `src` into the empty dir `dst`: directories recreated with their modes, files hard
-/// linked (sharing the inode: never to be written through `dst`), symlinks copied.
-pub fn mirror(src: &Path, dst: &Path) -> Result<u64> {
-    walk_into(src, dst, &|from, to| {
-        fs::hard_link(from, to)
-            .with_context(|| format!("hard link {} to {}", from.display(), to.display()))
-    })
+/// linked (sharing the inode: never to be written through `dst`), symlinks copied. Paths under
+/// `skip` are left out (the mutable data the new version gets once services stopped); files
+/// under `private` are copied instead of linked (data the old version wrote in place).
+pub fn mirror(src: &Path, dst: &Path, skip: &[String], private: &[String]) -> Result<u64> {
+    let pick = |rel: &str| {
+        if crate::integrity::within(rel, skip) {
+            Pick::Skip
+        } else if crate::integrity::within(rel, private) {
+            Pick::Copy
+        } else {
+            Pick::Link
+        }
+    };
+    walk_into(src, dst, "", &pick)
 }
 
 /// Copy `src` into the empty dir `dst`, sharing no inode with it (reflinks where the
 /// filesystem can): the way a factory snapshot is made and a rollback to it is built. Every
 /// file is fsynced; the caller makes the directories durable.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<u64> {
-    walk_into(src, dst, &|from, to| fsutil::copy_file(from, to))
+    walk_into(src, dst, "", &|_| Pick::Copy)
 }
 
 /// Recreate the tree `src` in `dst` (dirs with owner and mode, symlinks as they are), placing
-/// each regular file with `file`.
-fn walk_into(src: &Path, dst: &Path, file: &dyn Fn(&Path, &Path) -> Result<()>) -> Result<u64> {
+/// each regular file as `pick` says for its path relative to the top.
+fn walk_into(src: &Path, dst: &Path, rel: &str, pick: &dyn Fn(&str) -> Pick) -> Result<u64> {
     let mut count = 0;
     for entry in fs::read_dir(src).with_context(|| format!("read dir {}", src.display()))? {
         let entry = entry.with_context(|| format!("read dir {}", src.display()))?;
         let from = entry.path();
         let to = dst.join(entry.file_name());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let how = pick(&rel);
+        if how == Pick::Skip {
+            continue;
+        }
         let ft = entry.file_type()?;
         if ft.is_dir() {
             let meta = entry.metadata()?;
@@ -165,7 +194,7 @@ fn walk_into(src: &Path, dst: &Path, file: &dyn Fn(&Path, &Path) -> Result<()>) 
                 .mode(0o700)
                 .create(&to)
                 .with_context(|| format!("create dir {}", to.display()))?;
-            count += walk_into(&from, &to, file)?;
+            count += walk_into(&from, &to, &rel, pick)?;
             // Keep the owner: a service that writes in its directory must still be able to.
             std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()))
                 .with_context(|| format!("chown {}", to.display()))?;
@@ -179,7 +208,12 @@ fn walk_into(src: &Path, dst: &Path, file: &dyn Fn(&Path, &Path) -> Result<()>) 
             std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()))
                 .with_context(|| format!("chown {}", to.display()))?;
         } else if ft.is_file() {
-            file(&from, &to)?;
+            if how == Pick::Copy {
+                fsutil::copy_file(&from, &to)?;
+            } else {
+                fs::hard_link(&from, &to)
+                    .with_context(|| format!("hard link {} to {}", from.display(), to.display()))?;
+            }
         } else {
             log::warn!("not copying special file {}", from.display());
             continue;

@@ -9,11 +9,11 @@
 
 use crate::cmd::{Operation, Output};
 use crate::error::{ErrorCode, OtaError};
-use crate::integrity;
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links, CURRENT, PREVIOUS};
 use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::{failpoint, fsutil};
+use crate::{hooks, integrity};
 use anyhow::{Context, Result};
 use std::fs;
 use std::path::Path;
@@ -356,7 +356,8 @@ pub fn forward(
         set_step(op, "verify", 90, "Checking the services stay up".into())
             .map_err(|e| crate::error::classify(&e))
     })
-    .and_then(|_| mgr.check_all(&svc));
+    .and_then(|_| mgr.check_all(&svc))
+    .and_then(|_| health(g, op, mgr, &target, &version, &svc));
     if let Err(e) = started {
         return Err(failed(g, op, mgr, e).into());
     }
@@ -389,6 +390,40 @@ pub fn forward(
         format!("{}\n", op.state.message),
         op.state.progress_data(),
     ))
+}
+
+/// The health phase of [`forward`]: the target snapshot's own recorded checks, then the
+/// device-wide one, retried until the deadline; then every service must still be active. The
+/// step is recorded first, so heal after a crash here restarts the services and runs the checks
+/// again before it commits.
+fn health(
+    g: &crate::cli::Global,
+    op: &mut Operation,
+    mgr: &Manager,
+    target: &str,
+    version: &str,
+    svc: &[Service],
+) -> Result<(), OtaError> {
+    let dir = g.versions_dir.join(target);
+    let cfg = hooks::HealthConfig::from_global(g);
+    let checks = hooks::checks_for(&dir, &cfg)?;
+    if checks.is_empty() {
+        return Ok(());
+    }
+    set_step(
+        op,
+        "health",
+        95,
+        format!(
+            "Running {} health check(s), for up to {:.0} s",
+            checks.len(),
+            cfg.deadline.as_secs_f64()
+        ),
+    )
+    .map_err(|e| crate::error::classify(&e))?;
+    failpoint::hit("before-health");
+    hooks::run_checks(&dir, version, &checks, &cfg)?;
+    mgr.check_now(svc)
 }
 
 /// Fall back after `e`, and delete the package that failed (it is of no further use).

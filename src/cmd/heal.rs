@@ -267,8 +267,10 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
                 &format!("the install was interrupted at {step:?} and undone"),
             )
         }
-        // Services may be stopped and current is unchanged: start them again on current.
-        "stop" => {
+        // Services may be stopped and current is unchanged (its data only read): start them
+        // again on current. A migration interrupted here runs again, on a fresh copy, with
+        // the next install; never twice on the same data.
+        "stop" | "data" | "migrate" => {
             let current = Links::read(root).current;
             if current.is_some() && current == op.state.target_dir() {
                 // The switch had happened after all: go forward.
@@ -285,12 +287,14 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
             back_to_pending(
                 g,
                 op,
-                "the install was interrupted while stopping services and undone",
+                &format!("the install was interrupted at {step:?} and undone"),
             )
         }
         // The snapshot was complete before the stop step: switch to it again and go forward.
         "switch" => transition::switch_and_forward(g, op, mgr).map(|_| ()),
-        "reboot" | "start" | "verify" => transition::forward(g, op, mgr, true).map(|_| ()),
+        "reboot" | "start" | "verify" | "health" => {
+            transition::forward(g, op, mgr, true).map(|_| ())
+        }
         "rollback-previous" | "rollback-factory" => {
             let original = OtaError::new(
                 op.state.error.unwrap_or(ErrorCode::Internal),

@@ -6,12 +6,12 @@ use super::{Operation, Output};
 use crate::archive::{self, Limits};
 use crate::cli::{Global, InstallArgs};
 use crate::error::{fail, ErrorCode, OtaError, EXIT_SIGTERM};
-use crate::manifest::{Manifest, MANIFEST};
+use crate::manifest::{HookCommand, Manifest, MANIFEST};
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::transition::{self, set_step};
-use crate::{clock, failpoint, fsutil, inhibit, integrity, signals, validate};
+use crate::{clock, data, failpoint, fsutil, hooks, inhibit, integrity, signals, validate};
 use anyhow::{Context, Result};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -214,7 +214,7 @@ fn place(from: &Path, snap: &Path, dst: &str) -> Result<()> {
 }
 
 /// Unpack, validate and build the snapshot in `staging/snapshot` (recorded, durable); returns
-/// the manifest.
+/// the manifest and the snapshot's mutable paths.
 fn build(
     op: &mut Operation,
     root: &Path,
@@ -222,7 +222,7 @@ fn build(
     version: &str,
     staging: &Path,
     current: Option<&Path>,
-) -> Result<Manifest> {
+) -> Result<(Manifest, Vec<String>)> {
     let unpack = staging.join("unpack");
     fs::DirBuilder::new().mode(0o755).create(&unpack)?;
     let free = fsutil::free_bytes(root)?;
@@ -266,15 +266,38 @@ fn build(
     let snap = staging.join("snapshot");
     fs::DirBuilder::new().mode(0o755).create(&snap)?;
     let mut list: Vec<Service> = Vec::new();
+    let mut checks = Vec::new();
     let mut reuse = None;
     if let Some(cur) = current {
-        let n = snapshot::mirror(cur, &snap)?;
-        log::info!("mirrored {n} entries of {} by hard links", cur.display());
-        list = snapshot::read_services(cur);
         match integrity::read(cur) {
             Ok(r) => reuse = r,
             Err(e) => log::warn!("{e:#}; every file of the new snapshot is hashed"),
         }
+    }
+    // The new version's data paths: its manifest's, else those of the version it replaces.
+    let old_mutable = reuse
+        .as_ref()
+        .map(|r| r.mutable.clone())
+        .unwrap_or_default();
+    let mutable = manifest
+        .mutable
+        .clone()
+        .unwrap_or_else(|| old_mutable.clone());
+    if let Some(cur) = current {
+        // Mutable data is carried once the services stopped; data the old version wrote that
+        // the new one no longer calls mutable becomes a private copy, never a shared inode.
+        let private: Vec<String> = old_mutable
+            .iter()
+            .filter(|p| !mutable.contains(p))
+            .cloned()
+            .collect();
+        let n = snapshot::mirror(cur, &snap, &mutable, &private)?;
+        log::info!("mirrored {n} entries of {} by hard links", cur.display());
+        list = snapshot::read_services(cur);
+        checks = hooks::read_checks(cur).unwrap_or_else(|e| {
+            log::warn!("{e:#}; the new snapshot keeps only the package's health checks");
+            Vec::new()
+        });
     }
     for md in &manifest.modules {
         place(&unpack.join(&md.src), &snap, &md.dst)?;
@@ -284,15 +307,143 @@ fn build(
         list.push(s);
     }
     snapshot::write_services(&snap, &list)?;
-    let mutable = match (&manifest.mutable, &reuse) {
-        (Some(m), _) => m.clone(),
-        (None, Some(r)) => r.mutable.clone(),
-        (None, None) => Vec::new(),
-    };
+    let checks = hooks::merge_checks(checks, &manifest);
+    // A program inside the snapshot must be there: found now, before anything stops.
+    let programs = checks
+        .iter()
+        .map(|c| (format!("health check of {}", c.module), c.command.clone()))
+        .chain(
+            manifest
+                .migrate
+                .iter()
+                .map(|m| ("migrate".to_string(), m.argv())),
+        );
+    for (who, argv) in programs {
+        let cmd = HookCommand::Argv(argv);
+        if let Some(p) = cmd.snapshot_program() {
+            if !snap.join(&p).is_file() {
+                return fail(
+                    ErrorCode::ManifestInvalid,
+                    format!("{who}: program {p:?} is not a file of the new snapshot"),
+                );
+            }
+        }
+    }
+    hooks::write_checks(&snap, &checks)?;
+    let data_bytes = data::prepare(current, &snap, &mutable)?;
+    let free = fsutil::free_bytes(root)?;
+    if data_bytes > 0 && free < data_bytes + data_bytes / 10 + (2 << 20) {
+        return fail(
+            ErrorCode::DiskFull,
+            format!("carrying the mutable data needs {data_bytes} bytes and a margin; {free} free"),
+        );
+    }
     let rec = integrity::build(&snap, &mutable, current.zip(reuse.as_ref()))?;
     integrity::write(&snap, &rec)?;
     fsutil::sync_new_tree(&snap)?;
-    Ok(manifest)
+    Ok((manifest, mutable))
+}
+
+/// Once the services stopped and before the switch: carry the mutable data of `from` into the
+/// new snapshot as private copies, then run the package's migration on them. Each step is
+/// recorded first; heal undoes an install interrupted here (current never moved, and the old
+/// version's data was only read).
+#[allow(clippy::too_many_arguments)]
+fn carry_and_migrate(
+    g: &Global,
+    op: &mut Operation,
+    root: &Path,
+    target: &str,
+    version: &str,
+    from: Option<&str>,
+    mutable: &[String],
+    migrate: Option<&HookCommand>,
+) -> Result<()> {
+    let snap = root.join(target);
+    if let (Some(f), false) = (from, mutable.is_empty()) {
+        set_step(
+            op,
+            "data",
+            55,
+            format!(
+                "Carrying {} mutable path(s) of {f} into {target}",
+                mutable.len()
+            ),
+        )?;
+        failpoint::hit("before-data");
+        let carried = data::carry(&root.join(f), &snap, mutable)?;
+        log::info!(
+            "carried the mutable data {} of {f} into {target}",
+            carried.join(", ")
+        );
+    }
+    let Some(m) = migrate else {
+        return Ok(());
+    };
+    set_step(
+        op,
+        "migrate",
+        58,
+        format!("Migrating the data of {version}"),
+    )?;
+    failpoint::hit("before-migrate");
+    let mut env = vec![
+        (
+            "TOPE_OTA_SNAPSHOT",
+            hooks::absolute(&snap).to_string_lossy().into_owned(),
+        ),
+        ("TOPE_OTA_VERSION", version.to_string()),
+    ];
+    if let Some(f) = from {
+        env.push((
+            "TOPE_OTA_FROM_SNAPSHOT",
+            hooks::absolute(&root.join(f))
+                .to_string_lossy()
+                .into_owned(),
+        ));
+        env.push((
+            "TOPE_OTA_FROM_VERSION",
+            snapshot::version_of(f).unwrap_or(f).to_string(),
+        ));
+    }
+    let argv = m.argv();
+    let bound = g
+        .migrate_timeout
+        .or("TOPE_OTA_MIGRATE_TIMEOUT", Duration::from_secs(300));
+    let ran = hooks::run(&argv, &snap, &env, bound);
+    if !ran.ok() {
+        let out = ran.last_output();
+        return fail(
+            ErrorCode::DeploymentFailed,
+            format!(
+                "migrate (`{}`) {}{}",
+                argv.join(" "),
+                ran.describe(bound),
+                if out.is_empty() {
+                    ", no output".to_string()
+                } else {
+                    format!("; last output: {out}")
+                }
+            ),
+        );
+    }
+    // A migration changes the data, nothing else: a snapshot changed elsewhere would not be
+    // an intact rollback target later (verify, and the rollback checks, would say so).
+    let st = integrity::check(&snap, integrity::Depth::Quick, false);
+    if let integrity::Status::Changed(_) = st {
+        return fail(
+            ErrorCode::DeploymentFailed,
+            format!(
+                "after migrate (`{}`) the new snapshot's files outside the mutable paths differ from its record: {}",
+                argv.join(" "),
+                st.summary()
+            ),
+        );
+    }
+    // What the migration wrote is durable before anything runs on it.
+    fsutil::sync_new_tree(&snap)?;
+    failpoint::hit("after-migrate");
+    Ok(())
 }
 
 /// Run the reboot command, bounded; false when it could not be run or failed.
@@ -414,7 +565,7 @@ pub fn install(
 
     let target_path = root.join(&target);
     let staging = fsutil::temp_path(&root, "stage");
-    let built = (|| -> Result<Manifest> {
+    let built = (|| -> Result<(Manifest, Vec<String>)> {
         if fs::symlink_metadata(&target_path).is_ok() {
             if links.references(&target) {
                 return fail(
@@ -437,7 +588,7 @@ pub fn install(
         Ok(m)
     })();
     let _ = fs::remove_dir_all(&staging);
-    let manifest = match built {
+    let (manifest, mutable) = match built {
         Ok(m) => m,
         Err(e) => {
             let err = crate::error::classify(&e);
@@ -448,7 +599,16 @@ pub fn install(
         }
     };
 
-    let svc: Vec<Service> = services::start_order(manifest.services());
+    let mut svc: Vec<Service> = manifest.services();
+    let carries = links.current.is_some() && (!mutable.is_empty() || manifest.migrate.is_some());
+    if carries {
+        // Data is carried only from a quiet version: every service of current stops, not only
+        // the package's (any of them may write the data), and all start again.
+        if let Some(c) = &links.current {
+            svc.extend(snapshot::read_services(&root.join(c)));
+        }
+    }
+    let svc = services::start_order(svc);
     op.state.services = svc.clone();
     // A print may have started while we unpacked: look again before stopping anything.
     let gave_back = match inhibit::check(g, Duration::ZERO) {
@@ -486,6 +646,19 @@ pub fn install(
     failpoint::hit("after-stop");
     // From here on, services are down: any failure falls back instead of returning.
     let from = op.state.from.clone();
+    let carried = carry_and_migrate(
+        g,
+        op,
+        &root,
+        &target,
+        &version,
+        from.as_deref(),
+        &mutable,
+        manifest.migrate.as_ref(),
+    );
+    if let Err(e) = carried {
+        return Err(transition::failed(g, op, &mgr, crate::error::classify(&e)).into());
+    }
     let switched =
         set_step(op, "switch", 60, format!("Switching current to {version}")).and_then(|_| {
             failpoint::hit("before-switch");

@@ -70,6 +70,7 @@ fn default_manifest(dir: &Path, version: &str) -> Result<Manifest> {
             process_name: None,
             restart_order: None,
             md5: None,
+            health: None,
         });
     }
     Ok(Manifest {
@@ -77,6 +78,7 @@ fn default_manifest(dir: &Path, version: &str) -> Result<Manifest> {
         modules,
         reboot: false,
         mutable: None,
+        migrate: None,
     })
 }
 

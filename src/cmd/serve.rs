@@ -366,6 +366,11 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
                 .iter()
                 .flat_map(|c| ["--inhibit-cmd", c.as_str()]),
         )
+        .args(g.health_cmd.iter().map(|c| format!("--health-cmd={c}")))
+        .arg(format!("--health-deadline={}", g.health_deadline.raw))
+        .arg(format!("--health-timeout={}", g.health_timeout.raw))
+        .arg(format!("--health-interval={}", g.health_interval.raw))
+        .arg(format!("--migrate-timeout={}", g.migrate_timeout.raw))
         .arg("-q")
         .args(args)
         .env(LOCK_FD_ENV, fd.to_string())

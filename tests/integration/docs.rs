@@ -116,7 +116,7 @@ fn sections(top: bool) -> String {
         ),
         (
             "/opt/tope/versions/v<version>/",
-            "version snapshots; .tope\\-ota/services.json lists each one's services",
+            "version snapshots; .tope\\-ota/ inside holds each one's services.json, health.json and files.json",
         ),
         (
             "/opt/tope/versions/current, previous, factory",

@@ -6,6 +6,7 @@ mod api;
 mod download;
 mod faults;
 mod heal;
+mod health;
 mod install;
 mod openapi;
 mod serve;

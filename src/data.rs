@@ -1,0 +1,238 @@
+//! A version's mutable data (the manifest's `mutable` paths: calibration, settings, print
+//! history). Each snapshot holds its own private copy: an install carries the copy of `current`
+//! into the new snapshot once the services stopped (never a hard link, so the version left behind
+//! keeps its data as it was), and a rollback finds the target's own copy as that version left
+//! it. Nothing here reads or writes through a symlink: a mutable path that is a symlink is carried
+//! as a symlink, and one that lies beneath a symlink is refused before anything stops.
+
+use crate::error::{ErrorCode, OtaError};
+use crate::fsutil;
+use anyhow::{Context, Result};
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Check that the parents of `rel` under `base` are real directories (or missing). Returns
+/// false when a parent is missing.
+fn parents_ok(base: &Path, rel: &str, side: &str) -> Result<bool> {
+    let parts: Vec<&str> = rel.split('/').collect();
+    let mut at = base.to_path_buf();
+    for part in &parts[..parts.len() - 1] {
+        at.push(part);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(OtaError::new(
+                    ErrorCode::DeploymentFailed,
+                    format!(
+                        "mutable path {rel:?} lies beneath the symlink {} in {side}; data is never carried through a link",
+                        at.display()
+                    ),
+                )
+                .into())
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(OtaError::new(
+                    ErrorCode::DeploymentFailed,
+                    format!(
+                        "mutable path {rel:?}: {} in {side} is not a directory",
+                        at.display()
+                    ),
+                )
+                .into())
+            }
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+/// Bytes of the regular files at `path` (a file, or a dir tree; links not followed).
+fn bytes_at(path: &Path) -> u64 {
+    let Ok(m) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if m.is_file() {
+        return m.len();
+    }
+    if !m.is_dir() {
+        return 0;
+    }
+    fs::read_dir(path)
+        .map(|rd| rd.flatten().map(|e| bytes_at(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+/// At build, before anything stops: every mutable path must be reachable without passing
+/// through a symlink or a file, in `from` (the snapshot it is carried from) and in the new
+/// snapshot `snap`; the parent dirs of a path `from` holds are created in `snap` where missing,
+/// so the record lists them. Returns the bytes the carry will copy.
+pub fn prepare(from: Option<&Path>, snap: &Path, mutable: &[String]) -> Result<u64> {
+    let mut bytes = 0;
+    for rel in mutable {
+        let in_from = match from {
+            Some(f) => parents_ok(f, rel, "current")? && fs::symlink_metadata(f.join(rel)).is_ok(),
+            None => false,
+        };
+        if !parents_ok(snap, rel, "the new snapshot")? && in_from {
+            let parent = Path::new(rel).parent().unwrap_or(Path::new(""));
+            let mut at = snap.to_path_buf();
+            for part in parent.components() {
+                at.push(part);
+                if fs::symlink_metadata(&at).is_err() {
+                    fs::DirBuilder::new()
+                        .mode(0o755)
+                        .create(&at)
+                        .with_context(|| format!("create dir {}", at.display()))?;
+                }
+            }
+        }
+        if in_from {
+            bytes += bytes_at(&from.unwrap_or(snap).join(rel));
+        }
+    }
+    Ok(bytes)
+}
+
+/// Remove whatever stands at `path` (a dir tree, a file, a symlink: never followed).
+fn remove_any(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))
+        }
+        Ok(_) => fs::remove_file(path).with_context(|| format!("remove {}", path.display())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Put a private copy of `from` at `to`: a file or symlink replaces what is there; a dir merges
+/// into a dir (entries of `from` win, entries only `to` has stay). Dirs written are listed in
+/// `dirs` (to fsync).
+fn copy_over(from: &Path, to: &Path, dirs: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        if !fs::symlink_metadata(to).is_ok_and(|m| m.is_dir()) {
+            remove_any(to)?;
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(to)
+                .with_context(|| format!("create dir {}", to.display()))?;
+        }
+        for e in fs::read_dir(from).with_context(|| format!("read dir {}", from.display()))? {
+            let e = e.with_context(|| format!("read dir {}", from.display()))?;
+            copy_over(&e.path(), &to.join(e.file_name()), dirs)?;
+        }
+        std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()))
+            .with_context(|| format!("chown {}", to.display()))?;
+        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .with_context(|| format!("chmod {}", to.display()))?;
+        dirs.push(to.to_path_buf());
+        return Ok(());
+    }
+    if ft.is_symlink() {
+        remove_any(to)?;
+        let target = fs::read_link(from).with_context(|| format!("readlink {}", from.display()))?;
+        fsutil::symlink(&target, to)?;
+        std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()))
+            .with_context(|| format!("chown {}", to.display()))?;
+    } else if ft.is_file() {
+        remove_any(to)?;
+        fsutil::copy_file(from, to)?;
+    } else {
+        log::warn!("not carrying the special file {}", from.display());
+    }
+    Ok(())
+}
+
+/// Once the services stopped: replace each mutable path of the new snapshot `to` with a private
+/// copy of `from`'s (a dir merges: the device's entries win, entries only the package brings
+/// stay as initial content). A path `from` lacks keeps what the package placed there, if
+/// anything. Everything is durable when this returns. Returns the paths carried.
+pub fn carry(from: &Path, to: &Path, mutable: &[String]) -> Result<Vec<String>> {
+    let mut carried = Vec::new();
+    let mut dirs = Vec::new();
+    for rel in mutable {
+        if !parents_ok(from, rel, "current")? || fs::symlink_metadata(from.join(rel)).is_err() {
+            log::info!("mutable path {rel} is not in current; the new version starts without it");
+            continue;
+        }
+        parents_ok(to, rel, "the new snapshot")?;
+        let dst = to.join(rel);
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("create dir {}", parent.display()))?;
+            dirs.push(parent.to_path_buf());
+        }
+        copy_over(&from.join(rel), &dst, &mut dirs)?;
+        carried.push(rel.clone());
+    }
+    dirs.sort();
+    dirs.dedup();
+    for d in &dirs {
+        fsutil::sync_dir(d)?;
+    }
+    Ok(carried)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn carry_copies_merges_and_never_links() {
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let (f, t) = (from.path(), to.path());
+        fs::create_dir_all(f.join("data/jobs")).unwrap();
+        fs::write(f.join("data/jobs/1.json"), b"job 1").unwrap();
+        fs::write(f.join("data/cal.json"), b"device cal").unwrap();
+        fs::write(f.join("settings.json"), b"device settings").unwrap();
+        symlink("/nonexistent/outside", f.join("logs")).unwrap();
+        // The package's initial content.
+        fs::create_dir_all(t.join("data")).unwrap();
+        fs::write(t.join("data/cal.json"), b"package default").unwrap();
+        fs::write(t.join("data/new.json"), b"package new").unwrap();
+        let m: Vec<String> = ["data", "settings.json", "logs", "missing/x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(prepare(Some(f), t, &m).unwrap(), 5 + 10 + 15);
+        let carried = carry(f, t, &m).unwrap();
+        assert_eq!(carried, ["data", "settings.json", "logs"]);
+        assert_eq!(fs::read(t.join("data/cal.json")).unwrap(), b"device cal");
+        assert_eq!(fs::read(t.join("data/new.json")).unwrap(), b"package new");
+        assert_eq!(fs::read(t.join("data/jobs/1.json")).unwrap(), b"job 1");
+        assert_eq!(
+            fs::read_link(t.join("logs")).unwrap(),
+            Path::new("/nonexistent/outside")
+        );
+        for p in ["data/cal.json", "settings.json", "data/jobs/1.json"] {
+            let a = fs::metadata(f.join(p)).unwrap();
+            let b = fs::metadata(t.join(p)).unwrap();
+            assert_ne!(a.ino(), b.ino(), "{p} shares its inode");
+        }
+        assert!(!t.join("missing").exists());
+    }
+
+    #[test]
+    fn a_path_beneath_a_symlink_is_refused() {
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("x"), b"outside").unwrap();
+        symlink(outside.path(), from.path().join("var")).unwrap();
+        symlink(outside.path(), to.path().join("var")).unwrap();
+        let m = vec!["var/x".to_string()];
+        let e = prepare(Some(from.path()), to.path(), &m).unwrap_err();
+        assert_eq!(crate::error::classify(&e).code, ErrorCode::DeploymentFailed);
+        // The new snapshot's side alone is refused too.
+        fs::remove_file(from.path().join("var")).unwrap();
+        fs::create_dir(from.path().join("var")).unwrap();
+        fs::write(from.path().join("var/x"), b"mine").unwrap();
+        assert!(prepare(Some(from.path()), to.path(), &m).is_err());
+        assert!(carry(from.path(), to.path(), &m).is_err());
+        assert_eq!(fs::read(outside.path().join("x")).unwrap(), b"outside");
+    }
+}
