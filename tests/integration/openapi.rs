@@ -137,3 +137,22 @@ pub fn check(method: &str, path: &str, status: u16, body: &str) -> Result<(), St
     }
     validate(doc, schema, &v, "body").map_err(|e| format!("{method} {path} {status}: {e}"))
 }
+
+#[test]
+fn the_published_error_codes_are_the_binarys() {
+    let doc = doc();
+    let published: Vec<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .expect("components.schemas.ErrorCode.enum")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let ours: Vec<&str> = tope_ota::error::ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(
+        published, ours,
+        "deploy/openapi.json's ErrorCode enum is stale"
+    );
+}
