@@ -11,12 +11,16 @@
 #   - script (bsdutils): the progress-bar test on a pseudo-terminal
 #   - mmdebstrap, mkfs.ext4 (e2fsprogs): the box's Debian image (tests/vm/image.sh)
 #   - socat: the box's relay to its package server
-#   - qemu-system-x86_64 (qemu-system-x86, from <codename>-backports: the machine's qemu-utils
+#   - qemu-img (qemu-utils), qemu-system-x86_64 (qemu-system-x86, both from <codename>-backports: the machine's qemu-utils
 #     comes from there and the release's own qemu-system-x86 would remove it)
 #   - cargo deb (crates.io cargo-deb): the box installs the real .deb
 set -euo pipefail
 
 if ! cargo deb --version >/dev/null 2>&1; then
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "tests/setup.sh: cargo-deb is missing and there is no cargo to install it" >&2
+        exit 1
+    fi
     echo "tests/setup.sh: installing cargo-deb" >&2
     cargo install --quiet --locked cargo-deb --version 3.8.0
 fi
@@ -32,6 +36,7 @@ command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 [ ${#need[@]} -eq 0 ] && exit 0
 

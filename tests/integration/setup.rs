@@ -11,7 +11,7 @@ fn repo() -> PathBuf {
 }
 
 /// The tools tests/setup.sh installs, and their Debian packages.
-const TOOLS: [(&str, &str); 7] = [
+const TOOLS: [(&str, &str); 12] = [
     ("minisign", "minisign"),
     ("strace", "strace"),
     ("shellcheck", "shellcheck"),
@@ -19,6 +19,11 @@ const TOOLS: [(&str, &str); 7] = [
     ("man", "man-db"),
     ("systemd-analyze", "systemd"),
     ("script", "bsdutils"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("socat", "socat"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
 ];
 
 /// Programs the tests may call without tests/setup.sh: in every Debian base system
@@ -81,7 +86,9 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
     );
     // Everything there: no apt-get call, no output.
     let all = tempfile::tempdir().unwrap();
-    let names: Vec<&str> = TOOLS.iter().map(|t| t.0).collect();
+    // `cargo` answers `cargo deb --version`: cargo-deb is there too.
+    let mut names: Vec<&str> = TOOLS.iter().map(|t| t.0).collect();
+    names.push("cargo");
     let bin = fake_path(all.path(), &names);
     let (code, out, err) = run_setup(&bin);
     assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
@@ -89,7 +96,19 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
 
     // Some missing: one update, then one install of exactly their packages, noninteractive.
     let some = tempfile::tempdir().unwrap();
-    let bin = fake_path(some.path(), &["strace", "unzip", "script"]);
+    // (QEMU present: its backports source is not this test's business.)
+    let bin = fake_path(
+        some.path(),
+        &[
+            "strace",
+            "unzip",
+            "script",
+            "cargo",
+            "mkfs.ext4",
+            "qemu-img",
+            "qemu-system-x86_64",
+        ],
+    );
     let (code, out, err) = run_setup(&bin);
     assert_eq!(code, 0, "{out}{err}");
     let log = std::fs::read_to_string(some.path().join("apt.log")).unwrap();
@@ -104,7 +123,15 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
         .split_whitespace()
         .filter(|w| !w.starts_with('-') && !w.contains('=') && *w != "install")
         .collect();
-    let want: BTreeSet<&str> = ["minisign", "shellcheck", "man-db", "systemd"].into();
+    let want: BTreeSet<&str> = [
+        "minisign",
+        "shellcheck",
+        "man-db",
+        "systemd",
+        "mmdebstrap",
+        "socat",
+    ]
+    .into();
     assert_eq!(installed, want, "{log}");
 }
 
@@ -121,8 +148,13 @@ fn setup_covers_every_tool_the_tests_call_and_the_commands_run_it() {
     }
     // Every program a test runs by name is installed by tests/setup.sh or essential.
     let mut called = BTreeSet::new();
-    for entry in std::fs::read_dir(repo().join("tests/integration")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    let files = ["tests/integration", "tests/vm"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(repo().join(d)).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"));
+    for file in files {
+        let text = std::fs::read_to_string(file).unwrap();
         for part in text.split("Command::new(\"").skip(1) {
             let prog = part.split('"').next().unwrap();
             // By base name: "/bin/bash" is bash.
