@@ -46,6 +46,18 @@ enum Screen {
 /// The transient unit the screen runs in when tope-ota itself runs under systemd.
 const GUI_UNIT: &str = "tope-ota-gui.service";
 
+/// What the screen keeps of our environment in its unit (besides `TOPE_OTA_*`): PID 1's own
+/// environment has no display.
+const GUI_ENV: [&str; 7] = [
+    "DISPLAY",
+    "WAYLAND_DISPLAY",
+    "XDG_RUNTIME_DIR",
+    "QT_QPA_PLATFORM",
+    "XAUTHORITY",
+    "LANG",
+    "TZ",
+];
+
 /// Whether this process runs inside a systemd unit (serve's child, the heal timer). A child
 /// of ours would then inherit that unit's sandbox: private /tmp, read-only /run, the syscall
 /// filter and the cut capability set, so no display.
@@ -92,20 +104,32 @@ impl Gui {
             return Gui(None);
         }
         if under_systemd() {
-            // PID 1 starts it outside our sandbox; --no-block: never wait on the screen.
-            let started = run_bounded(
-                Command::new("systemd-run")
-                    .args([
-                        "--unit",
-                        GUI_UNIT,
-                        "--collect",
-                        "--quiet",
-                        "--no-block",
-                        "--",
-                    ])
-                    .arg(path),
-                Duration::from_secs(5),
-            );
+            // PID 1 resolves the path in its own namespace, and would expand `$` in it.
+            let path = match std::fs::canonicalize(path) {
+                Ok(p) if !p.to_string_lossy().contains('$') => p,
+                _ => {
+                    log::warn!("ota-gui {}: not a plain absolute path", path.display());
+                    return Gui(None);
+                }
+            };
+            // The screen of an earlier install that still shows goes; this one takes its place.
+            for action in ["stop", "reset-failed"] {
+                let _ = run_bounded(
+                    Command::new("systemctl").args([action, GUI_UNIT]),
+                    Duration::from_secs(5),
+                );
+            }
+            // PID 1 starts it outside our sandbox, with the settings a display needs from our
+            // environment; --no-block: never wait on the screen.
+            let mut cmd = Command::new("systemd-run");
+            cmd.args(["--unit", GUI_UNIT, "--collect", "--quiet", "--no-block"]);
+            for (name, _) in std::env::vars_os() {
+                let name = name.to_string_lossy();
+                if GUI_ENV.contains(&name.as_ref()) || name.starts_with("TOPE_OTA_") {
+                    cmd.arg(format!("--setenv={name}"));
+                }
+            }
+            let started = run_bounded(cmd.arg("--").arg(&path), Duration::from_secs(5));
             return match started {
                 Ok(true) => Gui(Some(Screen::Unit)),
                 Ok(false) => {

@@ -136,6 +136,11 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// Whether the run has published anything (then tope-ota has written a state.json).
+    pub fn is_empty(&self) -> bool {
+        self.releases.is_empty()
+    }
+
     pub fn add(&mut self, r: &Release) {
         self.releases.insert(r.version.clone(), r.clone());
     }
@@ -241,19 +246,31 @@ pub fn running(vm: &mut Vm) -> BTreeMap<String, (String, String, i64, i64)> {
 /// factory snapshot's dir name on the pristine device.
 pub fn violations(vm: &mut Vm, cat: &Catalog, factory_dir: &str) -> Vec<String> {
     let mut v = Vec::new();
-    let st = vm.sh(
-        "test ! -e /var/lib/tope-ota/state.json || python3 -c 'import json,sys; json.load(open(sys.argv[1]))' /var/lib/tope-ota/state.json",
-        30,
-    );
-    if st.code != 0 {
-        v.push(format!("state.json does not parse: {}", st.err.trim()));
+    let st = vm.sh("cat /var/lib/tope-ota/state.json", 30);
+    let state: Option<Value> = serde_json::from_str(&st.out).ok();
+    if st.code != 0 && !cat.is_empty() {
+        v.push(format!("state.json is missing: {}", st.err.trim()));
+    } else if st.code == 0 && state.is_none() {
+        v.push(format!("state.json does not parse: {:?}", st.out));
     }
     let (dir, mut cur) = tree_violations(vm, cat, "current");
     v.append(&mut cur);
+    if let Some(s) = &state {
+        if s["stage"] == "success" && s["version"].as_str() != Some(version_of(&dir).as_str()) {
+            v.push(format!(
+                "state says success for {}, current is {dir}",
+                s["version"]
+            ));
+        }
+    }
     let (fdir, mut fac) = tree_violations(vm, cat, "factory");
     v.append(&mut fac);
     if fdir != factory_dir {
         v.push(format!("factory moved: {factory_dir} -> {fdir}"));
+    }
+    let shared = vm.sh("find /opt/tope/versions/factory/ -type f -links +1", 30);
+    if !shared.out.trim().is_empty() {
+        v.push(format!("factory shares inodes: {}", shared.out.trim()));
     }
     let fv = vm.sh("tope-ota verify factory", 60);
     if fv.code != 0 {
@@ -261,6 +278,16 @@ pub fn violations(vm: &mut Vm, cat: &Catalog, factory_dir: &str) -> Vec<String> 
             "tope-ota verify factory: {}{}",
             fv.out.trim(),
             fv.err.trim()
+        ));
+    }
+    let ota = vm.sh(
+        "systemctl is-active tope-ota-serve.service tope-ota-heal.timer",
+        30,
+    );
+    if ota.code != 0 {
+        v.push(format!(
+            "tope-ota's units: {}",
+            ota.out.split_whitespace().collect::<Vec<_>>().join(" ")
         ));
     }
     let version = version_of(&dir);

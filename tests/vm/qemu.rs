@@ -27,7 +27,7 @@ pub fn vm_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm")
 }
 
-fn cache_root() -> PathBuf {
+pub fn cache_root() -> PathBuf {
     if let Some(d) = std::env::var_os("TOPE_OTA_BOX_CACHE") {
         return PathBuf::from(d);
     }
@@ -130,7 +130,8 @@ pub fn artifacts() -> &'static Artifacts {
         let lock = fs::File::create(cache.join("lock")).unwrap();
         fs2::FileExt::lock_exclusive(&lock).unwrap();
         let base = base_image(&cache);
-        let deb = build_deb(std::env::var("TOPE_OTA_BOX_FEATURES").ok().as_deref());
+        let features = std::env::var("TOPE_OTA_BOX_FEATURES").ok();
+        let deb = build_deb(features.as_deref().filter(|f| !f.is_empty()));
         let (pristine, boot_secs) = pristine_device(&cache, &base, &deb, &accel);
         Artifacts {
             accel,
@@ -233,26 +234,27 @@ fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (Pat
     h.update(qemu_version());
     h.update(accel.name);
     h.update(PRISTINE_RECIPE);
+    // How QEMU is started and the pristine device made live in this file.
+    h.update(include_str!("qemu.rs"));
     let key = hex(&h.finalize()[..8]);
     let out = cache.join(format!("pristine-{key}"));
     if out.join("state.bin").exists() {
+        let _ = fs::write(out.join("last-used"), b"");
         let boot = fs::read_to_string(out.join("boot-secs"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0.0);
         return (out, boot);
     }
-    // Keep the two most recent others (a broken-build run may be using one).
-    let mut old: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(cache)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("pristine-"))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    old.sort();
-    old.reverse();
-    for (_, p) in old.into_iter().skip(2) {
-        let _ = fs::remove_dir_all(p);
+    // Others not used for two hours (a run that uses one touches its `last-used`).
+    for e in fs::read_dir(cache).unwrap().flatten() {
+        let used = fs::metadata(e.path().join("last-used"))
+            .or_else(|_| e.metadata())
+            .and_then(|m| m.modified());
+        let idle = used.map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(7200));
+        if e.file_name().to_string_lossy().starts_with("pristine-") && idle.unwrap_or(true) {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
     let tmp = cache.join(format!(".tope-ota-pristine-{key}"));
     let _ = fs::remove_dir_all(&tmp);
@@ -308,6 +310,7 @@ fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (Pat
     for f in ["qga.sock", "qmp.sock"] {
         let _ = fs::remove_file(tmp.join(f));
     }
+    fs::write(tmp.join("last-used"), b"").unwrap();
     fs::rename(&tmp, &out).unwrap();
     eprintln!("box: pristine device ready in {:.0?}", t.elapsed());
     (out, boot.as_secs_f64())
@@ -540,6 +543,9 @@ impl Vm {
             match r[0]["status"].as_str() {
                 Some("completed") => break,
                 Some("failed") | Some("cancelled") => panic!("saving the machine failed: {}", r[0]),
+                _ if t.elapsed() > Duration::from_secs(300) => {
+                    panic!("saving the machine took over 5 minutes: {}", r[0])
+                }
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
         }
@@ -630,24 +636,37 @@ impl Vm {
         }
     }
 
-    /// One agent request; reconnects (after a reboot or resume) until `deadline`.
+    /// One agent request; reconnects (after a reboot or resume) until `deadline`. A request
+    /// whose answer was lost is sent again only if running it twice is harmless.
     fn agent(&mut self, cmd: Value, deadline: Instant) -> Result<Value, String> {
+        let once = matches!(
+            cmd["execute"].as_str(),
+            Some("guest-exec" | "guest-file-open" | "guest-file-write")
+        );
         loop {
             if self.agent.is_none() {
                 self.agent_connect(deadline)?;
             }
             let r = self.agent.as_mut().unwrap();
-            let sent = writeln!(r.get_mut(), "{cmd}");
-            let mut line = Vec::new();
-            let got = sent.is_ok() && r.read_until(b'\n', &mut line).is_ok_and(|n| n > 0);
-            if got {
-                let text: Vec<u8> = line.iter().copied().filter(|&b| b != 0xff).collect();
-                match serde_json::from_slice::<Value>(&text) {
-                    Ok(v) if v.get("return").is_some() => return Ok(v["return"].clone()),
-                    Ok(v) if v.get("error").is_some() => {
-                        return Err(format!("agent: {}", v["error"]))
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(200), Duration::from_secs(60));
+            r.get_ref().set_read_timeout(Some(left)).unwrap();
+            if writeln!(r.get_mut(), "{cmd}").is_ok() {
+                let mut line = Vec::new();
+                if r.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                    let text: Vec<u8> = line.iter().copied().filter(|&b| b != 0xff).collect();
+                    match serde_json::from_slice::<Value>(&text) {
+                        Ok(v) if v.get("return").is_some() => return Ok(v["return"].clone()),
+                        Ok(v) if v.get("error").is_some() => {
+                            return Err(format!("agent: {}", v["error"]))
+                        }
+                        _ => {}
                     }
-                    _ => {}
+                }
+                if once {
+                    self.agent = None;
+                    return Err(format!("agent request {cmd}: no answer (it may have run)"));
                 }
             }
             self.agent = None;
@@ -813,7 +832,11 @@ impl Drop for Vm {
                 self.console_tail(40)
             );
         }
-        if !self.launch.keep && std::env::var_os("TOPE_OTA_BOX_KEEP").is_none() {
+        // Kept on failure: console.log and qemu.log are the evidence.
+        if !self.launch.keep
+            && !std::thread::panicking()
+            && std::env::var_os("TOPE_OTA_BOX_KEEP").is_none()
+        {
             let _ = fs::remove_dir_all(&self.launch.dir);
         }
     }
