@@ -2,7 +2,8 @@
 //! decide whether a version is committed, and the migration of its mutable data.
 //!
 //! A command runs without a shell: its program is absolute, a bare name looked up in `PATH`, or
-//! a relative path inside the snapshot; its working directory is the snapshot. It runs in a
+//! a relative path inside the snapshot; its working directory is the snapshot (a migration's
+//! is a private dir that holds only the data, see `install::carry_and_migrate`). It runs in a
 //! process group of its own, with stdin from /dev/null and stdout and stderr into one pipe, of
 //! which only the last [`TAIL_BYTES`] are kept. When it exits (or at its bound) the whole group
 //! is killed before the exit is reaped, so a child it left behind cannot outlive it, and the pipe
@@ -164,6 +165,18 @@ fn kill_group(pid: i32) {
 
 /// Run `argv` from `snapshot` with `env` added, for at most `bound`.
 pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Duration) -> Ran {
+    run_in(argv, snapshot, snapshot, env, bound)
+}
+
+/// Run `argv`, its program resolved in `snapshot`, with the working directory `cwd` and `env`
+/// added, for at most `bound`.
+pub fn run_in(
+    argv: &[String],
+    snapshot: &Path,
+    cwd: &Path,
+    env: &[(&str, String)],
+    bound: Duration,
+) -> Ran {
     let start = Instant::now();
     let not_run = |e: String| Ran {
         outcome: Outcome::NotRun(e),
@@ -174,6 +187,7 @@ pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Dura
         return not_run("empty command".into());
     };
     let snapshot = &absolute(snapshot);
+    let cwd = &absolute(cwd);
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the two fds we own from here on.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -193,7 +207,7 @@ pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Dura
     };
     let mut cmd = Command::new(program(prog, snapshot));
     cmd.args(args)
-        .current_dir(snapshot)
+        .current_dir(cwd)
         .env_remove(crate::lock::LOCK_FD_ENV)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
@@ -344,9 +358,11 @@ impl HealthConfig {
             deadline: g
                 .health_deadline
                 .or("TOPE_OTA_HEALTH_DEADLINE", Duration::from_secs(60)),
-            timeout: g
-                .health_timeout
-                .or("TOPE_OTA_HEALTH_TIMEOUT", Duration::from_secs(10)),
+            timeout: g.health_timeout.or_at_least(
+                "TOPE_OTA_HEALTH_TIMEOUT",
+                Duration::from_secs(10),
+                crate::cli::MIN_TIMEOUT,
+            ),
             interval: g
                 .health_interval
                 .or("TOPE_OTA_HEALTH_INTERVAL", Duration::from_secs(2)),
