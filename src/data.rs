@@ -111,8 +111,17 @@ fn remove_any(path: &Path) -> Result<()> {
 fn copy_over(from: &Path, to: &Path, dirs: &mut Vec<PathBuf>) -> Result<()> {
     let meta = fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
     let ft = meta.file_type();
+    let there = fs::symlink_metadata(to).ok();
+    if there.as_ref().is_some_and(|m| !(m.is_dir() && ft.is_dir())) {
+        // What the package placed here (a module at a mutable path is initial content only).
+        log::info!(
+            "the device's {} replaces the package's {}",
+            from.display(),
+            to.display()
+        );
+    }
     if ft.is_dir() {
-        if !fs::symlink_metadata(to).is_ok_and(|m| m.is_dir()) {
+        if !there.is_some_and(|m| m.is_dir()) {
             remove_any(to)?;
             fs::DirBuilder::new()
                 .mode(0o700)
@@ -173,6 +182,156 @@ pub fn carry(from: &Path, to: &Path, mutable: &[String]) -> Result<Vec<String>> 
         fsutil::sync_dir(d)?;
     }
     Ok(carried)
+}
+
+/// Before a migration: move the package's initial content at each mutable path of the new
+/// snapshot `snap` into the private dir `work` (paths as in the snapshot), so that `work` holds
+/// only data. The carry then merges the device's copy into `work`, and the migration runs there:
+/// no file of the snapshot (hard links shared with older versions) is reachable by a relative
+/// path.
+pub fn stage_out(snap: &Path, work: &Path, mutable: &[String]) -> Result<()> {
+    for rel in mutable {
+        if !parents_ok(snap, rel, "the new snapshot")? {
+            continue;
+        }
+        let at = snap.join(rel);
+        if fs::symlink_metadata(&at).is_err() {
+            continue;
+        }
+        let to = work.join(rel);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("create dir {}", parent.display()))?;
+        }
+        fsutil::rename(&at, &to)?;
+    }
+    Ok(())
+}
+
+/// Every path under `base` (relative, `/`-separated), links not followed.
+fn walk_rel(base: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
+    let dir = if rel.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(rel)
+    };
+    for e in fs::read_dir(&dir).with_context(|| format!("read dir {}", dir.display()))? {
+        let e = e.with_context(|| format!("read dir {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let r = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        out.push(r.clone());
+        if is_dir {
+            walk_rel(base, &r, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// After a migration: move each mutable path from the private dir `work` back into the new
+/// snapshot `snap`. Anything the migration left in `work` outside the mutable paths (a scratch
+/// file, a relative write meant for a program) is `DEPLOYMENT_FAILED`, naming it, and so is a
+/// mutable path that appeared in the snapshot itself while its data was out.
+pub fn stage_in(work: &Path, snap: &Path, mutable: &[String]) -> Result<()> {
+    let mut all = Vec::new();
+    walk_rel(work, "", &mut all)?;
+    let ancestor = |p: &str| mutable.iter().any(|m| m.starts_with(&format!("{p}/")));
+    let stray: Vec<String> = all
+        .into_iter()
+        .filter(|p| !crate::integrity::within(p, mutable))
+        .filter(|p| !(ancestor(p) && fs::symlink_metadata(work.join(p)).is_ok_and(|m| m.is_dir())))
+        .collect();
+    if !stray.is_empty() {
+        let more = stray.len().saturating_sub(5);
+        return Err(OtaError::new(
+            ErrorCode::DeploymentFailed,
+            format!(
+                "wrote outside the mutable paths {}: {}{}",
+                mutable.join(", "),
+                stray[..stray.len().min(5)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        )
+        .into());
+    }
+    for rel in mutable {
+        let from = work.join(rel);
+        if fs::symlink_metadata(&from).is_err() {
+            continue;
+        }
+        parents_ok(snap, rel, "the new snapshot")?;
+        let to = snap.join(rel);
+        if fs::symlink_metadata(&to).is_ok() {
+            return Err(OtaError::new(
+                ErrorCode::DeploymentFailed,
+                format!(
+                    "{rel} appeared in the new snapshot itself while its data was being migrated elsewhere"
+                ),
+            )
+            .into());
+        }
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("create dir {}", parent.display()))?;
+        }
+        fsutil::rename(&from, &to)?;
+    }
+    Ok(())
+}
+
+/// A cheap fingerprint of the data at the mutable paths of `base`: per entry its path, kind,
+/// mode, owner, size, inode and its mtime and ctime to the nanosecond. Any write changes the
+/// ctime (which not even root can set back), so two equal fingerprints mean nothing was written.
+pub fn fingerprint(base: &Path, mutable: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for rel in mutable {
+        if !parents_ok(base, rel, "the old version")? {
+            continue;
+        }
+        let mut paths = vec![rel.clone()];
+        if fs::symlink_metadata(base.join(rel)).is_ok_and(|m| m.is_dir()) {
+            let mut below = Vec::new();
+            walk_rel(base, rel, &mut below)?;
+            paths.extend(below);
+        }
+        for p in paths {
+            let Ok(m) = fs::symlink_metadata(base.join(&p)) else {
+                continue;
+            };
+            out.push(format!(
+                "{p}\0{:o}:{}:{}:{}:{}:{}.{}:{}.{}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.size(),
+                m.ino(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The paths whose entry differs between two fingerprints.
+pub fn fingerprint_diff(before: &[String], after: &[String]) -> Vec<String> {
+    let name = |l: &String| l.split('\0').next().unwrap_or("").to_string();
+    let a: std::collections::BTreeSet<&String> = before.iter().collect();
+    let b: std::collections::BTreeSet<&String> = after.iter().collect();
+    let mut changed: Vec<String> = a.symmetric_difference(&b).map(|l| name(l)).collect();
+    changed.sort();
+    changed.dedup();
+    changed
 }
 
 #[cfg(test)]

@@ -438,15 +438,23 @@ fn mutable_data_is_carried_forward_isolated_and_restored_by_a_rollback() {
     );
 }
 
-const MIGRATE: &[u8] = br#"#!/bin/sh
-# Rewrites the carried copy in place (the same inode): it must be the new snapshot's own.
+const MIGRATE: &[u8] = br##"#!/bin/sh
+# Logs that it ran to the fake systemctl's calls (to order it against the starts).
+echo "migrate $TOPE_OTA_VERSION $(pwd)" >> "$TEST_DIR/systemctl/calls.log"
+# Rewrites the carried copy in place (the same inode): it must be the new version's own.
 old=$(cat data/settings.json)
 printf '%s\n' "$old" | sed 's/format=1/format=2/' > data/.new
 cat data/.new > data/settings.json; rm data/.new
-echo "$TOPE_OTA_FROM_VERSION -> $TOPE_OTA_VERSION from $TOPE_OTA_FROM_SNAPSHOT" >> data/migrations.log
+echo "$TOPE_OTA_FROM_VERSION -> $TOPE_OTA_VERSION from=${TOPE_OTA_FROM_SNAPSHOT:-none}" >> data/migrations.log
 if [ -e "$TEST_DIR/migrate-fails" ]; then echo "half done" > data/settings.json; echo "schema error at row 7" >&2; exit 2; fi
-if [ -e "$TEST_DIR/migrate-litters" ]; then echo scratch > scratch.db; printf x >> bin/ui; fi
-"#;
+# A bug: relative writes meant for somewhere else (bin/ui is a hard link shared with current
+# when run inside the snapshot).
+if [ -e "$TEST_DIR/migrate-litters" ]; then echo scratch > scratch.db; printf x >> bin/ui 2>/dev/null; true; fi
+# A bug: writing the old version's own copy of the data.
+if [ -e "$TEST_DIR/migrate-writes-old" ]; then echo "format=2 by migrate" > "$TOPE_OTA_VERSIONS_DIR/v1.0.0/data/settings.json"; fi
+if [ -e "$TEST_DIR/migrate-hangs" ]; then sleep 60 & echo $! > "$TEST_DIR/migrate-hang.pid"; wait; fi
+exit 0
+"##;
 
 fn v2_migrating() -> (Vec<FileSpec>, Value) {
     let (mut files, mut m) = v2_checked("2.0.0", json!({"migrate": ["bin/migrate"]}));
@@ -467,20 +475,25 @@ fn a_migration_changes_the_new_copy_only() {
     d.deliver("2.0.0", pkg).expect(0);
     let (v1, v2) = (d.root().join("v1.0.0"), d.root().join("v2.0.0"));
     assert_eq!(read(&v2.join("data/settings.json")), "format=2 cal=0.37\n");
+    // The old version's snapshot is not handed to the migration (its data was copied).
     assert_eq!(
         read(&v2.join("data/migrations.log")),
-        format!("1.0.0 -> 2.0.0 from {}\n", v1.display())
+        "1.0.0 -> 2.0.0 from=none\n"
     );
     assert_eq!(read(&v1.join("data/settings.json")), "format=1 cal=0.37\n");
     assert!(!v1.join("data/migrations.log").exists());
-    // The migration ran before anything started on the new version.
+    // The migration ran once, after every stop and before anything started, outside the
+    // snapshot (in a private dir of the versions root that held only the data).
     let calls = d.sc.calls();
-    assert!(
-        calls
-            .iter()
-            .all(|c| !c.starts_with("start") || c.ends_with("v2.0.0")),
-        "{calls:?}"
-    );
+    let at = |p: &str| calls.iter().position(|c| c.starts_with(p));
+    let migrated = at("migrate 2.0.0").unwrap_or_else(|| panic!("{calls:?}"));
+    assert_eq!(calls.iter().filter(|c| c.starts_with("migrate")).count(), 1);
+    assert!(migrated < at("start ").unwrap(), "{calls:?}");
+    assert!(migrated > calls.iter().rposition(|c| c.starts_with("stop ")).unwrap());
+    let cwd = Path::new(calls[migrated].split_whitespace().nth(2).unwrap());
+    let root = std::fs::canonicalize(d.root()).unwrap();
+    assert_eq!(cwd.parent(), Some(root.as_path()), "{cwd:?}");
+    assert!(!cwd.exists(), "the private dir is removed");
     d.env.run(&["verify", "--all"]).expect(0);
     // A downgrade never reads the newer format.
     d.env.run(&["rollback"]).expect(0);
@@ -515,8 +528,9 @@ fn a_migration_failing_halfway_rolls_back_with_the_data_untouched() {
         d.sc.calls()
     );
 
-    // A migration that succeeds but writes outside the mutable paths (a scratch file, and in
-    // place through bin/ui, a hard link shared with 1.0.0) is refused as well.
+    // A migration that succeeds but writes outside the mutable paths (a scratch file, and
+    // `bin/ui`, which inside the snapshot would be a hard link shared with 1.0.0) is refused,
+    // and 1.0.0 is untouched: the migration ran where only the data was.
     std::fs::remove_file(tmp(&d, "migrate-fails")).unwrap();
     touch(&d, "migrate-litters");
     let pkg = d.pack("2.0.0", &files, &m);
@@ -524,16 +538,94 @@ fn a_migration_failing_halfway_rolls_back_with_the_data_untouched() {
     assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
     assert!(
         run.stderr
-            .contains("files outside the mutable paths differ from its record")
-            && run.stderr.contains("scratch.db: added"),
+            .contains("migrate (`bin/migrate`) wrote outside the mutable paths data: ")
+            && run.stderr.contains("scratch.db"),
         "{}",
         run.stderr
     );
-    // The write through the shared inode reached 1.0.0: verify says so (a migration is the
-    // package's code, run as root; it is caught, not prevented).
-    let v = d.env.run(&["verify", "1.0.0"]);
-    v.expect(1);
-    assert!(v.stdout.contains("bin/ui: size"), "{}", v.stdout);
+    d.env.run(&["verify", "1.0.0"]).expect(0);
+    assert_eq!(
+        read(&d.root().join("v1.0.0/bin/ui")),
+        "#!/bin/sh\necho ui 1\n"
+    );
+}
+
+/// A device with a factory (0.9.0), 1.0.0 current with its data.
+fn with_factory() -> Device {
+    let mut d = device();
+    let pkg = d.pack("0.9.0", &v1_data_files(), &v1_data_manifest("0.9.0"));
+    d.deliver("0.9.0", pkg).expect(0);
+    d.env.run(&["factory"]).expect(0);
+    let pkg = d.pack("1.0.0", &v1_data_files(), &v1_data_manifest("1.0.0"));
+    d.deliver("1.0.0", pkg).expect(0);
+    service_writes(&d, "data/settings.json", "format=1 cal=user\n");
+    d.sc.clear();
+    d
+}
+
+#[test]
+fn a_buggy_migration_on_a_device_with_a_factory_rolls_back_to_previous_with_its_data() {
+    let mut d = with_factory();
+    touch(&d, "migrate-litters");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    // Not the factory's copy and its data: 1.0.0, unchanged, with the user's data.
+    assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=user\n"
+    );
+    d.env.run(&["verify", "--all"]).expect(0);
+}
+
+#[test]
+fn a_migration_that_writes_the_old_versions_data_fails_and_says_so() {
+    let mut d = with_data();
+    touch(&d, "migrate-writes-old");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: DEPLOYMENT_FAILED: migrate (`bin/migrate`) changed the data of the old version v1.0.0")
+            && run.stderr.contains("data/settings.json")
+            && run.stderr.contains("that version now runs on the changed data"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.env.state()["error"], "DEPLOYMENT_FAILED");
+    assert!(!d.root().join("v2.0.0").exists());
+}
+
+#[test]
+fn a_hanging_migration_is_killed_at_its_bound_and_rolls_back() {
+    let mut d = with_data();
+    d.env.set("TOPE_OTA_MIGRATE_TIMEOUT", "300ms");
+    touch(&d, "migrate-hangs");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let t = Instant::now();
+    let run = d.deliver("2.0.0", pkg);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert!(
+        run.stderr.contains(
+            "migrate (`bin/migrate`) hung and was killed with its process group at its bound of 0.3 s"
+        ),
+        "{}",
+        run.stderr
+    );
+    let pid = read(&tmp(&d, "migrate-hang.pid")).trim().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.rsplit(')').next().unwrap().trim().starts_with('Z'),
+        "the migration's child {pid} still runs: {stat}"
+    );
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=0.00\n"
+    );
 }
 
 #[test]
