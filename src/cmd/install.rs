@@ -308,7 +308,29 @@ fn build(
     }
     snapshot::write_services(&snap, &list)?;
     let checks = hooks::merge_checks(checks, &manifest);
-    // A program inside the snapshot must be there: found now, before anything stops.
+    // The carry replaces whatever the package placed at a mutable path with the device's copy
+    // (a module there is initial content): a service's program, or a command run as root,
+    // there would be data a service wrote. Refused now, before anything stops.
+    let mutable_of = |p: &str| {
+        mutable
+            .iter()
+            .find(|m| integrity::within(p, std::slice::from_ref(*m)))
+            .cloned()
+    };
+    for md in &manifest.modules {
+        if md.process_name.is_none() && md.health.is_none() {
+            continue;
+        }
+        if let Some(m) = mutable_of(&md.dst) {
+            return fail(
+                ErrorCode::ManifestInvalid,
+                format!(
+                    "module {:?} (a service or a health check) has its dst {:?} within the mutable path {m:?}: the device's copy of that data would replace it",
+                    md.name, md.dst
+                ),
+            );
+        }
+    }
     let programs = checks
         .iter()
         .map(|c| (format!("health check of {}", c.module), c.command.clone()))
@@ -321,6 +343,14 @@ fn build(
     for (who, argv) in programs {
         let cmd = HookCommand::Argv(argv);
         if let Some(p) = cmd.snapshot_program() {
+            if let Some(m) = mutable_of(&p) {
+                return fail(
+                    ErrorCode::ManifestInvalid,
+                    format!(
+                        "{who}: program {p:?} lies within the mutable path {m:?}: it would be the device's copy, data a service wrote, run as root"
+                    ),
+                );
+            }
             if !snap.join(&p).is_file() {
                 return fail(
                     ErrorCode::ManifestInvalid,

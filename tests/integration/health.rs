@@ -348,6 +348,15 @@ fn health_and_migrate_commands_are_checked_before_anything_stops() {
         ),
         (json!({"migrate": []}), "migrate: the command is empty"),
         (json!({"mutable": ["data", "data/jobs"]}), "overlap"),
+        // `data` is mutable, inherited from 1.0.0: a program there would be the device's copy.
+        (
+            json!({"migrate": "data/migrate"}),
+            "migrate: program \"data/migrate\" lies within the mutable path \"data\"",
+        ),
+        (
+            json!({"mutable": ["bin/check-api"]}),
+            "health check of api: program \"bin/check-api\" lies within the mutable path \"bin/check-api\"",
+        ),
     ] {
         let run = install_v2(&mut d, extra);
         run.expect(1);
@@ -359,6 +368,55 @@ fn health_and_migrate_commands_are_checked_before_anything_stops() {
         assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
         assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
     }
+    // A service's module, or one with a health check, within a mutable path (inherited
+    // `data`) would be replaced by the device's copy: refused before anything stops.
+    for (module, why) in [
+        (
+            json!({"name": "daemon", "src": "extra/x", "dst": "data/daemon", "process_name": "data-daemon"}),
+            "module \"daemon\" (a service or a health check) has its dst \"data/daemon\" within the mutable path \"data\"",
+        ),
+        (
+            json!({"name": "checked", "src": "extra/x", "dst": "data/check", "health": "bin/check-api"}),
+            "module \"checked\" (a service or a health check) has its dst \"data/check\" within the mutable path \"data\"",
+        ),
+    ] {
+        let (mut files, mut m) = v2_checked("2.0.0", json!({}));
+        files.push(("extra/x", b"#!/bin/sh\n", 0o755));
+        m["modules"].as_array_mut().unwrap().push(module);
+        let pkg = d.pack("2.0.0", &files, &m);
+        let run = d.deliver("2.0.0", pkg);
+        run.expect(1);
+        assert!(
+            run.stderr.contains("error: MANIFEST_INVALID: ") && run.stderr.contains(why),
+            "{}",
+            run.stderr
+        );
+        assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
+        assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    }
+    // A data module (no service, no check) there is initial content: the carry replaces it
+    // with the device's copy and logs each file it replaces.
+    let (mut files, mut m) = v2_checked("2.0.0", json!({}));
+    files.push(("seed/settings.json", b"format=1 cal=package\n", 0o644));
+    m["modules"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "seed", "src": "seed/settings.json", "dst": "data/settings.json"}));
+    let pkg = d.pack("2.0.0", &files, &m);
+    d.download("2.0.0", pkg).expect(0);
+    let run = d.env.run(&["-v", "install"]);
+    run.expect(0);
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=0.00\n"
+    );
+    assert!(
+        run.stderr
+            .contains("v1.0.0/data/settings.json replaces the package's")
+            && run.stderr.contains("v2.0.0/data/settings.json"),
+        "{}",
+        run.stderr
+    );
 }
 
 // ---------------------------------------------------------------- mutable data
