@@ -880,6 +880,58 @@ fn crash_after_the_migration_or_during_the_checks_then_heal() {
     }
 }
 
+#[cfg(feature = "failpoints")]
+#[test]
+fn power_cut_at_the_switch_after_the_data_was_copied_keeps_what_the_old_version_wrote_since() {
+    for point in ["before-switch", "mid-switch"] {
+        let mut d = with_data();
+        // 1.0.0 -> 1.1.0 first, so that previous names a version to keep.
+        let (files, m) = v2_checked("1.1.0", json!({}));
+        let pkg = d.pack("1.1.0", &files, &m);
+        d.deliver("1.1.0", pkg).expect(0);
+        service_writes(&d, "data/settings.json", "format=1 cal=before-cut\n");
+        let (files, m) = v2_checked("2.0.0", json!({}));
+        let pkg = d.pack("2.0.0", &files, &m);
+        d.download("2.0.0", pkg).expect(0);
+        d.env.set("TOPE_OTA_FAILPOINT", point);
+        d.install().expect(128 + libc::SIGKILL);
+        d.env.vars.remove("TOPE_OTA_FAILPOINT");
+        assert_eq!(d.env.state()["step"], "switch");
+        assert_eq!(
+            read(&d.root().join("v2.0.0/data/settings.json")),
+            "format=1 cal=before-cut\n",
+            "the copy was made"
+        );
+        // At boot the old version runs (current never moved) and writes, before heal.
+        assert_eq!(d.link("current").as_deref(), Some("v1.1.0"));
+        service_writes(&d, "data/settings.json", "format=1 cal=after-cut\n");
+        let heal = d.env.run(&["heal"]);
+        heal.expect(0);
+        let s = d.env.state();
+        assert_eq!(s["stage"], "toInstall", "{point}: {s}");
+        assert!(
+            s["message"]
+                .as_str()
+                .unwrap()
+                .contains("interrupted at \"switch\" after its data was copied, and undone"),
+            "{s}"
+        );
+        assert_eq!(d.link("current").as_deref(), Some("v1.1.0"), "{point}");
+        assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"), "{point}");
+        assert_eq!(d.sc.running("device-api").as_deref(), Some("v1.1.0"));
+        assert!(!d.root().join("v2.0.0").exists(), "{point}");
+        // The next install carries what the old version wrote after the cut.
+        d.install().expect(0);
+        assert_eq!(
+            read(&d.root().join("current/data/settings.json")),
+            "format=1 cal=after-cut\n",
+            "{point}"
+        );
+        assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+        assert_eq!(d.link("previous").as_deref(), Some("v1.1.0"));
+    }
+}
+
 #[test]
 fn checks_run_from_the_snapshot_with_a_relative_versions_dir() {
     let mut d = device();
