@@ -212,6 +212,42 @@ fn hanging_health_check_is_killed_at_its_bound_with_its_children() {
     );
 }
 
+#[cfg(feature = "failpoints")]
+#[test]
+fn when_no_level_holds_after_a_failed_health_check_the_message_says_the_new_version_still_runs() {
+    let mut d = with_data();
+    touch(&d, "sick-2.0.0");
+    // Symlink calls: the install's switch makes two (previous, current); the third, the switch
+    // back to 1.0.0, fails (a bad disk), and there is no factory: the last resort keeps the
+    // unhealthy 2.0.0, whose services run, serving.
+    d.env.set("TOPE_OTA_FAULT", "symlink:3");
+    let run = install_v2(&mut d, json!({}));
+    run.expect(1);
+    d.env.vars.remove("TOPE_OTA_FAULT");
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    assert_eq!(d.sc.running("device-api").as_deref(), Some("v2.0.0"));
+    let s = d.env.state();
+    assert_eq!(s["error"], "HEALTH_CHECK_FAILED", "{s}");
+    assert_eq!(
+        s["rollback"], "the new version 2.0.0, which failed, still runs",
+        "{s}"
+    );
+    let msg = s["message"].as_str().unwrap();
+    assert!(
+        msg.contains("; no rollback level held (to previous 1.0.0: ")
+            && msg.contains("no factory version")
+            && msg.ends_with("; the new version 2.0.0, which failed, still runs"),
+        "{msg}"
+    );
+    assert!(!msg.contains("rolled back"), "{msg}");
+    assert!(
+        run.stderr
+            .contains("the new version 2.0.0, which failed, still runs"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn health_check_passing_on_the_second_try_commits() {
     let mut d = with_data();
