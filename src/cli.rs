@@ -202,7 +202,7 @@ pub struct Global {
     pub health_cmd: Option<String>,
 
     /// Health checks are retried in rounds until one passes or this long has passed (500ms,
-    /// 60s, 2m); a run started before then has its full --health-timeout
+    /// 60s, 2min, 1h); a run started before then has its full --health-timeout
     #[arg(
         long,
         global = true,

@@ -1014,6 +1014,32 @@ fn a_bad_duration_in_the_configuration_stops_nothing() {
 }
 
 #[test]
+fn a_zero_timeout_is_a_mistake_warned_about_not_a_failure_of_every_install() {
+    let mut d = with_data();
+    d.env
+        .set("TOPE_OTA_HEALTH_TIMEOUT", "0")
+        .set("TOPE_OTA_MIGRATE_TIMEOUT", "0ms")
+        .set("TOPE_OTA_HEALTH_DEADLINE", "1min");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    for w in [
+        "TOPE_OTA_HEALTH_TIMEOUT: \"0\" is shorter than 100ms, which no command can run in; using the default 10s",
+        "TOPE_OTA_MIGRATE_TIMEOUT: \"0ms\" is shorter than 100ms, which no command can run in; using the default 300s",
+    ] {
+        assert!(run.stderr.contains(w), "{w}: {}", run.stderr);
+    }
+    // systemd's `min` is a duration: no warning about the deadline.
+    assert!(
+        !run.stderr.contains("TOPE_OTA_HEALTH_DEADLINE"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn serve_hands_its_health_settings_to_the_install_it_starts() {
     let mut d = Device::with_v1();
     let (files, manifest) = v2_partial();
