@@ -6,8 +6,9 @@
 //! is a private dir that holds only the data, see `install::carry_and_migrate`). It runs in a
 //! process group of its own, with stdin from /dev/null and stdout and stderr into one pipe, of
 //! which only the last [`TAIL_BYTES`] are kept. When it exits (or at its bound) the whole group
-//! is killed before the exit is reaped, so a child it left behind cannot outlive it, and the pipe
-//! is read no further: a daemon that escaped the group and holds the pipe open delays nothing.
+//! is killed before the exit is reaped, so a child it left in its group cannot outlive it, and
+//! the pipe is read no further: a daemon that escaped the group (setsid, a double fork) is not
+//! killed, it survives, but holding the pipe open it delays nothing.
 
 use crate::error::{ErrorCode, OtaError};
 use crate::manifest::HookCommand;
