@@ -249,6 +249,41 @@ fn when_no_level_holds_after_a_failed_health_check_the_message_says_the_new_vers
 }
 
 #[test]
+fn a_daemon_a_health_check_leaves_outside_its_group_is_killed() {
+    let mut d = Device::with_v1();
+    let check = tmp(&d, "leaves-daemon");
+    let pidfile = tmp(&d, "daemon.pid");
+    std::fs::write(
+        &check,
+        format!(
+            "#!/bin/sh\nsetsid sh -c 'echo $$ > {p}; exec sleep 60' > /dev/null 2>&1 &\nwhile [ ! -s {p} ]; do sleep 0.05; done\nexit 0\n",
+            p = pidfile.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.env.set("TOPE_OTA_HEALTH_CMD", check.to_str().unwrap());
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(0);
+    let pid = read(&pidfile).trim().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if !stat.is_empty() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status();
+    }
+    assert!(stat.is_empty(), "the daemon {pid} survived: {stat}");
+    assert!(
+        run.stderr
+            .contains("left 1 process(es) behind outside its process group; killed"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn health_check_passing_on_the_second_try_commits() {
     let mut d = with_data();
     touch(&d, "fail-first");
