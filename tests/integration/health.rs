@@ -581,6 +581,8 @@ if [ -e "$TEST_DIR/migrate-fails" ]; then echo "half done" > data/settings.json;
 if [ -e "$TEST_DIR/migrate-litters" ]; then echo scratch > scratch.db; printf x >> bin/ui 2>/dev/null; true; fi
 # A bug: writing the old version's own copy of the data.
 if [ -e "$TEST_DIR/migrate-writes-old" ]; then echo "format=2 by migrate" > "$TOPE_OTA_VERSIONS_DIR/v1.0.0/data/settings.json"; fi
+# A bug: a new file in the snapshot itself (not shared: only the new version changes).
+if [ -e "$TEST_DIR/migrate-writes-snapshot" ]; then echo scratch > "$TOPE_OTA_SNAPSHOT/scratch.db"; fi
 if [ -e "$TEST_DIR/migrate-hangs" ]; then sleep 60 & echo $! > "$TEST_DIR/migrate-hang.pid"; wait; fi
 exit 0
 "##;
@@ -701,6 +703,26 @@ fn a_buggy_migration_on_a_device_with_a_factory_rolls_back_to_previous_with_its_
     let run = d.deliver("2.0.0", pkg);
     // Not the factory's copy and its data: 1.0.0, unchanged, with the user's data.
     assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=user\n"
+    );
+    d.env.run(&["verify", "--all"]).expect(0);
+
+    // One that changes the new snapshot itself (through $TOPE_OTA_SNAPSHOT): caught by the
+    // snapshot's record; 1.0.0 is intact, so the fall-back still prefers it to the factory.
+    std::fs::remove_file(tmp(&d, "migrate-litters")).unwrap();
+    touch(&d, "migrate-writes-snapshot");
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert!(
+        run.stderr
+            .contains("files outside the mutable paths differ from its record")
+            && run.stderr.contains("scratch.db: added"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(
         read(&d.root().join("current/data/settings.json")),
         "format=1 cal=user\n"
