@@ -376,6 +376,62 @@ mod tests {
     }
 
     #[test]
+    fn staged_data_moves_out_and_back_and_strays_are_named() {
+        let snap = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let (s, w) = (snap.path(), work.path());
+        fs::create_dir_all(s.join("bin")).unwrap();
+        fs::write(s.join("bin/ui"), b"ui").unwrap();
+        fs::create_dir_all(s.join("var/db")).unwrap();
+        fs::write(s.join("var/db/rows"), b"initial").unwrap();
+        let m = vec!["var/db".to_string(), "etc/x.json".to_string()];
+        stage_out(s, w, &m).unwrap();
+        assert!(!s.join("var/db").exists() && s.join("var").is_dir());
+        assert_eq!(fs::read(w.join("var/db/rows")).unwrap(), b"initial");
+        // The migration: converts the data, adds a mutable path, and litters.
+        fs::write(w.join("var/db/rows"), b"migrated").unwrap();
+        fs::create_dir_all(w.join("etc")).unwrap();
+        fs::write(w.join("etc/x.json"), b"{}").unwrap();
+        fs::write(w.join("var/scratch"), b"").unwrap();
+        let e = stage_in(w, s, &m).unwrap_err();
+        let e = crate::error::classify(&e);
+        assert_eq!(e.code, ErrorCode::DeploymentFailed);
+        assert!(e.detail.contains("outside the mutable paths") && e.detail.contains("var/scratch"));
+        fs::remove_file(w.join("var/scratch")).unwrap();
+        stage_in(w, s, &m).unwrap();
+        assert_eq!(fs::read(s.join("var/db/rows")).unwrap(), b"migrated");
+        assert_eq!(fs::read(s.join("etc/x.json")).unwrap(), b"{}");
+        assert_eq!(fs::read(s.join("bin/ui")).unwrap(), b"ui");
+    }
+
+    #[test]
+    fn a_fingerprint_sees_every_write() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("data/jobs")).unwrap();
+        fs::write(d.path().join("data/jobs/1"), b"a").unwrap();
+        let m = vec!["data".to_string(), "none".to_string()];
+        let before = fingerprint(d.path(), &m).unwrap();
+        assert_eq!(
+            fingerprint_diff(&before, &fingerprint(d.path(), &m).unwrap()),
+            Vec::<String>::new()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Same size, same content, mtime put back: the ctime still moved.
+        let p = d.path().join("data/jobs/1");
+        let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+        fs::write(&p, b"a").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs::write(d.path().join("data/new"), b"").unwrap();
+        let diff = fingerprint_diff(&before, &fingerprint(d.path(), &m).unwrap());
+        assert_eq!(diff, ["data", "data/jobs/1", "data/new"]);
+    }
+
+    #[test]
     fn a_path_beneath_a_symlink_is_refused() {
         let from = tempfile::tempdir().unwrap();
         let to = tempfile::tempdir().unwrap();
