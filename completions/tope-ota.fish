@@ -34,7 +34,7 @@ complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-dir -d 'Direc
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -71,7 +71,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-d
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -91,7 +91,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-di
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -110,7 +110,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-dir
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -130,7 +130,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-d
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -148,7 +148,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-dir -
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -168,7 +168,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-dir 
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -190,7 +190,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-dir -
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -208,7 +208,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l inhibit-di
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
@@ -226,7 +226,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l inhibit-dir
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l keys-dir -d 'Trusted minisign public keys (*.pub); with at least one, packages must be signed' -r -F
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l inhibit-cmd -d 'Command whose non-zero exit also inhibits install and rollback' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-cmd -d 'Device-wide health check, run from the new snapshot after its services started, before a version is committed: exit 0 means healthy (split on whitespace, no shell)' -r
-complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2m); a run started before then has its full --health-timeout' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-deadline -d 'Health checks are retried in rounds until one passes or this long has passed (500ms, 60s, 2min, 1h); a run started before then has its full --health-timeout' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r

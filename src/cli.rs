@@ -6,12 +6,16 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A duration: a number with `ms`, `s` or `m`, or a bare number of seconds (`500ms`, `60s`,
-/// `2m`, `60`); at most 24 h.
+/// A duration: a number with `ms`, `s`, `m` or `min`, or `h` (systemd's units), or a bare
+/// number of seconds (`500ms`, `60s`, `2m`, `2min`, `1h`, `60`); at most 24 h.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
         (n, 1)
+    } else if let Some(n) = t.strip_suffix("min") {
+        (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
     } else if let Some(n) = t.strip_suffix('s') {
         (n, 1000)
     } else if let Some(n) = t.strip_suffix('m') {
@@ -22,13 +26,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration (500ms, 60s, 2m)"))?;
+        .map_err(|_| format!("{s:?} is not a duration (500ms, 60s, 2min, 1h)"))?;
     let ms = n.saturating_mul(unit_ms);
     if ms > 24 * 3600 * 1000 {
         return Err(format!("{s:?} is longer than 24 h"));
     }
     Ok(Duration::from_millis(ms))
 }
+
+/// The shortest bound a command may be given (a health check's or a migration's timeout):
+/// below it every run would be killed at once and every install fail, so a smaller setting
+/// is a mistake, warned about, and the default is used.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// A duration setting as given (flag or environment). It never fails to parse: a typo in
 /// /etc/default/tope-ota must not stop every command, heal at boot included. An invalid value
@@ -52,6 +61,24 @@ impl DurationSetting {
                 default
             }
         }
+    }
+}
+
+impl DurationSetting {
+    /// Like [`DurationSetting::or`], and a duration shorter than `floor` (0 included) is
+    /// warned about and replaced by `default` too.
+    pub fn or_at_least(&self, name: &str, default: Duration, floor: Duration) -> Duration {
+        let d = self.or(name, default);
+        if d < floor {
+            log::warn!(
+                "{name}: {:?} is shorter than {}, which no command can run in; using the default {}",
+                self.raw,
+                format_duration(floor),
+                format_duration(default)
+            );
+            return default;
+        }
+        d
     }
 }
 
@@ -175,7 +202,7 @@ pub struct Global {
     pub health_cmd: Option<String>,
 
     /// Health checks are retried in rounds until one passes or this long has passed (500ms,
-    /// 60s, 2m); a run started before then has its full --health-timeout
+    /// 60s, 2min, 1h); a run started before then has its full --health-timeout
     #[arg(
         long,
         global = true,
@@ -380,5 +407,33 @@ mod tests {
         assert_eq!(bad.or("x", Duration::from_secs(3)), Duration::from_secs(3));
         let good = duration_setting("2s").unwrap();
         assert_eq!(good.or("x", Duration::from_secs(3)), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn systemd_units_and_a_floor_for_timeouts() {
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(24 * 3600)));
+        assert_eq!(parse_duration(" 5 min"), Ok(Duration::from_secs(300)));
+        for bad in ["25h", "1hour", "h", "min", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let default = Duration::from_secs(10);
+        for zero in ["0", "0s", "0ms", "99ms", "0min", "0h"] {
+            let d = duration_setting(zero).unwrap();
+            assert_eq!(d.or_at_least("x", default, MIN_TIMEOUT), default, "{zero}");
+        }
+        for ok in ["100ms", "1s", "2min"] {
+            let d = duration_setting(ok).unwrap();
+            assert_eq!(
+                d.or_at_least("x", default, MIN_TIMEOUT),
+                parse_duration(ok).unwrap()
+            );
+        }
+        // A deadline of 0 keeps its meaning (one round): only timeouts have a floor.
+        assert_eq!(
+            duration_setting("0").unwrap().or("x", default),
+            Duration::ZERO
+        );
     }
 }

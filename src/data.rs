@@ -111,8 +111,17 @@ fn remove_any(path: &Path) -> Result<()> {
 fn copy_over(from: &Path, to: &Path, dirs: &mut Vec<PathBuf>) -> Result<()> {
     let meta = fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
     let ft = meta.file_type();
+    let there = fs::symlink_metadata(to).ok();
+    if there.as_ref().is_some_and(|m| !(m.is_dir() && ft.is_dir())) {
+        // What the package placed here (a module at a mutable path is initial content only).
+        log::info!(
+            "the device's {} replaces the package's {}",
+            from.display(),
+            to.display()
+        );
+    }
     if ft.is_dir() {
-        if !fs::symlink_metadata(to).is_ok_and(|m| m.is_dir()) {
+        if !there.is_some_and(|m| m.is_dir()) {
             remove_any(to)?;
             fs::DirBuilder::new()
                 .mode(0o700)
@@ -175,6 +184,156 @@ pub fn carry(from: &Path, to: &Path, mutable: &[String]) -> Result<Vec<String>> 
     Ok(carried)
 }
 
+/// Before a migration: move the package's initial content at each mutable path of the new
+/// snapshot `snap` into the private dir `work` (paths as in the snapshot), so that `work` holds
+/// only data. The carry then merges the device's copy into `work`, and the migration runs there:
+/// no file of the snapshot (hard links shared with older versions) is reachable by a relative
+/// path.
+pub fn stage_out(snap: &Path, work: &Path, mutable: &[String]) -> Result<()> {
+    for rel in mutable {
+        if !parents_ok(snap, rel, "the new snapshot")? {
+            continue;
+        }
+        let at = snap.join(rel);
+        if fs::symlink_metadata(&at).is_err() {
+            continue;
+        }
+        let to = work.join(rel);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("create dir {}", parent.display()))?;
+        }
+        fsutil::rename(&at, &to)?;
+    }
+    Ok(())
+}
+
+/// Every path under `base` (relative, `/`-separated), links not followed.
+fn walk_rel(base: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
+    let dir = if rel.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(rel)
+    };
+    for e in fs::read_dir(&dir).with_context(|| format!("read dir {}", dir.display()))? {
+        let e = e.with_context(|| format!("read dir {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let r = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        out.push(r.clone());
+        if is_dir {
+            walk_rel(base, &r, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// After a migration: move each mutable path from the private dir `work` back into the new
+/// snapshot `snap`. Anything the migration left in `work` outside the mutable paths (a scratch
+/// file, a relative write meant for a program) is `DEPLOYMENT_FAILED`, naming it, and so is a
+/// mutable path that appeared in the snapshot itself while its data was out.
+pub fn stage_in(work: &Path, snap: &Path, mutable: &[String]) -> Result<()> {
+    let mut all = Vec::new();
+    walk_rel(work, "", &mut all)?;
+    let ancestor = |p: &str| mutable.iter().any(|m| m.starts_with(&format!("{p}/")));
+    let stray: Vec<String> = all
+        .into_iter()
+        .filter(|p| !crate::integrity::within(p, mutable))
+        .filter(|p| !(ancestor(p) && fs::symlink_metadata(work.join(p)).is_ok_and(|m| m.is_dir())))
+        .collect();
+    if !stray.is_empty() {
+        let more = stray.len().saturating_sub(5);
+        return Err(OtaError::new(
+            ErrorCode::DeploymentFailed,
+            format!(
+                "wrote outside the mutable paths {}: {}{}",
+                mutable.join(", "),
+                stray[..stray.len().min(5)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        )
+        .into());
+    }
+    for rel in mutable {
+        let from = work.join(rel);
+        if fs::symlink_metadata(&from).is_err() {
+            continue;
+        }
+        parents_ok(snap, rel, "the new snapshot")?;
+        let to = snap.join(rel);
+        if fs::symlink_metadata(&to).is_ok() {
+            return Err(OtaError::new(
+                ErrorCode::DeploymentFailed,
+                format!(
+                    "{rel} appeared in the new snapshot itself while its data was being migrated elsewhere"
+                ),
+            )
+            .into());
+        }
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("create dir {}", parent.display()))?;
+        }
+        fsutil::rename(&from, &to)?;
+    }
+    Ok(())
+}
+
+/// A cheap fingerprint of the data at the mutable paths of `base`: per entry its path, kind,
+/// mode, owner, size, inode and its mtime and ctime to the nanosecond. Any write changes the
+/// ctime (which not even root can set back), so two equal fingerprints mean nothing was written.
+pub fn fingerprint(base: &Path, mutable: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for rel in mutable {
+        if !parents_ok(base, rel, "the old version")? {
+            continue;
+        }
+        let mut paths = vec![rel.clone()];
+        if fs::symlink_metadata(base.join(rel)).is_ok_and(|m| m.is_dir()) {
+            let mut below = Vec::new();
+            walk_rel(base, rel, &mut below)?;
+            paths.extend(below);
+        }
+        for p in paths {
+            let Ok(m) = fs::symlink_metadata(base.join(&p)) else {
+                continue;
+            };
+            out.push(format!(
+                "{p}\0{:o}:{}:{}:{}:{}:{}.{}:{}.{}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.size(),
+                m.ino(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The paths whose entry differs between two fingerprints.
+pub fn fingerprint_diff(before: &[String], after: &[String]) -> Vec<String> {
+    let name = |l: &String| l.split('\0').next().unwrap_or("").to_string();
+    let a: std::collections::BTreeSet<&String> = before.iter().collect();
+    let b: std::collections::BTreeSet<&String> = after.iter().collect();
+    let mut changed: Vec<String> = a.symmetric_difference(&b).map(|l| name(l)).collect();
+    changed.sort();
+    changed.dedup();
+    changed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +373,62 @@ mod tests {
             assert_ne!(a.ino(), b.ino(), "{p} shares its inode");
         }
         assert!(!t.join("missing").exists());
+    }
+
+    #[test]
+    fn staged_data_moves_out_and_back_and_strays_are_named() {
+        let snap = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let (s, w) = (snap.path(), work.path());
+        fs::create_dir_all(s.join("bin")).unwrap();
+        fs::write(s.join("bin/ui"), b"ui").unwrap();
+        fs::create_dir_all(s.join("var/db")).unwrap();
+        fs::write(s.join("var/db/rows"), b"initial").unwrap();
+        let m = vec!["var/db".to_string(), "etc/x.json".to_string()];
+        stage_out(s, w, &m).unwrap();
+        assert!(!s.join("var/db").exists() && s.join("var").is_dir());
+        assert_eq!(fs::read(w.join("var/db/rows")).unwrap(), b"initial");
+        // The migration: converts the data, adds a mutable path, and litters.
+        fs::write(w.join("var/db/rows"), b"migrated").unwrap();
+        fs::create_dir_all(w.join("etc")).unwrap();
+        fs::write(w.join("etc/x.json"), b"{}").unwrap();
+        fs::write(w.join("var/scratch"), b"").unwrap();
+        let e = stage_in(w, s, &m).unwrap_err();
+        let e = crate::error::classify(&e);
+        assert_eq!(e.code, ErrorCode::DeploymentFailed);
+        assert!(e.detail.contains("outside the mutable paths") && e.detail.contains("var/scratch"));
+        fs::remove_file(w.join("var/scratch")).unwrap();
+        stage_in(w, s, &m).unwrap();
+        assert_eq!(fs::read(s.join("var/db/rows")).unwrap(), b"migrated");
+        assert_eq!(fs::read(s.join("etc/x.json")).unwrap(), b"{}");
+        assert_eq!(fs::read(s.join("bin/ui")).unwrap(), b"ui");
+    }
+
+    #[test]
+    fn a_fingerprint_sees_every_write() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("data/jobs")).unwrap();
+        fs::write(d.path().join("data/jobs/1"), b"a").unwrap();
+        let m = vec!["data".to_string(), "none".to_string()];
+        let before = fingerprint(d.path(), &m).unwrap();
+        assert_eq!(
+            fingerprint_diff(&before, &fingerprint(d.path(), &m).unwrap()),
+            Vec::<String>::new()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Same size, same content, mtime put back: the ctime still moved.
+        let p = d.path().join("data/jobs/1");
+        let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+        fs::write(&p, b"a").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs::write(d.path().join("data/new"), b"").unwrap();
+        let diff = fingerprint_diff(&before, &fingerprint(d.path(), &m).unwrap());
+        assert_eq!(diff, ["data", "data/jobs/1", "data/new"]);
     }
 
     #[test]

@@ -2,11 +2,14 @@
 //! decide whether a version is committed, and the migration of its mutable data.
 //!
 //! A command runs without a shell: its program is absolute, a bare name looked up in `PATH`, or
-//! a relative path inside the snapshot; its working directory is the snapshot. It runs in a
+//! a relative path inside the snapshot; its working directory is the snapshot (a migration's
+//! is a private dir that holds only the data, see `install::carry_and_migrate`). It runs in a
 //! process group of its own, with stdin from /dev/null and stdout and stderr into one pipe, of
 //! which only the last [`TAIL_BYTES`] are kept. When it exits (or at its bound) the whole group
-//! is killed before the exit is reaped, so a child it left behind cannot outlive it, and the pipe
-//! is read no further: a daemon that escaped the group and holds the pipe open delays nothing.
+//! is killed before the exit is reaped, so a child it left in its group cannot outlive it, and
+//! the pipe is read no further. While it runs we are a child subreaper, so a daemon that escaped
+//! the group (setsid, a double fork) is re-parented to us and killed too; holding the pipe open
+//! it delays nothing.
 
 use crate::error::{ErrorCode, OtaError};
 use crate::manifest::HookCommand;
@@ -155,6 +158,90 @@ fn exited(pid: i32) -> bool {
     }
 }
 
+/// `(pid, process group, session, zombie)` of every child of this process (from /proc).
+fn children() -> Vec<(i32, i32, i32, bool)> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command name in parentheses: state ppid pgrp session …
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ppid: i32 = f.get(1)?.parse().ok()?;
+            (ppid == me).then_some((
+                pid,
+                f.get(2)?.parse().ok()?,
+                f.get(3)?.parse().ok()?,
+                *f.first()? == "Z",
+            ))
+        })
+        .collect()
+}
+
+/// While a command runs, this process is a child subreaper (PR_SET_CHILD_SUBREAPER): what the
+/// command leaves behind when its parent dies, a daemon that left its process group included,
+/// is re-parented to us instead of to init, so it can be found and killed.
+struct Subreaper {
+    was: bool,
+}
+
+impl Subreaper {
+    fn on() -> Subreaper {
+        let mut was: libc::c_int = 0;
+        // SAFETY: prctl(2) with an int we own for the GET, a plain flag for the SET.
+        unsafe {
+            libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut was as *mut libc::c_int);
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong);
+        }
+        Subreaper { was: was != 0 }
+    }
+
+    /// Kill and reap what the command `pgid` left: children re-parented to us that are in its
+    /// process group, or in a session other than ours (a daemon's `setsid`). Our own other
+    /// children (same session, another group) are left alone. Returns how many were killed.
+    fn reap(&self, pgid: i32) -> usize {
+        // SAFETY: getsid(0) only reads our own session id.
+        let our_session = unsafe { libc::getsid(0) };
+        let mut killed = std::collections::HashSet::new();
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            let left: Vec<_> = children()
+                .into_iter()
+                .filter(|&(_, g, sid, _)| g == pgid || sid != our_session)
+                .collect();
+            if left.is_empty() || Instant::now() >= until {
+                return killed.len();
+            }
+            for (pid, _, _, zombie) in left {
+                // SAFETY: kill(2) and waitpid(2) on a child of ours (re-parented to us, so its
+                // pid cannot be reused before we reap it).
+                unsafe {
+                    if !zombie {
+                        libc::kill(pid, libc::SIGKILL);
+                        killed.insert(pid);
+                    }
+                    libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Subreaper {
+    fn drop(&mut self) {
+        if !self.was {
+            // SAFETY: prctl(2) with a plain flag.
+            unsafe {
+                libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0 as libc::c_ulong);
+            }
+        }
+    }
+}
+
 fn kill_group(pid: i32) {
     // SAFETY: kill(2) on the process group the child leads (it is not reaped yet).
     unsafe {
@@ -164,6 +251,18 @@ fn kill_group(pid: i32) {
 
 /// Run `argv` from `snapshot` with `env` added, for at most `bound`.
 pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Duration) -> Ran {
+    run_in(argv, snapshot, snapshot, env, bound)
+}
+
+/// Run `argv`, its program resolved in `snapshot`, with the working directory `cwd` and `env`
+/// added, for at most `bound`.
+pub fn run_in(
+    argv: &[String],
+    snapshot: &Path,
+    cwd: &Path,
+    env: &[(&str, String)],
+    bound: Duration,
+) -> Ran {
     let start = Instant::now();
     let not_run = |e: String| Ran {
         outcome: Outcome::NotRun(e),
@@ -174,6 +273,7 @@ pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Dura
         return not_run("empty command".into());
     };
     let snapshot = &absolute(snapshot);
+    let cwd = &absolute(cwd);
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the two fds we own from here on.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -193,13 +293,14 @@ pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Dura
     };
     let mut cmd = Command::new(program(prog, snapshot));
     cmd.args(args)
-        .current_dir(snapshot)
+        .current_dir(cwd)
         .env_remove(crate::lock::LOCK_FD_ENV)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(write_err))
         .process_group(0);
+    let subreaper = Subreaper::on();
     let spawned = cmd.spawn();
     // The Command holds our copies of the write end: without them the pipe ends with the group.
     drop(cmd);
@@ -244,6 +345,15 @@ pub fn run(argv: &[String], snapshot: &Path, env: &[(&str, String)], bound: Dura
     // Whatever the command left in its group goes with it, before its pid can be reused.
     kill_group(pid);
     let status = child.wait();
+    // What left the group (a daemon) was re-parented to us when its parent died: it goes too.
+    let escaped = subreaper.reap(pid);
+    if escaped > 0 {
+        log::warn!(
+            "`{}` left {escaped} process(es) behind outside its process group; killed",
+            argv.join(" ")
+        );
+    }
+    drop(subreaper);
     if open {
         // What was written before the end; a writer outside the group cannot hold us here.
         drain(&mut pipe, &mut tail, 1 << 20);
@@ -344,9 +454,11 @@ impl HealthConfig {
             deadline: g
                 .health_deadline
                 .or("TOPE_OTA_HEALTH_DEADLINE", Duration::from_secs(60)),
-            timeout: g
-                .health_timeout
-                .or("TOPE_OTA_HEALTH_TIMEOUT", Duration::from_secs(10)),
+            timeout: g.health_timeout.or_at_least(
+                "TOPE_OTA_HEALTH_TIMEOUT",
+                Duration::from_secs(10),
+                crate::cli::MIN_TIMEOUT,
+            ),
             interval: g
                 .health_interval
                 .or("TOPE_OTA_HEALTH_INTERVAL", Duration::from_secs(2)),
@@ -489,33 +601,43 @@ mod tests {
         assert!(gone(), "the grandchild survived");
     }
 
+    /// Gone, or a zombie waiting for whoever reaps orphans here.
+    fn gone(pid: i32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|st| st.rsplit(')').next().unwrap_or("").trim().starts_with('Z'))
+            .unwrap_or(true)
+    }
+
     #[test]
-    fn a_daemon_holding_the_pipe_delays_nothing() {
+    fn a_daemon_that_left_the_group_is_killed_and_delays_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let pidfile = d.path().join("pid");
-        // setsid: out of our process group, holding stdout open for 30 s.
+        let (p1, p2) = (d.path().join("pid1"), d.path().join("pid2"));
+        // setsid: out of our process group and session, holding stdout open for 30 s; and a
+        // double fork whose middle process waits in the group (killed with it).
         let script = format!(
-            "setsid sh -c 'echo $$ > {}; exec sleep 30' & echo started; exit 0",
-            pidfile.display()
+            "setsid sh -c 'echo $$ > {a}; exec sleep 30' & (setsid sh -c 'echo $$ > {b}; exec sleep 30' & sleep 30) & while [ ! -s {a} ] || [ ! -s {b} ]; do sleep 0.02; done; echo started; exit 0",
+            a = p1.display(),
+            b = p2.display()
         );
         let t = Instant::now();
         let r = run(&sh(&script), d.path(), &[], Duration::from_secs(10));
         let took = t.elapsed();
-        for _ in 0..100 {
-            if let Ok(pid) = fs::read_to_string(&pidfile)
-                .unwrap_or_default()
-                .trim()
-                .parse::<i32>()
-            {
-                // SAFETY: ending the daemon this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let pids: Vec<i32> = [&p1, &p2]
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap().trim().parse().unwrap())
+            .collect();
+        let survivors: Vec<i32> = pids.iter().copied().filter(|&p| !gone(p)).collect();
+        for &pid in &survivors {
+            // SAFETY: ending a daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         assert!(r.ok(), "{r:?}");
-        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(took < Duration::from_secs(4), "{took:?}");
         assert_eq!(r.last_output(), "started");
+        assert!(
+            survivors.is_empty(),
+            "daemons survived: {survivors:?} of {pids:?}"
+        );
     }
 
     #[test]

@@ -261,10 +261,22 @@ pub fn fall_back(
             Err(e) => why.push(format!("to {label}: {}", e.message())),
         }
     }
+    let mut by_last_resort = false;
     if held.is_none() {
-        held = last_resort(root, mgr, &running, &mut why);
+        let target = op.state.target_dir();
+        held = last_resort(root, mgr, &running, target.as_deref(), &mut why);
+        by_last_resort = held.is_some();
     }
     let fin = match &held {
+        // Said plainly: no level held, and what runs now (perhaps the version that failed).
+        Some(what) if by_last_resort => OtaError::new(
+            original.code,
+            format!(
+                "{}; no rollback level held ({}); {what}",
+                original.detail,
+                why.join("; ")
+            ),
+        ),
         Some(level) => OtaError::new(
             original.code,
             format!("{}; rolled back to {level}", original.detail),
@@ -284,33 +296,40 @@ pub fn fall_back(
 }
 
 /// When every level failed: if `current` (re-read) resolves to a complete snapshot, start and
-/// check its services. Returns what held.
+/// check its services. Returns what runs then, in words. When that snapshot is `target` (the
+/// version that failed: the switch back could not be made), its services are started again all
+/// the same: a version whose services run but that failed a health check serves the device
+/// better than nothing, and the message says plainly that it is the version that failed.
 fn last_resort(
     root: &Path,
     mgr: &Manager,
     running: &[Service],
+    target: Option<&str>,
     why: &mut Vec<String>,
 ) -> Option<String> {
     let Some(cur) = snapshot::link_dir(root, CURRENT) else {
         why.push("current points nowhere".into());
         return None;
     };
-    let label = format!(
-        "current {} as it was",
-        snapshot::version_of(&cur).unwrap_or(&cur)
-    );
+    let version = snapshot::version_of(&cur).unwrap_or(&cur);
+    let failed_one = target == Some(cur.as_str());
+    let label = if failed_one {
+        format!("the new version {version}, which failed, still runs")
+    } else {
+        format!("current {version} as it was runs again")
+    };
     let st = integrity::check_target(root, &cur);
     if !st.usable() {
-        why.push(format!("{label}: not complete: {}", st.summary()));
+        why.push(format!("current {cur}: not complete: {}", st.summary()));
         return None;
     }
     match bring_up(root, mgr, running, &cur, None) {
         Ok(()) => {
-            log::warn!("no rollback level held; {label} runs again");
+            log::warn!("no rollback level held; {label}");
             Some(label)
         }
         Err(e) => {
-            why.push(format!("{label}: {}", e.message()));
+            why.push(format!("current {cur}: {}", e.message()));
             None
         }
     }

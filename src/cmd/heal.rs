@@ -254,6 +254,27 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
     Ok(output(op, &did))
 }
 
+/// At step `switch`: whether an install carried mutable data into its new snapshot while
+/// `current` still points at the version it was carried from.
+fn carried_behind(g: &Global, op: &Operation) -> bool {
+    let root = &g.versions_dir;
+    let Some(from) = op.state.from_dir() else {
+        return false;
+    };
+    if op.state.package_name.is_none()
+        || Links::read(root).current.as_deref() != Some(from.as_str())
+    {
+        return false;
+    }
+    let Some(target) = op.state.target_dir() else {
+        return false;
+    };
+    match crate::integrity::read(&root.join(target)) {
+        Ok(Some(rec)) => !rec.mutable.is_empty(),
+        _ => false,
+    }
+}
+
 /// Finish or undo an install (or manual rollback) from the step it recorded.
 fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> Result<()> {
     let root = &g.versions_dir;
@@ -288,6 +309,40 @@ fn finish_install(g: &Global, op: &mut Operation, mgr: &Manager, step: &str) -> 
                 g,
                 op,
                 &format!("the install was interrupted at {step:?} and undone"),
+            )
+        }
+        // Data was carried, and current still points at the old version: that version ran
+        // since the cut (at boot, before this heal) and may have written its data after the
+        // copy was made. Switching now would lose those writes: undo the install instead, and
+        // the next one carries the data afresh.
+        "switch" if carried_behind(g, op) => {
+            let from = op.state.from_dir().unwrap_or_default();
+            let previous = op.state.previous_dir();
+            let restored = match &previous {
+                Some(p) if root.join(p).is_dir() => {
+                    snapshot::set_link(root, snapshot::PREVIOUS, p).map(|_| ())
+                }
+                // The switch may have pointed previous at current already.
+                _ if snapshot::link_dir(root, snapshot::PREVIOUS).as_deref() == Some(&from) => {
+                    fs::remove_file(root.join(snapshot::PREVIOUS)).map_err(Into::into)
+                }
+                _ => Ok(()),
+            }
+            .and_then(|_| fsutil::sync_dir(root));
+            if let Err(e) = restored {
+                log::warn!("restoring previous: {e:#}");
+            }
+            let svc = transition::services_for(root, &from, &op.state.services, true);
+            mgr.stop_best_effort(&svc);
+            if let Err(e) = mgr.start_all(&svc).and_then(|_| mgr.check_all(&svc)) {
+                transition::fall_back(root, op, mgr, e, Level::Previous);
+                return Ok(());
+            }
+            snapshot::prune_best_effort(root);
+            back_to_pending(
+                g,
+                op,
+                "the install was interrupted at \"switch\" after its data was copied, and undone (the old version ran since, its data may be newer)",
             )
         }
         // The snapshot was complete before the stop step: switch to it again and go forward.

@@ -332,7 +332,29 @@ fn build(
     }
     snapshot::write_services(&snap, &list)?;
     let checks = hooks::merge_checks(checks, &manifest);
-    // A program inside the snapshot must be there: found now, before anything stops.
+    // The carry replaces whatever the package placed at a mutable path with the device's copy
+    // (a module there is initial content): a service's program, or a command run as root,
+    // there would be data a service wrote. Refused now, before anything stops.
+    let mutable_of = |p: &str| {
+        mutable
+            .iter()
+            .find(|m| integrity::within(p, std::slice::from_ref(*m)))
+            .cloned()
+    };
+    for md in &manifest.modules {
+        if md.process_name.is_none() && md.health.is_none() {
+            continue;
+        }
+        if let Some(m) = mutable_of(&md.dst) {
+            return fail(
+                ErrorCode::ManifestInvalid,
+                format!(
+                    "module {:?} (a service or a health check) has its dst {:?} within the mutable path {m:?}: the device's copy of that data would replace it",
+                    md.name, md.dst
+                ),
+            );
+        }
+    }
     let programs = checks
         .iter()
         .map(|c| (format!("health check of {}", c.module), c.command.clone()))
@@ -345,6 +367,14 @@ fn build(
     for (who, argv) in programs {
         let cmd = HookCommand::Argv(argv);
         if let Some(p) = cmd.snapshot_program() {
+            if let Some(m) = mutable_of(&p) {
+                return fail(
+                    ErrorCode::ManifestInvalid,
+                    format!(
+                        "{who}: program {p:?} lies within the mutable path {m:?}: it would be the device's copy, data a service wrote, run as root"
+                    ),
+                );
+            }
             if !snap.join(&p).is_file() {
                 return fail(
                     ErrorCode::ManifestInvalid,
@@ -372,6 +402,13 @@ fn build(
 /// new snapshot as private copies, then run the package's migration on them. Each step is
 /// recorded first; heal undoes an install interrupted here (current never moved, and the old
 /// version's data was only read).
+///
+/// The migration never runs inside the snapshot, where every other file is a hard link shared
+/// with older versions (root appending to `bin/ui` there would change them too): it runs in a
+/// private dir in the versions root that holds only the data, at the same relative paths, its
+/// program taken from the new snapshot by absolute path. The data moves into the snapshot
+/// afterwards; anything written outside the mutable paths fails the install, and so does a
+/// change to the old version's own copy of the data.
 #[allow(clippy::too_many_arguments)]
 fn carry_and_migrate(
     g: &Global,
@@ -384,26 +421,68 @@ fn carry_and_migrate(
     migrate: Option<&HookCommand>,
 ) -> Result<()> {
     let snap = root.join(target);
-    if let (Some(f), false) = (from, mutable.is_empty()) {
-        set_step(
-            op,
-            "data",
-            55,
-            format!(
-                "Carrying {} mutable path(s) of {f} into {target}",
-                mutable.len()
-            ),
-        )?;
-        failpoint::hit("before-data");
-        let carried = data::carry(&root.join(f), &snap, mutable)?;
-        log::info!(
-            "carried the mutable data {} of {f} into {target}",
-            carried.join(", ")
-        );
+    let work = fsutil::temp_path(root, "migrate");
+    let ran = (|| -> Result<()> {
+        // Where the data is carried to: the snapshot, or the migration's private dir.
+        let dest = if migrate.is_some() {
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&work)
+                .with_context(|| format!("create dir {}", work.display()))?;
+            data::stage_out(&snap, &work, mutable)?;
+            work.clone()
+        } else {
+            snap.clone()
+        };
+        if let (Some(f), false) = (from, mutable.is_empty()) {
+            set_step(
+                op,
+                "data",
+                55,
+                format!(
+                    "Carrying {} mutable path(s) of {f} into {target}",
+                    mutable.len()
+                ),
+            )?;
+            failpoint::hit("before-data");
+            let carried = data::carry(&root.join(f), &dest, mutable)?;
+            log::info!(
+                "carried the mutable data {} of {f} into {target}",
+                carried.join(", ")
+            );
+        }
+        let Some(m) = migrate else {
+            return Ok(());
+        };
+        migrate_in(g, op, root, &snap, &work, version, from, mutable, m)
+    })();
+    if fs::symlink_metadata(&work).is_ok() {
+        if let Err(e) = fs::remove_dir_all(&work) {
+            log::warn!("removing {}: {e}", work.display());
+        }
     }
-    let Some(m) = migrate else {
-        return Ok(());
-    };
+    ran?;
+    if migrate.is_some() {
+        // What the migration wrote is durable before anything runs on it.
+        fsutil::sync_new_tree(&snap)?;
+        failpoint::hit("after-migrate");
+    }
+    Ok(())
+}
+
+/// Run the package's migration in `work` (the data only), then move the data into `snap`.
+#[allow(clippy::too_many_arguments)]
+fn migrate_in(
+    g: &Global,
+    op: &mut Operation,
+    root: &Path,
+    snap: &Path,
+    work: &Path,
+    version: &str,
+    from: Option<&str>,
+    mutable: &[String],
+    m: &HookCommand,
+) -> Result<()> {
     set_step(
         op,
         "migrate",
@@ -414,34 +493,57 @@ fn carry_and_migrate(
     let mut env = vec![
         (
             "TOPE_OTA_SNAPSHOT",
-            hooks::absolute(&snap).to_string_lossy().into_owned(),
+            hooks::absolute(snap).to_string_lossy().into_owned(),
+        ),
+        (
+            "TOPE_OTA_DATA",
+            hooks::absolute(work).to_string_lossy().into_owned(),
         ),
         ("TOPE_OTA_VERSION", version.to_string()),
     ];
+    // The old version's snapshot is not named: the data was copied already, and its own copy
+    // is what a rollback to it will read.
     if let Some(f) = from {
-        env.push((
-            "TOPE_OTA_FROM_SNAPSHOT",
-            hooks::absolute(&root.join(f))
-                .to_string_lossy()
-                .into_owned(),
-        ));
         env.push((
             "TOPE_OTA_FROM_VERSION",
             snapshot::version_of(f).unwrap_or(f).to_string(),
         ));
     }
+    let old_data = from.map(|f| root.join(f));
+    let before = match &old_data {
+        Some(d) => data::fingerprint(d, mutable)?,
+        None => Vec::new(),
+    };
     let argv = m.argv();
-    let bound = g
-        .migrate_timeout
-        .or("TOPE_OTA_MIGRATE_TIMEOUT", Duration::from_secs(300));
-    let ran = hooks::run(&argv, &snap, &env, bound);
+    let bound = g.migrate_timeout.or_at_least(
+        "TOPE_OTA_MIGRATE_TIMEOUT",
+        Duration::from_secs(300),
+        crate::cli::MIN_TIMEOUT,
+    );
+    let ran = hooks::run_in(&argv, snap, work, &env, bound);
+    let who = format!("migrate (`{}`)", argv.join(" "));
+    // Whatever the outcome: the old version's data must be as it was, or the fall-back to it
+    // must say that it is not.
+    if let (Some(d), Some(f)) = (&old_data, from) {
+        let changed = data::fingerprint_diff(&before, &data::fingerprint(d, mutable)?);
+        if !changed.is_empty() {
+            let more = changed.len().saturating_sub(5);
+            return fail(
+                ErrorCode::DeploymentFailed,
+                format!(
+                    "{who} changed the data of the old version {f} (its own copy, which a rollback to it reads): {}{}; that version now runs on the changed data",
+                    changed[..changed.len().min(5)].join(", "),
+                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                ),
+            );
+        }
+    }
     if !ran.ok() {
         let out = ran.last_output();
         return fail(
             ErrorCode::DeploymentFailed,
             format!(
-                "migrate (`{}`) {}{}",
-                argv.join(" "),
+                "{who} {}{}",
                 ran.describe(bound),
                 if out.is_empty() {
                     ", no output".to_string()
@@ -451,22 +553,22 @@ fn carry_and_migrate(
             ),
         );
     }
-    // A migration changes the data, nothing else: a snapshot changed elsewhere would not be
-    // an intact rollback target later (verify, and the rollback checks, would say so).
-    let st = integrity::check(&snap, integrity::Depth::Quick, false);
+    data::stage_in(work, snap, mutable).map_err(|e| {
+        let err = crate::error::classify(&e);
+        anyhow::Error::from(OtaError::new(err.code, format!("{who} {}", err.detail)))
+    })?;
+    // A migration changes the data, nothing else: a snapshot changed elsewhere (through
+    // $TOPE_OTA_SNAPSHOT) would not be an intact rollback target later.
+    let st = integrity::check(snap, integrity::Depth::Quick, false);
     if let integrity::Status::Changed(_) = st {
         return fail(
             ErrorCode::DeploymentFailed,
             format!(
-                "after migrate (`{}`) the new snapshot's files outside the mutable paths differ from its record: {}",
-                argv.join(" "),
+                "after {who} the new snapshot's files outside the mutable paths differ from its record: {}",
                 st.summary()
             ),
         );
     }
-    // What the migration wrote is durable before anything runs on it.
-    fsutil::sync_new_tree(&snap)?;
-    failpoint::hit("after-migrate");
     Ok(())
 }
 

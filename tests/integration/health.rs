@@ -212,6 +212,76 @@ fn hanging_health_check_is_killed_at_its_bound_with_its_children() {
     );
 }
 
+#[cfg(feature = "failpoints")]
+#[test]
+fn when_no_level_holds_after_a_failed_health_check_the_message_says_the_new_version_still_runs() {
+    let mut d = with_data();
+    touch(&d, "sick-2.0.0");
+    // Symlink calls: the install's switch makes two (previous, current); the third, the switch
+    // back to 1.0.0, fails (a bad disk), and there is no factory: the last resort keeps the
+    // unhealthy 2.0.0, whose services run, serving.
+    d.env.set("TOPE_OTA_FAULT", "symlink:3");
+    let run = install_v2(&mut d, json!({}));
+    run.expect(1);
+    d.env.vars.remove("TOPE_OTA_FAULT");
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    assert_eq!(d.sc.running("device-api").as_deref(), Some("v2.0.0"));
+    let s = d.env.state();
+    assert_eq!(s["error"], "HEALTH_CHECK_FAILED", "{s}");
+    assert_eq!(
+        s["rollback"], "the new version 2.0.0, which failed, still runs",
+        "{s}"
+    );
+    let msg = s["message"].as_str().unwrap();
+    assert!(
+        msg.contains("; no rollback level held (to previous 1.0.0: ")
+            && msg.contains("no factory version")
+            && msg.ends_with("; the new version 2.0.0, which failed, still runs"),
+        "{msg}"
+    );
+    assert!(!msg.contains("rolled back"), "{msg}");
+    assert!(
+        run.stderr
+            .contains("the new version 2.0.0, which failed, still runs"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_daemon_a_health_check_leaves_outside_its_group_is_killed() {
+    let mut d = Device::with_v1();
+    let check = tmp(&d, "leaves-daemon");
+    let pidfile = tmp(&d, "daemon.pid");
+    std::fs::write(
+        &check,
+        format!(
+            "#!/bin/sh\nsetsid sh -c 'echo $$ > {p}; exec sleep 60' > /dev/null 2>&1 &\nwhile [ ! -s {p} ]; do sleep 0.05; done\nexit 0\n",
+            p = pidfile.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.env.set("TOPE_OTA_HEALTH_CMD", check.to_str().unwrap());
+    let (files, manifest) = v2_partial();
+    let pkg = d.pack("2.0.0", &files, &manifest);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(0);
+    let pid = read(&pidfile).trim().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if !stat.is_empty() {
+        // SAFETY: ending the daemon this test's check started.
+        unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };
+    }
+    assert!(stat.is_empty(), "the daemon {pid} survived: {stat}");
+    assert!(
+        run.stderr
+            .contains("left 1 process(es) behind outside its process group; killed"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn health_check_passing_on_the_second_try_commits() {
     let mut d = with_data();
@@ -348,6 +418,15 @@ fn health_and_migrate_commands_are_checked_before_anything_stops() {
         ),
         (json!({"migrate": []}), "migrate: the command is empty"),
         (json!({"mutable": ["data", "data/jobs"]}), "overlap"),
+        // `data` is mutable, inherited from 1.0.0: a program there would be the device's copy.
+        (
+            json!({"migrate": "data/migrate"}),
+            "migrate: program \"data/migrate\" lies within the mutable path \"data\"",
+        ),
+        (
+            json!({"mutable": ["bin/check-api"]}),
+            "health check of api: program \"bin/check-api\" lies within the mutable path \"bin/check-api\"",
+        ),
     ] {
         let run = install_v2(&mut d, extra);
         run.expect(1);
@@ -359,6 +438,55 @@ fn health_and_migrate_commands_are_checked_before_anything_stops() {
         assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
         assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
     }
+    // A service's module, or one with a health check, within a mutable path (inherited
+    // `data`) would be replaced by the device's copy: refused before anything stops.
+    for (module, why) in [
+        (
+            json!({"name": "daemon", "src": "extra/x", "dst": "data/daemon", "process_name": "data-daemon"}),
+            "module \"daemon\" (a service or a health check) has its dst \"data/daemon\" within the mutable path \"data\"",
+        ),
+        (
+            json!({"name": "checked", "src": "extra/x", "dst": "data/check", "health": "bin/check-api"}),
+            "module \"checked\" (a service or a health check) has its dst \"data/check\" within the mutable path \"data\"",
+        ),
+    ] {
+        let (mut files, mut m) = v2_checked("2.0.0", json!({}));
+        files.push(("extra/x", b"#!/bin/sh\n", 0o755));
+        m["modules"].as_array_mut().unwrap().push(module);
+        let pkg = d.pack("2.0.0", &files, &m);
+        let run = d.deliver("2.0.0", pkg);
+        run.expect(1);
+        assert!(
+            run.stderr.contains("error: MANIFEST_INVALID: ") && run.stderr.contains(why),
+            "{}",
+            run.stderr
+        );
+        assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
+        assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    }
+    // A data module (no service, no check) there is initial content: the carry replaces it
+    // with the device's copy and logs each file it replaces.
+    let (mut files, mut m) = v2_checked("2.0.0", json!({}));
+    files.push(("seed/settings.json", b"format=1 cal=package\n", 0o644));
+    m["modules"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "seed", "src": "seed/settings.json", "dst": "data/settings.json"}));
+    let pkg = d.pack("2.0.0", &files, &m);
+    d.download("2.0.0", pkg).expect(0);
+    let run = d.env.run(&["-v", "install"]);
+    run.expect(0);
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=0.00\n"
+    );
+    assert!(
+        run.stderr
+            .contains("v1.0.0/data/settings.json replaces the package's")
+            && run.stderr.contains("v2.0.0/data/settings.json"),
+        "{}",
+        run.stderr
+    );
 }
 
 // ---------------------------------------------------------------- mutable data
@@ -438,15 +566,25 @@ fn mutable_data_is_carried_forward_isolated_and_restored_by_a_rollback() {
     );
 }
 
-const MIGRATE: &[u8] = br#"#!/bin/sh
-# Rewrites the carried copy in place (the same inode): it must be the new snapshot's own.
+const MIGRATE: &[u8] = br##"#!/bin/sh
+# Logs that it ran to the fake systemctl's calls (to order it against the starts).
+echo "migrate $TOPE_OTA_VERSION $(pwd)" >> "$TEST_DIR/systemctl/calls.log"
+# Rewrites the carried copy in place (the same inode): it must be the new version's own.
 old=$(cat data/settings.json)
 printf '%s\n' "$old" | sed 's/format=1/format=2/' > data/.new
 cat data/.new > data/settings.json; rm data/.new
-echo "$TOPE_OTA_FROM_VERSION -> $TOPE_OTA_VERSION from $TOPE_OTA_FROM_SNAPSHOT" >> data/migrations.log
+echo "$TOPE_OTA_FROM_VERSION -> $TOPE_OTA_VERSION from=${TOPE_OTA_FROM_SNAPSHOT:-none}" >> data/migrations.log
 if [ -e "$TEST_DIR/migrate-fails" ]; then echo "half done" > data/settings.json; echo "schema error at row 7" >&2; exit 2; fi
-if [ -e "$TEST_DIR/migrate-litters" ]; then echo scratch > scratch.db; printf x >> bin/ui; fi
-"#;
+# A bug: relative writes meant for somewhere else (bin/ui is a hard link shared with current
+# when run inside the snapshot).
+if [ -e "$TEST_DIR/migrate-litters" ]; then echo scratch > scratch.db; printf x >> bin/ui 2>/dev/null; true; fi
+# A bug: writing the old version's own copy of the data.
+if [ -e "$TEST_DIR/migrate-writes-old" ]; then echo "format=2 by migrate" > "$TOPE_OTA_VERSIONS_DIR/v1.0.0/data/settings.json"; fi
+# A bug: a new file in the snapshot itself (not shared: only the new version changes).
+if [ -e "$TEST_DIR/migrate-writes-snapshot" ]; then echo scratch > "$TOPE_OTA_SNAPSHOT/scratch.db"; fi
+if [ -e "$TEST_DIR/migrate-hangs" ]; then sleep 60 & echo $! > "$TEST_DIR/migrate-hang.pid"; wait; fi
+exit 0
+"##;
 
 fn v2_migrating() -> (Vec<FileSpec>, Value) {
     let (mut files, mut m) = v2_checked("2.0.0", json!({"migrate": ["bin/migrate"]}));
@@ -467,20 +605,25 @@ fn a_migration_changes_the_new_copy_only() {
     d.deliver("2.0.0", pkg).expect(0);
     let (v1, v2) = (d.root().join("v1.0.0"), d.root().join("v2.0.0"));
     assert_eq!(read(&v2.join("data/settings.json")), "format=2 cal=0.37\n");
+    // The old version's snapshot is not handed to the migration (its data was copied).
     assert_eq!(
         read(&v2.join("data/migrations.log")),
-        format!("1.0.0 -> 2.0.0 from {}\n", v1.display())
+        "1.0.0 -> 2.0.0 from=none\n"
     );
     assert_eq!(read(&v1.join("data/settings.json")), "format=1 cal=0.37\n");
     assert!(!v1.join("data/migrations.log").exists());
-    // The migration ran before anything started on the new version.
+    // The migration ran once, after every stop and before anything started, outside the
+    // snapshot (in a private dir of the versions root that held only the data).
     let calls = d.sc.calls();
-    assert!(
-        calls
-            .iter()
-            .all(|c| !c.starts_with("start") || c.ends_with("v2.0.0")),
-        "{calls:?}"
-    );
+    let at = |p: &str| calls.iter().position(|c| c.starts_with(p));
+    let migrated = at("migrate 2.0.0").unwrap_or_else(|| panic!("{calls:?}"));
+    assert_eq!(calls.iter().filter(|c| c.starts_with("migrate")).count(), 1);
+    assert!(migrated < at("start ").unwrap(), "{calls:?}");
+    assert!(migrated > calls.iter().rposition(|c| c.starts_with("stop ")).unwrap());
+    let cwd = Path::new(calls[migrated].split_whitespace().nth(2).unwrap());
+    let root = std::fs::canonicalize(d.root()).unwrap();
+    assert_eq!(cwd.parent(), Some(root.as_path()), "{cwd:?}");
+    assert!(!cwd.exists(), "the private dir is removed");
     d.env.run(&["verify", "--all"]).expect(0);
     // A downgrade never reads the newer format.
     d.env.run(&["rollback"]).expect(0);
@@ -515,10 +658,60 @@ fn a_migration_failing_halfway_rolls_back_with_the_data_untouched() {
         d.sc.calls()
     );
 
-    // A migration that succeeds but writes outside the mutable paths (a scratch file, and in
-    // place through bin/ui, a hard link shared with 1.0.0) is refused as well.
+    // A migration that succeeds but writes outside the mutable paths (a scratch file, and
+    // `bin/ui`, which inside the snapshot would be a hard link shared with 1.0.0) is refused,
+    // and 1.0.0 is untouched: the migration ran where only the data was.
     std::fs::remove_file(tmp(&d, "migrate-fails")).unwrap();
     touch(&d, "migrate-litters");
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert!(
+        run.stderr
+            .contains("migrate (`bin/migrate`) wrote outside the mutable paths data: ")
+            && run.stderr.contains("scratch.db"),
+        "{}",
+        run.stderr
+    );
+    d.env.run(&["verify", "1.0.0"]).expect(0);
+    assert_eq!(
+        read(&d.root().join("v1.0.0/bin/ui")),
+        "#!/bin/sh\necho ui 1\n"
+    );
+}
+
+/// A device with a factory (0.9.0), 1.0.0 current with its data.
+fn with_factory() -> Device {
+    let mut d = device();
+    let pkg = d.pack("0.9.0", &v1_data_files(), &v1_data_manifest("0.9.0"));
+    d.deliver("0.9.0", pkg).expect(0);
+    d.env.run(&["factory"]).expect(0);
+    let pkg = d.pack("1.0.0", &v1_data_files(), &v1_data_manifest("1.0.0"));
+    d.deliver("1.0.0", pkg).expect(0);
+    service_writes(&d, "data/settings.json", "format=1 cal=user\n");
+    d.sc.clear();
+    d
+}
+
+#[test]
+fn a_buggy_migration_on_a_device_with_a_factory_rolls_back_to_previous_with_its_data() {
+    let mut d = with_factory();
+    touch(&d, "migrate-litters");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    // Not the factory's copy and its data: 1.0.0, unchanged, with the user's data.
+    assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=user\n"
+    );
+    d.env.run(&["verify", "--all"]).expect(0);
+
+    // One that changes the new snapshot itself (through $TOPE_OTA_SNAPSHOT): caught by the
+    // snapshot's record; 1.0.0 is intact, so the fall-back still prefers it to the factory.
+    std::fs::remove_file(tmp(&d, "migrate-litters")).unwrap();
+    touch(&d, "migrate-writes-snapshot");
     let pkg = d.pack("2.0.0", &files, &m);
     let run = d.deliver("2.0.0", pkg);
     assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
@@ -529,11 +722,60 @@ fn a_migration_failing_halfway_rolls_back_with_the_data_untouched() {
         "{}",
         run.stderr
     );
-    // The write through the shared inode reached 1.0.0: verify says so (a migration is the
-    // package's code, run as root; it is caught, not prevented).
-    let v = d.env.run(&["verify", "1.0.0"]);
-    v.expect(1);
-    assert!(v.stdout.contains("bin/ui: size"), "{}", v.stdout);
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=user\n"
+    );
+    d.env.run(&["verify", "--all"]).expect(0);
+}
+
+#[test]
+fn a_migration_that_writes_the_old_versions_data_fails_and_says_so() {
+    let mut d = with_data();
+    touch(&d, "migrate-writes-old");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("error: DEPLOYMENT_FAILED: migrate (`bin/migrate`) changed the data of the old version v1.0.0")
+            && run.stderr.contains("data/settings.json")
+            && run.stderr.contains("that version now runs on the changed data"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(d.env.state()["error"], "DEPLOYMENT_FAILED");
+    assert!(!d.root().join("v2.0.0").exists());
+}
+
+#[test]
+fn a_hanging_migration_is_killed_at_its_bound_and_rolls_back() {
+    let mut d = with_data();
+    d.env.set("TOPE_OTA_MIGRATE_TIMEOUT", "300ms");
+    touch(&d, "migrate-hangs");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let t = Instant::now();
+    let run = d.deliver("2.0.0", pkg);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_rolled_back_to_v1(&d, &run, "DEPLOYMENT_FAILED");
+    assert!(
+        run.stderr.contains(
+            "migrate (`bin/migrate`) hung and was killed with its process group at its bound of 0.3 s"
+        ),
+        "{}",
+        run.stderr
+    );
+    let pid = read(&tmp(&d, "migrate-hang.pid")).trim().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.rsplit(')').next().unwrap().trim().starts_with('Z'),
+        "the migration's child {pid} still runs: {stat}"
+    );
+    assert_eq!(
+        read(&d.root().join("current/data/settings.json")),
+        "format=1 cal=0.00\n"
+    );
 }
 
 #[test]
@@ -730,6 +972,58 @@ fn crash_after_the_migration_or_during_the_checks_then_heal() {
     }
 }
 
+#[cfg(feature = "failpoints")]
+#[test]
+fn power_cut_at_the_switch_after_the_data_was_copied_keeps_what_the_old_version_wrote_since() {
+    for point in ["before-switch", "mid-switch"] {
+        let mut d = with_data();
+        // 1.0.0 -> 1.1.0 first, so that previous names a version to keep.
+        let (files, m) = v2_checked("1.1.0", json!({}));
+        let pkg = d.pack("1.1.0", &files, &m);
+        d.deliver("1.1.0", pkg).expect(0);
+        service_writes(&d, "data/settings.json", "format=1 cal=before-cut\n");
+        let (files, m) = v2_checked("2.0.0", json!({}));
+        let pkg = d.pack("2.0.0", &files, &m);
+        d.download("2.0.0", pkg).expect(0);
+        d.env.set("TOPE_OTA_FAILPOINT", point);
+        d.install().expect(128 + libc::SIGKILL);
+        d.env.vars.remove("TOPE_OTA_FAILPOINT");
+        assert_eq!(d.env.state()["step"], "switch");
+        assert_eq!(
+            read(&d.root().join("v2.0.0/data/settings.json")),
+            "format=1 cal=before-cut\n",
+            "the copy was made"
+        );
+        // At boot the old version runs (current never moved) and writes, before heal.
+        assert_eq!(d.link("current").as_deref(), Some("v1.1.0"));
+        service_writes(&d, "data/settings.json", "format=1 cal=after-cut\n");
+        let heal = d.env.run(&["heal"]);
+        heal.expect(0);
+        let s = d.env.state();
+        assert_eq!(s["stage"], "toInstall", "{point}: {s}");
+        assert!(
+            s["message"]
+                .as_str()
+                .unwrap()
+                .contains("interrupted at \"switch\" after its data was copied, and undone"),
+            "{s}"
+        );
+        assert_eq!(d.link("current").as_deref(), Some("v1.1.0"), "{point}");
+        assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"), "{point}");
+        assert_eq!(d.sc.running("device-api").as_deref(), Some("v1.1.0"));
+        assert!(!d.root().join("v2.0.0").exists(), "{point}");
+        // The next install carries what the old version wrote after the cut.
+        d.install().expect(0);
+        assert_eq!(
+            read(&d.root().join("current/data/settings.json")),
+            "format=1 cal=after-cut\n",
+            "{point}"
+        );
+        assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+        assert_eq!(d.link("previous").as_deref(), Some("v1.1.0"));
+    }
+}
+
 #[test]
 fn checks_run_from_the_snapshot_with_a_relative_versions_dir() {
     let mut d = device();
@@ -770,6 +1064,32 @@ fn a_bad_duration_in_the_configuration_stops_nothing() {
         run.stderr
             .contains("TOPE_OTA_HEALTH_DEADLINE: \"60 seconds\" is not a duration")
             && run.stderr.contains("using the default 60s"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_zero_timeout_is_a_mistake_warned_about_not_a_failure_of_every_install() {
+    let mut d = with_data();
+    d.env
+        .set("TOPE_OTA_HEALTH_TIMEOUT", "0")
+        .set("TOPE_OTA_MIGRATE_TIMEOUT", "0ms")
+        .set("TOPE_OTA_HEALTH_DEADLINE", "1min");
+    let (files, m) = v2_migrating();
+    let pkg = d.pack("2.0.0", &files, &m);
+    let run = d.deliver("2.0.0", pkg);
+    run.expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0"));
+    for w in [
+        "TOPE_OTA_HEALTH_TIMEOUT: \"0\" is shorter than 100ms, which no command can run in; using the default 10s",
+        "TOPE_OTA_MIGRATE_TIMEOUT: \"0ms\" is shorter than 100ms, which no command can run in; using the default 300s",
+    ] {
+        assert!(run.stderr.contains(w), "{w}: {}", run.stderr);
+    }
+    // systemd's `min` is a duration: no warning about the deadline.
+    assert!(
+        !run.stderr.contains("TOPE_OTA_HEALTH_DEADLINE"),
         "{}",
         run.stderr
     );
