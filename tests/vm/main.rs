@@ -31,6 +31,17 @@ struct Box {
     _one: MutexGuard<'static, ()>,
     /// One box on the machine: another test run waits (TCG takes both cores).
     _machine: std::fs::File,
+    started: Instant,
+}
+
+impl Drop for Box {
+    fn drop(&mut self) {
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        println!(
+            "box: {name}: {:.1} s from resume to the end",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 impl Box {
@@ -70,6 +81,7 @@ impl Box {
             catalog: Catalog::default(),
             _one: one,
             _machine: machine,
+            started: Instant::now(),
         }
     }
 
