@@ -20,7 +20,7 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIG
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -439,8 +439,74 @@ async fn post_download(
     Ok(start_download(ctx, body).await)
 }
 
+/// The fields of a POST /download body.
+const DOWNLOAD_FIELDS: &[&str] = &[
+    "version",
+    "package_url",
+    "package_name",
+    "package_size",
+    "package_md5",
+    "package_sha256",
+    "package_sig_url",
+];
+/// The fields of a POST /update body.
+const UPDATE_FIELDS: &[&str] = &["version", "allow_downgrade"];
+
+/// The body as a JSON object without the fields the route does not know. The old service's
+/// models ignored unknown fields, so a device-api that sends more (`device_id`, `force`) keeps
+/// working; each is named in a warning, so a misspelled optional field is visible in the log.
+/// (The CLI's `--request` stays strict.) `Err` is the `INVALID_REQUEST` detail.
+fn known_fields(route: &str, body: &[u8], known: &[&str]) -> Result<Map<String, Value>, String> {
+    let obj = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(o)) => o,
+        Ok(other) => {
+            return Err(format!(
+                "request body: expected a JSON object, got {}",
+                json_kind(&other)
+            ))
+        }
+        Err(e) => return Err(format!("request body: {e}")),
+    };
+    let (kept, unknown): (Map<String, Value>, Map<String, Value>) = obj
+        .into_iter()
+        .partition(|(k, _)| known.contains(&k.as_str()));
+    if !unknown.is_empty() {
+        const SHOWN: usize = 8;
+        let mut names: Vec<String> = unknown
+            .keys()
+            .take(SHOWN)
+            .map(|k| format!("{:?}", k.chars().take(64).collect::<String>()))
+            .collect();
+        if unknown.len() > SHOWN {
+            names.push(format!("and {} more", unknown.len() - SHOWN));
+        }
+        log::warn!(
+            "POST {route}: unknown field(s) {} ignored (known: {})",
+            names.join(", "),
+            known.join(", ")
+        );
+    }
+    Ok(kept)
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 async fn start_download(ctx: &Ctx, body: Bytes) -> Resp {
-    let pkg = match serde_json::from_slice::<Package>(&body) {
+    let obj = match known_fields("/api/v1.0/download", &body, DOWNLOAD_FIELDS) {
+        Ok(o) => o,
+        Err(e) => return invalid(e),
+    };
+    let obj = Value::Object(obj);
+    let pkg = match Package::deserialize(&obj) {
         Ok(p) => p,
         Err(e) => return invalid(format!("request body: {e}")),
     };
@@ -450,6 +516,8 @@ async fn start_download(ctx: &Ctx, body: Bytes) -> Resp {
     if let Some(r) = in_flight(ctx) {
         return r;
     }
+    // The child's `--request` is strict: it gets the body with only the known fields.
+    let body = Bytes::from(obj.to_string());
     match start_child(ctx, &["download", "--request", "-"], Some(body)).await {
         Ok(()) => envelope(200, "success", Value::Null),
         Err(r) => r,
@@ -480,7 +548,11 @@ async fn post_update(
 }
 
 async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
-    let mut upd = match serde_json::from_slice::<UpdateRequest>(&body) {
+    let obj = match known_fields("/api/v1.0/update", &body, UPDATE_FIELDS) {
+        Ok(o) => o,
+        Err(e) => return invalid(e),
+    };
+    let mut upd = match UpdateRequest::deserialize(&Value::Object(obj)) {
         Ok(u) => u,
         Err(e) => return invalid(format!("request body: {e}")),
     };

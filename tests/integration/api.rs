@@ -1,6 +1,6 @@
-//! `serve` hardening: the browser rules (Origin, Content-Type, `allow_downgrade`), the request
-//! deadline that bounds only receiving a request, connection shedding under a flood, and the
-//! boolean settings' values.
+//! `serve` hardening and compatibility: the browser rules (Origin, Content-Type,
+//! `allow_downgrade`), the request deadline that bounds only receiving a request, connection
+//! shedding under a flood, the boolean settings' values, and what the old service accepted.
 
 use crate::install::*;
 use crate::openapi;
@@ -342,4 +342,62 @@ fn boolean_variables_take_1_yes_and_0() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
+}
+
+// ---------------------------------------------------------------- the old service's leniency
+
+/// Wait until state.json's stage is `stage`.
+fn wait_stage(env: &Env, stage: &str) -> Value {
+    env.wait_state(30, stage, |s| s["stage"] == stage)
+}
+
+#[test]
+fn unknown_request_fields_are_ignored_with_a_warning() {
+    // The old Pydantic models ignored fields they did not know. A device-api that sends more
+    // (a device id, a force flag) keeps working; a misspelled optional field is named in the log.
+    let env = Env::new();
+    let srv = Server::start_logged(&env);
+    let a = &srv.addr;
+    let bytes = data(100_000, 140);
+    let pkg = PkgServer::start(bytes.clone(), Behaviour::default());
+    let body = json!({"version": "1.0.0", "package_url": pkg.url("pkg.zip"),
+        "package_name": "pkg.zip", "package_size": bytes.len(), "package_md5": md5_hex(&bytes),
+        "device_id": "printer-7", "force": true, "package_sha265": "typo"})
+    .to_string();
+    let ct = [("Content-Type", "application/json")];
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body);
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&env, "toInstall");
+    let log = srv.log();
+    assert!(
+        log.contains("unknown field(s) \"device_id\", \"force\", \"package_sha265\" ignored"),
+        "{log}"
+    );
+    // POST /update: `force` is ignored; the version is checked as always.
+    let (st, v) = request(
+        a,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"9.9.9","force":true}"#,
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "VERSION_MISMATCH: ", "update with force");
+    assert!(srv.log().contains("\"force\" ignored"), "{}", srv.log());
+    // Still refused: a body that is not an object, a known field of the wrong type.
+    for (path, body) in [
+        ("/api/v1.0/update", "[]"),
+        ("/api/v1.0/update", r#"{"version":1,"force":true}"#),
+        ("/api/v1.0/update", r#"{"force":true}"#),
+        ("/api/v1.0/download", r#"{"version":"1.0.0","x":1}"#),
+    ] {
+        let (st, v) = request(a, "POST", path, &ct, body);
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_refused(&v, 400, "INVALID_REQUEST: ", body);
+    }
+    // The CLI's --request stays strict: a script's typo fails loudly.
+    let run = env.run_stdin(&["download", "--request", "-"], body.as_bytes());
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("INVALID_REQUEST"), "{run:?}");
+    assert_eq!(env.state()["stage"], "toInstall", "nothing changed");
 }
