@@ -489,6 +489,38 @@ fn known_fields(route: &str, body: &[u8], known: &[&str]) -> Result<Map<String, 
     Ok(kept)
 }
 
+/// `package_size` as the old model took it: an integer, a decimal string (`"104857600"`) or a
+/// number with no fraction (`104857600.0`). Anything else (a fraction, a sign, spaces, an
+/// exponent in a string, a boolean, over 2^53 as a float) is refused.
+fn lax_size(v: &Value) -> Result<u64, String> {
+    /// Floats are exact up to 2^53: above it `1e17` and `1e17 + 1` are the same number.
+    const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+    match v {
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                return Ok(u);
+            }
+            match n.as_f64() {
+                Some(f) if f.fract() == 0.0 && (0.0..=MAX_EXACT).contains(&f) => Ok(f as u64),
+                _ => Err(format!("{n} is not a whole number of bytes")),
+            }
+        }
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse::<u64>().map_err(|e| format!("{s:?}: {e}"))
+        }
+        Value::String(s) => Err(format!(
+            "{:?} is not a decimal number of bytes",
+            s.chars().take(64).collect::<String>()
+        )),
+        other => Err(format!(
+            "expected a number of bytes, got {}",
+            json_kind(other)
+        )),
+    }
+}
+
 fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -505,7 +537,13 @@ async fn start_download(ctx: &Ctx, body: Bytes) -> Resp {
         Ok(o) => o,
         Err(e) => return invalid(e),
     };
-    let obj = Value::Object(obj);
+    let mut obj = Value::Object(obj);
+    if let Some(size) = obj.get_mut("package_size") {
+        match lax_size(size) {
+            Ok(n) => *size = Value::from(n),
+            Err(e) => return invalid(format!("request body: package_size: {e}")),
+        }
+    }
     let pkg = match Package::deserialize(&obj) {
         Ok(p) => p,
         Err(e) => return invalid(format!("request body: {e}")),

@@ -401,3 +401,61 @@ fn unknown_request_fields_are_ignored_with_a_warning() {
     assert!(run.stderr.contains("INVALID_REQUEST"), "{run:?}");
     assert_eq!(env.state()["stage"], "toInstall", "nothing changed");
 }
+
+#[test]
+fn package_size_as_a_decimal_string_or_a_whole_number() {
+    // The old model coerced "104857600" and 104857600.0 to an int; serve does too, and hands
+    // its child the integer. Anything else stays INVALID_REQUEST.
+    let env = Env::new();
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let ct = [("Content-Type", "application/json")];
+    let bytes = data(100_000, 141);
+    let pkg = PkgServer::start(bytes.clone(), Behaviour::default());
+    let body = |size: Value| {
+        json!({"version": "1.0.0", "package_url": pkg.url("pkg.zip"), "package_name": "pkg.zip",
+               "package_size": size, "package_md5": md5_hex(&bytes)})
+        .to_string()
+    };
+    for size in [
+        json!("100000"),
+        json!(100000.0),
+        serde_json::from_str::<Value>("1.0e5").unwrap(),
+    ] {
+        let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body(size.clone()));
+        assert_eq!(st, 200, "{size}: {v}");
+        let s = env.wait_state(30, "toInstall", |s| {
+            s["stage"] == "toInstall" && srv.children().is_empty()
+        });
+        assert_eq!(s["package_size"], json!(100000), "{size}: {s}");
+    }
+    for size in [
+        json!("100000.0"),
+        json!(" 100000"),
+        json!("+100000"),
+        json!("-1"),
+        json!("1e5"),
+        json!("0x186a0"),
+        json!(""),
+        json!("0"),
+        json!("99999999999999999999999"),
+        json!(100000.5),
+        json!(-100000),
+        json!(-100000.0),
+        json!(0),
+        json!(1e300),
+        json!(true),
+        json!([100000]),
+        json!({"bytes": 100000}),
+        Value::Null,
+    ] {
+        let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body(size.clone()));
+        assert_eq!(st, 400, "{size}: {v}");
+        assert_refused(&v, 400, "INVALID_REQUEST: ", &size.to_string());
+    }
+    assert_eq!(
+        pkg.requests().len(),
+        1,
+        "one fetch; the second request re-hashed"
+    );
+}

@@ -189,7 +189,7 @@ fn hostile_and_malformed_requests() {
     let a = &srv.addr;
     let cases: Vec<(&str, &str, Option<String>, u16, &str)> = vec![
         ("bad json", "/api/v1.0/download", Some("{nope".into()), 400, "INVALID_REQUEST"),
-        ("wrong type", "/api/v1.0/download", Some(r#"{"version":"1","package_url":"http://h/p","package_name":"p","package_size":"10","package_md5":"0123456789abcdef0123456789abcdef"}"#.into()), 400, "INVALID_REQUEST"),
+        ("wrong type", "/api/v1.0/download", Some(r#"{"version":"1","package_url":"http://h/p","package_name":"p","package_size":"ten","package_md5":"0123456789abcdef0123456789abcdef"}"#.into()), 400, "INVALID_REQUEST"),
         ("missing field", "/api/v1.0/download", Some(r#"{"version":"1","package_url":"http://h/p","package_name":"p","package_size":10}"#.into()), 400, "INVALID_REQUEST"),
         ("not an object", "/api/v1.0/download", Some("[1]".into()), 400, "INVALID_REQUEST"),
         ("invalid value", "/api/v1.0/download", Some(r#"{"version":"..","package_url":"http://h/p","package_name":"p","package_size":10,"package_md5":"0123456789abcdef0123456789abcdef"}"#.into()), 400, "INVALID_REQUEST"),
