@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,6 +48,8 @@ struct Ctx {
     /// `serve --api-allow-downgrade`: honour `allow_downgrade` in POST /update.
     api_allow_downgrade: bool,
     conns: Conns,
+    /// The names /etc/hosts gives loopback addresses only, read at start.
+    loopback_names: HashSet<String>,
     /// The last /progress body, valid while state.json keeps its inode, size and mtime.
     progress_cache: Mutex<Option<(StateKey, Bytes)>>,
 }
@@ -221,9 +223,67 @@ fn coded(err: &OtaError) -> Resp {
     envelope(err.code.http_status(), err.message(), Value::Null)
 }
 
-/// `localhost`, `127.x.y.z` or `[::1]`, with an optional port: the only Hosts a browser on the
-/// device can send for us. Anything else is a DNS-rebinding attempt (or a misrouted request).
-pub fn is_loopback_host(host: &str) -> bool {
+/// Where the loopback names of the device are (`TOPE_OTA_HOSTS_FILE` for tests).
+pub const HOSTS_FILE: &str = "/etc/hosts";
+
+/// The names a hosts file gives loopback addresses only (`localhost.localdomain`,
+/// `ip6-localhost`, the device's own name on `127.0.1.1`), lowercased. A name that the file also
+/// gives another address is not one of them. A file that cannot be read gives none.
+pub fn loopback_names(text: &str) -> HashSet<String> {
+    let mut loopback = HashSet::new();
+    let mut other = HashSet::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        let Some(addr) = words.next() else { continue };
+        // `fe80::1%eth0`: the zone does not change what the address is.
+        let addr = addr.split('%').next().unwrap_or(addr);
+        let is_loopback = addr
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+        for name in words {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if name.is_empty() {
+                continue;
+            }
+            if is_loopback {
+                loopback.insert(name);
+            } else {
+                other.insert(name);
+            }
+        }
+    }
+    loopback.retain(|n| !other.contains(n));
+    loopback
+}
+
+fn read_loopback_names() -> HashSet<String> {
+    use std::io::Read;
+    let path = std::env::var_os("TOPE_OTA_HOSTS_FILE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| HOSTS_FILE.into());
+    let mut text = String::new();
+    match std::fs::File::open(&path).and_then(|f| f.take(1 << 20).read_to_string(&mut text)) {
+        Ok(_) => {
+            let names = loopback_names(&text);
+            log::debug!("loopback names from {}: {names:?}", path.display());
+            names
+        }
+        Err(e) => {
+            log::warn!(
+                "reading {}: {e}; only localhost and loopback addresses are accepted as Host",
+                path.display()
+            );
+            HashSet::new()
+        }
+    }
+}
+
+/// `localhost`, `*.localhost`, `127.x.y.z`, `[::1]` or a name the hosts file gives loopback
+/// addresses only (`names`, see [`loopback_names`]), with an optional port: the only Hosts a
+/// browser on the device can send for us. Anything else is a DNS-rebinding attempt (or a
+/// misrouted request).
+pub fn is_loopback_host(host: &str, names: &HashSet<String>) -> bool {
     let h = host.trim();
     let name = if let Some(rest) = h.strip_prefix('[') {
         match rest.split_once(']') {
@@ -238,7 +298,7 @@ pub fn is_loopback_host(host: &str) -> bool {
         }
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if name == "localhost" || name.ends_with(".localhost") {
+    if name == "localhost" || name.ends_with(".localhost") || names.contains(&name) {
         return true;
     }
     match name.parse::<std::net::IpAddr>() {
@@ -717,18 +777,41 @@ pub fn is_json_media_type(value: &[u8]) -> bool {
 /// The browser rules, before any route: a non-loopback Host (DNS rebinding) and any Origin
 /// (only a web page sends one; device-api never does) are 403, a POST whose Content-Type is
 /// present and not JSON is 415 (an HTML form or a "simple" cross-site request).
-fn refuse_browsers(req: &Request<Incoming>) -> Option<Resp> {
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    if !is_loopback_host(host) {
+fn refuse_browsers(ctx: &Ctx, req: &Request<Incoming>) -> Option<Resp> {
+    // A request without a Host, or with an empty one (HTTP/1.0: the old service answered it),
+    // cannot come from a browser, which always names the host it connected to; two Hosts are
+    // refused.
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
         return Some(envelope(
             403,
-            format!("FORBIDDEN: Host {host:?} is not a loopback name"),
+            "FORBIDDEN: more than one Host header",
             Value::Null,
         ));
+    }
+    if let Some(h) = first.filter(|h| !h.as_bytes().trim_ascii().is_empty()) {
+        let host = String::from_utf8_lossy(h.as_bytes());
+        if !is_loopback_host(&host, &ctx.loopback_names) {
+            return Some(envelope(
+                403,
+                format!("FORBIDDEN: Host {host:?} is not a loopback name"),
+                Value::Null,
+            ));
+        }
+    }
+    // An absolute-form target (`GET http://evil.example/…`) names a host too.
+    if let Some(auth) = req.uri().authority() {
+        if !is_loopback_host(auth.as_str(), &ctx.loopback_names) {
+            return Some(envelope(
+                403,
+                format!(
+                    "FORBIDDEN: the request target's host {:?} is not a loopback name",
+                    auth.as_str()
+                ),
+                Value::Null,
+            ));
+        }
     }
     if let Some(origin) = req.headers().get(ORIGIN) {
         let origin = String::from_utf8_lossy(origin.as_bytes());
@@ -760,7 +843,7 @@ fn refuse_browsers(req: &Request<Incoming>) -> Option<Resp> {
 async fn route(conn: Arc<ConnSlot>, req: Request<Incoming>) -> Result<Resp, std::io::Error> {
     let ctx = conn.ctx.clone();
     let _request = conn.request(req.method() != Method::POST);
-    if let Some(r) = refuse_browsers(&req) {
+    if let Some(r) = refuse_browsers(&ctx, &req) {
         return Ok(r);
     }
     let path = req.uri().path().to_string();
@@ -796,6 +879,7 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         exe: std::env::current_exe().context("find our own binary")?,
         api_allow_downgrade: args.api_allow_downgrade,
         conns: Conns::default(),
+        loopback_names: read_loopback_names(),
         progress_cache: Mutex::new(None),
     });
     rt.block_on(serve(ctx, addr))?;
@@ -878,6 +962,29 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
+        let names = loopback_names(
+            "127.0.0.1 localhost localhost.localdomain # comment evil.com\n\
+             127.0.1.1\tprinter-7.\n\
+             ::1 localhost ip6-localhost ip6-loopback\n\
+             ff02::1 ip6-allnodes\n\
+             # 127.0.0.1 commented.example\n\
+             127.0.0.1 both.example\n\
+             192.168.1.5 both.example lan.example\n\
+             0.0.0.0 blocked.example\n\
+             garbage line\n",
+        );
+        let mut sorted: Vec<&str> = names.iter().map(String::as_str).collect();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            [
+                "ip6-localhost",
+                "ip6-loopback",
+                "localhost",
+                "localhost.localdomain",
+                "printer-7"
+            ]
+        );
         for ok in [
             "localhost",
             "localhost:12315",
@@ -887,8 +994,11 @@ mod tests {
             "[::1]",
             "[::1]:12315",
             "LOCALHOST.",
+            "localhost.localdomain",
+            "ip6-localhost:12315",
+            "Printer-7",
         ] {
-            assert!(is_loopback_host(ok), "{ok}");
+            assert!(is_loopback_host(ok, &names), "{ok}");
         }
         for bad in [
             "",
@@ -900,8 +1010,14 @@ mod tests {
             "127.0.0.1.nip.io",
             "0.0.0.0",
             "localhost:abc",
+            "both.example",
+            "lan.example",
+            "blocked.example",
+            "ip6-allnodes",
+            "commented.example",
+            "evil.com",
         ] {
-            assert!(!is_loopback_host(bad), "{bad}");
+            assert!(!is_loopback_host(bad, &names), "{bad}");
         }
     }
 

@@ -459,3 +459,76 @@ fn package_size_as_a_decimal_string_or_a_whole_number() {
         "one fetch; the second request re-hashed"
     );
 }
+
+#[test]
+fn http_1_0_without_host_and_the_loopback_names_of_etc_hosts_are_accepted() {
+    let mut env = Env::new();
+    let hosts = env.tmp.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1\tlocalhost localhost.localdomain\n127.0.1.1 printer-7\n\
+         ::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\n\
+         192.168.1.20 updates.lan\n",
+    )
+    .unwrap();
+    env.set("TOPE_OTA_HOSTS_FILE", hosts.to_str().unwrap());
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let get = |head: &str| {
+        let (st, body) = raw(a, head.as_bytes());
+        if st != 0 {
+            openapi::check("GET", "/api/v1.0/progress", st, &body).unwrap();
+        }
+        (st, body)
+    };
+    // No Host at all: an HTTP/1.0 client (and a bare HTTP/1.1 one) cannot be a browser.
+    for head in [
+        "GET /api/v1.0/progress HTTP/1.0\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.0\r\nUser-Agent: old-device-api\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    ] {
+        let (st, body) = get(head);
+        assert_eq!(st, 200, "{head:?}: {body}");
+    }
+    let body = r#"{"version":"1.0.0"}"#;
+    let (st, text) = raw(
+        a,
+        format!(
+            "POST /api/v1.0/update HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(st, 400, "HTTP/1.0 POST reaches the route: {text}");
+    assert!(text.contains("NO_PACKAGE: "), "{text}");
+    // The names /etc/hosts gives loopback addresses, with or without a port, in any case.
+    for host in [
+        "localhost.localdomain",
+        "LOCALHOST.LOCALDOMAIN:12315",
+        "ip6-localhost",
+        "ip6-loopback:80",
+        "printer-7",
+    ] {
+        let (st, body) = get(&format!(
+            "GET /api/v1.0/progress HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(st, 200, "{host}: {body}");
+    }
+    // Still refused: other names of the file, two Hosts, an absolute target naming another host.
+    for head in [
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: updates.lan\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: ip6-allnodes\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.0\r\nHost: evil.example\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        "GET http://evil.example/api/v1.0/progress HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ] {
+        let (st, body) = get(head);
+        assert_eq!(st, 403, "{head:?}: {body}");
+    }
+    let (st, body) = get(
+        "GET http://localhost.localdomain:12315/api/v1.0/progress HTTP/1.1\r\nHost: localhost.localdomain:12315\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 200, "{body}");
+}
