@@ -431,7 +431,11 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
         .arg(format!("--health-timeout={}", g.health_timeout.raw))
         .arg(format!("--health-interval={}", g.health_interval.raw))
         .arg(format!("--migrate-timeout={}", g.migrate_timeout.raw))
-        .arg("-q")
+        // The child logs at serve's own level (warnings such as a missing ota-gui reach the
+        // journal); `--json` keeps a terminal's progress bar out of serve's stderr.
+        .arg("--json")
+        .args(g.quiet.then_some("-q"))
+        .args((0..g.verbose.min(3)).map(|_| "-v"))
         .args(args)
         .env(LOCK_FD_ENV, fd.to_string())
         .stdin(if stdin.is_some() {

@@ -532,3 +532,37 @@ fn http_1_0_without_host_and_the_loopback_names_of_etc_hosts_are_accepted() {
     );
     assert_eq!(st, 200, "{body}");
 }
+
+#[test]
+fn a_missing_ota_gui_is_warned_once_per_install_over_the_api() {
+    // The old service warned when its progress screen was missing. serve's child logs at
+    // serve's level, so the warning reaches serve's log (the journal on a device), once.
+    let d = v2_ready();
+    let srv = Server::start_logged(&d.env);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &[("Content-Type", "application/json")],
+        r#"{"version":"2.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    d.env.wait_state(30, "success", |s| s["stage"] == "success");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !srv.children().is_empty() {
+        assert!(Instant::now() < until, "the install did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = srv.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("warning") && l.contains("no ota-gui at"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("no-gui"), "{log}");
+    // At a shell, the same warning once.
+    let d = v2_ready();
+    let run = d.install();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stderr.matches("no ota-gui at").count(), 1, "{run:?}");
+}
