@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -50,6 +50,8 @@ struct Ctx {
     conns: Conns,
     /// The names /etc/hosts gives loopback addresses only, read at start.
     loopback_names: HashSet<String>,
+    /// The last download a child of ours was started for, and whether that child still runs.
+    download: Mutex<Option<(Package, Arc<AtomicBool>)>>,
     /// The last /progress body, valid while state.json keeps its inode, size and mtime.
     progress_cache: Mutex<Option<(StateKey, Bytes)>>,
 }
@@ -376,7 +378,12 @@ fn progress(ctx: &Ctx) -> Resp {
 }
 
 /// Take the lock and start `tope-ota ARGS` holding it; 409 BUSY when another writer has it.
-async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(), Resp> {
+/// The flag is true while the child runs.
+async fn start_child(
+    ctx: &Ctx,
+    args: &[&str],
+    stdin: Option<Bytes>,
+) -> Result<Arc<AtomicBool>, Resp> {
     // A writer whose state is already at rest is only delivering its last callbacks (bounded
     // by report::FLUSH_DEADLINE) and exiting: wait for it rather than answer BUSY to a client
     // that saw `toInstall` and asked for the update at once.
@@ -476,15 +483,18 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
     let what = args.join(" ");
     log::info!("started `tope-ota {what}` (pid {:?})", child.id());
     CHILDREN.fetch_add(1, Ordering::SeqCst);
+    let running = Arc::new(AtomicBool::new(true));
+    let flag = running.clone();
     tokio::spawn(async move {
         match child.wait().await {
             Ok(st) if st.success() => log::info!("`tope-ota {what}` finished"),
             Ok(st) => log::warn!("`tope-ota {what}` ended with {st}"),
             Err(e) => log::error!("waiting for `tope-ota {what}`: {e}"),
         }
+        flag.store(false, Ordering::SeqCst);
         CHILDREN.fetch_sub(1, Ordering::SeqCst);
     });
-    Ok(())
+    Ok(running)
 }
 
 /// Children running, for the orderly shutdown.
@@ -612,18 +622,90 @@ async fn start_download(ctx: &Ctx, body: Bytes) -> Resp {
         Ok(p) => p,
         Err(e) => return invalid(format!("request body: {e}")),
     };
-    if let Err(e) = pkg.clone().validated() {
-        return coded(&crate::error::classify(&e));
-    }
+    let pkg = match pkg.validated() {
+        Ok(p) => p,
+        Err(e) => return coded(&crate::error::classify(&e)),
+    };
     if let Some(r) = in_flight(ctx) {
         return r;
+    }
+    // The old service took the same request again as "resume": the package that is already
+    // downloading, verifying or ready is answered 200 and nothing changes.
+    if let Some(why) = same_download(ctx, &pkg) {
+        log::info!(
+            "POST /download of {} again: {why}; nothing to do",
+            pkg.version
+        );
+        return envelope(200, "success", Value::Null);
     }
     // The child's `--request` is strict: it gets the body with only the known fields.
     let body = Bytes::from(obj.to_string());
     match start_child(ctx, &["download", "--request", "-"], Some(body)).await {
-        Ok(()) => envelope(200, "success", Value::Null),
-        Err(r) => r,
+        Ok(running) => {
+            *ctx.download.lock().unwrap_or_else(|p| p.into_inner()) = Some((pkg, running));
+            envelope(200, "success", Value::Null)
+        }
+        Err(r) => {
+            // Another writer (the CLI, the heal timer) may be downloading this very package.
+            if r.status() == StatusCode::CONFLICT {
+                if let Some(why) = same_download(ctx, &pkg) {
+                    log::info!(
+                        "POST /download of {} again: {why}; nothing to do",
+                        pkg.version
+                    );
+                    return envelope(200, "success", Value::Null);
+                }
+            }
+            r
+        }
     }
+}
+
+/// Why a download of `pkg` needs nothing done: the package is downloading or verifying now (by
+/// a child of ours, or by another writer that holds the lock), or it is downloaded, verified
+/// and still fresh. `None` when a download must run (nothing in flight, another package, an
+/// interrupted download to resume, a failed one to retry, a package gone from disk).
+fn same_download(ctx: &Ctx, pkg: &Package) -> Option<&'static str> {
+    let s = match state::read(&ctx.global.state_dir) {
+        Ok(ReadOutcome::Ok(s)) => *s,
+        _ => state::State::default(),
+    };
+    let same = super::download::is_same_package(&s, pkg);
+    if same && s.stage == Stage::ToInstall {
+        let file = ctx
+            .global
+            .state_dir
+            .join(state::DOWNLOADS_DIR)
+            .join(&pkg.package_name);
+        let fresh = s
+            .verified_at
+            .as_deref()
+            .and_then(clock::parse_rfc3339)
+            .is_some_and(|t| clock::now_unix() - t <= PACKAGE_TTL_SECS);
+        if fresh && file.is_file() {
+            return Some("it is downloaded and verified");
+        }
+    }
+    // Our child for this package, still running: its state may not show it yet (it has just
+    // started) or show it ready; a failure it recorded is retried by a new child instead.
+    let ours = ctx
+        .download
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|(p, running)| p == pkg && running.load(Ordering::SeqCst));
+    let settled_otherwise = same && matches!(s.stage, Stage::Failed | Stage::Idle | Stage::Success);
+    if ours && !settled_otherwise {
+        return Some("it is being downloaded");
+    }
+    // Another writer's download: only while it holds the lock.
+    if same
+        && matches!(s.stage, Stage::Downloading | Stage::Verifying)
+        && StateLock::acquire(&ctx.global.state_dir).is_err()
+    {
+        return Some("it is being downloaded");
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -735,11 +817,11 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
     let started = start_child(ctx, &args, None).await;
     match (started, expired) {
         // The child records the expiry and deletes the package.
-        (Ok(()), true) => coded(&OtaError::new(
+        (Ok(_), true) => coded(&OtaError::new(
             ErrorCode::PackageExpired,
             "the package was verified more than 24 h ago; it is deleted",
         )),
-        (Ok(()), false) => envelope(200, "success", Value::Null),
+        (Ok(_), false) => envelope(200, "success", Value::Null),
         (Err(r), _) => r,
     }
 }
@@ -884,6 +966,7 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         api_allow_downgrade: args.api_allow_downgrade,
         conns: Conns::default(),
         loopback_names: read_loopback_names(),
+        download: Mutex::new(None),
         progress_cache: Mutex::new(None),
     });
     rt.block_on(serve(ctx, addr))?;

@@ -566,3 +566,133 @@ fn a_missing_ota_gui_is_warned_once_per_install_over_the_api() {
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stderr.matches("no ota-gui at").count(), 1, "{run:?}");
 }
+
+#[test]
+fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
+    let env = Env::new();
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let ct = [("Content-Type", "application/json")];
+    let bytes = data(2 << 20, 142);
+    let pkg = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(15))),
+            ..Behaviour::default()
+        },
+    );
+    let other = PkgServer::start(bytes.clone(), Behaviour::default());
+    let body = json!({"version": "1.0.0", "package_url": pkg.url("pkg.zip"), "package_name": "pkg.zip",
+        "package_size": bytes.len(), "package_md5": md5_hex(&bytes)});
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
+    assert_eq!(st, 200, "{v}");
+    env.wait_state(30, "downloading", |s| {
+        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
+    });
+    let worker = srv.children();
+    assert_eq!(worker.len(), 1);
+    // The same request again, also as an old client may write it (size as a string, the MD5
+    // in capitals, a field more): 200, the same worker, no second fetch.
+    let mut again = body.clone();
+    again["package_size"] = json!(bytes.len().to_string());
+    again["package_md5"] = json!(md5_hex(&bytes).to_uppercase());
+    again["device_id"] = json!("printer-7");
+    for b in [&body, &again] {
+        let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &b.to_string());
+        assert_eq!(st, 200, "{b}: {v}");
+        assert_eq!(srv.children(), worker, "no second worker");
+    }
+    // Another package while this one downloads: BUSY.
+    let mut different = body.clone();
+    different["package_url"] = json!(other.url("pkg.zip"));
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &different.to_string());
+    assert_eq!(st, 409, "{v}");
+    assert_refused(&v, 409, "BUSY: ", "another package");
+    // Ready: the same request is 200, starts nothing and writes nothing.
+    env.wait_state(30, "toInstall", |s| s["stage"] == "toInstall");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !srv.children().is_empty() {
+        assert!(Instant::now() < until, "the download did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = std::fs::read(env.state_dir.join("state.json")).unwrap();
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
+    assert_eq!(st, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(srv.children().is_empty(), "nothing started");
+    assert_eq!(
+        std::fs::read(env.state_dir.join("state.json")).unwrap(),
+        before,
+        "state.json unchanged"
+    );
+    assert_eq!(pkg.requests().len(), 1, "one fetch in all");
+    assert!(other.requests().is_empty());
+    // The package gone from disk: the same request downloads it again.
+    std::fs::remove_file(env.downloads().join("pkg.zip")).unwrap();
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
+    assert_eq!(st, 200, "{v}");
+    env.wait_state(30, "toInstall again", |s| {
+        s["stage"] == "toInstall" && env.downloads().join("pkg.zip").is_file()
+    });
+    assert_eq!(pkg.requests().len(), 2, "fetched again");
+}
+
+#[test]
+fn reposting_a_download_another_writer_runs_is_200() {
+    // The CLI (or the heal timer) downloads; device-api posts the same package: 200, nothing
+    // started; another package: BUSY.
+    let env = Env::new();
+    let bytes = data(2 << 20, 143);
+    let pkg = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(15))),
+            ..Behaviour::default()
+        },
+    );
+    let size = bytes.len().to_string();
+    let md5 = md5_hex(&bytes);
+    let url = pkg.url("pkg.zip");
+    let mut cli = env.spawn(&[
+        "download",
+        "--version",
+        "1.0.0",
+        "--url",
+        &url,
+        "--name",
+        "pkg.zip",
+        "--size",
+        &size,
+        "--md5",
+        &md5,
+    ]);
+    env.wait_state(30, "downloading", |s| {
+        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
+    });
+    let srv = Server::start(&env);
+    let ct = [("Content-Type", "application/json")];
+    let body = json!({"version": "1.0.0", "package_url": url, "package_name": "pkg.zip",
+        "package_size": bytes.len(), "package_md5": md5});
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/download",
+        &ct,
+        &body.to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(srv.children().is_empty(), "nothing started");
+    let mut different = body.clone();
+    different["version"] = json!("1.0.1");
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/download",
+        &ct,
+        &different.to_string(),
+    );
+    assert_eq!(st, 409, "{v}");
+    assert!(cli.wait().unwrap().success());
+    assert_eq!(env.state()["stage"], "toInstall");
+    assert_eq!(pkg.requests().len(), 1);
+}

@@ -329,12 +329,15 @@ fn slow_package(bytes: &[u8]) -> PkgServer {
 }
 
 #[test]
-fn concurrent_downloads_one_wins_the_rest_are_busy() {
+fn concurrent_downloads_of_one_package_run_once_others_are_busy() {
     let env = Env::new();
     let srv = Server::start(&env);
     let bytes = data(2 << 20, 60);
     let pkg = slow_package(&bytes);
+    let other = slow_package(&bytes);
     let body = download_body(&pkg.url("pkg.zip"), &bytes, "1.0.0");
+    // The same request ten times at once: one download runs, every request is answered 200
+    // (the old service took the same package again as "resume").
     let threads: Vec<_> = (0..10)
         .map(|_| {
             let addr = srv.addr.clone();
@@ -342,11 +345,25 @@ fn concurrent_downloads_one_wins_the_rest_are_busy() {
             std::thread::spawn(move || call(&addr, "POST", "/api/v1.0/download", Some(&body)))
         })
         .collect();
-    let mut statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap().0).collect();
-    statuses.sort();
-    assert_eq!(statuses, [200, 409, 409, 409, 409, 409, 409, 409, 409, 409]);
+    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap().0).collect();
+    assert_eq!(statuses, [200; 10]);
+    // Another package while that one downloads: BUSY, every time.
+    let body2 = download_body(&other.url("pkg.zip"), &bytes, "1.0.1");
+    let threads: Vec<_> = (0..5)
+        .map(|_| {
+            let addr = srv.addr.clone();
+            let body = body2.clone();
+            std::thread::spawn(move || call(&addr, "POST", "/api/v1.0/download", Some(&body)))
+        })
+        .collect();
+    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap().0).collect();
+    assert_eq!(statuses, [409; 5]);
     wait_progress(&srv.addr, 30, "toInstall", |p| p["stage"] == "toInstall");
     assert_eq!(pkg.requests().len(), 1, "exactly one download ran");
+    assert!(
+        other.requests().is_empty(),
+        "the other package was not fetched"
+    );
 }
 
 #[test]
