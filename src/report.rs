@@ -23,6 +23,10 @@ pub const FLUSH_DEADLINE: Duration = Duration::from_millis(1000);
 pub struct Payload {
     pub code: u16,
     pub msg: String,
+    /// On a failure (code 500) only: the stage beside `code` and `msg`, as the old service's
+    /// failure callbacks had it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
     pub data: PayloadData,
 }
 
@@ -41,14 +45,20 @@ pub struct PayloadData {
 }
 
 impl Payload {
+    /// Code 500 only with stage `failed`, the end of an operation: a client that takes 500 as
+    /// final must not act while an automatic rollback still runs (stage `installing`, its
+    /// `step` and the original `error` in `data`), which reports 200.
     pub fn from_state(s: &State) -> Payload {
-        let (code, msg) = match s.error {
-            Some(code) => (500, format!("{}: {}", code, s.message)),
-            None => (200, "success".to_string()),
+        let (code, msg, stage) = if s.stage == Stage::Failed {
+            let code = s.error.unwrap_or(ErrorCode::Internal);
+            (500, format!("{}: {}", code, s.message), Some(s.stage))
+        } else {
+            (200, "success".to_string(), None)
         };
         Payload {
             code,
             msg,
+            stage,
             data: PayloadData {
                 stage: s.stage,
                 progress: s.progress,

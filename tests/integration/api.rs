@@ -696,3 +696,63 @@ fn reposting_a_download_another_writer_runs_is_200() {
     assert_eq!(env.state()["stage"], "toInstall");
     assert_eq!(pkg.requests().len(), 1);
 }
+
+#[test]
+fn code_500_only_with_stage_failed_and_failure_callbacks_carry_stage() {
+    // An automatic rollback reports its steps with 200 while the stage is still `installing`;
+    // only the end, stage `failed`, is 500, with `stage` beside `code` and `msg` as well.
+    let api = ApiStub::start(Duration::ZERO);
+    let mut d = v2_ready();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    let srv = Server::start(&d.env);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &[("Content-Type", "application/json")],
+        r#"{"version":"2.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    let until = Instant::now() + Duration::from_secs(30);
+    while api.bodies().last().map(|b| b["code"].clone()) != Some(json!(500)) {
+        assert!(Instant::now() < until, "{:#?}", api.bodies());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"), "rolled back");
+    let bodies = api.bodies();
+    let installing: Vec<&Value> = bodies
+        .iter()
+        .filter(|b| b["data"]["stage"] == "installing")
+        .collect();
+    for b in &bodies {
+        let failed = b["data"]["stage"] == "failed";
+        assert_eq!(b["code"], if failed { 500 } else { 200 }, "{b}");
+        if failed {
+            assert_eq!(b["stage"], "failed", "{b}");
+            assert!(
+                b["msg"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("SERVICE_START_FAILED: "),
+                "{b}"
+            );
+            assert_eq!(b["data"]["error"], "SERVICE_START_FAILED", "{b}");
+        } else {
+            assert_eq!(b["msg"], "success", "{b}");
+            assert!(b.get("stage").is_none(), "{b}");
+        }
+    }
+    // The rollback's own steps were reported, with their step and the cause in data.error.
+    let rollback_steps: Vec<&str> = installing
+        .iter()
+        .filter(|b| b["data"]["error"] == "SERVICE_START_FAILED")
+        .filter_map(|b| b["data"]["step"].as_str())
+        .collect();
+    assert!(!rollback_steps.is_empty(), "{bodies:#?}");
+    assert_eq!(
+        bodies.iter().filter(|b| b["code"] == 500).count(),
+        1,
+        "one final failure: {bodies:#?}"
+    );
+}

@@ -778,6 +778,7 @@ fn failure_callback_carries_the_code() {
         "{last}"
     );
     assert_eq!(last["data"]["stage"], "failed");
+    assert_eq!(last["stage"], "failed", "beside code and msg too");
     assert_eq!(last["data"]["error"], "MD5_MISMATCH");
     assert_eq!(last["data"]["version"], "1.2.0");
 }
