@@ -969,8 +969,31 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         download: Mutex::new(None),
         progress_cache: Mutex::new(None),
     });
+    deliver_pending_callback(g);
     rt.block_on(serve(ctx, addr))?;
     Ok(Output::success(String::new(), Value::Null))
+}
+
+/// A stage device-api did not receive (its process ended first) is sent when serve starts,
+/// in the background, under the lock so it cannot overtake a writer's newer callbacks; a
+/// writer that holds the lock sends it itself. The lock is held at most
+/// [`crate::report::FLUSH_DEADLINE`], which a POST waits out as it waits for any writer at rest.
+fn deliver_pending_callback(g: &Global) {
+    if g.report_url.is_empty() {
+        return;
+    }
+    let g = g.clone();
+    let _ = std::thread::Builder::new()
+        .name("pending-callback".into())
+        .spawn(move || {
+            let Ok(lock) = StateLock::acquire(&g.state_dir) else {
+                return;
+            };
+            if let Ok(ReadOutcome::Ok(s)) = state::read(&g.state_dir) {
+                crate::report::Reporter::new(&g.report_url, &g.state_dir, &s).finish();
+            }
+            drop(lock);
+        });
 }
 
 async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {

@@ -756,3 +756,133 @@ fn code_500_only_with_stage_failed_and_failure_callbacks_carry_stage() {
         "one final failure: {bodies:#?}"
     );
 }
+
+// ---------------------------------------------------------------- callback delivery
+
+/// The stages device-api received, consecutive repeats merged.
+fn stages(api: &ApiStub) -> Vec<String> {
+    let mut s: Vec<String> = api
+        .bodies()
+        .iter()
+        .map(|b| b["data"]["stage"].as_str().unwrap_or("?").to_string())
+        .collect();
+    s.dedup();
+    s
+}
+
+fn wait_no_children(srv: &Server) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while !srv.children().is_empty() {
+        assert!(Instant::now() < until, "the worker did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_device_api_answering_in_300_ms_receives_every_stage_change() {
+    // Within the old 500 ms budget: every stage change arrives, in order, before the worker
+    // exits; only intermediate progress values may be skipped.
+    let api = ApiStub::start(Duration::from_millis(300));
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let (files, manifest) = v2_partial();
+    let bytes = d.pack("2.0.0", &files, &manifest);
+    let pkg = PkgServer::start(bytes.clone(), Behaviour::default());
+    let srv = Server::start(&d.env);
+    let ct = [("Content-Type", "application/json")];
+    let body = json!({"version": "2.0.0", "package_url": pkg.url("pkg.zip"), "package_name": "pkg.zip",
+        "package_size": bytes.len(), "package_md5": md5_hex(&bytes)});
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/download",
+        &ct,
+        &body.to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&d.env, "toInstall");
+    wait_no_children(&srv);
+    assert_eq!(stages(&api), ["downloading", "verifying", "toInstall"]);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"2.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&d.env, "success");
+    wait_no_children(&srv);
+    assert_eq!(
+        stages(&api),
+        [
+            "downloading",
+            "verifying",
+            "toInstall",
+            "installing",
+            "success"
+        ]
+    );
+    let last = api.bodies().last().cloned().unwrap();
+    assert_eq!(
+        (last["code"].clone(), last["data"]["progress"].clone()),
+        (json!(200), json!(100))
+    );
+}
+
+#[test]
+fn an_undelivered_stage_change_is_sent_by_the_next_run() {
+    // device-api down while a download ends (as when an install stops it, or a reboot or a
+    // kill ends the process): the stage is not lost; heal, the timer and serve send it.
+    let mut d = Device::with_v1();
+    d.env.set(
+        "TOPE_OTA_REPORT_URL",
+        "http://127.0.0.1:1/api/v1.0/ota/report",
+    );
+    let (files, manifest) = v2_partial();
+    let bytes = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", bytes.clone()).expect(0);
+    let api = ApiStub::start(Duration::ZERO);
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    d.env.run(&["heal"]).expect(0);
+    let bodies = api.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:#?}");
+    assert_eq!(bodies[0]["code"], 200);
+    assert_eq!(bodies[0]["data"]["stage"], "toInstall");
+    assert_eq!(bodies[0]["data"]["version"], "2.0.0");
+    // Delivered: the next run sends nothing again.
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(api.bodies().len(), 1, "{:#?}", api.bodies());
+
+    // A failure device-api missed, sent by serve when it starts.
+    d.env.set(
+        "TOPE_OTA_REPORT_URL",
+        "http://127.0.0.1:1/api/v1.0/ota/report",
+    );
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    d.install().expect(1);
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let srv = Server::start(&d.env);
+    let until = Instant::now() + Duration::from_secs(5);
+    while api.bodies().len() < 2 {
+        assert!(
+            Instant::now() < until,
+            "serve did not send the missed stage"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let last = api.bodies().last().cloned().unwrap();
+    assert_eq!(last["code"], 500, "{last}");
+    assert_eq!(last["stage"], "failed", "{last}");
+    assert_eq!(last["data"]["error"], "SERVICE_START_FAILED", "{last}");
+    drop(srv);
+    // heal does not send the failure again; it reports its own cleanup (back to idle).
+    d.env.run(&["heal"]).expect(0);
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(
+        stages(&api),
+        ["toInstall", "failed", "idle"],
+        "{:#?}",
+        api.bodies()
+    );
+}

@@ -810,8 +810,10 @@ fn device_api_down_or_slow_never_fails_or_stalls_the_download() {
     download(&slow, &srv, &p).expect(0);
     let took = t.elapsed();
     assert_installed_package(&slow, &p);
+    // The download itself is not slowed; at exit the process waits at most FLUSH_DEADLINE
+    // for the stage changes.
     assert!(
-        took < baseline + Duration::from_millis(2500),
+        took < baseline + tope_ota::report::FLUSH_DEADLINE + Duration::from_millis(1000),
         "slow device-api slowed the download: {took:?} vs {baseline:?}"
     );
     assert!(!api.bodies().is_empty(), "callbacks were attempted");
