@@ -524,7 +524,7 @@ const DOWNLOAD_FIELDS: &[&str] = &[
     "package_sig_url",
 ];
 /// The fields of a POST /update body.
-const UPDATE_FIELDS: &[&str] = &["version", "allow_downgrade"];
+const UPDATE_FIELDS: &[&str] = &["version", "allow_downgrade", "reinstall"];
 
 /// The body as a JSON object without the fields the route does not know. The old service's
 /// models ignored unknown fields, so a device-api that sends more (`device_id`, `force`) keeps
@@ -716,6 +716,9 @@ struct UpdateRequest {
     /// `serve --api-allow-downgrade`.
     #[serde(default)]
     allow_downgrade: bool,
+    /// Optional: install the version current runs again (`install --reinstall`).
+    #[serde(default)]
+    reinstall: bool,
 }
 
 async fn post_update(
@@ -813,6 +816,9 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
     let mut args = vec!["install", "--version", upd.version.as_str()];
     if upd.allow_downgrade {
         args.push("--allow-downgrade");
+    }
+    if upd.reinstall {
+        args.push("--reinstall");
     }
     let started = start_child(ctx, &args, None).await;
     match (started, expired) {

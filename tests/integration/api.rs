@@ -886,3 +886,59 @@ fn an_undelivered_stage_change_is_sent_by_the_next_run() {
         api.bodies()
     );
 }
+
+// ---------------------------------------------------------------- the version already running
+
+#[test]
+fn update_to_the_running_version_is_success_and_reinstall_builds_it_again() {
+    let api = ApiStub::start(Duration::ZERO);
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    d.download("1.0.0", pkg.clone()).expect(0);
+    let srv = Server::start(&d.env);
+    let ct = [("Content-Type", "application/json")];
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"1.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    let s = wait_stage(&d.env, "success");
+    assert_eq!(s["error"], Value::Null, "{s}");
+    assert!(
+        s["message"].as_str().unwrap().contains("already runs"),
+        "{s}"
+    );
+    wait_no_children(&srv);
+    assert!(d.env.download_files().is_empty(), "the package is deleted");
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
+    let last = api.bodies().last().cloned().unwrap();
+    assert_eq!(last["code"], 200, "{last}");
+    assert_eq!(last["data"]["stage"], "success", "{last}");
+    assert!(
+        last["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already runs"),
+        "{last}"
+    );
+    // "reinstall": true installs it again, under a new snapshot name.
+    d.download("1.0.0", pkg).expect(0);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"1.0.0","reinstall":true}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&d.env, "success");
+    wait_no_children(&srv);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0~2"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+    d.assert_current_is(&v1_files());
+}
