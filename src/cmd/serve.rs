@@ -398,8 +398,10 @@ async fn start_child(
                     state::read(&ctx.global.state_dir),
                     Ok(ReadOutcome::Ok(s)) if matches!(s.stage, Stage::Idle | Stage::ToInstall | Stage::Success | Stage::Failed)
                 );
+                // serve's own delivery of a missed callback holds the lock as briefly.
+                let delivering = DELIVERING.load(Ordering::SeqCst);
                 if err.code != ErrorCode::Busy
-                    || !resting
+                    || !(resting || delivering)
                     || tokio::time::Instant::now() >= deadline
                 {
                     return Err(coded(&err));
@@ -682,7 +684,9 @@ fn same_download(ctx: &Ctx, pkg: &Package) -> Option<&'static str> {
             .as_deref()
             .and_then(clock::parse_rfc3339)
             .is_some_and(|t| clock::now_unix() - t <= PACKAGE_TTL_SECS);
-        if fresh && file.is_file() {
+        let whole =
+            std::fs::metadata(&file).is_ok_and(|m| m.is_file() && m.len() == pkg.package_size);
+        if fresh && whole {
             return Some("it is downloaded and verified");
         }
     }
@@ -988,19 +992,28 @@ fn deliver_pending_callback(g: &Global) {
     if g.report_url.is_empty() {
         return;
     }
+    let Ok(lock) = StateLock::acquire(&g.state_dir) else {
+        return;
+    };
+    DELIVERING.store(true, Ordering::SeqCst);
     let g = g.clone();
-    let _ = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("pending-callback".into())
         .spawn(move || {
-            let Ok(lock) = StateLock::acquire(&g.state_dir) else {
-                return;
-            };
             if let Ok(ReadOutcome::Ok(s)) = state::read(&g.state_dir) {
                 crate::report::Reporter::new(&g.report_url, &g.state_dir, &s).finish();
             }
             drop(lock);
+            DELIVERING.store(false, Ordering::SeqCst);
         });
+    if spawned.is_err() {
+        DELIVERING.store(false, Ordering::SeqCst);
+    }
 }
+
+/// serve's thread that sends a missed callback holds the lock (see
+/// [`deliver_pending_callback`]): a POST waits for it rather than answer BUSY.
+static DELIVERING: AtomicBool = AtomicBool::new(false);
 
 async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)

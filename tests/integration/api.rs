@@ -942,3 +942,87 @@ fn update_to_the_running_version_is_success_and_reinstall_builds_it_again() {
     assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
     d.assert_current_is(&v1_files());
 }
+
+// ---------------------------------------------------------------- odd and hostile requests
+
+#[test]
+fn odd_old_clients_and_hostile_bodies() {
+    let env = Env::new();
+    let srv = Server::start_logged(&env);
+    let a = &srv.addr;
+    // Old clients: a chunked body, a query string, HTTP/1.0 with a body and no Content-Type.
+    let body = r#"{"version":"1.0.0"}"#;
+    let (st, text) = raw(
+        a,
+        format!(
+            "POST /api/v1.0/update HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(st, 400, "{text}");
+    assert!(text.contains("NO_PACKAGE: "), "{text}");
+    let (st, text) = raw(
+        a,
+        format!("GET /api/v1.0/progress?ts=1 HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(st, 200, "{text}");
+    // Hostile bodies: refused whole, nothing started, the log not forged.
+    let ct = [("Content-Type", "application/json")];
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let nested = format!(r#"{{"version":"1.0.0","x":{deep}}}"#);
+    let (st, v) = request(a, "POST", "/api/v1.0/update", &ct, &nested);
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "INVALID_REQUEST: ", "nesting");
+    let forged = r#"{"version":"1.0.0","x\ntope-ota: error: forged":1}"#;
+    let (st, v) = request(a, "POST", "/api/v1.0/update", &ct, forged);
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "NO_PACKAGE: ", "a field name with a newline");
+    assert!(
+        !srv.log()
+            .lines()
+            .any(|l| l.starts_with("tope-ota: error: forged")),
+        "{}",
+        srv.log()
+    );
+    assert!(
+        srv.log().contains(r#""x\ntope-ota: error: forged""#),
+        "{}",
+        srv.log()
+    );
+    // Many unknown fields: one warning line, a bounded list.
+    let many: serde_json::Map<String, Value> = (0..3000)
+        .map(|i| (format!("f{i}"), json!(i)))
+        .chain([("version".to_string(), json!("1.0.0"))])
+        .collect();
+    let (st, v) = request(
+        a,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        &Value::Object(many).to_string(),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "NO_PACKAGE: ", "many unknown fields");
+    let line = srv
+        .log()
+        .lines()
+        .find(|l| l.contains("\"f0\""))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("and 2992 more") && line.len() < 1000,
+        "{line}"
+    );
+    // Duplicate keys: the last one counts, and it is validated.
+    let dup = r#"{"version":"1.0.0","package_url":"http://127.0.0.1:1/p","package_name":"p.zip","package_size":10,"package_md5":"0123456789abcdef0123456789abcdef","version":"../x"}"#;
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, dup);
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "INVALID_REQUEST: ", "duplicate keys");
+    assert!(srv.children().is_empty());
+    assert!(
+        !env.state_dir.join("state.json").exists(),
+        "nothing written"
+    );
+}
