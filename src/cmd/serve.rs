@@ -499,6 +499,22 @@ async fn start_child(
     Ok(running)
 }
 
+/// Most time a POST waits for its child's first state write (see [`taken_over`]).
+const TAKE_OVER: Duration = Duration::from_secs(2);
+
+/// Wait until the child started has written state.json (or ended), at most [`TAKE_OVER`]: a
+/// client that polls /progress right after the 200 sees the new operation (`downloading`,
+/// `installing`), not the end of the last one (a `failed` it would take for this one's).
+async fn taken_over(ctx: &Ctx, before: Option<StateKey>, running: &AtomicBool) {
+    let until = tokio::time::Instant::now() + TAKE_OVER;
+    while state_key(ctx) == before
+        && running.load(Ordering::SeqCst)
+        && tokio::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Children running, for the orderly shutdown.
 static CHILDREN: AtomicUsize = AtomicUsize::new(0);
 
@@ -642,9 +658,11 @@ async fn start_download(ctx: &Ctx, body: Bytes) -> Resp {
     }
     // The child's `--request` is strict: it gets the body with only the known fields.
     let body = Bytes::from(obj.to_string());
+    let before = state_key(ctx);
     match start_child(ctx, &["download", "--request", "-"], Some(body)).await {
         Ok(running) => {
-            *ctx.download.lock().unwrap_or_else(|p| p.into_inner()) = Some((pkg, running));
+            *ctx.download.lock().unwrap_or_else(|p| p.into_inner()) = Some((pkg, running.clone()));
+            taken_over(ctx, before, &running).await;
             envelope(200, "success", Value::Null)
         }
         Err(r) => {
@@ -824,7 +842,11 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
     if upd.reinstall {
         args.push("--reinstall");
     }
+    let before = state_key(ctx);
     let started = start_child(ctx, &args, None).await;
+    if let Ok(running) = &started {
+        taken_over(ctx, before, running).await;
+    }
     match (started, expired) {
         // The child records the expiry and deletes the package.
         (Ok(_), true) => coded(&OtaError::new(
