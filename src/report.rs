@@ -65,7 +65,7 @@ pub fn read_delivered(state_dir: &Path) -> Option<StageKey> {
 fn write_delivered(path: &Path, key: &StageKey) {
     let result = serde_json::to_vec(key)
         .map_err(anyhow::Error::from)
-        .and_then(|b| crate::fsutil::write_atomic(path, &b));
+        .and_then(|b| crate::fsutil::replace_small_file(path, &b));
     if let Err(e) = result {
         log::warn!(
             "recording the delivered callback in {}: {e:#}",
