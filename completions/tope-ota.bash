@@ -549,7 +549,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__install)
-            opts="-v -q -h --version --allow-downgrade --wait --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --version --allow-downgrade --wait --reinstall --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -96,6 +96,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-tim
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l allow-downgrade -d 'Install even if the version is lower than the current one'
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l reinstall -d 'Install the version current already runs again: a fresh snapshot (current mirrored, every module from the package) under a new dir name. Without it, that install succeeds with nothing to do'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -s q -l quiet -d 'Only errors on stderr, no progress bar'

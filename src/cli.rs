@@ -321,6 +321,11 @@ pub struct InstallArgs {
     /// Wait up to SECS for inhibitors (print jobs) to clear instead of refusing at once
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub wait: u64,
+    /// Install the version current already runs again: a fresh snapshot (current mirrored,
+    /// every module from the package) under a new dir name. Without it, that install succeeds
+    /// with nothing to do
+    #[arg(long)]
+    pub reinstall: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -128,6 +128,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Replace a small bookkeeping file that another thread of a writer may write while the
+/// writer sweeps temp files: through its own fixed temp `<path>.tmp` (never swept; a leftover
+/// is overwritten next time), fsynced before the rename so the file is never empty. The
+/// directory is not fsynced: losing the rename only brings the old content back.
+pub fn replace_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| io_error(e, "create", &tmp))?;
+    f.write_all(bytes).map_err(|e| io_error(e, "write", &tmp))?;
+    // Not through the fault hooks: this file is not part of any operation's durability, and
+    // its writes (from a thread, when callbacks are on) must not shift the injected faults.
+    f.sync_all().map_err(|e| io_error(e, "fsync", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+}
+
 /// Rename `from` to `to` (same filesystem) and fsync the destination directory. The caller has
 /// already fsynced what `from` names.
 pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {

@@ -1,28 +1,88 @@
 //! Progress callbacks to device-api (SPEC section 5).
 //!
-//! The operation never waits on device-api: events go through a queue to one sender thread, each
-//! POST is bounded at 500 ms, and a failure is logged and forgotten. Events are sent in order;
-//! while device-api is failing, intermediate progress steps are coalesced so a slow receiver
-//! cannot build up a backlog, but stage changes are always sent.
+//! The operation never waits on device-api: events go through a queue to one sender thread,
+//! in order. Stage changes (a new stage or error) are each tried up to [`STAGE_ATTEMPTS`] times,
+//! every attempt bounded at [`CALLBACK_TIMEOUT`]; an intermediate progress value that has waited
+//! longer than [`STALE_PROGRESS`] with a newer event behind it is skipped (the latest is sent).
+//! At exit a command waits at most [`FLUSH_DEADLINE`] for the queue.
+//!
+//! What is not delivered is not lost: `callback.json` in the state dir records the last stage
+//! (stage, error, version) device-api received, and the next writer (heal, the timer, download,
+//! install…) and serve at its start send state.json's state first when it differs.
 
 use crate::error::ErrorCode;
 use crate::state::{Stage, State};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Bound of one callback POST.
 pub const CALLBACK_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a finishing command waits for queued callbacks before it exits anyway.
-pub const FLUSH_DEADLINE: Duration = Duration::from_millis(1000);
+/// Attempts for one stage change while device-api answers; one while it is down (its last
+/// stage change failed every attempt), until it answers again.
+pub const STAGE_ATTEMPTS: u32 = 3;
+/// Pause between two attempts of one stage change.
+pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// A progress value queued longer than this with a newer event behind it is skipped.
+pub const STALE_PROGRESS: Duration = Duration::from_millis(200);
+/// How long a finishing command waits for queued callbacks before it exits anyway: the most
+/// time a process spends at exit on callbacks.
+pub const FLUSH_DEADLINE: Duration = Duration::from_millis(2000);
+/// The last stage device-api received, in the state dir.
+pub const DELIVERED_FILE: &str = "callback.json";
+
+/// What identifies a stage change: the stage, the error and the version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageKey {
+    pub stage: Stage,
+    pub error: Option<ErrorCode>,
+    pub version: Option<String>,
+}
+
+impl StageKey {
+    pub fn of(s: &State) -> StageKey {
+        StageKey {
+            stage: s.stage,
+            error: s.error,
+            version: s.version.clone(),
+        }
+    }
+}
+
+fn delivered_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(DELIVERED_FILE)
+}
+
+/// The last stage device-api received, as recorded; `None` when never recorded (or unreadable).
+pub fn read_delivered(state_dir: &Path) -> Option<StageKey> {
+    let bytes = std::fs::read(delivered_path(state_dir)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_delivered(path: &Path, key: &StageKey) {
+    let result = serde_json::to_vec(key)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| crate::fsutil::replace_small_file(path, &b));
+    if let Err(e) = result {
+        log::warn!(
+            "recording the delivered callback in {}: {e:#}",
+            path.display()
+        );
+    }
+}
 
 /// The callback body: the API envelope with the progress data and the version.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Payload {
     pub code: u16,
     pub msg: String,
+    /// On a failure (code 500) only: the stage beside `code` and `msg`, as the old service's
+    /// failure callbacks had it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
     pub data: PayloadData,
 }
 
@@ -41,14 +101,20 @@ pub struct PayloadData {
 }
 
 impl Payload {
+    /// Code 500 only with stage `failed`, the end of an operation: a client that takes 500 as
+    /// final must not act while an automatic rollback still runs (stage `installing`, its
+    /// `step` and the original `error` in `data`), which reports 200.
     pub fn from_state(s: &State) -> Payload {
-        let (code, msg) = match s.error {
-            Some(code) => (500, format!("{}: {}", code, s.message)),
-            None => (200, "success".to_string()),
+        let (code, msg, stage) = if s.stage == Stage::Failed {
+            let code = s.error.unwrap_or(ErrorCode::Internal);
+            (500, format!("{}: {}", code, s.message), Some(s.stage))
+        } else {
+            (200, "success".to_string(), None)
         };
         Payload {
             code,
             msg,
+            stage,
             data: PayloadData {
                 stage: s.stage,
                 progress: s.progress,
@@ -68,6 +134,17 @@ impl Payload {
 struct Event {
     payload: Payload,
     stage_change: bool,
+    queued: Instant,
+}
+
+impl Event {
+    fn key(&self) -> StageKey {
+        StageKey {
+            stage: self.payload.data.stage,
+            error: self.payload.data.error,
+            version: self.payload.data.version.clone(),
+        }
+    }
 }
 
 /// Decides which state changes are reported and hands them to the sender thread.
@@ -78,8 +155,11 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// A reporter posting to `url`; an empty URL disables callbacks.
-    pub fn new(url: &str) -> Reporter {
+    /// A reporter posting to `url`; an empty URL disables callbacks. `state` is state.json as
+    /// the writer found it under the lock: when device-api did not receive its stage (a
+    /// process ended before it could deliver it), it is sent first. With no record yet, the
+    /// record starts at `state` (nothing is sent: an older tope-ota delivered or not).
+    pub fn new(url: &str, state_dir: &Path, state: &State) -> Reporter {
         if url.is_empty() {
             return Reporter {
                 tx: None,
@@ -88,10 +168,28 @@ impl Reporter {
             };
         }
         let (tx, rx) = mpsc::channel();
+        let current = StageKey::of(state);
+        let (bootstrap, pending) = match read_delivered(state_dir) {
+            None => (Some(current), false),
+            Some(k) => (None, k != current),
+        };
+        if pending {
+            log::info!(
+                "device-api did not receive stage {} of {}: sending it",
+                state.stage,
+                state.version.as_deref().unwrap_or("-")
+            );
+            let _ = tx.send(Event {
+                payload: Payload::from_state(state),
+                stage_change: true,
+                queued: Instant::now(),
+            });
+        }
         let url = url.to_string();
+        let record = delivered_path(state_dir);
         let worker = std::thread::Builder::new()
             .name("report".into())
-            .spawn(move || sender(url, rx))
+            .spawn(move || sender(url, rx, record, bootstrap))
             .ok();
         Reporter {
             tx: worker.as_ref().map(|_| tx),
@@ -115,6 +213,7 @@ impl Reporter {
             let _ = tx.send(Event {
                 payload: Payload::from_state(state),
                 stage_change,
+                queued: Instant::now(),
             });
         }
     }
@@ -142,14 +241,18 @@ impl Drop for Reporter {
     }
 }
 
-fn sender(url: String, rx: Receiver<Event>) {
+fn sender(url: String, rx: Receiver<Event>, record: PathBuf, bootstrap: Option<StageKey>) {
+    let mut recorded = bootstrap.clone();
+    if let Some(k) = &bootstrap {
+        write_delivered(&record, k);
+    }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(CALLBACK_TIMEOUT))
         .http_status_as_error(false)
         .build()
         .into();
     let mut queue: VecDeque<Event> = VecDeque::new();
-    let mut healthy = true;
+    let mut down = false;
     let mut open = true;
     while open || !queue.is_empty() {
         if queue.is_empty() {
@@ -172,12 +275,41 @@ fn sender(url: String, rx: Receiver<Event>) {
         let Some(ev) = queue.pop_front() else {
             continue;
         };
-        // A progress step with a newer event behind it is stale once device-api has fallen
-        // behind; skipping it keeps the stage changes and the latest figure on time.
-        if !healthy && !ev.stage_change && !queue.is_empty() {
+        // A progress value that waited while device-api was slow or failing, with a newer
+        // event behind it, is stale: skipping it keeps the stage changes and the latest figure
+        // on time. Stage changes are never skipped.
+        if !ev.stage_change && !queue.is_empty() && ev.queued.elapsed() > STALE_PROGRESS {
             continue;
         }
-        healthy = post(&agent, &url, &ev.payload);
+        let attempts = if ev.stage_change && !down {
+            STAGE_ATTEMPTS
+        } else {
+            1
+        };
+        let mut delivered = false;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            if post(&agent, &url, &ev.payload) {
+                delivered = true;
+                break;
+            }
+        }
+        if delivered {
+            down = false;
+            let key = ev.key();
+            if recorded.as_ref() != Some(&key) {
+                write_delivered(&record, &key);
+                recorded = Some(key);
+            }
+        } else if ev.stage_change {
+            down = true;
+            log::warn!(
+                "device-api did not receive stage {} after {attempts} attempt(s); the next tope-ota run sends the latest stage",
+                ev.payload.data.stage
+            );
+        }
     }
 }
 

@@ -210,6 +210,17 @@ pub fn run(g: &Global, args: &DownloadArgs) -> Result<Output> {
     result
 }
 
+/// Whether `s` describes `pkg` (a validated package): the same url, version, name, size, MD5
+/// and SHA-256, so a download of it resumes or keeps what is on disk.
+pub fn is_same_package(s: &crate::state::State, pkg: &Package) -> bool {
+    s.version.as_deref() == Some(&pkg.version)
+        && s.package_url.as_deref() == Some(&pkg.package_url)
+        && s.package_md5.as_deref() == Some(&pkg.package_md5)
+        && s.package_name.as_deref() == Some(&pkg.package_name)
+        && s.package_size == Some(pkg.package_size)
+        && s.package_sha256 == pkg.package_sha256
+}
+
 /// The download itself, under a writer's lock; heal calls it to resume one. A failure that
 /// the steps below did not record themselves is recorded here, so state.json, the callbacks and
 /// the exit code always agree.
@@ -240,13 +251,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     let f = files(&g.state_dir, &pkg.package_name);
     fsutil::ensure_dir(&f.dir)?;
     fsutil::sweep_temp(&f.dir)?;
-    let s = &op.state;
-    let same = s.version.as_deref() == Some(&pkg.version)
-        && s.package_url.as_deref() == Some(&pkg.package_url)
-        && s.package_md5.as_deref() == Some(&pkg.package_md5)
-        && s.package_name.as_deref() == Some(&pkg.package_name)
-        && s.package_size == Some(pkg.package_size)
-        && s.package_sha256 == pkg.package_sha256;
+    let same = is_same_package(&op.state, pkg);
 
     // The same package already renamed into place (verified, or a crash came between the rename
     // and the state write): check it is still whole and keep it.

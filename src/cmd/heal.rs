@@ -161,6 +161,7 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
                             version: None,
                             allow_downgrade: false,
                             wait: 0,
+                            reinstall: false,
                         };
                         let mut gui = Gui::none();
                         result =

@@ -662,6 +662,22 @@ pub fn install(
         return Err(err.into());
     }
 
+    // The version current runs: success with nothing to do, unless asked to install it again.
+    if links.current_version() == Some(version.as_str()) && !args.reinstall {
+        fsutil::remove_file_durable(&pkg)?;
+        op.state.stage = Stage::Success;
+        op.state.error = None;
+        op.state.step = None;
+        op.state.progress = 100;
+        op.state.message = format!(
+            "Version {version} already runs; nothing to do (the package was deleted; install --reinstall installs it again)"
+        );
+        op.commit()?;
+        return Ok(Output::success(
+            format!("version {version} already runs; nothing to do\n"),
+            op.state.progress_data(),
+        ));
+    }
     if let Err(e) = inhibit::check(g, Duration::from_secs(args.wait)) {
         op.state.message = format!("{}; the package waits", e.message());
         op.commit()?;
@@ -672,7 +688,15 @@ pub fn install(
 
     fsutil::ensure_dir(&root)?;
     fsutil::sweep_temp(&root)?;
-    let target = snapshot::dir_name(&version);
+    // A version a link already holds (current for --reinstall, previous, factory) is built
+    // fresh, the usual way, under a new dir name (`v<version>~<n>`): the snapshot a link points
+    // to is never reused nor rebuilt in place.
+    let plain = snapshot::dir_name(&version);
+    let target = if links.references(&plain) {
+        snapshot::fresh_dir_name(&root, &version)
+    } else {
+        plain
+    };
     op.state.stage = Stage::Installing;
     op.state.error = None;
     op.state.rollback = None;
@@ -696,7 +720,7 @@ pub fn install(
             if links.references(&target) {
                 return fail(
                     ErrorCode::DeploymentFailed,
-                    format!("version {version} is already installed (current, previous or factory); use rollback"),
+                    format!("{target} is in use (current, previous or factory)"),
                 );
             }
             log::info!(

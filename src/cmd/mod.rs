@@ -82,8 +82,8 @@ impl Operation {
         let (state, recovered) = state::load_for_write(&lock)?;
         Ok(Operation {
             lock,
+            reporter: Reporter::new(&g.report_url, &g.state_dir, &state),
             state,
-            reporter: Reporter::new(&g.report_url),
             recovered,
         })
     }

@@ -20,7 +20,8 @@ pub fn run(g: &Global, args: &RollbackArgs) -> Result<Output> {
 }
 
 /// The snapshot dir `--to` names: `previous`, `factory` (its dir; a copy is built later), a
-/// snapshot dir name, or a version (its plain `v<version>` dir, else the newest `~n` one).
+/// snapshot dir name, or a version: its newest snapshot (the highest `~n`, the plain
+/// `v<version>` oldest; a reinstall builds `~n` ones), else the factory's when it is that version.
 fn resolve(root: &std::path::Path, links: &Links, to: &str) -> Result<Option<String>> {
     Ok(match to {
         "previous" => links.previous.clone(),
@@ -28,33 +29,28 @@ fn resolve(root: &std::path::Path, links: &Links, to: &str) -> Result<Option<Str
         d if snapshot::version_of(d).is_some() && root.join(d).is_dir() => Some(d.to_string()),
         v => {
             validate::version(v)?;
-            let plain = snapshot::dir_name(v);
-            if root.join(&plain).is_dir() {
-                Some(plain)
-            } else {
-                let mut same: Vec<String> = std::fs::read_dir(root)
-                    .map(|rd| {
-                        rd.flatten()
-                            .map(|e| e.file_name().to_string_lossy().into_owned())
-                            .filter(|n| {
-                                snapshot::version_of(n) == Some(v) && !snapshot::is_factory_dir(n)
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                // The newest: the highest `~n` (numerically), the plain name lowest.
-                same.sort_by_key(|n| {
-                    n.split_once('~')
-                        .and_then(|(_, t)| t.parse::<u64>().ok())
-                        .unwrap_or(0)
-                });
-                same.pop().or_else(|| {
-                    links
-                        .factory
-                        .clone()
-                        .filter(|f| snapshot::version_of(f) == Some(v))
+            let mut same: Vec<String> = std::fs::read_dir(root)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| {
+                            snapshot::version_of(n) == Some(v) && !snapshot::is_factory_dir(n)
+                        })
+                        .collect()
                 })
-            }
+                .unwrap_or_default();
+            // The newest: the highest `~n` (numerically), the plain name lowest.
+            same.sort_by_key(|n| {
+                n.split_once('~')
+                    .and_then(|(_, t)| t.parse::<u64>().ok())
+                    .unwrap_or(0)
+            });
+            same.pop().or_else(|| {
+                links
+                    .factory
+                    .clone()
+                    .filter(|f| snapshot::version_of(f) == Some(v))
+            })
         }
     })
 }

@@ -20,11 +20,11 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIG
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use serde_json::{json, Value};
-use std::collections::HashMap;
+use serde_json::{json, Map, Value};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -48,6 +48,10 @@ struct Ctx {
     /// `serve --api-allow-downgrade`: honour `allow_downgrade` in POST /update.
     api_allow_downgrade: bool,
     conns: Conns,
+    /// The names /etc/hosts gives loopback addresses only, read at start.
+    loopback_names: HashSet<String>,
+    /// The last download a child of ours was started for, and whether that child still runs.
+    download: Mutex<Option<(Package, Arc<AtomicBool>)>>,
     /// The last /progress body, valid while state.json keeps its inode, size and mtime.
     progress_cache: Mutex<Option<(StateKey, Bytes)>>,
 }
@@ -221,9 +225,67 @@ fn coded(err: &OtaError) -> Resp {
     envelope(err.code.http_status(), err.message(), Value::Null)
 }
 
-/// `localhost`, `127.x.y.z` or `[::1]`, with an optional port: the only Hosts a browser on the
-/// device can send for us. Anything else is a DNS-rebinding attempt (or a misrouted request).
-pub fn is_loopback_host(host: &str) -> bool {
+/// Where the loopback names of the device are (`TOPE_OTA_HOSTS_FILE` for tests).
+pub const HOSTS_FILE: &str = "/etc/hosts";
+
+/// The names a hosts file gives loopback addresses only (`localhost.localdomain`,
+/// `ip6-localhost`, the device's own name on `127.0.1.1`), lowercased. A name that the file also
+/// gives another address is not one of them. A file that cannot be read gives none.
+pub fn loopback_names(text: &str) -> HashSet<String> {
+    let mut loopback = HashSet::new();
+    let mut other = HashSet::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        let Some(addr) = words.next() else { continue };
+        // `fe80::1%eth0`: the zone does not change what the address is.
+        let addr = addr.split('%').next().unwrap_or(addr);
+        let is_loopback = addr
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+        for name in words {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if name.is_empty() {
+                continue;
+            }
+            if is_loopback {
+                loopback.insert(name);
+            } else {
+                other.insert(name);
+            }
+        }
+    }
+    loopback.retain(|n| !other.contains(n));
+    loopback
+}
+
+fn read_loopback_names() -> HashSet<String> {
+    use std::io::Read;
+    let path = std::env::var_os("TOPE_OTA_HOSTS_FILE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| HOSTS_FILE.into());
+    let mut text = String::new();
+    match std::fs::File::open(&path).and_then(|f| f.take(1 << 20).read_to_string(&mut text)) {
+        Ok(_) => {
+            let names = loopback_names(&text);
+            log::debug!("loopback names from {}: {names:?}", path.display());
+            names
+        }
+        Err(e) => {
+            log::warn!(
+                "reading {}: {e}; only localhost and loopback addresses are accepted as Host",
+                path.display()
+            );
+            HashSet::new()
+        }
+    }
+}
+
+/// `localhost`, `*.localhost`, `127.x.y.z`, `[::1]` or a name the hosts file gives loopback
+/// addresses only (`names`, see [`loopback_names`]), with an optional port: the only Hosts a
+/// browser on the device can send for us. Anything else is a DNS-rebinding attempt (or a
+/// misrouted request).
+pub fn is_loopback_host(host: &str, names: &HashSet<String>) -> bool {
     let h = host.trim();
     let name = if let Some(rest) = h.strip_prefix('[') {
         match rest.split_once(']') {
@@ -238,7 +300,7 @@ pub fn is_loopback_host(host: &str) -> bool {
         }
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if name == "localhost" || name.ends_with(".localhost") {
+    if name == "localhost" || name.ends_with(".localhost") || names.contains(&name) {
         return true;
     }
     match name.parse::<std::net::IpAddr>() {
@@ -316,7 +378,12 @@ fn progress(ctx: &Ctx) -> Resp {
 }
 
 /// Take the lock and start `tope-ota ARGS` holding it; 409 BUSY when another writer has it.
-async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(), Resp> {
+/// The flag is true while the child runs.
+async fn start_child(
+    ctx: &Ctx,
+    args: &[&str],
+    stdin: Option<Bytes>,
+) -> Result<Arc<AtomicBool>, Resp> {
     // A writer whose state is already at rest is only delivering its last callbacks (bounded
     // by report::FLUSH_DEADLINE) and exiting: wait for it rather than answer BUSY to a client
     // that saw `toInstall` and asked for the update at once.
@@ -331,8 +398,10 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
                     state::read(&ctx.global.state_dir),
                     Ok(ReadOutcome::Ok(s)) if matches!(s.stage, Stage::Idle | Stage::ToInstall | Stage::Success | Stage::Failed)
                 );
+                // serve's own delivery of a missed callback holds the lock as briefly.
+                let delivering = DELIVERING.load(Ordering::SeqCst);
                 if err.code != ErrorCode::Busy
-                    || !resting
+                    || !(resting || delivering)
                     || tokio::time::Instant::now() >= deadline
                 {
                     return Err(coded(&err));
@@ -371,7 +440,11 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
         .arg(format!("--health-timeout={}", g.health_timeout.raw))
         .arg(format!("--health-interval={}", g.health_interval.raw))
         .arg(format!("--migrate-timeout={}", g.migrate_timeout.raw))
-        .arg("-q")
+        // The child logs at serve's own level (warnings such as a missing ota-gui reach the
+        // journal); `--json` keeps a terminal's progress bar out of serve's stderr.
+        .arg("--json")
+        .args(g.quiet.then_some("-q"))
+        .args((0..g.verbose.min(3)).map(|_| "-v"))
         .args(args)
         .env(LOCK_FD_ENV, fd.to_string())
         .stdin(if stdin.is_some() {
@@ -412,15 +485,34 @@ async fn start_child(ctx: &Ctx, args: &[&str], stdin: Option<Bytes>) -> Result<(
     let what = args.join(" ");
     log::info!("started `tope-ota {what}` (pid {:?})", child.id());
     CHILDREN.fetch_add(1, Ordering::SeqCst);
+    let running = Arc::new(AtomicBool::new(true));
+    let flag = running.clone();
     tokio::spawn(async move {
         match child.wait().await {
             Ok(st) if st.success() => log::info!("`tope-ota {what}` finished"),
             Ok(st) => log::warn!("`tope-ota {what}` ended with {st}"),
             Err(e) => log::error!("waiting for `tope-ota {what}`: {e}"),
         }
+        flag.store(false, Ordering::SeqCst);
         CHILDREN.fetch_sub(1, Ordering::SeqCst);
     });
-    Ok(())
+    Ok(running)
+}
+
+/// Most time a POST waits for its child's first state write (see [`taken_over`]).
+const TAKE_OVER: Duration = Duration::from_secs(2);
+
+/// Wait until the child started has written state.json (or ended), at most [`TAKE_OVER`]: a
+/// client that polls /progress right after the 200 sees the new operation (`downloading`,
+/// `installing`), not the end of the last one (a `failed` it would take for this one's).
+async fn taken_over(ctx: &Ctx, before: Option<StateKey>, running: &AtomicBool) {
+    let until = tokio::time::Instant::now() + TAKE_OVER;
+    while state_key(ctx) == before
+        && running.load(Ordering::SeqCst)
+        && tokio::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Children running, for the orderly shutdown.
@@ -439,21 +531,203 @@ async fn post_download(
     Ok(start_download(ctx, body).await)
 }
 
+/// The fields of a POST /download body.
+const DOWNLOAD_FIELDS: &[&str] = &[
+    "version",
+    "package_url",
+    "package_name",
+    "package_size",
+    "package_md5",
+    "package_sha256",
+    "package_sig_url",
+];
+/// The fields of a POST /update body.
+const UPDATE_FIELDS: &[&str] = &["version", "allow_downgrade", "reinstall"];
+
+/// The body as a JSON object without the fields the route does not know. The old service's
+/// models ignored unknown fields, so a device-api that sends more (`device_id`, `force`) keeps
+/// working; each is named in a warning, so a misspelled optional field is visible in the log.
+/// (The CLI's `--request` stays strict.) `Err` is the `INVALID_REQUEST` detail.
+fn known_fields(route: &str, body: &[u8], known: &[&str]) -> Result<Map<String, Value>, String> {
+    let obj = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(o)) => o,
+        Ok(other) => {
+            return Err(format!(
+                "request body: expected a JSON object, got {}",
+                json_kind(&other)
+            ))
+        }
+        Err(e) => return Err(format!("request body: {e}")),
+    };
+    let (kept, unknown): (Map<String, Value>, Map<String, Value>) = obj
+        .into_iter()
+        .partition(|(k, _)| known.contains(&k.as_str()));
+    if !unknown.is_empty() {
+        const SHOWN: usize = 8;
+        let mut names: Vec<String> = unknown
+            .keys()
+            .take(SHOWN)
+            .map(|k| format!("{:?}", k.chars().take(64).collect::<String>()))
+            .collect();
+        if unknown.len() > SHOWN {
+            names.push(format!("and {} more", unknown.len() - SHOWN));
+        }
+        log::warn!(
+            "POST {route}: unknown field(s) {} ignored (known: {})",
+            names.join(", "),
+            known.join(", ")
+        );
+    }
+    Ok(kept)
+}
+
+/// `package_size` as the old model took it: an integer, a decimal string (`"104857600"`) or a
+/// number with no fraction (`104857600.0`). Anything else (a fraction, a sign, spaces, an
+/// exponent in a string, a boolean, over 2^53 as a float) is refused.
+fn lax_size(v: &Value) -> Result<u64, String> {
+    /// Floats are exact up to 2^53: above it `1e17` and `1e17 + 1` are the same number.
+    const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+    match v {
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                return Ok(u);
+            }
+            match n.as_f64() {
+                Some(f) if f.fract() == 0.0 && (0.0..=MAX_EXACT).contains(&f) => Ok(f as u64),
+                _ => Err(format!("{n} is not a whole number of bytes")),
+            }
+        }
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse::<u64>().map_err(|e| format!("{s:?}: {e}"))
+        }
+        Value::String(s) => Err(format!(
+            "{:?} is not a decimal number of bytes",
+            s.chars().take(64).collect::<String>()
+        )),
+        other => Err(format!(
+            "expected a number of bytes, got {}",
+            json_kind(other)
+        )),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 async fn start_download(ctx: &Ctx, body: Bytes) -> Resp {
-    let pkg = match serde_json::from_slice::<Package>(&body) {
+    let obj = match known_fields("/api/v1.0/download", &body, DOWNLOAD_FIELDS) {
+        Ok(o) => o,
+        Err(e) => return invalid(e),
+    };
+    let mut obj = Value::Object(obj);
+    if let Some(size) = obj.get_mut("package_size") {
+        match lax_size(size) {
+            Ok(n) => *size = Value::from(n),
+            Err(e) => return invalid(format!("request body: package_size: {e}")),
+        }
+    }
+    let pkg = match Package::deserialize(&obj) {
         Ok(p) => p,
         Err(e) => return invalid(format!("request body: {e}")),
     };
-    if let Err(e) = pkg.clone().validated() {
-        return coded(&crate::error::classify(&e));
-    }
+    let pkg = match pkg.validated() {
+        Ok(p) => p,
+        Err(e) => return coded(&crate::error::classify(&e)),
+    };
     if let Some(r) = in_flight(ctx) {
         return r;
     }
-    match start_child(ctx, &["download", "--request", "-"], Some(body)).await {
-        Ok(()) => envelope(200, "success", Value::Null),
-        Err(r) => r,
+    // The old service took the same request again as "resume": the package that is already
+    // downloading, verifying or ready is answered 200 and nothing changes.
+    if let Some(why) = same_download(ctx, &pkg) {
+        log::info!(
+            "POST /download of {} again: {why}; nothing to do",
+            pkg.version
+        );
+        return envelope(200, "success", Value::Null);
     }
+    // The child's `--request` is strict: it gets the body with only the known fields.
+    let body = Bytes::from(obj.to_string());
+    let before = state_key(ctx);
+    match start_child(ctx, &["download", "--request", "-"], Some(body)).await {
+        Ok(running) => {
+            *ctx.download.lock().unwrap_or_else(|p| p.into_inner()) = Some((pkg, running.clone()));
+            taken_over(ctx, before, &running).await;
+            envelope(200, "success", Value::Null)
+        }
+        Err(r) => {
+            // Another writer (the CLI, the heal timer) may be downloading this very package.
+            if r.status() == StatusCode::CONFLICT {
+                if let Some(why) = same_download(ctx, &pkg) {
+                    log::info!(
+                        "POST /download of {} again: {why}; nothing to do",
+                        pkg.version
+                    );
+                    return envelope(200, "success", Value::Null);
+                }
+            }
+            r
+        }
+    }
+}
+
+/// Why a download of `pkg` needs nothing done: the package is downloading or verifying now (by
+/// a child of ours, or by another writer that holds the lock), or it is downloaded, verified
+/// and still fresh. `None` when a download must run (nothing in flight, another package, an
+/// interrupted download to resume, a failed one to retry, a package gone from disk).
+fn same_download(ctx: &Ctx, pkg: &Package) -> Option<&'static str> {
+    let s = match state::read(&ctx.global.state_dir) {
+        Ok(ReadOutcome::Ok(s)) => *s,
+        _ => state::State::default(),
+    };
+    let same = super::download::is_same_package(&s, pkg);
+    if same && s.stage == Stage::ToInstall {
+        let file = ctx
+            .global
+            .state_dir
+            .join(state::DOWNLOADS_DIR)
+            .join(&pkg.package_name);
+        let fresh = s
+            .verified_at
+            .as_deref()
+            .and_then(clock::parse_rfc3339)
+            .is_some_and(|t| clock::now_unix() - t <= PACKAGE_TTL_SECS);
+        let whole =
+            std::fs::metadata(&file).is_ok_and(|m| m.is_file() && m.len() == pkg.package_size);
+        if fresh && whole {
+            return Some("it is downloaded and verified");
+        }
+    }
+    // Our child for this package, still running: its state may not show it yet (it has just
+    // started) or show it ready; a failure it recorded is retried by a new child instead.
+    let ours = ctx
+        .download
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|(p, running)| p == pkg && running.load(Ordering::SeqCst));
+    let settled_otherwise = same && matches!(s.stage, Stage::Failed | Stage::Idle | Stage::Success);
+    if ours && !settled_otherwise {
+        return Some("it is being downloaded");
+    }
+    // Another writer's download: only while it holds the lock.
+    if same
+        && matches!(s.stage, Stage::Downloading | Stage::Verifying)
+        && StateLock::acquire(&ctx.global.state_dir).is_err()
+    {
+        return Some("it is being downloaded");
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -464,6 +738,9 @@ struct UpdateRequest {
     /// `serve --api-allow-downgrade`.
     #[serde(default)]
     allow_downgrade: bool,
+    /// Optional: install the version current runs again (`install --reinstall`).
+    #[serde(default)]
+    reinstall: bool,
 }
 
 async fn post_update(
@@ -480,7 +757,11 @@ async fn post_update(
 }
 
 async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
-    let mut upd = match serde_json::from_slice::<UpdateRequest>(&body) {
+    let obj = match known_fields("/api/v1.0/update", &body, UPDATE_FIELDS) {
+        Ok(o) => o,
+        Err(e) => return invalid(e),
+    };
+    let mut upd = match UpdateRequest::deserialize(&Value::Object(obj)) {
         Ok(u) => u,
         Err(e) => return invalid(format!("request body: {e}")),
     };
@@ -558,14 +839,21 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
     if upd.allow_downgrade {
         args.push("--allow-downgrade");
     }
+    if upd.reinstall {
+        args.push("--reinstall");
+    }
+    let before = state_key(ctx);
     let started = start_child(ctx, &args, None).await;
+    if let Ok(running) = &started {
+        taken_over(ctx, before, running).await;
+    }
     match (started, expired) {
         // The child records the expiry and deletes the package.
-        (Ok(()), true) => coded(&OtaError::new(
+        (Ok(_), true) => coded(&OtaError::new(
             ErrorCode::PackageExpired,
             "the package was verified more than 24 h ago; it is deleted",
         )),
-        (Ok(()), false) => envelope(200, "success", Value::Null),
+        (Ok(_), false) => envelope(200, "success", Value::Null),
         (Err(r), _) => r,
     }
 }
@@ -607,18 +895,41 @@ pub fn is_json_media_type(value: &[u8]) -> bool {
 /// The browser rules, before any route: a non-loopback Host (DNS rebinding) and any Origin
 /// (only a web page sends one; device-api never does) are 403, a POST whose Content-Type is
 /// present and not JSON is 415 (an HTML form or a "simple" cross-site request).
-fn refuse_browsers(req: &Request<Incoming>) -> Option<Resp> {
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    if !is_loopback_host(host) {
+fn refuse_browsers(ctx: &Ctx, req: &Request<Incoming>) -> Option<Resp> {
+    // A request without a Host, or with an empty one (HTTP/1.0: the old service answered it),
+    // cannot come from a browser, which always names the host it connected to; two Hosts are
+    // refused.
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
         return Some(envelope(
             403,
-            format!("FORBIDDEN: Host {host:?} is not a loopback name"),
+            "FORBIDDEN: more than one Host header",
             Value::Null,
         ));
+    }
+    if let Some(h) = first.filter(|h| !h.as_bytes().trim_ascii().is_empty()) {
+        let host = String::from_utf8_lossy(h.as_bytes());
+        if !is_loopback_host(&host, &ctx.loopback_names) {
+            return Some(envelope(
+                403,
+                format!("FORBIDDEN: Host {host:?} is not a loopback name"),
+                Value::Null,
+            ));
+        }
+    }
+    // An absolute-form target (`GET http://evil.example/…`) names a host too.
+    if let Some(auth) = req.uri().authority() {
+        if !is_loopback_host(auth.as_str(), &ctx.loopback_names) {
+            return Some(envelope(
+                403,
+                format!(
+                    "FORBIDDEN: the request target's host {:?} is not a loopback name",
+                    auth.as_str()
+                ),
+                Value::Null,
+            ));
+        }
     }
     if let Some(origin) = req.headers().get(ORIGIN) {
         let origin = String::from_utf8_lossy(origin.as_bytes());
@@ -650,7 +961,7 @@ fn refuse_browsers(req: &Request<Incoming>) -> Option<Resp> {
 async fn route(conn: Arc<ConnSlot>, req: Request<Incoming>) -> Result<Resp, std::io::Error> {
     let ctx = conn.ctx.clone();
     let _request = conn.request(req.method() != Method::POST);
-    if let Some(r) = refuse_browsers(&req) {
+    if let Some(r) = refuse_browsers(&ctx, &req) {
         return Ok(r);
     }
     let path = req.uri().path().to_string();
@@ -686,11 +997,45 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         exe: std::env::current_exe().context("find our own binary")?,
         api_allow_downgrade: args.api_allow_downgrade,
         conns: Conns::default(),
+        loopback_names: read_loopback_names(),
+        download: Mutex::new(None),
         progress_cache: Mutex::new(None),
     });
+    deliver_pending_callback(g);
     rt.block_on(serve(ctx, addr))?;
     Ok(Output::success(String::new(), Value::Null))
 }
+
+/// A stage device-api did not receive (its process ended first) is sent when serve starts,
+/// in the background, under the lock so it cannot overtake a writer's newer callbacks; a
+/// writer that holds the lock sends it itself. The lock is held at most
+/// [`crate::report::FLUSH_DEADLINE`], which a POST waits out as it waits for any writer at rest.
+fn deliver_pending_callback(g: &Global) {
+    if g.report_url.is_empty() {
+        return;
+    }
+    let Ok(lock) = StateLock::acquire(&g.state_dir) else {
+        return;
+    };
+    DELIVERING.store(true, Ordering::SeqCst);
+    let g = g.clone();
+    let spawned = std::thread::Builder::new()
+        .name("pending-callback".into())
+        .spawn(move || {
+            if let Ok(ReadOutcome::Ok(s)) = state::read(&g.state_dir) {
+                crate::report::Reporter::new(&g.report_url, &g.state_dir, &s).finish();
+            }
+            drop(lock);
+            DELIVERING.store(false, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        DELIVERING.store(false, Ordering::SeqCst);
+    }
+}
+
+/// serve's thread that sends a missed callback holds the lock (see
+/// [`deliver_pending_callback`]): a POST waits for it rather than answer BUSY.
+static DELIVERING: AtomicBool = AtomicBool::new(false);
 
 async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -768,6 +1113,29 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
+        let names = loopback_names(
+            "127.0.0.1 localhost localhost.localdomain # comment evil.com\n\
+             127.0.1.1\tprinter-7.\n\
+             ::1 localhost ip6-localhost ip6-loopback\n\
+             ff02::1 ip6-allnodes\n\
+             # 127.0.0.1 commented.example\n\
+             127.0.0.1 both.example\n\
+             192.168.1.5 both.example lan.example\n\
+             0.0.0.0 blocked.example\n\
+             garbage line\n",
+        );
+        let mut sorted: Vec<&str> = names.iter().map(String::as_str).collect();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            [
+                "ip6-localhost",
+                "ip6-loopback",
+                "localhost",
+                "localhost.localdomain",
+                "printer-7"
+            ]
+        );
         for ok in [
             "localhost",
             "localhost:12315",
@@ -777,8 +1145,11 @@ mod tests {
             "[::1]",
             "[::1]:12315",
             "LOCALHOST.",
+            "localhost.localdomain",
+            "ip6-localhost:12315",
+            "Printer-7",
         ] {
-            assert!(is_loopback_host(ok), "{ok}");
+            assert!(is_loopback_host(ok, &names), "{ok}");
         }
         for bad in [
             "",
@@ -790,8 +1161,14 @@ mod tests {
             "127.0.0.1.nip.io",
             "0.0.0.0",
             "localhost:abc",
+            "both.example",
+            "lan.example",
+            "blocked.example",
+            "ip6-allnodes",
+            "commented.example",
+            "evil.com",
         ] {
-            assert!(!is_loopback_host(bad), "{bad}");
+            assert!(!is_loopback_host(bad, &names), "{bad}");
         }
     }
 

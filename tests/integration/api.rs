@@ -1,6 +1,6 @@
-//! `serve` hardening: the browser rules (Origin, Content-Type, `allow_downgrade`), the request
-//! deadline that bounds only receiving a request, connection shedding under a flood, and the
-//! boolean settings' values.
+//! `serve` hardening and compatibility: the browser rules (Origin, Content-Type,
+//! `allow_downgrade`), the request deadline that bounds only receiving a request, connection
+//! shedding under a flood, the boolean settings' values, and what the old service accepted.
 
 use crate::install::*;
 use crate::openapi;
@@ -342,4 +342,687 @@ fn boolean_variables_take_1_yes_and_0() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(d.link("current").as_deref(), Some("v1.5.0"));
+}
+
+// ---------------------------------------------------------------- the old service's leniency
+
+/// Wait until state.json's stage is `stage`.
+fn wait_stage(env: &Env, stage: &str) -> Value {
+    env.wait_state(30, stage, |s| s["stage"] == stage)
+}
+
+#[test]
+fn unknown_request_fields_are_ignored_with_a_warning() {
+    // The old Pydantic models ignored fields they did not know. A device-api that sends more
+    // (a device id, a force flag) keeps working; a misspelled optional field is named in the log.
+    let env = Env::new();
+    let srv = Server::start_logged(&env);
+    let a = &srv.addr;
+    let bytes = data(100_000, 140);
+    let pkg = PkgServer::start(bytes.clone(), Behaviour::default());
+    let body = json!({"version": "1.0.0", "package_url": pkg.url("pkg.zip"),
+        "package_name": "pkg.zip", "package_size": bytes.len(), "package_md5": md5_hex(&bytes),
+        "device_id": "printer-7", "force": true, "package_sha265": "typo"})
+    .to_string();
+    let ct = [("Content-Type", "application/json")];
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body);
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&env, "toInstall");
+    let log = srv.log();
+    assert!(
+        log.contains("unknown field(s) \"device_id\", \"force\", \"package_sha265\" ignored"),
+        "{log}"
+    );
+    // POST /update: `force` is ignored; the version is checked as always.
+    let (st, v) = request(
+        a,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"9.9.9","force":true}"#,
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "VERSION_MISMATCH: ", "update with force");
+    assert!(srv.log().contains("\"force\" ignored"), "{}", srv.log());
+    // Still refused: a body that is not an object, a known field of the wrong type.
+    for (path, body) in [
+        ("/api/v1.0/update", "[]"),
+        ("/api/v1.0/update", r#"{"version":1,"force":true}"#),
+        ("/api/v1.0/update", r#"{"force":true}"#),
+        ("/api/v1.0/download", r#"{"version":"1.0.0","x":1}"#),
+    ] {
+        let (st, v) = request(a, "POST", path, &ct, body);
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_refused(&v, 400, "INVALID_REQUEST: ", body);
+    }
+    // The CLI's --request stays strict: a script's typo fails loudly.
+    let run = env.run_stdin(&["download", "--request", "-"], body.as_bytes());
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("INVALID_REQUEST"), "{run:?}");
+    assert_eq!(env.state()["stage"], "toInstall", "nothing changed");
+}
+
+#[test]
+fn package_size_as_a_decimal_string_or_a_whole_number() {
+    // The old model coerced "104857600" and 104857600.0 to an int; serve does too, and hands
+    // its child the integer. Anything else stays INVALID_REQUEST.
+    let env = Env::new();
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let ct = [("Content-Type", "application/json")];
+    let bytes = data(100_000, 141);
+    let pkg = PkgServer::start(bytes.clone(), Behaviour::default());
+    let body = |size: Value| {
+        json!({"version": "1.0.0", "package_url": pkg.url("pkg.zip"), "package_name": "pkg.zip",
+               "package_size": size, "package_md5": md5_hex(&bytes)})
+        .to_string()
+    };
+    for size in [
+        json!("100000"),
+        json!(100000.0),
+        serde_json::from_str::<Value>("1.0e5").unwrap(),
+    ] {
+        let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body(size.clone()));
+        assert_eq!(st, 200, "{size}: {v}");
+        let s = env.wait_state(30, "toInstall", |s| {
+            s["stage"] == "toInstall" && srv.children().is_empty()
+        });
+        assert_eq!(s["package_size"], json!(100000), "{size}: {s}");
+    }
+    for size in [
+        json!("100000.0"),
+        json!(" 100000"),
+        json!("+100000"),
+        json!("-1"),
+        json!("1e5"),
+        json!("0x186a0"),
+        json!(""),
+        json!("0"),
+        json!("99999999999999999999999"),
+        json!(100000.5),
+        json!(-100000),
+        json!(-100000.0),
+        json!(0),
+        json!(1e300),
+        json!(true),
+        json!([100000]),
+        json!({"bytes": 100000}),
+        Value::Null,
+    ] {
+        let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body(size.clone()));
+        assert_eq!(st, 400, "{size}: {v}");
+        assert_refused(&v, 400, "INVALID_REQUEST: ", &size.to_string());
+    }
+    assert_eq!(
+        pkg.requests().len(),
+        1,
+        "one fetch; the second request re-hashed"
+    );
+}
+
+#[test]
+fn http_1_0_without_host_and_the_loopback_names_of_etc_hosts_are_accepted() {
+    let mut env = Env::new();
+    let hosts = env.tmp.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1\tlocalhost localhost.localdomain\n127.0.1.1 printer-7\n\
+         ::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\n\
+         192.168.1.20 updates.lan\n",
+    )
+    .unwrap();
+    env.set("TOPE_OTA_HOSTS_FILE", hosts.to_str().unwrap());
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let get = |head: &str| {
+        let (st, body) = raw(a, head.as_bytes());
+        if st != 0 {
+            openapi::check("GET", "/api/v1.0/progress", st, &body).unwrap();
+        }
+        (st, body)
+    };
+    // No Host at all: an HTTP/1.0 client (and a bare HTTP/1.1 one) cannot be a browser.
+    for head in [
+        "GET /api/v1.0/progress HTTP/1.0\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.0\r\nUser-Agent: old-device-api\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    ] {
+        let (st, body) = get(head);
+        assert_eq!(st, 200, "{head:?}: {body}");
+    }
+    let body = r#"{"version":"1.0.0"}"#;
+    let (st, text) = raw(
+        a,
+        format!(
+            "POST /api/v1.0/update HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(st, 400, "HTTP/1.0 POST reaches the route: {text}");
+    assert!(text.contains("NO_PACKAGE: "), "{text}");
+    // The names /etc/hosts gives loopback addresses, with or without a port, in any case.
+    for host in [
+        "localhost.localdomain",
+        "LOCALHOST.LOCALDOMAIN:12315",
+        "ip6-localhost",
+        "ip6-loopback:80",
+        "printer-7",
+    ] {
+        let (st, body) = get(&format!(
+            "GET /api/v1.0/progress HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(st, 200, "{host}: {body}");
+    }
+    // Still refused: other names of the file, two Hosts, an absolute target naming another host.
+    for head in [
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: updates.lan\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: ip6-allnodes\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.0\r\nHost: evil.example\r\n\r\n",
+        "GET /api/v1.0/progress HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        "GET http://evil.example/api/v1.0/progress HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ] {
+        let (st, body) = get(head);
+        assert_eq!(st, 403, "{head:?}: {body}");
+    }
+    let (st, body) = get(
+        "GET http://localhost.localdomain:12315/api/v1.0/progress HTTP/1.1\r\nHost: localhost.localdomain:12315\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 200, "{body}");
+}
+
+#[test]
+fn a_missing_ota_gui_is_warned_once_per_install_over_the_api() {
+    // The old service warned when its progress screen was missing. serve's child logs at
+    // serve's level, so the warning reaches serve's log (the journal on a device), once.
+    let d = v2_ready();
+    let srv = Server::start_logged(&d.env);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &[("Content-Type", "application/json")],
+        r#"{"version":"2.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    d.env.wait_state(30, "success", |s| s["stage"] == "success");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !srv.children().is_empty() {
+        assert!(Instant::now() < until, "the install did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = srv.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("warning") && l.contains("no ota-gui at"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("no-gui"), "{log}");
+    // At a shell, the same warning once.
+    let d = v2_ready();
+    let run = d.install();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stderr.matches("no ota-gui at").count(), 1, "{run:?}");
+}
+
+#[test]
+fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
+    let env = Env::new();
+    let srv = Server::start(&env);
+    let a = &srv.addr;
+    let ct = [("Content-Type", "application/json")];
+    let bytes = data(2 << 20, 142);
+    let pkg = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(15))),
+            ..Behaviour::default()
+        },
+    );
+    let other = PkgServer::start(bytes.clone(), Behaviour::default());
+    let body = json!({"version": "1.0.0", "package_url": pkg.url("pkg.zip"), "package_name": "pkg.zip",
+        "package_size": bytes.len(), "package_md5": md5_hex(&bytes)});
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
+    assert_eq!(st, 200, "{v}");
+    env.wait_state(30, "downloading", |s| {
+        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
+    });
+    let worker = srv.children();
+    assert_eq!(worker.len(), 1);
+    // The same request again, also as an old client may write it (size as a string, the MD5
+    // in capitals, a field more): 200, the same worker, no second fetch.
+    let mut again = body.clone();
+    again["package_size"] = json!(bytes.len().to_string());
+    again["package_md5"] = json!(md5_hex(&bytes).to_uppercase());
+    again["device_id"] = json!("printer-7");
+    for b in [&body, &again] {
+        let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &b.to_string());
+        assert_eq!(st, 200, "{b}: {v}");
+        assert_eq!(srv.children(), worker, "no second worker");
+    }
+    // Another package while this one downloads: BUSY.
+    let mut different = body.clone();
+    different["package_url"] = json!(other.url("pkg.zip"));
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &different.to_string());
+    assert_eq!(st, 409, "{v}");
+    assert_refused(&v, 409, "BUSY: ", "another package");
+    // Ready: the same request is 200, starts nothing and writes nothing.
+    env.wait_state(30, "toInstall", |s| s["stage"] == "toInstall");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !srv.children().is_empty() {
+        assert!(Instant::now() < until, "the download did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = std::fs::read(env.state_dir.join("state.json")).unwrap();
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
+    assert_eq!(st, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(srv.children().is_empty(), "nothing started");
+    assert_eq!(
+        std::fs::read(env.state_dir.join("state.json")).unwrap(),
+        before,
+        "state.json unchanged"
+    );
+    assert_eq!(pkg.requests().len(), 1, "one fetch in all");
+    assert!(other.requests().is_empty());
+    // The package gone from disk: the same request downloads it again.
+    std::fs::remove_file(env.downloads().join("pkg.zip")).unwrap();
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
+    assert_eq!(st, 200, "{v}");
+    env.wait_state(30, "toInstall again", |s| {
+        s["stage"] == "toInstall" && env.downloads().join("pkg.zip").is_file()
+    });
+    assert_eq!(pkg.requests().len(), 2, "fetched again");
+}
+
+#[test]
+fn reposting_a_download_another_writer_runs_is_200() {
+    // The CLI (or the heal timer) downloads; device-api posts the same package: 200, nothing
+    // started; another package: BUSY.
+    let env = Env::new();
+    let bytes = data(2 << 20, 143);
+    let pkg = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            throttle: Some((64 * 1024, Duration::from_millis(15))),
+            ..Behaviour::default()
+        },
+    );
+    let size = bytes.len().to_string();
+    let md5 = md5_hex(&bytes);
+    let url = pkg.url("pkg.zip");
+    let mut cli = env.spawn(&[
+        "download",
+        "--version",
+        "1.0.0",
+        "--url",
+        &url,
+        "--name",
+        "pkg.zip",
+        "--size",
+        &size,
+        "--md5",
+        &md5,
+    ]);
+    env.wait_state(30, "downloading", |s| {
+        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
+    });
+    let srv = Server::start(&env);
+    let ct = [("Content-Type", "application/json")];
+    let body = json!({"version": "1.0.0", "package_url": url, "package_name": "pkg.zip",
+        "package_size": bytes.len(), "package_md5": md5});
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/download",
+        &ct,
+        &body.to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(srv.children().is_empty(), "nothing started");
+    let mut different = body.clone();
+    different["version"] = json!("1.0.1");
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/download",
+        &ct,
+        &different.to_string(),
+    );
+    assert_eq!(st, 409, "{v}");
+    assert!(cli.wait().unwrap().success());
+    assert_eq!(env.state()["stage"], "toInstall");
+    assert_eq!(pkg.requests().len(), 1);
+}
+
+#[test]
+fn code_500_only_with_stage_failed_and_failure_callbacks_carry_stage() {
+    // An automatic rollback reports its steps with 200 while the stage is still `installing`;
+    // only the end, stage `failed`, is 500, with `stage` beside `code` and `msg` as well.
+    let api = ApiStub::start(Duration::ZERO);
+    let mut d = v2_ready();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    let srv = Server::start(&d.env);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &[("Content-Type", "application/json")],
+        r#"{"version":"2.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    let until = Instant::now() + Duration::from_secs(30);
+    while api.bodies().last().map(|b| b["code"].clone()) != Some(json!(500)) {
+        assert!(Instant::now() < until, "{:#?}", api.bodies());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"), "rolled back");
+    let bodies = api.bodies();
+    let installing: Vec<&Value> = bodies
+        .iter()
+        .filter(|b| b["data"]["stage"] == "installing")
+        .collect();
+    for b in &bodies {
+        let failed = b["data"]["stage"] == "failed";
+        assert_eq!(b["code"], if failed { 500 } else { 200 }, "{b}");
+        if failed {
+            assert_eq!(b["stage"], "failed", "{b}");
+            assert!(
+                b["msg"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("SERVICE_START_FAILED: "),
+                "{b}"
+            );
+            assert_eq!(b["data"]["error"], "SERVICE_START_FAILED", "{b}");
+        } else {
+            assert_eq!(b["msg"], "success", "{b}");
+            assert!(b.get("stage").is_none(), "{b}");
+        }
+    }
+    // The rollback's own steps were reported, with their step and the cause in data.error.
+    let rollback_steps: Vec<&str> = installing
+        .iter()
+        .filter(|b| b["data"]["error"] == "SERVICE_START_FAILED")
+        .filter_map(|b| b["data"]["step"].as_str())
+        .collect();
+    assert!(!rollback_steps.is_empty(), "{bodies:#?}");
+    assert_eq!(
+        bodies.iter().filter(|b| b["code"] == 500).count(),
+        1,
+        "one final failure: {bodies:#?}"
+    );
+}
+
+// ---------------------------------------------------------------- callback delivery
+
+/// The stages device-api received, consecutive repeats merged.
+fn stages(api: &ApiStub) -> Vec<String> {
+    let mut s: Vec<String> = api
+        .bodies()
+        .iter()
+        .map(|b| b["data"]["stage"].as_str().unwrap_or("?").to_string())
+        .collect();
+    s.dedup();
+    s
+}
+
+fn wait_no_children(srv: &Server) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while !srv.children().is_empty() {
+        assert!(Instant::now() < until, "the worker did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_device_api_answering_in_300_ms_receives_every_stage_change() {
+    // Within the old 500 ms budget: every stage change arrives, in order, before the worker
+    // exits; only intermediate progress values may be skipped.
+    let api = ApiStub::start(Duration::from_millis(300));
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let (files, manifest) = v2_partial();
+    let bytes = d.pack("2.0.0", &files, &manifest);
+    let pkg = PkgServer::start(bytes.clone(), Behaviour::default());
+    let srv = Server::start(&d.env);
+    let ct = [("Content-Type", "application/json")];
+    let body = json!({"version": "2.0.0", "package_url": pkg.url("pkg.zip"), "package_name": "pkg.zip",
+        "package_size": bytes.len(), "package_md5": md5_hex(&bytes)});
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/download",
+        &ct,
+        &body.to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&d.env, "toInstall");
+    wait_no_children(&srv);
+    assert_eq!(stages(&api), ["downloading", "verifying", "toInstall"]);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"2.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&d.env, "success");
+    wait_no_children(&srv);
+    assert_eq!(
+        stages(&api),
+        [
+            "downloading",
+            "verifying",
+            "toInstall",
+            "installing",
+            "success"
+        ]
+    );
+    let last = api.bodies().last().cloned().unwrap();
+    assert_eq!(
+        (last["code"].clone(), last["data"]["progress"].clone()),
+        (json!(200), json!(100))
+    );
+}
+
+#[test]
+fn an_undelivered_stage_change_is_sent_by_the_next_run() {
+    // device-api down while a download ends (as when an install stops it, or a reboot or a
+    // kill ends the process): the stage is not lost; heal, the timer and serve send it.
+    let mut d = Device::with_v1();
+    d.env.set(
+        "TOPE_OTA_REPORT_URL",
+        "http://127.0.0.1:1/api/v1.0/ota/report",
+    );
+    let (files, manifest) = v2_partial();
+    let bytes = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", bytes.clone()).expect(0);
+    let api = ApiStub::start(Duration::ZERO);
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    d.env.run(&["heal"]).expect(0);
+    let bodies = api.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:#?}");
+    assert_eq!(bodies[0]["code"], 200);
+    assert_eq!(bodies[0]["data"]["stage"], "toInstall");
+    assert_eq!(bodies[0]["data"]["version"], "2.0.0");
+    // Delivered: the next run sends nothing again.
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(api.bodies().len(), 1, "{:#?}", api.bodies());
+
+    // A failure device-api missed, sent by serve when it starts.
+    d.env.set(
+        "TOPE_OTA_REPORT_URL",
+        "http://127.0.0.1:1/api/v1.0/ota/report",
+    );
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    d.install().expect(1);
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let srv = Server::start(&d.env);
+    let until = Instant::now() + Duration::from_secs(5);
+    while api.bodies().len() < 2 {
+        assert!(
+            Instant::now() < until,
+            "serve did not send the missed stage"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let last = api.bodies().last().cloned().unwrap();
+    assert_eq!(last["code"], 500, "{last}");
+    assert_eq!(last["stage"], "failed", "{last}");
+    assert_eq!(last["data"]["error"], "SERVICE_START_FAILED", "{last}");
+    drop(srv);
+    // heal does not send the failure again; it reports its own cleanup (back to idle).
+    d.env.run(&["heal"]).expect(0);
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(
+        stages(&api),
+        ["toInstall", "failed", "idle"],
+        "{:#?}",
+        api.bodies()
+    );
+}
+
+// ---------------------------------------------------------------- the version already running
+
+#[test]
+fn update_to_the_running_version_is_success_and_reinstall_builds_it_again() {
+    let api = ApiStub::start(Duration::ZERO);
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    d.download("1.0.0", pkg.clone()).expect(0);
+    let srv = Server::start(&d.env);
+    let ct = [("Content-Type", "application/json")];
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"1.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    let s = wait_stage(&d.env, "success");
+    assert_eq!(s["error"], Value::Null, "{s}");
+    assert!(
+        s["message"].as_str().unwrap().contains("already runs"),
+        "{s}"
+    );
+    wait_no_children(&srv);
+    assert!(d.env.download_files().is_empty(), "the package is deleted");
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
+    let last = api.bodies().last().cloned().unwrap();
+    assert_eq!(last["code"], 200, "{last}");
+    assert_eq!(last["data"]["stage"], "success", "{last}");
+    assert!(
+        last["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already runs"),
+        "{last}"
+    );
+    // "reinstall": true installs it again, under a new snapshot name.
+    d.download("1.0.0", pkg).expect(0);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"1.0.0","reinstall":true}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_stage(&d.env, "success");
+    wait_no_children(&srv);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0~2"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+    d.assert_current_is(&v1_files());
+}
+
+// ---------------------------------------------------------------- odd and hostile requests
+
+#[test]
+fn odd_old_clients_and_hostile_bodies() {
+    let env = Env::new();
+    let srv = Server::start_logged(&env);
+    let a = &srv.addr;
+    // Old clients: a chunked body, a query string, HTTP/1.0 with a body and no Content-Type.
+    let body = r#"{"version":"1.0.0"}"#;
+    let (st, text) = raw(
+        a,
+        format!(
+            "POST /api/v1.0/update HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(st, 400, "{text}");
+    assert!(text.contains("NO_PACKAGE: "), "{text}");
+    let (st, text) = raw(
+        a,
+        format!("GET /api/v1.0/progress?ts=1 HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(st, 200, "{text}");
+    // Hostile bodies: refused whole, nothing started, the log not forged.
+    let ct = [("Content-Type", "application/json")];
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let nested = format!(r#"{{"version":"1.0.0","x":{deep}}}"#);
+    let (st, v) = request(a, "POST", "/api/v1.0/update", &ct, &nested);
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "INVALID_REQUEST: ", "nesting");
+    let forged = r#"{"version":"1.0.0","x\ntope-ota: error: forged":1}"#;
+    let (st, v) = request(a, "POST", "/api/v1.0/update", &ct, forged);
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "NO_PACKAGE: ", "a field name with a newline");
+    assert!(
+        !srv.log()
+            .lines()
+            .any(|l| l.starts_with("tope-ota: error: forged")),
+        "{}",
+        srv.log()
+    );
+    assert!(
+        srv.log().contains(r#""x\ntope-ota: error: forged""#),
+        "{}",
+        srv.log()
+    );
+    // Many unknown fields: one warning line, a bounded list.
+    let many: serde_json::Map<String, Value> = (0..3000)
+        .map(|i| (format!("f{i}"), json!(i)))
+        .chain([("version".to_string(), json!("1.0.0"))])
+        .collect();
+    let (st, v) = request(
+        a,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        &Value::Object(many).to_string(),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "NO_PACKAGE: ", "many unknown fields");
+    let line = srv
+        .log()
+        .lines()
+        .find(|l| l.contains("\"f0\""))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("and 2992 more") && line.len() < 1000,
+        "{line}"
+    );
+    // Duplicate keys: the last one counts, and it is validated.
+    let dup = r#"{"version":"1.0.0","package_url":"http://127.0.0.1:1/p","package_name":"p.zip","package_size":10,"package_md5":"0123456789abcdef0123456789abcdef","version":"../x"}"#;
+    let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, dup);
+    assert_eq!(st, 400, "{v}");
+    assert_refused(&v, 400, "INVALID_REQUEST: ", "duplicate keys");
+    assert!(srv.children().is_empty());
+    assert!(
+        !env.state_dir.join("state.json").exists(),
+        "nothing written"
+    );
 }

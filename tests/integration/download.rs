@@ -778,6 +778,7 @@ fn failure_callback_carries_the_code() {
         "{last}"
     );
     assert_eq!(last["data"]["stage"], "failed");
+    assert_eq!(last["stage"], "failed", "beside code and msg too");
     assert_eq!(last["data"]["error"], "MD5_MISMATCH");
     assert_eq!(last["data"]["version"], "1.2.0");
 }
@@ -809,8 +810,10 @@ fn device_api_down_or_slow_never_fails_or_stalls_the_download() {
     download(&slow, &srv, &p).expect(0);
     let took = t.elapsed();
     assert_installed_package(&slow, &p);
+    // The download itself is not slowed; at exit the process waits at most FLUSH_DEADLINE
+    // for the stage changes.
     assert!(
-        took < baseline + Duration::from_millis(2500),
+        took < baseline + tope_ota::report::FLUSH_DEADLINE + Duration::from_millis(1000),
         "slow device-api slowed the download: {took:?} vs {baseline:?}"
     );
     assert!(!api.bodies().is_empty(), "callbacks were attempted");

@@ -771,17 +771,118 @@ fn install_preconditions() {
 }
 
 #[test]
-fn installing_a_version_in_use_is_refused() {
+fn installing_the_running_version_is_success_with_nothing_to_do() {
     let mut d = Device::with_v1();
     let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
     let run = d.deliver("1.0.0", pkg);
-    run.expect(1);
+    run.expect(0);
     assert!(
-        run.stderr.contains("error: DEPLOYMENT_FAILED: "),
-        "{}",
-        run.stderr
+        run.stdout.contains("1.0.0 already runs; nothing to do"),
+        "{run:?}"
     );
+    let s = d.env.state();
+    assert_eq!(
+        (s["stage"].clone(), s["error"].clone()),
+        (json!("success"), Value::Null)
+    );
+    assert!(
+        s["message"].as_str().unwrap().contains("already runs"),
+        "{s}"
+    );
+    assert!(d.env.download_files().is_empty(), "the package is deleted");
     assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert!(
+        d.sc.calls().is_empty(),
+        "no service touched: {:?}",
+        d.sc.calls()
+    );
+}
+
+/// v1.0.0 with other contents: a rebuilt package of the same version.
+fn v1_rebuilt() -> Vec<FileSpec> {
+    vec![
+        ("bin/device-api", b"#!/bin/sh\necho api 1 rebuilt\n", 0o755),
+        ("bin/ui", b"#!/bin/sh\necho ui 1\n", 0o755),
+        ("share/a.txt", b"alpha 1 rebuilt", 0o644),
+        ("share/b.txt", b"beta 1", 0o644),
+        ("lib/libx.so", b"\x7fELF libx 1", 0o644),
+    ]
+}
+
+#[test]
+fn reinstall_builds_a_fresh_snapshot_under_a_new_name() {
+    let mut d = Device::with_v1();
+    let pkg = d.pack("1.0.0", &v1_rebuilt(), &full_manifest("1.0.0"));
+    d.download("1.0.0", pkg.clone()).expect(0);
+    let run = d.env.run(&["install", "--reinstall"]);
+    run.expect(0);
+    // Every module from the package, none from the existing snapshot of 1.0.0.
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0~2"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+    d.assert_current_is(&v1_rebuilt());
+    assert_eq!(
+        version_files(&d.root().join("v1.0.0")),
+        spec_files(&v1_files()),
+        "the old snapshot is untouched"
+    );
+    let calls = d.sc.calls();
+    assert!(
+        calls.iter().any(|c| c.starts_with("stop device-api")),
+        "{calls:?}"
+    );
+    // status names the dir; rollback --to and verify of the version are unambiguous.
+    let st = d.env.run(&["status"]).stdout;
+    assert!(st.contains("current:   1.0.0 (v1.0.0~2)"), "{st}");
+    assert!(st.contains("previous:  1.0.0\n"), "{st}");
+    let run = d.env.run(&["rollback", "--to", "1.0.0"]);
+    run.expect(0);
+    assert!(run.stdout.contains("already current"), "{run:?}");
+    let v = d.env.run(&["--json", "verify", "1.0.0"]);
+    v.expect(0);
+    assert_eq!(
+        v.json()["data"]["snapshots"].as_array().unwrap().len(),
+        2,
+        "{:?}",
+        v.json()
+    );
+    // Again: a third snapshot; the one no link holds any more is pruned.
+    d.download("1.0.0", pkg).expect(0);
+    d.env.run(&["install", "--reinstall"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0~3"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0~2"));
+    assert!(!d.root().join("v1.0.0").exists(), "pruned");
+    // The older snapshot by its dir name or `previous`.
+    d.env.run(&["rollback", "--to", "v1.0.0~2"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0~2"));
+    d.no_staging_left();
+}
+
+#[test]
+fn a_version_only_previous_holds_installs_afresh() {
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let v2 = d.pack("2.0.0", &files, &manifest);
+    d.deliver("2.0.0", v2.clone()).expect(0);
+    d.env.run(&["rollback"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
+    assert_eq!(d.link("previous").as_deref(), Some("v2.0.0"));
+    // 2.0.0 again, while previous holds it: built the usual way under a new name.
+    d.deliver("2.0.0", v2).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v2.0.0~2"));
+    assert_eq!(d.link("previous").as_deref(), Some("v1.0.0"));
+    assert!(
+        !d.root().join("v2.0.0").exists(),
+        "the unreferenced one is pruned"
+    );
+    // A lower version only previous holds: the downgrade rules apply.
+    let v1 = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    let run = d.deliver("1.0.0", v1);
+    run.expect(1);
+    assert!(run.stderr.contains("DOWNGRADE_REFUSED"), "{run:?}");
+    d.env.run(&["install", "--allow-downgrade"]).expect(0);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0~2"));
+    assert_eq!(d.link("previous").as_deref(), Some("v2.0.0~2"));
+    d.assert_current_is(&v1_files());
 }
 
 #[test]

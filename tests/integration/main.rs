@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod contract;
 mod download;
 mod faults;
 mod heal;

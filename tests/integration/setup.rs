@@ -11,7 +11,7 @@ fn repo() -> PathBuf {
 }
 
 /// The tools tests/setup.sh installs, and their Debian packages.
-const TOOLS: [(&str, &str); 12] = [
+const TOOLS: [(&str, &str); 13] = [
     ("minisign", "minisign"),
     ("strace", "strace"),
     ("shellcheck", "shellcheck"),
@@ -24,6 +24,7 @@ const TOOLS: [(&str, &str); 12] = [
     ("socat", "socat"),
     ("qemu-img", "qemu-utils"),
     ("qemu-system-x86_64", "qemu-system-x86"),
+    ("python3", "python3"),
 ];
 
 /// Programs the tests may call without tests/setup.sh: in every Debian base system
@@ -130,6 +131,7 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
         "systemd",
         "mmdebstrap",
         "socat",
+        "python3",
     ]
     .into();
     assert_eq!(installed, want, "{log}");
