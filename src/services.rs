@@ -70,16 +70,24 @@ impl Manager {
                 "empty --systemctl command",
             )));
         };
-        let mut child = Command::new(prog)
-            .args(pre)
+        let mut cmd = Command::new(prog);
+        cmd.args(pre)
             .arg(action)
             .arg(name)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .map_err(CallError::Spawn)?;
+            .process_group(0);
+        // If we are killed, the call dies with us: a stop left running would otherwise land
+        // after the heal that follows has started the service again.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(CallError::Spawn)?;
         let mut stderr = child.stderr.take();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
