@@ -14,6 +14,7 @@
 //! - [`integrity`]: each snapshot's record of its files, and what changed since.
 //! - [`transition`]: from one snapshot to another once services may be down, with fall-backs.
 //! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
+//! - [`delta`]: delta downloads: regenerating entries from `current`, planning the ranges.
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
 //! - [`hooks`]: bounded commands from a snapshot: health checks and migrations.
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod clock;
 pub mod cmd;
 pub mod data;
+pub mod delta;
 pub mod error;
 pub mod failpoint;
 pub mod fetch;
