@@ -147,7 +147,7 @@ pub fn regenerate_entry(file: &[u8], method: Method) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
     use std::path::Path;

@@ -15,6 +15,7 @@
 //! - [`transition`]: from one snapshot to another once services may be down, with fall-backs.
 //! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
 //! - [`delta`]: delta downloads: regenerating entries from `current`, planning the ranges.
+//! - [`zipdir`]: a ZIP's central directory from byte slices, with caps (for delta downloads).
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
 //! - [`hooks`]: bounded commands from a snapshot: health checks and migrations.
@@ -55,6 +56,7 @@ pub mod snapshot;
 pub mod state;
 pub mod transition;
 pub mod validate;
+pub mod zipdir;
 
 use error::OtaError;
 use serde_json::json;
