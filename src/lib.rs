@@ -16,6 +16,7 @@
 //! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
 //! - [`delta`]: delta downloads: regenerating entries from `current`, planning the ranges.
 //! - [`zipdir`]: a ZIP's central directory from byte slices, with caps (for delta downloads).
+//! - [`remote`]: byte ranges of a package on a static server (probe, If-Match), for deltas.
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
 //! - [`hooks`]: bounded commands from a snapshot: health checks and migrations.
@@ -48,6 +49,7 @@ pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod progress;
+pub mod remote;
 pub mod report;
 pub mod services;
 pub mod sign;

@@ -1374,3 +1374,139 @@ fn a_prerelease_of_the_installed_version_is_a_downgrade() {
     );
     assert_eq!(d.link("current").as_deref(), Some("v1.2.0"));
 }
+
+// ---------------------------------------------------------------- delta: ranges of a package
+
+/// A package of `files` files with long names (so that its directory grows), packed by `pack`.
+fn delta_package(files: usize) -> Vec<u8> {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("bin");
+    std::fs::create_dir_all(&d).unwrap();
+    for i in 0..files {
+        let name = format!("module-{i:05}-with-a-rather-long-name-for-the-directory.so");
+        std::fs::write(d.join(name), data(200 + i % 300, i as u64)).unwrap();
+    }
+    let manifest = br#"{"version":"2.0.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
+    tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+        .unwrap()
+        .into_inner()
+}
+
+fn delta_remote(
+    srv: &PkgServer,
+    len: usize,
+) -> anyhow::Result<(tope_ota::remote::Remote, Vec<u8>)> {
+    tope_ota::remote::Remote::probe(
+        &srv.url("p.zip"),
+        len as u64,
+        tope_ota::remote::PROBE_TAIL,
+        &tope_ota::fetch::Tuning::default(),
+    )
+}
+
+fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tope_ota::remote::Unavailable>().is_some()
+}
+
+#[test]
+fn delta_reads_the_directory_by_range_in_the_probe() {
+    let pkg = delta_package(20);
+    let srv = PkgServer::start(pkg.clone(), Behaviour::default());
+    let (mut r, tail) = delta_remote(&srv, pkg.len()).unwrap();
+    let dir = r.directory(&tail, &Default::default()).unwrap();
+    let zip = zip::ZipArchive::new(std::io::Cursor::new(&pkg)).unwrap();
+    assert_eq!(dir.entries.len(), zip.len());
+    // A small package: the probe held the whole directory, one request, the tail's bytes.
+    assert_eq!(srv.requests().len(), 1);
+    assert_eq!(r.requests, 1);
+    let sent = srv.body_bytes();
+    assert_eq!(sent, (pkg.len() as u64).min(tope_ota::remote::PROBE_TAIL));
+    assert_eq!(r.received, sent);
+    // A range of the package, checked byte for byte, with If-Match.
+    let e = &dir.entries[3];
+    let got = r
+        .get(e.local_header_offset, e.local_header_offset + 30)
+        .unwrap();
+    let at = e.local_header_offset as usize;
+    assert!(got == pkg[at..at + 30]);
+    let seen = srv.requests();
+    assert_eq!(seen[1].headers.get("if-match").unwrap(), "\"pkg-etag-1\"");
+    assert_eq!(seen[1].range().unwrap(), format!("bytes={at}-{}", at + 29));
+}
+
+#[test]
+fn delta_reads_a_large_directory_with_one_more_range() {
+    let pkg = delta_package(3000);
+    let srv = PkgServer::start(pkg.clone(), Behaviour::default());
+    let (mut r, tail) = delta_remote(&srv, pkg.len()).unwrap();
+    let dir = r.directory(&tail, &Default::default()).unwrap();
+    assert_eq!(dir.entries.len(), 3002, "manifest, bin/ and the files");
+    assert!(dir.end.cd_size > tope_ota::remote::PROBE_TAIL);
+    let seen = srv.requests();
+    assert_eq!(seen.len(), 2, "the probe and the directory");
+    assert_eq!(
+        seen[1].range().unwrap(),
+        format!("bytes={}-{}", dir.end.cd_start, dir.end.end_start - 1)
+    );
+    // What was sent: the tail and the directory, a fraction of the package.
+    let sent = srv.body_bytes();
+    assert_eq!(sent, tope_ota::remote::PROBE_TAIL + dir.end.cd_size);
+    assert!(sent < pkg.len() as u64 / 2, "{sent} of {}", pkg.len());
+}
+
+#[test]
+fn delta_is_unavailable_from_servers_that_do_not_keep_to_ranges() {
+    let pkg = delta_package(5);
+    // Range ignored: 200.
+    let srv = PkgServer::start(
+        pkg.clone(),
+        Behaviour {
+            honor_range: false,
+            ..Behaviour::default()
+        },
+    );
+    let e = delta_remote(&srv, pkg.len()).err().unwrap();
+    assert!(is_unavailable(&e), "{e:#}");
+    assert!(e.to_string().contains("200"), "{e}");
+    // No ETag, or a weak one.
+    for etag in [None, Some("W/\"x\"".to_string())] {
+        let srv = PkgServer::start(
+            pkg.clone(),
+            Behaviour {
+                etag,
+                ..Behaviour::default()
+            },
+        );
+        let e = delta_remote(&srv, pkg.len()).err().unwrap();
+        assert!(is_unavailable(&e), "{e:#}");
+    }
+    // Another size than the request's.
+    let srv = PkgServer::start(pkg.clone(), Behaviour::default());
+    let e = delta_remote(&srv, pkg.len() + 1).err().unwrap();
+    assert!(is_unavailable(&e), "{e:#}");
+    // A range shorter than asked (a capped CDN): never taken for the bytes asked.
+    let srv = PkgServer::start(pkg.clone(), Behaviour::default());
+    let (mut r, _) = delta_remote(&srv, pkg.len()).unwrap();
+    srv.set(|b| b.max_range = Some(10));
+    let e = r.get(0, 100).err().unwrap();
+    assert!(is_unavailable(&e), "{e:#}");
+    // The package replaced on the server: If-Match fails.
+    srv.set(|b| {
+        b.max_range = None;
+        b.etag = Some("\"pkg-etag-2\"".into());
+    });
+    let e = r.get(0, 100).err().unwrap();
+    assert!(
+        is_unavailable(&e) && e.to_string().contains("changed"),
+        "{e:#}"
+    );
+    assert_eq!(srv.requests().last().unwrap().status, 412);
+    // Not a ZIP.
+    let srv = PkgServer::start(data(100_000, 3), Behaviour::default());
+    let (mut r, tail) = delta_remote(&srv, 100_000).unwrap();
+    let e = r.directory(&tail, &Default::default()).err().unwrap();
+    assert!(
+        is_unavailable(&e) && e.to_string().contains("not a ZIP"),
+        "{e:#}"
+    );
+}

@@ -412,7 +412,19 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         return Ok(());
     }
     let mut start = 0u64;
+    // The end (exclusive) of a closed range `bytes=A-B`.
+    let mut closed_end: Option<u64> = None;
     let mut partial = false;
+    if let (Some(m), Some(e), true) = (headers.get("if-match"), &b.etag, b.honor_range) {
+        if m != e {
+            record(412);
+            write!(
+                out,
+                "HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            return Ok(());
+        }
+    }
     if let Some(r) = headers.get("range").filter(|_| b.honor_range) {
         let if_range_ok = b.ignore_if_range
             || match (headers.get("if-range"), &b.etag) {
@@ -420,10 +432,18 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
                 (Some(_), None) => false,
                 (None, _) => true,
             };
-        let from = r
-            .strip_prefix("bytes=")
-            .and_then(|x| x.strip_suffix('-'))
-            .and_then(|x| x.parse::<u64>().ok());
+        let spec = r.strip_prefix("bytes=").unwrap_or("");
+        let from = match spec.split_once('-') {
+            Some((a, "")) => a.parse::<u64>().ok(),
+            Some((a, z)) => match (a.parse::<u64>(), z.parse::<u64>()) {
+                (Ok(a), Ok(z)) if z >= a => {
+                    closed_end = Some((z + 1).min(total));
+                    Some(a)
+                }
+                _ => None,
+            },
+            None => None,
+        };
         if b.refuse_ranges || from.is_none_or(|f| f >= total) {
             record(416);
             write!(out, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
@@ -450,9 +470,10 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             &padded
         }
         None => {
+            let end = closed_end.filter(|_| partial).unwrap_or(total);
             let end = match b.max_range.filter(|_| partial) {
-                Some(m) => (start + m).min(total),
-                None => total,
+                Some(m) => (start + m).min(end),
+                None => end,
             };
             &s.data[start as usize..end as usize]
         }
