@@ -122,21 +122,21 @@ pub struct Hashes {
 }
 
 impl Hashes {
-    fn new(sha256: bool) -> Hashes {
+    pub(crate) fn new(sha256: bool) -> Hashes {
         Hashes {
             md5: Md5::new(),
             sha256: sha256.then(Sha256::new),
         }
     }
 
-    fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         self.md5.update(data);
         if let Some(s) = self.sha256.as_mut() {
             s.update(data);
         }
     }
 
-    fn finish(self) -> Digests {
+    pub(crate) fn finish(self) -> Digests {
         Digests {
             md5: hex(&self.md5.finalize()),
             sha256: self.sha256.map(|s| hex(&s.finalize())),

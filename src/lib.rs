@@ -17,6 +17,7 @@
 //! - [`delta`]: delta downloads: regenerating entries from `current`, planning the ranges.
 //! - [`zipdir`]: a ZIP's central directory from byte slices, with caps (for delta downloads).
 //! - [`remote`]: byte ranges of a package on a static server (probe, If-Match), for deltas.
+//! - [`assemble`]: a delta download assembled in the partial from ranges and `current`.
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
 //! - [`hooks`]: bounded commands from a snapshot: health checks and migrations.
@@ -33,6 +34,7 @@
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 
 pub mod archive;
+pub mod assemble;
 pub mod cli;
 pub mod clock;
 pub mod cmd;

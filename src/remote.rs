@@ -187,6 +187,7 @@ impl Remote {
     }
 }
 
-/// How many of the last bytes to probe with: the EOCD with the longest comment, the ZIP64
-/// locator and record, and room for a small package's whole directory.
-pub const PROBE_TAIL: u64 = 128 * 1024;
+/// How many of the last bytes to probe with: the EOCD with a short comment, the ZIP64 locator
+/// and record, and room for a small package's directory (about 100 entries); a longer comment
+/// or directory costs one more range.
+pub const PROBE_TAIL: u64 = 16 * 1024;

@@ -496,16 +496,15 @@ fn resolve_zip64(e: &mut Entry) -> R<()> {
 }
 
 /// Read a package's directory by ranges: `read(start, end)` returns bytes `[start, end)` of the
-/// package of `len` bytes (a local file, or Range requests). Two or three reads: the tail, the
-/// ZIP64 record when it is not in the tail, the directory when it is not in the tail.
+/// package of `len` bytes (a local file, or Range requests). Up to four reads: the last 8 KiB
+/// (and, when its EOCD is not there, the last 64 KiB), the ZIP64 record when it is not in the
+/// tail, the directory when it is not in the tail.
 /// Format errors come back as a [`ZipDirError`] inside the `anyhow::Error`; a `read` that
 /// returns fewer bytes than asked is a truncated package.
 pub fn read_directory<F>(len: u64, limits: &Limits, mut read: F) -> anyhow::Result<Directory>
 where
     F: FnMut(u64, u64) -> anyhow::Result<Vec<u8>>,
 {
-    let want = MAX_TAIL + (LOCATOR_LEN + ZIP64_EOCD_LEN) as u64;
-    let tail_start = len.saturating_sub(want);
     let mut read = |a: u64, b: u64| -> anyhow::Result<Vec<u8>> {
         let v = read(a, b)?;
         if v.len() as u64 != b - a {
@@ -517,7 +516,17 @@ where
         }
         Ok(v)
     };
-    let tail = read(tail_start, len)?;
+    // A short tail first (a package's comment is short or absent), the longest one after.
+    let extra = (LOCATOR_LEN + ZIP64_EOCD_LEN) as u64;
+    let short = (EOCD_LEN as u64 + extra + 8192).min(len);
+    let short_tail = read(len - short, len)?;
+    let (tail_start, tail) = match parse_tail(&short_tail, len, limits) {
+        Err(ZipDirError::NotZip(_)) if short < len => {
+            let start = len.saturating_sub(MAX_TAIL + extra);
+            (start, read(start, len)?)
+        }
+        _ => (len - short, short_tail),
+    };
     let end = match parse_tail(&tail, len, limits)? {
         Tail::End(end) => end,
         Tail::Zip64At { at, comment_len } => {
@@ -911,6 +920,29 @@ def dump(path):
             Ok(zip[a as usize..(b as usize - 1).max(a as usize)].to_vec())
         });
         assert!(matches!(zip_err(short), ZipDirError::Truncated(_)));
+    }
+
+    #[test]
+    fn a_long_comment_costs_a_second_read() {
+        let zip = packed();
+        let plain = read_all(&zip, &Limits::default()).unwrap();
+        let mut z = zip.clone();
+        let n = z.len();
+        z[n - 2..].copy_from_slice(&20_000u16.to_le_bytes());
+        z.extend(std::iter::repeat_n(b'c', 20_000));
+        let mut reads = Vec::new();
+        let d = read_directory(z.len() as u64, &Limits::default(), |a, b| {
+            reads.push((a, b));
+            Ok(z[a as usize..b as usize].to_vec())
+        })
+        .unwrap();
+        assert_eq!(d.entries, plain.entries);
+        assert_eq!(
+            reads.len(),
+            2,
+            "short tail, long tail (holding the directory): {reads:?}"
+        );
+        assert_eq!(reads[0].1 - reads[0].0, 22 + 76 + 8192);
     }
 
     #[test]

@@ -378,6 +378,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         validator,
         sha256: pkg.package_sha256.is_some(),
     };
+    let tuning = Tuning::from_env();
     let fetched = {
         let mut sink = StateSink {
             op,
@@ -385,7 +386,40 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
             size: pkg.package_size,
             start: (offset, std::time::Instant::now()),
         };
-        fetch::fetch(&f.part, req, &Tuning::from_env(), &mut sink)
+        // A fresh download first tries a delta (issue #15): the package assembled from ranges
+        // and from what `current` already holds, verified below exactly as a full download.
+        // A resume continues by the ordinary Range path: the assembled prefix is the package's.
+        let mut got = None;
+        if offset == 0 {
+            let current = g.versions_dir.join(crate::snapshot::CURRENT);
+            let delta = crate::assemble::delta_download(
+                &f.part,
+                &pkg.package_url,
+                pkg.package_size,
+                pkg.package_sha256.is_some(),
+                &current,
+                &tuning,
+                &mut sink,
+            )?;
+            match delta {
+                Some((Outcome::Complete(d), _))
+                    if d.md5 != pkg.package_md5
+                        || (pkg.package_sha256.is_some() && d.sha256 != pkg.package_sha256) =>
+                {
+                    log::warn!(
+                        "delta: the assembled package does not match its hashes; downloading it whole"
+                    );
+                    fsutil::remove_file_durable(&f.part)?;
+                    sink.checkpoint(0, None)?;
+                }
+                Some((outcome, _)) => got = Some(Ok(outcome)),
+                None => {}
+            }
+        }
+        match got {
+            Some(r) => r,
+            None => fetch::fetch(&f.part, req, &tuning, &mut sink),
+        }
     };
     bar.finish();
     let digests = match fetched {

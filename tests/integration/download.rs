@@ -1510,3 +1510,113 @@ fn delta_is_unavailable_from_servers_that_do_not_keep_to_ranges() {
         "{e:#}"
     );
 }
+
+// ---------------------------------------------------------------- delta: whole downloads
+
+/// `current` -> v1.0.0 holding `bin/` of 40 files (text and random data); the package of
+/// v2.0.0, the same files but `changed` ones, packed by `pack`.
+fn delta_setup(env: &Env, changed: &[usize]) -> Pkg {
+    let make = |root: &std::path::Path, v2: bool| {
+        let d = root.join("bin");
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..40usize {
+            let seed = if v2 && changed.contains(&i) {
+                1000 + i
+            } else {
+                i
+            } as u64;
+            let bytes = if i % 2 == 0 {
+                // Text that deflates.
+                let words = data(4_000, seed);
+                words
+                    .iter()
+                    .flat_map(|b| format!("G1 X{} Y{} ", b % 10, b / 10).into_bytes())
+                    .take(20_000)
+                    .collect()
+            } else {
+                data(20_000, seed)
+            };
+            std::fs::write(d.join(format!("lib{i:02}.so")), bytes).unwrap();
+        }
+    };
+    let v1 = env.versions_dir.join("v1.0.0");
+    make(&v1, false);
+    std::os::unix::fs::symlink("v1.0.0", env.versions_dir.join("current")).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    make(t.path(), true);
+    let manifest = br#"{"version":"1.2.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
+    let bytes =
+        tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+            .unwrap()
+            .into_inner();
+    let md5 = md5_hex(&bytes);
+    Pkg { bytes, md5 }
+}
+
+#[test]
+fn delta_download_reuses_current_and_fetches_what_changed() {
+    let env = Env::new();
+    let p = delta_setup(&env, &[3, 4]);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let r = download(&env, &srv, &p);
+    r.expect(0);
+    assert_eq!(env.state()["stage"], "toInstall");
+    let got = std::fs::read(env.downloads().join("pkg.zip")).unwrap();
+    assert!(got == p.bytes, "the assembled package is the package");
+    // Two of 40 files changed (2 × ~20 KB, one of them random) + the tail, the manifest, the
+    // calibration entry and the local headers around the changed entries.
+    let sent = srv.body_bytes();
+    let len = p.bytes.len() as u64;
+    eprintln!(
+        "delta: {sent} of {len} bytes sent in {} requests",
+        srv.requests().len()
+    );
+    assert!(sent < len / 3, "{sent} of {len}");
+    assert!(srv
+        .requests()
+        .iter()
+        .skip(1)
+        .all(|q| q.headers.get("if-match").map(String::as_str) == Some("\"pkg-etag-1\"")));
+}
+
+#[test]
+fn delta_download_falls_back_to_a_full_download_when_ranges_lie() {
+    let env = Env::new();
+    let p = delta_setup(&env, &[3]);
+    // The probe, the manifest and the calibration are true; the assembly's ranges lie.
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            corrupt_ranges_from: Some(3),
+            ..Behaviour::default()
+        },
+    );
+    let r = download(&env, &srv, &p);
+    r.expect(0);
+    let got = std::fs::read(env.downloads().join("pkg.zip")).unwrap();
+    assert!(got == p.bytes);
+    let full = srv
+        .requests()
+        .iter()
+        .filter(|q| q.range().is_none())
+        .count();
+    assert_eq!(full, 1, "one full download after the failed delta");
+    assert!(srv.body_bytes() > p.bytes.len() as u64);
+}
+
+#[test]
+fn delta_download_is_skipped_by_a_server_that_ignores_range() {
+    let env = Env::new();
+    let p = delta_setup(&env, &[3]);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            honor_range: false,
+            ..Behaviour::default()
+        },
+    );
+    download(&env, &srv, &p).expect(0);
+    let got = std::fs::read(env.downloads().join("pkg.zip")).unwrap();
+    assert!(got == p.bytes);
+    assert_eq!(env.state()["stage"], "toInstall");
+}

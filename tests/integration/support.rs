@@ -231,6 +231,9 @@ pub struct Behaviour {
     pub max_range: Option<u64>,
     /// Honour Range but ignore If-Range (splices files if the ETag changed).
     pub ignore_if_range: bool,
+    /// From the request of this index on (0 is the first), closed ranges (`bytes=A-B`) come
+    /// with their first byte flipped: a server whose ranges lie.
+    pub corrupt_ranges_from: Option<usize>,
 }
 
 impl Default for Behaviour {
@@ -249,6 +252,7 @@ impl Default for Behaviour {
             status: None,
             max_range: None,
             ignore_if_range: false,
+            corrupt_ranges_from: None,
         }
     }
 }
@@ -477,6 +481,16 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             };
             &s.data[start as usize..end as usize]
         }
+    };
+    let corrupted;
+    let body: &[u8] = match b.corrupt_ranges_from {
+        Some(k) if partial && closed_end.is_some() && s.st.lock().unwrap().requests.len() >= k => {
+            let mut v = body.to_vec();
+            v[0] ^= 0xFF;
+            corrupted = v;
+            &corrupted
+        }
+        _ => body,
     };
     if partial {
         record(206);
