@@ -367,6 +367,7 @@ fn try_delta(
         if out.len >= next_mark {
             fsutil::sync_data(&out.file)?;
             sink.checkpoint(out.len, validator.as_deref())?;
+            crate::failpoint::hit("delta-checkpoint");
             next_mark = out.len + step;
         }
     }

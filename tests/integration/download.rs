@@ -1620,3 +1620,32 @@ fn delta_download_is_skipped_by_a_server_that_ignores_range() {
     assert!(got == p.bytes);
     assert_eq!(env.state()["stage"], "toInstall");
 }
+
+#[test]
+fn delta_download_killed_mid_assembly_resumes() {
+    let mut env = Env::new();
+    let p = delta_setup(&env, &[3, 30]);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    env.set("TOPE_OTA_FAILPOINT", "delta-checkpoint");
+    env.set("TOPE_OTA_FAILPOINT_HIT", "3");
+    let r = download(&env, &srv, &p);
+    assert_eq!(r.code, 128 + 9, "killed: {}", r.stderr);
+    let st = env.state();
+    assert_eq!(st["stage"], "downloading");
+    let durable = st["bytes_downloaded"].as_u64().unwrap();
+    assert!(durable > 0 && durable < p.bytes.len() as u64, "{durable}");
+    // What is durable is the package's own prefix.
+    let part = std::fs::read(env.downloads().join("pkg.zip.part")).unwrap();
+    assert!(part.len() as u64 >= durable);
+    assert!(part[..durable as usize] == p.bytes[..durable as usize]);
+    env.vars.remove("TOPE_OTA_FAILPOINT");
+    env.vars.remove("TOPE_OTA_FAILPOINT_HIT");
+    let before = srv.requests().len();
+    download(&env, &srv, &p).expect(0);
+    let got = std::fs::read(env.downloads().join("pkg.zip")).unwrap();
+    assert!(got == p.bytes);
+    // The resume continues from the durable bytes on the ETag of the delta.
+    let first = &srv.requests()[before];
+    assert_eq!(first.range().unwrap(), format!("bytes={durable}-"));
+    assert_eq!(first.headers.get("if-range").unwrap(), "\"pkg-etag-1\"");
+}
