@@ -1649,3 +1649,27 @@ fn delta_download_killed_mid_assembly_resumes() {
     assert_eq!(first.range().unwrap(), format!("bytes={durable}-"));
     assert_eq!(first.headers.get("if-range").unwrap(), "\"pkg-etag-1\"");
 }
+
+#[test]
+fn delta_download_is_not_tried_without_current_nor_kept_for_a_non_zip() {
+    // No current: no probe, one plain request.
+    let env = Env::new();
+    let p = pkg(300_000, 5);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    download(&env, &srv, &p).expect(0);
+    assert_eq!(srv.requests().len(), 1);
+    assert!(srv.requests()[0].range().is_none());
+    // A current, but a package that is not a ZIP: the probe, the last 64 KiB (where an EOCD
+    // with a long comment would be), then the full download.
+    let env = Env::new();
+    std::fs::create_dir_all(env.versions_dir.join("v1.0.0/bin")).unwrap();
+    std::os::unix::fs::symlink("v1.0.0", env.versions_dir.join("current")).unwrap();
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    download(&env, &srv, &p).expect(0);
+    let seen = srv.requests();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen[0].range().is_some() && seen[1].range().is_some() && seen[2].range().is_none());
+    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+    let wasted = srv.body_bytes() - p.bytes.len() as u64;
+    assert!(wasted <= tope_ota::remote::PROBE_TAIL + 65_633, "{wasted}");
+}
