@@ -30,6 +30,9 @@ pub struct Package {
     /// Optional: where the detached signature is (default `<package_url>.minisig`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_sig_url: Option<String>,
+    /// `download --full`: no delta (not part of the API's body).
+    #[serde(skip)]
+    pub full: bool,
 }
 
 impl Package {
@@ -38,9 +41,11 @@ impl Package {
         let pkg = match &args.request {
             Some(src) => {
                 let bytes = read_request(src)?;
-                serde_json::from_slice::<Package>(&bytes).map_err(|e| {
+                let mut p = serde_json::from_slice::<Package>(&bytes).map_err(|e| {
                     OtaError::new(ErrorCode::InvalidRequest, format!("request body: {e}"))
-                })?
+                })?;
+                p.full = args.full;
+                p
             }
             None => Package {
                 version: args.version.clone().unwrap_or_default(),
@@ -50,6 +55,7 @@ impl Package {
                 package_md5: args.md5.clone().unwrap_or_default(),
                 package_sha256: args.sha256.clone(),
                 package_sig_url: args.sig_url.clone(),
+                full: args.full,
             },
         };
         pkg.validated()
@@ -390,7 +396,10 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         // and from what `current` already holds, verified below exactly as a full download.
         // A resume continues by the ordinary Range path: the assembled prefix is the package's.
         let mut got = None;
-        if offset == 0 {
+        if offset == 0 && pkg.full {
+            log::info!("no delta: --full");
+        }
+        if offset == 0 && !pkg.full {
             let current = g.versions_dir.join(crate::snapshot::CURRENT);
             let delta = crate::assemble::delta_download(
                 &f.part,

@@ -1673,3 +1673,19 @@ fn delta_download_is_not_tried_without_current_nor_kept_for_a_non_zip() {
     let wasted = srv.body_bytes() - p.bytes.len() as u64;
     assert!(wasted <= tope_ota::remote::PROBE_TAIL + 65_633, "{wasted}");
 }
+
+#[test]
+fn delta_download_full_downloads_the_whole_package() {
+    let env = Env::new();
+    let p = delta_setup(&env, &[3]);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut a = args(&url, &p, &size);
+    a.push("--full");
+    env.run(&a).expect(0);
+    assert_eq!(srv.requests().len(), 1);
+    assert!(srv.requests()[0].range().is_none());
+    assert_eq!(srv.body_bytes(), p.bytes.len() as u64);
+    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+}
