@@ -185,6 +185,11 @@ struct Assembly {
 
 impl Write for Assembly {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // A stop (SIGTERM/SIGINT) ends a long range at once; the piece loop then records what
+        // is durable.
+        if crate::signals::stop_requested().is_some() {
+            return Err(io::Error::other("stop requested"));
+        }
         let n = self.file.write(buf)?;
         self.hashes.update(&buf[..n]);
         self.len += n as u64;
@@ -196,15 +201,18 @@ impl Write for Assembly {
     }
 }
 
-/// Writes at most `left` bytes on, and fails past them (a regeneration longer than its place).
+/// Writes at most `left` bytes on, and fails past them (a regeneration longer than its place),
+/// saying so in `overflow`.
 struct Bounded<'a> {
     out: &'a mut Assembly,
     left: u64,
+    overflow: &'a std::cell::Cell<bool>,
 }
 
 impl Write for Bounded<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.len() as u64 > self.left {
+            self.overflow.set(true);
             return Err(io::Error::other("regenerated entry longer than its place"));
         }
         let n = self.out.write(buf)?;
@@ -221,6 +229,7 @@ impl Write for Bounded<'_> {
 /// `start`) when the file no longer gives exactly those many bytes.
 fn reuse(out: &mut Assembly, method: Method, file: &Path, start: u64, end: u64) -> Result<bool> {
     let saved = out.hashes.clone();
+    let overflow = std::cell::Cell::new(false);
     let ok = (|| -> io::Result<bool> {
         let mut f = File::open(file)?;
         let mut r = Regenerator::new(
@@ -228,11 +237,12 @@ fn reuse(out: &mut Assembly, method: Method, file: &Path, start: u64, end: u64) 
             Bounded {
                 out: &mut *out,
                 left: end - start,
+                overflow: &overflow,
             },
         );
         match delta::copy_chunked(&mut f, &mut r).and_then(|_| r.finish()) {
             Ok(b) => Ok(b.left == 0),
-            Err(e) if e.kind() == io::ErrorKind::Other => Ok(false),
+            Err(_) if overflow.get() => Ok(false),
             Err(e) => Err(e),
         }
     })()
@@ -341,28 +351,21 @@ fn try_delta(
             sink.checkpoint(out.len, validator.as_deref())?;
             return Ok(Some((Outcome::Stopped { durable: out.len }, stats)));
         }
-        let (start, end) = p.range();
+        let (start, _) = p.range();
         debug_assert_eq!(out.len, start);
-        match p {
-            Piece::Fetch { .. } => {
-                remote.copy_range(start, end, &mut out)?;
-                stats.fetched += end - start;
+        let done = piece(p, &dir, &mut remote, &mut out, current, &mut stats);
+        if done.is_err() && sink.stop_requested() {
+            // Fetched bytes are the package's: keep them for the resume. A regeneration cut
+            // short is not proven (its length was not reached): drop it.
+            if !matches!(p, Piece::Fetch { .. }) {
+                out.file.set_len(start)?;
+                out.len = start;
             }
-            Piece::Header { entry, .. } => {
-                out.write_all(&delta::regenerate_local_header(&dir.entries[*entry]))?;
-                stats.reused += end - start;
-            }
-            Piece::Reuse { entry, local, .. } => {
-                let method = Method::from_zip(dir.entries[*entry].method).expect("planned");
-                if reuse(&mut out, method, &current.join(local), start, end)? {
-                    stats.reused += end - start;
-                } else {
-                    log::info!("{local} no longer regenerates its entry; fetching it");
-                    remote.copy_range(start, end, &mut out)?;
-                    stats.fetched += end - start;
-                }
-            }
+            fsutil::sync_data(&out.file)?;
+            sink.checkpoint(out.len, validator.as_deref())?;
+            return Ok(Some((Outcome::Stopped { durable: out.len }, stats)));
         }
+        done?;
         sink.tick(out.len);
         if out.len >= next_mark {
             fsutil::sync_data(&out.file)?;
@@ -383,4 +386,37 @@ fn try_delta(
     );
     let digests: Digests = out.hashes.finish();
     Ok(Some((Outcome::Complete(digests), stats)))
+}
+
+/// Write one piece of the plan to `out`.
+fn piece(
+    p: &Piece,
+    dir: &Directory,
+    remote: &mut Remote,
+    out: &mut Assembly,
+    current: &Path,
+    stats: &mut Stats,
+) -> Result<()> {
+    let (start, end) = p.range();
+    match p {
+        Piece::Fetch { .. } => {
+            remote.copy_range(start, end, out)?;
+            stats.fetched += end - start;
+        }
+        Piece::Header { entry, .. } => {
+            out.write_all(&delta::regenerate_local_header(&dir.entries[*entry]))?;
+            stats.reused += end - start;
+        }
+        Piece::Reuse { entry, local, .. } => {
+            let method = Method::from_zip(dir.entries[*entry].method).expect("planned");
+            if reuse(out, method, &current.join(local), start, end)? {
+                stats.reused += end - start;
+            } else {
+                log::info!("{local} no longer regenerates its entry; fetching it");
+                remote.copy_range(start, end, out)?;
+                stats.fetched += end - start;
+            }
+        }
+    }
+    Ok(())
 }

@@ -1689,3 +1689,47 @@ fn delta_download_full_downloads_the_whole_package() {
     assert_eq!(srv.body_bytes(), p.bytes.len() as u64);
     assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
 }
+
+#[test]
+fn delta_download_stops_inside_a_range_on_sigterm_and_resumes() {
+    let env = Env::new();
+    // Every random file changed: long fetched ranges.
+    let changed: Vec<usize> = (1..40).step_by(2).collect();
+    let p = delta_setup(&env, &changed);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            throttle: Some((2000, Duration::from_millis(20))),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let child = env.spawn(&args(&url, &p, &size));
+    // Into the assembly: the probe, the manifest and the calibration are done.
+    let until = Instant::now() + Duration::from_secs(20);
+    while srv.requests().len() < 4 {
+        assert!(Instant::now() < until, "no assembly: {:?}", srv.requests());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let t0 = Instant::now();
+    kill(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = env.state();
+    assert_eq!(st["stage"], "downloading");
+    let durable = st["bytes_downloaded"].as_u64().unwrap();
+    let part = std::fs::read(env.downloads().join("pkg.zip.part")).unwrap();
+    assert!(durable > 0 && part.len() as u64 >= durable, "{durable}");
+    assert!(part[..durable as usize] == p.bytes[..durable as usize]);
+    srv.set(|b| b.throttle = None);
+    download(&env, &srv, &p).expect(0);
+    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+}
