@@ -278,16 +278,12 @@ pub fn delta_download(
             } else {
                 log::warn!("no delta: {e:#}");
             }
-            // Nothing assembled counts: the full download starts from zero.
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(part);
-            if let Ok(f) = f {
-                fsutil::sync_data(&f).ok();
+            // Nothing assembled counts: the full download starts from zero. Before the assembly
+            // (the caller removed any partial) there is nothing to drop and no state to write.
+            if part.exists() {
+                fsutil::remove_file_durable(part)?;
+                sink.checkpoint(0, None)?;
             }
-            sink.checkpoint(0, None)?;
             Ok(None)
         }
     }
