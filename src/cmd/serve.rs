@@ -720,10 +720,14 @@ fn same_download(ctx: &Ctx, pkg: &Package) -> Option<&'static str> {
     if ours && !settled_otherwise {
         return Some("it is being downloaded");
     }
-    // Another writer's download: only while it holds the lock.
+    // Another writer's download: only while it holds the lock. serve's own delivery of a
+    // missed callback holds it too, at start, over an interrupted download's `downloading`:
+    // then nothing downloads, and the request goes to a child that resumes it.
     if same
         && matches!(s.stage, Stage::Downloading | Stage::Verifying)
+        && !DELIVERING.load(Ordering::SeqCst)
         && StateLock::acquire(&ctx.global.state_dir).is_err()
+        && !DELIVERING.load(Ordering::SeqCst)
     {
         return Some("it is being downloaded");
     }

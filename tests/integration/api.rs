@@ -574,10 +574,11 @@ fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
     let a = &srv.addr;
     let ct = [("Content-Type", "application/json")];
     let bytes = data(2 << 20, 142);
+    // Held at 1 MiB until released: the download is in flight exactly while the test posts.
     let pkg = PkgServer::start(
         bytes.clone(),
         Behaviour {
-            throttle: Some((64 * 1024, Duration::from_millis(15))),
+            gate_at: Some(1 << 20),
             ..Behaviour::default()
         },
     );
@@ -586,6 +587,7 @@ fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
         "package_size": bytes.len(), "package_md5": md5_hex(&bytes)});
     let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
     assert_eq!(st, 200, "{v}");
+    pkg.wait_gate(30);
     env.wait_state(30, "downloading", |s| {
         s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
     });
@@ -608,6 +610,12 @@ fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
     let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &different.to_string());
     assert_eq!(st, 409, "{v}");
     assert_refused(&v, 409, "BUSY: ", "another package");
+    assert_eq!(
+        env.state()["stage"],
+        "downloading",
+        "still held at the gate"
+    );
+    pkg.release();
     // Ready: the same request is 200, starts nothing and writes nothing.
     env.wait_state(30, "toInstall", |s| s["stage"] == "toInstall");
     let until = Instant::now() + Duration::from_secs(10);
@@ -643,10 +651,13 @@ fn reposting_a_download_another_writer_runs_is_200() {
     // started; another package: BUSY.
     let env = Env::new();
     let bytes = data(2 << 20, 143);
+    // Held at 1 MiB until released: the CLI holds the lock and `downloading` exactly while the
+    // test posts, so the 200 can only come from the "another writer holds the lock" rule (serve
+    // has no child of its own, and the package is not ready).
     let pkg = PkgServer::start(
         bytes.clone(),
         Behaviour {
-            throttle: Some((64 * 1024, Duration::from_millis(15))),
+            gate_at: Some(1 << 20),
             ..Behaviour::default()
         },
     );
@@ -666,6 +677,7 @@ fn reposting_a_download_another_writer_runs_is_200() {
         "--md5",
         &md5,
     ]);
+    pkg.wait_gate(30);
     env.wait_state(30, "downloading", |s| {
         s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
     });
@@ -692,9 +704,86 @@ fn reposting_a_download_another_writer_runs_is_200() {
         &different.to_string(),
     );
     assert_eq!(st, 409, "{v}");
+    assert!(srv.children().is_empty(), "nothing started");
+    assert_eq!(
+        env.state()["stage"],
+        "downloading",
+        "still held at the gate"
+    );
+    pkg.release();
     assert!(cli.wait().unwrap().success());
     assert_eq!(env.state()["stage"], "toInstall");
     assert_eq!(pkg.requests().len(), 1);
+}
+
+#[test]
+fn reposting_an_interrupted_download_while_serve_delivers_a_missed_callback_resumes_it() {
+    // A download killed mid-way leaves `downloading`; serve starts and holds the lock to send a
+    // stage device-api missed (its receiver hangs). The same request again must resume the
+    // download, not be taken for another writer's download in flight.
+    let mut env = Env::new();
+    let bytes = data(2 << 20, 77);
+    let pkg = PkgServer::start(
+        bytes.clone(),
+        Behaviour {
+            gate_at: Some(1 << 20),
+            ..Behaviour::default()
+        },
+    );
+    let size = bytes.len().to_string();
+    let md5 = md5_hex(&bytes);
+    let url = pkg.url("pkg.zip");
+    let mut cli = env.spawn(&[
+        "download",
+        "--version",
+        "1.0.0",
+        "--url",
+        &url,
+        "--name",
+        "pkg.zip",
+        "--size",
+        &size,
+        "--md5",
+        &md5,
+    ]);
+    pkg.wait_gate(30);
+    env.wait_state(30, "downloading", |s| {
+        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
+    });
+    kill(&cli, libc::SIGKILL);
+    let _ = cli.wait();
+    pkg.release();
+    let fetches = pkg.requests().len();
+    std::fs::write(
+        env.state_dir.join("callback.json"),
+        r#"{"stage":"idle","error":null,"version":null}"#,
+    )
+    .unwrap();
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("http://{}/api/v1.0/ota/report", hung.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut keep = vec![];
+        for c in hung.incoming() {
+            keep.push(c);
+        }
+    });
+    env.set("TOPE_OTA_REPORT_URL", &hung_url);
+    let srv = Server::start(&env);
+    let body = json!({"version": "1.0.0", "package_url": url, "package_name": "pkg.zip",
+        "package_size": bytes.len(), "package_md5": md5});
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/download",
+        &[("Content-Type", "application/json")],
+        &body.to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    env.wait_state(30, "toInstall", |s| s["stage"] == "toInstall");
+    assert!(
+        pkg.requests().len() > fetches,
+        "a 200 was answered, yet nothing resumed the download"
+    );
 }
 
 #[test]
