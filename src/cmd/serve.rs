@@ -385,10 +385,10 @@ async fn start_child(
     stdin: Option<Bytes>,
 ) -> Result<Arc<AtomicBool>, Resp> {
     // A writer whose state is already at rest is only delivering its last callbacks (bounded
-    // by report::FLUSH_DEADLINE) and exiting: wait for it rather than answer BUSY to a client
+    // by report::FINISH_BOUND) and exiting: wait for it rather than answer BUSY to a client
     // that saw `toInstall` and asked for the update at once.
     let deadline =
-        tokio::time::Instant::now() + crate::report::FLUSH_DEADLINE + Duration::from_millis(500);
+        tokio::time::Instant::now() + crate::report::FINISH_BOUND + Duration::from_millis(500);
     let lock = loop {
         match StateLock::acquire(&ctx.global.state_dir) {
             Ok(l) => break l,
@@ -1013,7 +1013,8 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
 /// A stage device-api did not receive (its process ended first) is sent when serve starts,
 /// in the background, under the lock so it cannot overtake a writer's newer callbacks; a
 /// writer that holds the lock sends it itself. The lock is held at most
-/// [`crate::report::FLUSH_DEADLINE`], which a POST waits out as it waits for any writer at rest.
+/// [`crate::report::FINISH_BOUND`] (the sender is stopped and joined before the lock goes, so
+/// nothing is posted without it), which a POST waits out as it waits for any writer at rest.
 fn deliver_pending_callback(g: &Global) {
     if g.report_url.is_empty() {
         return;

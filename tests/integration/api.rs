@@ -569,7 +569,9 @@ fn a_missing_ota_gui_is_warned_once_per_install_over_the_api() {
 
 #[test]
 fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
-    let env = Env::new();
+    let mut env = Env::new();
+    // The download waits at the gate as long as the test needs: no stall retry meanwhile.
+    env.set("TOPE_OTA_STALL_TIMEOUT_MS", "60000");
     let srv = Server::start(&env);
     let a = &srv.addr;
     let ct = [("Content-Type", "application/json")];
@@ -588,9 +590,8 @@ fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
     let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body.to_string());
     assert_eq!(st, 200, "{v}");
     pkg.wait_gate(30);
-    env.wait_state(30, "downloading", |s| {
-        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
-    });
+    // Held at the gate, the progress may not have been written yet: the stage is what counts.
+    env.wait_state(30, "downloading", |s| s["stage"] == "downloading");
     let worker = srv.children();
     assert_eq!(worker.len(), 1);
     // The same request again, also as an old client may write it (size as a string, the MD5
@@ -649,7 +650,9 @@ fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
 fn reposting_a_download_another_writer_runs_is_200() {
     // The CLI (or the heal timer) downloads; device-api posts the same package: 200, nothing
     // started; another package: BUSY.
-    let env = Env::new();
+    let mut env = Env::new();
+    // The download waits at the gate as long as the test needs: no stall retry meanwhile.
+    env.set("TOPE_OTA_STALL_TIMEOUT_MS", "60000");
     let bytes = data(2 << 20, 143);
     // Held at 1 MiB until released: the CLI holds the lock and `downloading` exactly while the
     // test posts, so the 200 can only come from the "another writer holds the lock" rule (serve
@@ -678,9 +681,8 @@ fn reposting_a_download_another_writer_runs_is_200() {
         &md5,
     ]);
     pkg.wait_gate(30);
-    env.wait_state(30, "downloading", |s| {
-        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
-    });
+    // Held at the gate, the progress may not have been written yet: the stage is what counts.
+    env.wait_state(30, "downloading", |s| s["stage"] == "downloading");
     let srv = Server::start(&env);
     let ct = [("Content-Type", "application/json")];
     let body = json!({"version": "1.0.0", "package_url": url, "package_name": "pkg.zip",
@@ -747,9 +749,8 @@ fn reposting_an_interrupted_download_while_serve_delivers_a_missed_callback_resu
         &md5,
     ]);
     pkg.wait_gate(30);
-    env.wait_state(30, "downloading", |s| {
-        s["stage"] == "downloading" && s["progress"].as_u64() >= Some(5)
-    });
+    // Held at the gate, the progress may not have been written yet: the stage is what counts.
+    env.wait_state(30, "downloading", |s| s["stage"] == "downloading");
     kill(&cli, libc::SIGKILL);
     let _ = cli.wait();
     pkg.release();
@@ -974,6 +975,50 @@ fn an_undelivered_stage_change_is_sent_by_the_next_run() {
         "{:#?}",
         api.bodies()
     );
+}
+
+#[test]
+fn a_repeated_outcome_device_api_missed_is_sent_again() {
+    // The same failure twice: device-api received the first, missed the second (down), and
+    // the next run sends it, although stage, error and version are the same as the first's.
+    let api = ApiStub::start(Duration::ZERO);
+    let mut d = Device::with_v1();
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let (files, manifest) = v2_partial();
+    let bytes = d.pack("2.0.0", &files, &manifest);
+    d.sc.touch("fail-start-device-api@v2.0.0");
+    d.download("2.0.0", bytes.clone()).expect(0);
+    d.install().expect(1);
+    let failed = |api: &ApiStub| api.bodies().iter().filter(|b| b["code"] == 500).count();
+    assert_eq!(failed(&api), 1, "{:#?}", api.bodies());
+    d.env.set(
+        "TOPE_OTA_REPORT_URL",
+        "http://127.0.0.1:1/api/v1.0/ota/report",
+    );
+    d.download("2.0.0", bytes).expect(0);
+    d.install().expect(1);
+    assert_eq!(d.env.state()["stage"], "failed");
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(failed(&api), 2, "the second failure: {:#?}", api.bodies());
+}
+
+#[test]
+fn an_unparsable_callback_record_sends_the_stage() {
+    // A torn or garbage callback.json records nothing as delivered: the stage is sent.
+    let mut d = Device::with_v1();
+    let (files, manifest) = v2_partial();
+    let bytes = d.pack("2.0.0", &files, &manifest);
+    d.download("2.0.0", bytes).expect(0);
+    std::fs::write(d.env.state_dir.join("callback.json"), b"{\"stage\":\"to").unwrap();
+    let api = ApiStub::start(Duration::ZERO);
+    d.env.set("TOPE_OTA_REPORT_URL", &api.url);
+    d.env.run(&["heal"]).expect(0);
+    let bodies = api.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:#?}");
+    assert_eq!(bodies[0]["data"]["stage"], "toInstall");
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(api.bodies().len(), 1, "recorded now: {:#?}", api.bodies());
 }
 
 // ---------------------------------------------------------------- the version already running
