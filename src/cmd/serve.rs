@@ -828,11 +828,21 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
             }
         }
     }
+    // As the CLI: an expired package is refused and the version current already runs is
+    // success with nothing to do, before the print-job check (nothing to install, nothing to
+    // inhibit); the child answers both.
+    let noop = !upd.reinstall
+        && crate::snapshot::Links::read(&ctx.global.versions_dir).current_version()
+            == Some(upd.version.as_str());
     // The inhibit command may take seconds: off the one runtime thread.
     let g = ctx.global.clone();
-    let inhibited = tokio::task::spawn_blocking(move || crate::inhibit::active(&g))
-        .await
-        .unwrap_or_else(|_| Some("the inhibit check failed".into()));
+    let inhibited = if expired || noop {
+        None
+    } else {
+        tokio::task::spawn_blocking(move || crate::inhibit::active(&g))
+            .await
+            .unwrap_or_else(|_| Some("the inhibit check failed".into()))
+    };
     if let Some(why) = inhibited {
         return coded(&OtaError::new(
             ErrorCode::Inhibited,

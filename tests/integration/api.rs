@@ -1047,6 +1047,30 @@ fn update_to_the_running_version_is_success_and_reinstall_builds_it_again() {
         "{s}"
     );
     wait_no_children(&srv);
+    // During a print job too, as the CLI answers: nothing to install, nothing to inhibit.
+    let inhibit = std::path::PathBuf::from(&d.env.vars["TOPE_OTA_INHIBIT_DIR"]);
+    std::fs::create_dir_all(&inhibit).unwrap();
+    std::fs::write(inhibit.join("print-job-42"), b"").unwrap();
+    d.download("1.0.0", pkg.clone()).expect(0);
+    let cli = d.env.run(&["install", "--version", "1.0.0"]);
+    cli.expect(0);
+    assert!(cli.stdout.contains("already runs"), "{cli:?}");
+    d.download("1.0.0", pkg.clone()).expect(0);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"1.0.0"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    let s = wait_stage(&d.env, "success");
+    assert_eq!(s["error"], Value::Null, "{s}");
+    assert!(
+        s["message"].as_str().unwrap().contains("already runs"),
+        "{s}"
+    );
+    wait_no_children(&srv);
     assert!(d.env.download_files().is_empty(), "the package is deleted");
     assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
     assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
@@ -1060,6 +1084,19 @@ fn update_to_the_running_version_is_success_and_reinstall_builds_it_again() {
             .contains("already runs"),
         "{last}"
     );
+    wait_no_children(&srv);
+    // A reinstall is an install: the print job refuses it, as the CLI does.
+    d.download("1.0.0", pkg.clone()).expect(0);
+    let (st, v) = request(
+        &srv.addr,
+        "POST",
+        "/api/v1.0/update",
+        &ct,
+        r#"{"version":"1.0.0","reinstall":true}"#,
+    );
+    assert_eq!(st, 409, "{v}");
+    assert_refused(&v, 409, "INHIBITED: ", "a reinstall during a print");
+    std::fs::remove_file(inhibit.join("print-job-42")).unwrap();
     // "reinstall": true installs it again, under a new snapshot name.
     d.download("1.0.0", pkg).expect(0);
     let (st, v) = request(
