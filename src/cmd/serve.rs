@@ -572,13 +572,53 @@ fn known_fields(route: &str, body: &[u8], known: &[&str]) -> Result<Map<String, 
         if unknown.len() > SHOWN {
             names.push(format!("and {} more", unknown.len() - SHOWN));
         }
-        log::warn!(
-            "POST {route}: unknown field(s) {} ignored (known: {})",
-            names.join(", "),
-            known.join(", ")
-        );
+        let shown = names.join(", ");
+        match first_time_unknown(route, &shown) {
+            WarnOnce::New => log::warn!(
+                "POST {route}: unknown field(s) {shown} ignored (known: {})",
+                known.join(", ")
+            ),
+            WarnOnce::Full => log::warn!(
+                "POST {route}: unknown field(s) {shown} ignored; {UNKNOWN_SETS} different sets \
+                 of unknown fields were logged, further ones are not"
+            ),
+            WarnOnce::Seen => {}
+        }
     }
     Ok(kept)
+}
+
+/// How many distinct sets of unknown field names serve warns about: each once, so a client that
+/// sends the same extra field with every request does not flood the journal (whose rate limit
+/// would then drop the unit's real records).
+const UNKNOWN_SETS: usize = 32;
+
+#[derive(Debug, PartialEq, Eq)]
+enum WarnOnce {
+    New,
+    /// The one warning that the table is full.
+    Full,
+    Seen,
+}
+
+fn first_time_unknown(route: &str, names: &str) -> WarnOnce {
+    static SEEN: Mutex<Option<(HashSet<String>, bool)>> = Mutex::new(None);
+    let mut guard = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let (seen, full_told) = guard.get_or_insert_with(|| (HashSet::new(), false));
+    let key = format!("{route} {names}");
+    if seen.contains(&key) {
+        return WarnOnce::Seen;
+    }
+    if seen.len() < UNKNOWN_SETS {
+        seen.insert(key);
+        return WarnOnce::New;
+    }
+    if *full_told {
+        WarnOnce::Seen
+    } else {
+        *full_told = true;
+        WarnOnce::Full
+    }
 }
 
 /// `package_size` as the old model took it: an integer, a decimal string (`"104857600"`) or a
@@ -1185,6 +1225,21 @@ mod tests {
         ] {
             assert!(!is_loopback_host(bad, &names), "{bad}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_are_warned_once_per_set_and_bounded() {
+        assert_eq!(first_time_unknown("/t", "\"a\""), WarnOnce::New);
+        assert_eq!(first_time_unknown("/t", "\"a\""), WarnOnce::Seen);
+        assert_eq!(first_time_unknown("/u", "\"a\""), WarnOnce::New);
+        let mut full = 0;
+        for i in 0..UNKNOWN_SETS * 2 {
+            if first_time_unknown("/t", &format!("\"f{i}\"")) == WarnOnce::Full {
+                full += 1;
+            }
+        }
+        assert_eq!(full, 1, "the table is bounded and says so once");
+        assert_eq!(first_time_unknown("/t", "\"a\""), WarnOnce::Seen);
     }
 
     #[test]

@@ -373,6 +373,17 @@ fn unknown_request_fields_are_ignored_with_a_warning() {
         log.contains("unknown field(s) \"device_id\", \"force\", \"package_sha265\" ignored"),
         "{log}"
     );
+    // The same set again (a client that always sends it): not logged again.
+    for _ in 0..3 {
+        let (st, v) = request(a, "POST", "/api/v1.0/download", &ct, &body);
+        assert_eq!(st, 200, "{v}");
+    }
+    assert_eq!(
+        srv.log().matches("unknown field(s) \"device_id\"").count(),
+        1,
+        "{}",
+        srv.log()
+    );
     // POST /update: `force` is ignored; the version is checked as always.
     let (st, v) = request(
         a,
