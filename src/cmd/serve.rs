@@ -264,10 +264,12 @@ fn read_loopback_names() -> HashSet<String> {
     let path = std::env::var_os("TOPE_OTA_HOSTS_FILE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| HOSTS_FILE.into());
-    let mut text = String::new();
-    match std::fs::File::open(&path).and_then(|f| f.take(1 << 20).read_to_string(&mut text)) {
+    // Bytes, decoded lossily: a stray non-UTF-8 byte (a comment in Latin-1, a truncated last
+    // character) spoils only the word it is in, not the whole file.
+    let mut bytes = Vec::new();
+    match std::fs::File::open(&path).and_then(|f| f.take(1 << 20).read_to_end(&mut bytes)) {
         Ok(_) => {
-            let names = loopback_names(&text);
+            let names = loopback_names(&String::from_utf8_lossy(&bytes));
             log::debug!("loopback names from {}: {names:?}", path.display());
             names
         }

@@ -475,9 +475,10 @@ fn package_size_as_a_decimal_string_or_a_whole_number() {
 fn http_1_0_without_host_and_the_loopback_names_of_etc_hosts_are_accepted() {
     let mut env = Env::new();
     let hosts = env.tmp.path().join("hosts");
+    // A comment in Latin-1 (not UTF-8) spoils nothing but itself.
     std::fs::write(
         &hosts,
-        "127.0.0.1\tlocalhost localhost.localdomain\n127.0.1.1 printer-7\n\
+        b"# Drucker B\xfcro\n127.0.0.1\tlocalhost localhost.localdomain\n127.0.1.1 printer-7\n\
          ::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\n\
          192.168.1.20 updates.lan\n",
     )
