@@ -658,17 +658,13 @@ fn reposting_the_download_in_flight_is_200_and_changes_nothing() {
     assert_eq!(pkg.requests().len(), 2, "fetched again");
 }
 
-#[test]
-fn reposting_a_download_another_writer_runs_is_200() {
-    // The CLI (or the heal timer) downloads; device-api posts the same package: 200, nothing
-    // started; another package: BUSY.
-    let mut env = Env::new();
-    // The download waits at the gate as long as the test needs: no stall retry meanwhile.
-    env.set("TOPE_OTA_STALL_TIMEOUT_MS", "60000");
-    let bytes = data(2 << 20, 143);
-    // Held at 1 MiB until released: the CLI holds the lock and `downloading` exactly while the
-    // test posts, so the 200 can only come from the "another writer holds the lock" rule (serve
-    // has no child of its own, and the package is not ready).
+/// A CLI download of a 2 MiB package (seed `seed`) held at 1 MiB by the server's gate, once
+/// state.json says `downloading`: (server, bytes, url, md5, the CLI).
+fn gated_cli_download(
+    env: &Env,
+    seed: u64,
+) -> (PkgServer, Vec<u8>, String, String, std::process::Child) {
+    let bytes = data(2 << 20, seed);
     let pkg = PkgServer::start(
         bytes.clone(),
         Behaviour {
@@ -679,7 +675,7 @@ fn reposting_a_download_another_writer_runs_is_200() {
     let size = bytes.len().to_string();
     let md5 = md5_hex(&bytes);
     let url = pkg.url("pkg.zip");
-    let mut cli = env.spawn(&[
+    let cli = env.spawn(&[
         "download",
         "--version",
         "1.0.0",
@@ -695,6 +691,20 @@ fn reposting_a_download_another_writer_runs_is_200() {
     pkg.wait_gate(30);
     // Held at the gate, the progress may not have been written yet: the stage is what counts.
     env.wait_state(30, "downloading", |s| s["stage"] == "downloading");
+    (pkg, bytes, url, md5, cli)
+}
+
+#[test]
+fn reposting_a_download_another_writer_runs_is_200() {
+    // The CLI (or the heal timer) downloads; device-api posts the same package: 200, nothing
+    // started; another package: BUSY.
+    let mut env = Env::new();
+    // The download waits at the gate as long as the test needs: no stall retry meanwhile.
+    env.set("TOPE_OTA_STALL_TIMEOUT_MS", "60000");
+    // Held at 1 MiB until released: the CLI holds the lock and `downloading` exactly while the
+    // test posts, so the 200 can only come from the "another writer holds the lock" rule (serve
+    // has no child of its own, and the package is not ready).
+    let (pkg, bytes, url, md5, mut cli) = gated_cli_download(&env, 143);
     let srv = Server::start(&env);
     let ct = [("Content-Type", "application/json")];
     let body = json!({"version": "1.0.0", "package_url": url, "package_name": "pkg.zip",
@@ -736,33 +746,7 @@ fn reposting_an_interrupted_download_while_serve_delivers_a_missed_callback_resu
     // stage device-api missed (its receiver hangs). The same request again must resume the
     // download, not be taken for another writer's download in flight.
     let mut env = Env::new();
-    let bytes = data(2 << 20, 77);
-    let pkg = PkgServer::start(
-        bytes.clone(),
-        Behaviour {
-            gate_at: Some(1 << 20),
-            ..Behaviour::default()
-        },
-    );
-    let size = bytes.len().to_string();
-    let md5 = md5_hex(&bytes);
-    let url = pkg.url("pkg.zip");
-    let mut cli = env.spawn(&[
-        "download",
-        "--version",
-        "1.0.0",
-        "--url",
-        &url,
-        "--name",
-        "pkg.zip",
-        "--size",
-        &size,
-        "--md5",
-        &md5,
-    ]);
-    pkg.wait_gate(30);
-    // Held at the gate, the progress may not have been written yet: the stage is what counts.
-    env.wait_state(30, "downloading", |s| s["stage"] == "downloading");
+    let (pkg, bytes, url, md5, mut cli) = gated_cli_download(&env, 77);
     kill(&cli, libc::SIGKILL);
     let _ = cli.wait();
     pkg.release();
