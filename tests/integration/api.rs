@@ -1045,21 +1045,25 @@ fn update_to_the_running_version_is_success_and_reinstall_builds_it_again() {
     d.download("1.0.0", pkg.clone()).expect(0);
     let srv = Server::start(&d.env);
     let ct = [("Content-Type", "application/json")];
-    let (st, v) = request(
-        &srv.addr,
-        "POST",
-        "/api/v1.0/update",
-        &ct,
-        r#"{"version":"1.0.0"}"#,
-    );
-    assert_eq!(st, 200, "{v}");
-    let s = wait_stage(&d.env, "success");
-    assert_eq!(s["error"], Value::Null, "{s}");
-    assert!(
-        s["message"].as_str().unwrap().contains("already runs"),
-        "{s}"
-    );
-    wait_no_children(&srv);
+    // POST /update of the running version: 200, then success with nothing to do.
+    let update_is_a_no_op = |env: &Env| {
+        let (st, v) = request(
+            &srv.addr,
+            "POST",
+            "/api/v1.0/update",
+            &ct,
+            r#"{"version":"1.0.0"}"#,
+        );
+        assert_eq!(st, 200, "{v}");
+        let s = wait_stage(env, "success");
+        assert_eq!(s["error"], Value::Null, "{s}");
+        assert!(
+            s["message"].as_str().unwrap().contains("already runs"),
+            "{s}"
+        );
+        wait_no_children(&srv);
+    };
+    update_is_a_no_op(&d.env);
     // During a print job too, as the CLI answers: nothing to install, nothing to inhibit.
     let inhibit = std::path::PathBuf::from(&d.env.vars["TOPE_OTA_INHIBIT_DIR"]);
     std::fs::create_dir_all(&inhibit).unwrap();
@@ -1069,21 +1073,7 @@ fn update_to_the_running_version_is_success_and_reinstall_builds_it_again() {
     cli.expect(0);
     assert!(cli.stdout.contains("already runs"), "{cli:?}");
     d.download("1.0.0", pkg.clone()).expect(0);
-    let (st, v) = request(
-        &srv.addr,
-        "POST",
-        "/api/v1.0/update",
-        &ct,
-        r#"{"version":"1.0.0"}"#,
-    );
-    assert_eq!(st, 200, "{v}");
-    let s = wait_stage(&d.env, "success");
-    assert_eq!(s["error"], Value::Null, "{s}");
-    assert!(
-        s["message"].as_str().unwrap().contains("already runs"),
-        "{s}"
-    );
-    wait_no_children(&srv);
+    update_is_a_no_op(&d.env);
     assert!(d.env.download_files().is_empty(), "the package is deleted");
     assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
     assert!(d.sc.calls().is_empty(), "{:?}", d.sc.calls());
