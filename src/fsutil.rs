@@ -129,26 +129,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Replace a small bookkeeping file that another thread of a writer may write while the
-/// writer sweeps temp files: through its own fixed temp `<path>.tmp` (never swept; a leftover
-/// is overwritten next time), fsynced before the rename so the file is never empty. The
-/// directory is not fsynced: losing the rename only brings the old content back.
+/// writer sweeps temp files: through a fresh temp file (the one prefix, a unique name) fsynced
+/// before the rename so the file is never empty or torn; on any error the temp file is removed,
+/// so the next attempt starts afresh (SPEC 3). A sweep that removes the temp file first only
+/// fails this write. The directory is not fsynced: losing the rename only brings the old
+/// content back. Not through the fault hooks: this file is not part of any operation's
+/// durability, and its writes (from a thread, when callbacks are on) must not shift the
+/// injected faults.
 pub fn replace_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| io_error(e, "create", &tmp))?;
-    f.write_all(bytes).map_err(|e| io_error(e, "write", &tmp))?;
-    // Not through the fault hooks: this file is not part of any operation's durability, and
-    // its writes (from a thread, when callbacks are on) must not shift the injected faults.
-    f.sync_all().map_err(|e| io_error(e, "fsync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = temp_path(parent_of(path), &name);
+    let result = (|| -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| io_error(e, "create", &tmp))?;
+        f.write_all(bytes).map_err(|e| io_error(e, "write", &tmp))?;
+        f.sync_all().map_err(|e| io_error(e, "fsync", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, path)
+            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Rename `from` to `to` (same filesystem) and fsync the destination directory. The caller has
@@ -318,13 +327,17 @@ pub fn sweep_temp(dir: &Path) -> Result<usize> {
         }
         let path = entry.path();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if is_dir {
+        let gone = if is_dir {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => removed += 1,
+            // Renamed away meanwhile by the thread that writes callback.json.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
         }
-        .with_context(|| format!("remove {}", path.display()))?;
-        removed += 1;
     }
     if removed > 0 {
         sync_dir(dir)?;
@@ -359,6 +372,32 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn replace_small_file_uses_a_fresh_temp_and_leaves_none_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("callback.json");
+        replace_small_file(&p, b"one").unwrap();
+        replace_small_file(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        // No fixed `<path>.tmp` another writer could share, and no leftover.
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(dir.path()), ["callback.json"]);
+        // The rename fails (a non-empty directory in the way): the temp file goes with it.
+        let blocked = dir.path().join("blocked");
+        fs::create_dir(&blocked).unwrap();
+        fs::write(blocked.join("x"), b"").unwrap();
+        assert!(replace_small_file(&blocked, b"three").is_err());
+        assert_eq!(names(dir.path()), ["blocked", "callback.json"]);
     }
 
     #[test]

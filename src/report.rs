@@ -15,7 +15,9 @@ use crate::state::{Stage, State};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,15 +33,23 @@ pub const STALE_PROGRESS: Duration = Duration::from_millis(200);
 /// How long a finishing command waits for queued callbacks before it exits anyway: the most
 /// time a process spends at exit on callbacks.
 pub const FLUSH_DEADLINE: Duration = Duration::from_millis(2000);
+/// The most time [`Reporter::finish`] takes: the flush deadline, then a POST in flight ending
+/// (a stopped sender starts none).
+pub const FINISH_BOUND: Duration =
+    Duration::from_millis(FLUSH_DEADLINE.as_millis() as u64 + 500 + 200);
 /// The last stage device-api received, in the state dir.
 pub const DELIVERED_FILE: &str = "callback.json";
 
-/// What identifies a stage change: the stage, the error and the version.
+/// What identifies a stage change: the stage, the error, the version and the state's
+/// `stage_seq`, so the same outcome of a later operation (the same failure again, a reinstall's
+/// success) is a change of its own. A record without `seq` (an older build) reads as 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageKey {
     pub stage: Stage,
     pub error: Option<ErrorCode>,
     pub version: Option<String>,
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl StageKey {
@@ -48,29 +58,52 @@ impl StageKey {
             stage: s.stage,
             error: s.error,
             version: s.version.clone(),
+            seq: s.stage_seq,
         }
     }
+}
+
+/// What `callback.json` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// No record yet.
+    Missing,
+    /// A record that does not parse (torn, or garbage): nothing is known to be delivered.
+    Unreadable,
+    Key(StageKey),
 }
 
 fn delivered_path(state_dir: &Path) -> PathBuf {
     state_dir.join(DELIVERED_FILE)
 }
 
-/// The last stage device-api received, as recorded; `None` when never recorded (or unreadable).
-pub fn read_delivered(state_dir: &Path) -> Option<StageKey> {
-    let bytes = std::fs::read(delivered_path(state_dir)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// The last stage device-api received, as recorded.
+pub fn read_delivered(state_dir: &Path) -> Delivered {
+    match std::fs::read(delivered_path(state_dir)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Delivered::Missing,
+        Err(_) => Delivered::Unreadable,
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(k) => Delivered::Key(k),
+            Err(_) => Delivered::Unreadable,
+        },
+    }
 }
 
-fn write_delivered(path: &Path, key: &StageKey) {
+/// Record `key` as delivered; false (logged) when the record could not be written durably, so
+/// the caller does not take it as written.
+fn write_delivered(path: &Path, key: &StageKey) -> bool {
     let result = serde_json::to_vec(key)
         .map_err(anyhow::Error::from)
         .and_then(|b| crate::fsutil::replace_small_file(path, &b));
-    if let Err(e) = result {
-        log::warn!(
-            "recording the delivered callback in {}: {e:#}",
-            path.display()
-        );
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!(
+                "recording the delivered callback in {}: {e:#}",
+                path.display()
+            );
+            false
+        }
     }
 }
 
@@ -133,24 +166,17 @@ impl Payload {
 
 struct Event {
     payload: Payload,
+    key: StageKey,
     stage_change: bool,
     queued: Instant,
-}
-
-impl Event {
-    fn key(&self) -> StageKey {
-        StageKey {
-            stage: self.payload.data.stage,
-            error: self.payload.data.error,
-            version: self.payload.data.version.clone(),
-        }
-    }
 }
 
 /// Decides which state changes are reported and hands them to the sender thread.
 pub struct Reporter {
     tx: Option<Sender<Event>>,
     worker: Option<JoinHandle<()>>,
+    /// Set when [`Reporter::finish`] gives up: the sender posts nothing more.
+    stop: Arc<AtomicBool>,
     last: Option<(Stage, u8, Option<ErrorCode>)>,
 }
 
@@ -164,14 +190,16 @@ impl Reporter {
             return Reporter {
                 tx: None,
                 worker: None,
+                stop: Arc::new(AtomicBool::new(false)),
                 last: None,
             };
         }
         let (tx, rx) = mpsc::channel();
         let current = StageKey::of(state);
         let (bootstrap, pending) = match read_delivered(state_dir) {
-            None => (Some(current), false),
-            Some(k) => (None, k != current),
+            Delivered::Missing => (Some(current.clone()), false),
+            Delivered::Unreadable => (None, true),
+            Delivered::Key(k) => (None, k != current),
         };
         if pending {
             log::info!(
@@ -181,19 +209,23 @@ impl Reporter {
             );
             let _ = tx.send(Event {
                 payload: Payload::from_state(state),
+                key: current,
                 stage_change: true,
                 queued: Instant::now(),
             });
         }
         let url = url.to_string();
         let record = delivered_path(state_dir);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
         let worker = std::thread::Builder::new()
             .name("report".into())
-            .spawn(move || sender(url, rx, record, bootstrap))
+            .spawn(move || sender(url, rx, record, bootstrap, stop2))
             .ok();
         Reporter {
             tx: worker.as_ref().map(|_| tx),
             worker,
+            stop,
             last: None,
         }
     }
@@ -212,13 +244,17 @@ impl Reporter {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Event {
                 payload: Payload::from_state(state),
+                key: StageKey::of(state),
                 stage_change,
                 queued: Instant::now(),
             });
         }
     }
 
-    /// Wait up to [`FLUSH_DEADLINE`] for queued callbacks, then give up on them.
+    /// Wait up to [`FLUSH_DEADLINE`] for queued callbacks, then give up on them: the sender is
+    /// told to stop and joined (it posts nothing more once told; a POST in flight ends within
+    /// [`CALLBACK_TIMEOUT`]), so nothing is sent after this returns, in all at most
+    /// [`FINISH_BOUND`]. What was not delivered stays pending in `callback.json`.
     pub fn finish(&mut self) {
         self.tx = None;
         if let Some(worker) = self.worker.take() {
@@ -226,10 +262,18 @@ impl Reporter {
             while !worker.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            if !worker.is_finished() {
+                self.stop.store(true, Ordering::SeqCst);
+                log::warn!("device-api callbacks still queued at exit were dropped");
+                let deadline = Instant::now() + (FINISH_BOUND - FLUSH_DEADLINE);
+                while !worker.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
             if worker.is_finished() {
                 let _ = worker.join();
             } else {
-                log::warn!("device-api callbacks still queued at exit were dropped");
+                log::warn!("the device-api callback sender did not stop in time");
             }
         }
     }
@@ -241,10 +285,18 @@ impl Drop for Reporter {
     }
 }
 
-fn sender(url: String, rx: Receiver<Event>, record: PathBuf, bootstrap: Option<StageKey>) {
-    let mut recorded = bootstrap.clone();
-    if let Some(k) = &bootstrap {
-        write_delivered(&record, k);
+fn sender(
+    url: String,
+    rx: Receiver<Event>,
+    record: PathBuf,
+    bootstrap: Option<StageKey>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut recorded = None;
+    if let Some(k) = bootstrap {
+        if write_delivered(&record, &k) {
+            recorded = Some(k);
+        }
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(CALLBACK_TIMEOUT))
@@ -255,6 +307,9 @@ fn sender(url: String, rx: Receiver<Event>, record: PathBuf, bootstrap: Option<S
     let mut down = false;
     let mut open = true;
     while open || !queue.is_empty() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         if queue.is_empty() {
             match rx.recv_timeout(Duration::from_secs(3600)) {
                 Ok(ev) => queue.push_back(ev),
@@ -291,6 +346,9 @@ fn sender(url: String, rx: Receiver<Event>, record: PathBuf, bootstrap: Option<S
             if attempt > 0 {
                 std::thread::sleep(RETRY_PAUSE);
             }
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
             if post(&agent, &url, &ev.payload) {
                 delivered = true;
                 break;
@@ -298,10 +356,10 @@ fn sender(url: String, rx: Receiver<Event>, record: PathBuf, bootstrap: Option<S
         }
         if delivered {
             down = false;
-            let key = ev.key();
-            if recorded.as_ref() != Some(&key) {
-                write_delivered(&record, &key);
-                recorded = Some(key);
+            // A record that failed to write is not taken as written: the next delivery (or
+            // the next run) writes it again.
+            if recorded.as_ref() != Some(&ev.key) && write_delivered(&record, &ev.key) {
+                recorded = Some(ev.key);
             }
         } else if ev.stage_change {
             down = true;
@@ -332,5 +390,71 @@ fn post(agent: &ureq::Agent, url: &str, payload: &Payload) -> bool {
             log::warn!("callback to {url} failed: {e}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn nothing_is_posted_after_finish_returns() {
+        // A device-api that accepts and never answers: every attempt runs into the timeout.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/r", listener.local_addr().unwrap());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        std::thread::spawn(move || {
+            let mut keep = vec![];
+            for s in listener.incoming() {
+                c.fetch_add(1, Ordering::SeqCst);
+                keep.push(s);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::default();
+        let mut r = Reporter::new(&url, dir.path(), &st);
+        // More stage changes than the flush deadline can try (one attempt each once down).
+        for stage in [Stage::Downloading, Stage::Verifying].repeat(5) {
+            st.stage = stage;
+            st.stage_seq += 1;
+            r.observe(&st);
+        }
+        let t = Instant::now();
+        r.finish();
+        assert!(t.elapsed() <= FINISH_BOUND + Duration::from_millis(300));
+        let at_finish = conns.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            at_finish,
+            "a callback was posted after finish returned"
+        );
+    }
+
+    #[test]
+    fn an_unparsable_record_is_not_a_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_delivered(dir.path()), Delivered::Missing);
+        std::fs::write(dir.path().join(DELIVERED_FILE), b"{\"stage\":\"idl").unwrap();
+        assert_eq!(read_delivered(dir.path()), Delivered::Unreadable);
+        let st = State::default();
+        write_delivered(&dir.path().join(DELIVERED_FILE), &StageKey::of(&st));
+        assert_eq!(
+            read_delivered(dir.path()),
+            Delivered::Key(StageKey::of(&st))
+        );
+        // A record of an older build (no seq) reads as seq 0.
+        std::fs::write(
+            dir.path().join(DELIVERED_FILE),
+            br#"{"stage":"idle","error":null,"version":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_delivered(dir.path()),
+            Delivered::Key(StageKey::of(&st))
+        );
     }
 }

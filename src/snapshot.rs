@@ -86,17 +86,33 @@ pub fn dir_name(version: &str) -> String {
     format!("v{version}")
 }
 
-/// A dir name for a new snapshot of `version` that nothing uses yet: `v<version>`, else the
-/// first free `v<version>~<n>`.
+/// The highest `n` of the `v<version>~<n>` dirs in `root` (the factory's `~factory` is not
+/// one), if any.
+pub fn max_suffix(root: &Path, version: &str) -> Option<u64> {
+    let prefix = format!("{}~", dir_name(version));
+    fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let rest = name.to_str()?.strip_prefix(&prefix)?.to_string();
+            rest.parse::<u64>().ok()
+        })
+        .max()
+}
+
+/// A dir name for a new snapshot of `version` that is newer than every snapshot of it in
+/// `root`: `v<version>` when there is none, else `v<version>~<n>` with `n` one above the highest
+/// kept (2 with only the plain name). A name freed by prune is never given to a newer snapshot
+/// while an older one of the version is kept, so the highest `~n` is always the newest and the
+/// plain name the oldest.
 pub fn fresh_dir_name(root: &Path, version: &str) -> String {
     let plain = dir_name(version);
-    if fs::symlink_metadata(root.join(&plain)).is_err() {
-        return plain;
+    match max_suffix(root, version) {
+        Some(n) => format!("{plain}~{}", n.max(1) + 1),
+        None if fs::symlink_metadata(root.join(&plain)).is_err() => plain,
+        None => format!("{plain}~2"),
     }
-    (2u32..)
-        .map(|n| format!("{plain}~{n}"))
-        .find(|d| fs::symlink_metadata(root.join(d)).is_err())
-        .unwrap_or(plain)
 }
 
 /// The dir a symlink in `root` points to, from its target's last component, when that is a
@@ -326,6 +342,14 @@ mod tests {
         fs::create_dir(d.path().join("v1.0")).unwrap();
         fs::create_dir(d.path().join("v1.0~2")).unwrap();
         assert_eq!(fresh_dir_name(d.path(), "1.0"), "v1.0~3");
+        fs::create_dir(d.path().join("v1.0~factory")).unwrap();
+        fs::create_dir(d.path().join("v1.0~7")).unwrap();
+        assert_eq!(fresh_dir_name(d.path(), "1.0"), "v1.0~8");
+        // Freed names are not reused while a newer snapshot is kept.
+        fs::remove_dir(d.path().join("v1.0")).unwrap();
+        fs::remove_dir(d.path().join("v1.0~2")).unwrap();
+        assert_eq!(fresh_dir_name(d.path(), "1.0"), "v1.0~8");
+        assert_eq!(fresh_dir_name(d.path(), "1.0.1"), "v1.0.1");
     }
 
     #[test]

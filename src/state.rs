@@ -105,6 +105,10 @@ pub struct State {
     /// The latest time a download made durable progress (RFC 3339): a kept partial may be
     /// resumed until 24 h after it.
     pub progressed_at: Option<String>,
+    /// Counts the stage changes the writers committed (each operation's first commit, and every
+    /// later change of stage, error or version): what tells a repeated outcome (the same failure
+    /// again, a reinstall's success) from the one device-api already received.
+    pub stage_seq: u64,
 }
 
 /// The `data` object of `GET /progress` and of `status --json`.

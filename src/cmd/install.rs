@@ -689,10 +689,12 @@ pub fn install(
     fsutil::ensure_dir(&root)?;
     fsutil::sweep_temp(&root)?;
     // A version a link already holds (current for --reinstall, previous, factory) is built
-    // fresh, the usual way, under a new dir name (`v<version>~<n>`): the snapshot a link points
-    // to is never reused nor rebuilt in place.
+    // fresh, the usual way, under a new dir name (`v<version>~<n>`, above every kept `n`): the
+    // snapshot a link points to is never reused nor rebuilt in place.
+    // An unreferenced leftover plain `v<version>` is rebuilt under its name only while no
+    // `~n` snapshot of the version is kept: the plain name stays the oldest.
     let plain = snapshot::dir_name(&version);
-    let target = if links.references(&plain) {
+    let target = if links.references(&plain) || snapshot::max_suffix(&root, &version).is_some() {
         snapshot::fresh_dir_name(&root, &version)
     } else {
         plain

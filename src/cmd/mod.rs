@@ -71,6 +71,8 @@ pub struct Operation {
     lock: StateLock,
     pub state: State,
     reporter: Reporter,
+    /// The (stage, error, version) this operation last committed.
+    last_key: Option<(Stage, Option<crate::error::ErrorCode>, Option<String>)>,
     /// state.json did not parse and was moved aside when the operation began.
     pub recovered: bool,
 }
@@ -84,6 +86,7 @@ impl Operation {
             lock,
             reporter: Reporter::new(&g.report_url, &g.state_dir, &state),
             state,
+            last_key: None,
             recovered,
         })
     }
@@ -94,6 +97,15 @@ impl Operation {
             self.state.version.as_deref().unwrap_or(""),
             self.state.stage.as_str(),
         );
+        let key = (
+            self.state.stage,
+            self.state.error,
+            self.state.version.clone(),
+        );
+        if self.last_key.as_ref() != Some(&key) {
+            self.state.stage_seq = self.state.stage_seq.wrapping_add(1);
+            self.last_key = Some(key);
+        }
         self.state.save(&self.lock)?;
         self.reporter.observe(&self.state);
         Ok(())

@@ -39,7 +39,8 @@ fn resolve(root: &std::path::Path, links: &Links, to: &str) -> Result<Option<Str
                         .collect()
                 })
                 .unwrap_or_default();
-            // The newest: the highest `~n` (numerically), the plain name lowest.
+            // The newest: the highest `~n` (numerically), the plain name lowest; new snapshots
+            // of a version are always named above every kept one (snapshot::fresh_dir_name).
             same.sort_by_key(|n| {
                 n.split_once('~')
                     .and_then(|(_, t)| t.parse::<u64>().ok())

@@ -264,10 +264,12 @@ fn read_loopback_names() -> HashSet<String> {
     let path = std::env::var_os("TOPE_OTA_HOSTS_FILE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| HOSTS_FILE.into());
-    let mut text = String::new();
-    match std::fs::File::open(&path).and_then(|f| f.take(1 << 20).read_to_string(&mut text)) {
+    // Bytes, decoded lossily: a stray non-UTF-8 byte (a comment in Latin-1, a truncated last
+    // character) spoils only the word it is in, not the whole file.
+    let mut bytes = Vec::new();
+    match std::fs::File::open(&path).and_then(|f| f.take(1 << 20).read_to_end(&mut bytes)) {
         Ok(_) => {
-            let names = loopback_names(&text);
+            let names = loopback_names(&String::from_utf8_lossy(&bytes));
             log::debug!("loopback names from {}: {names:?}", path.display());
             names
         }
@@ -385,10 +387,10 @@ async fn start_child(
     stdin: Option<Bytes>,
 ) -> Result<Arc<AtomicBool>, Resp> {
     // A writer whose state is already at rest is only delivering its last callbacks (bounded
-    // by report::FLUSH_DEADLINE) and exiting: wait for it rather than answer BUSY to a client
+    // by report::FINISH_BOUND) and exiting: wait for it rather than answer BUSY to a client
     // that saw `toInstall` and asked for the update at once.
     let deadline =
-        tokio::time::Instant::now() + crate::report::FLUSH_DEADLINE + Duration::from_millis(500);
+        tokio::time::Instant::now() + crate::report::FINISH_BOUND + Duration::from_millis(500);
     let lock = loop {
         match StateLock::acquire(&ctx.global.state_dir) {
             Ok(l) => break l,
@@ -572,13 +574,53 @@ fn known_fields(route: &str, body: &[u8], known: &[&str]) -> Result<Map<String, 
         if unknown.len() > SHOWN {
             names.push(format!("and {} more", unknown.len() - SHOWN));
         }
-        log::warn!(
-            "POST {route}: unknown field(s) {} ignored (known: {})",
-            names.join(", "),
-            known.join(", ")
-        );
+        let shown = names.join(", ");
+        match first_time_unknown(route, &shown) {
+            WarnOnce::New => log::warn!(
+                "POST {route}: unknown field(s) {shown} ignored (known: {})",
+                known.join(", ")
+            ),
+            WarnOnce::Full => log::warn!(
+                "POST {route}: unknown field(s) {shown} ignored; {UNKNOWN_SETS} different sets \
+                 of unknown fields were logged, further ones are not"
+            ),
+            WarnOnce::Seen => {}
+        }
     }
     Ok(kept)
+}
+
+/// How many distinct sets of unknown field names serve warns about: each once, so a client that
+/// sends the same extra field with every request does not flood the journal (whose rate limit
+/// would then drop the unit's real records).
+const UNKNOWN_SETS: usize = 32;
+
+#[derive(Debug, PartialEq, Eq)]
+enum WarnOnce {
+    New,
+    /// The one warning that the table is full.
+    Full,
+    Seen,
+}
+
+fn first_time_unknown(route: &str, names: &str) -> WarnOnce {
+    static SEEN: Mutex<Option<(HashSet<String>, bool)>> = Mutex::new(None);
+    let mut guard = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let (seen, full_told) = guard.get_or_insert_with(|| (HashSet::new(), false));
+    let key = format!("{route} {names}");
+    if seen.contains(&key) {
+        return WarnOnce::Seen;
+    }
+    if seen.len() < UNKNOWN_SETS {
+        seen.insert(key);
+        return WarnOnce::New;
+    }
+    if *full_told {
+        WarnOnce::Seen
+    } else {
+        *full_told = true;
+        WarnOnce::Full
+    }
 }
 
 /// `package_size` as the old model took it: an integer, a decimal string (`"104857600"`) or a
@@ -720,10 +762,14 @@ fn same_download(ctx: &Ctx, pkg: &Package) -> Option<&'static str> {
     if ours && !settled_otherwise {
         return Some("it is being downloaded");
     }
-    // Another writer's download: only while it holds the lock.
+    // Another writer's download: only while it holds the lock. serve's own delivery of a
+    // missed callback holds it too, at start, over an interrupted download's `downloading`:
+    // then nothing downloads, and the request goes to a child that resumes it.
     if same
         && matches!(s.stage, Stage::Downloading | Stage::Verifying)
+        && !DELIVERING.load(Ordering::SeqCst)
         && StateLock::acquire(&ctx.global.state_dir).is_err()
+        && !DELIVERING.load(Ordering::SeqCst)
     {
         return Some("it is being downloaded");
     }
@@ -824,11 +870,21 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
             }
         }
     }
+    // As the CLI: an expired package is refused and the version current already runs is
+    // success with nothing to do, before the print-job check (nothing to install, nothing to
+    // inhibit); the child answers both.
+    let noop = !upd.reinstall
+        && crate::snapshot::Links::read(&ctx.global.versions_dir).current_version()
+            == Some(upd.version.as_str());
     // The inhibit command may take seconds: off the one runtime thread.
     let g = ctx.global.clone();
-    let inhibited = tokio::task::spawn_blocking(move || crate::inhibit::active(&g))
-        .await
-        .unwrap_or_else(|_| Some("the inhibit check failed".into()));
+    let inhibited = if expired || noop {
+        None
+    } else {
+        tokio::task::spawn_blocking(move || crate::inhibit::active(&g))
+            .await
+            .unwrap_or_else(|_| Some("the inhibit check failed".into()))
+    };
     if let Some(why) = inhibited {
         return coded(&OtaError::new(
             ErrorCode::Inhibited,
@@ -1009,7 +1065,8 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
 /// A stage device-api did not receive (its process ended first) is sent when serve starts,
 /// in the background, under the lock so it cannot overtake a writer's newer callbacks; a
 /// writer that holds the lock sends it itself. The lock is held at most
-/// [`crate::report::FLUSH_DEADLINE`], which a POST waits out as it waits for any writer at rest.
+/// [`crate::report::FINISH_BOUND`] (the sender is stopped and joined before the lock goes, so
+/// nothing is posted without it), which a POST waits out as it waits for any writer at rest.
 fn deliver_pending_callback(g: &Global) {
     if g.report_url.is_empty() {
         return;
@@ -1170,6 +1227,21 @@ mod tests {
         ] {
             assert!(!is_loopback_host(bad, &names), "{bad}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_are_warned_once_per_set_and_bounded() {
+        assert_eq!(first_time_unknown("/t", "\"a\""), WarnOnce::New);
+        assert_eq!(first_time_unknown("/t", "\"a\""), WarnOnce::Seen);
+        assert_eq!(first_time_unknown("/u", "\"a\""), WarnOnce::New);
+        let mut full = 0;
+        for i in 0..UNKNOWN_SETS * 2 {
+            if first_time_unknown("/t", &format!("\"f{i}\"")) == WarnOnce::Full {
+                full += 1;
+            }
+        }
+        assert_eq!(full, 1, "the table is bounded and says so once");
+        assert_eq!(first_time_unknown("/t", "\"a\""), WarnOnce::Seen);
     }
 
     #[test]

@@ -221,14 +221,26 @@ def main():
         line = serve.stdout.readline().strip()
         check(line.startswith("listening on "), f"serve started ({line!r})")
         api = Api("http://" + line.split()[-1])
-        run(api, pkg_base, v2, versions, callbacks)
+        run(api, pkg_base, v2, versions, callbacks, lambda: heal(binary, env))
     finally:
         serve.terminate()
         serve.wait(timeout=30)
     print("all checks passed")
 
 
-def run(api, pkg_base, v2, versions, callbacks):
+def heal(binary, env):
+    """The next writer, as the heal timer runs it: once the worker has exited (heal is BUSY
+    while it holds the lock), it sends the stage the worker could not deliver in time."""
+    until = time.time() + 30
+    while True:
+        r = subprocess.run([binary, "heal"], env=env, capture_output=True, text=True)
+        if r.returncode != 75 or time.time() > until:
+            break
+        time.sleep(0.05)
+    check(r.returncode == 0, f"heal after the worker: {r.returncode} {r.stderr}")
+
+
+def run(api, pkg_base, v2, versions, callbacks, next_writer):
     d = api.progress()
     check(d["stage"] == "idle" and d["error"] is None, "GET /progress: idle before anything")
 
@@ -282,7 +294,11 @@ def run(api, pkg_base, v2, versions, callbacks):
     with open(os.path.join(versions, "current", "bin", "device-api"), "rb") as f:
         check(f.read() == b"#!/bin/sh\necho device-api 2.0.0\n", "current runs the package's device-api")
 
-    # Every stage change reached the slow receiver, in order, each as the old envelope.
+    # Every stage change reached the slow receiver, in order, each as the old envelope. Under
+    # load an attempt may outlast the 500 ms bound (it is retried; the receiver records every
+    # attempt) or the worker's 2 s exit flush may run out: the stages are read once the worker
+    # has exited and the next writer has sent what it missed.
+    next_writer()
     until = time.time() + 10
     while (not callbacks or callbacks[-1]["data"]["stage"] != "success") and time.time() < until:
         time.sleep(0.1)

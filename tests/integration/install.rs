@@ -858,6 +858,36 @@ fn reinstall_builds_a_fresh_snapshot_under_a_new_name() {
 }
 
 #[test]
+fn reinstalls_never_reuse_a_pruned_name_so_rollback_to_the_version_takes_the_newest() {
+    // Each reinstall prunes the snapshot no link holds; a freed name (`v1.0.0`, `~2`…) given to
+    // a newer snapshot would make the highest `~n` an older one.
+    let mut d = Device::with_v1();
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    let mut seen = vec!["v1.0.0".to_string()];
+    for i in 2..=5 {
+        d.download("1.0.0", pkg.clone()).expect(0);
+        d.env.run(&["install", "--reinstall"]).expect(0);
+        let cur = d.link("current").unwrap();
+        assert_eq!(cur, format!("v1.0.0~{i}"), "reinstall {i}");
+        assert!(!seen.contains(&cur), "{cur} reused");
+        seen.push(cur.clone());
+        assert_eq!(d.link("previous"), Some(seen[seen.len() - 2].clone()));
+        // The newest snapshot of 1.0.0 is the current one: a no-op.
+        let run = d.env.run(&["rollback", "--to", "1.0.0"]);
+        run.expect(0);
+        assert!(
+            run.stdout.contains("already current"),
+            "reinstall {i}: {run:?}"
+        );
+        assert_eq!(d.link("current").as_deref(), Some(cur.as_str()));
+    }
+    d.env.run(&["verify", "--all"]).expect(0);
+    let st = d.env.run(&["status"]).stdout;
+    assert!(st.contains("current:   1.0.0 (v1.0.0~5)"), "{st}");
+    assert!(st.contains("previous:  1.0.0 (v1.0.0~4)"), "{st}");
+}
+
+#[test]
 fn a_version_only_previous_holds_installs_afresh() {
     let mut d = Device::with_v1();
     let (files, manifest) = v2_partial();

@@ -51,6 +51,28 @@ fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), Stri
             return Err(format!("{at}: {v} is not of type {t}"));
         }
     }
+    // oneOf: exactly one branch; a value two branches accept is the schema's error.
+    if let Some(branches) = schema.get("oneOf").and_then(Value::as_array) {
+        let ok: Vec<usize> = (0..branches.len())
+            .filter(|&i| validate(doc, &branches[i], v, at).is_ok())
+            .collect();
+        if ok.len() != 1 {
+            return Err(format!(
+                "{at}: {v} matches {} oneOf branches {ok:?}, not exactly one",
+                ok.len()
+            ));
+        }
+    }
+    if let Some(branches) = schema.get("anyOf").and_then(Value::as_array) {
+        if !branches.iter().any(|b| validate(doc, b, v, at).is_ok()) {
+            return Err(format!("{at}: {v} matches no anyOf branch"));
+        }
+    }
+    if let (Some(m), Some(n)) = (schema.get("multipleOf").and_then(Value::as_f64), v.as_f64()) {
+        if (n / m).fract() != 0.0 {
+            return Err(format!("{at}: {n} is not a multiple of {m}"));
+        }
+    }
     if let Some(e) = schema.get("enum").and_then(Value::as_array) {
         if !e.contains(v) {
             return Err(format!("{at}: {v} not in {e:?}"));
@@ -155,4 +177,36 @@ fn the_published_error_codes_are_the_binarys() {
         published, ours,
         "deploy/openapi.json's ErrorCode enum is stale"
     );
+}
+
+/// The download request's `package_size` takes what the server takes: an integer, a number with
+/// no fraction and a decimal string, each by exactly one `oneOf` branch.
+#[test]
+fn the_download_request_schema_takes_every_package_size_form() {
+    let doc = doc();
+    let schema = &doc["components"]["schemas"]["DownloadRequest"];
+    let body = |size: Value| {
+        serde_json::json!({"version": "1.0.0", "package_url": "http://h/p.zip",
+            "package_name": "p.zip", "package_size": size,
+            "package_md5": "0123456789abcdef0123456789abcdef"})
+    };
+    for good in [
+        serde_json::json!(104857600),
+        serde_json::json!(104857600.0),
+        serde_json::json!("104857600"),
+    ] {
+        validate(doc, schema, &body(good.clone()), "body")
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for bad in [
+        serde_json::json!(0),
+        serde_json::json!(1.5),
+        serde_json::json!("12a"),
+        serde_json::json!(true),
+    ] {
+        assert!(
+            validate(doc, schema, &body(bad.clone()), "body").is_err(),
+            "{bad} accepted"
+        );
+    }
 }

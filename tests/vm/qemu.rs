@@ -690,15 +690,19 @@ impl Vm {
 
     /// Start `sh -c script` in the guest; its agent pid.
     pub fn spawn_sh(&mut self, script: &str) -> i64 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let r = self
-            .agent(
-                json!({"execute": "guest-exec", "arguments": {
-                    "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}}),
-                deadline,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-        r["pid"].as_i64().unwrap()
+        self.try_spawn(script, Instant::now() + Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_spawn(&mut self, script: &str, deadline: Instant) -> Result<i64, String> {
+        let r = self.agent(
+            json!({"execute": "guest-exec", "arguments": {
+                "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}}),
+            deadline,
+        )?;
+        r["pid"]
+            .as_i64()
+            .ok_or_else(|| format!("guest-exec gave no pid: {r}"))
     }
 
     /// The result of a started command, if it has ended.
@@ -725,31 +729,14 @@ impl Vm {
 
     /// Run `sh -c script` in the guest, for at most `secs`.
     pub fn sh(&mut self, script: &str, secs: u64) -> Exec {
-        let pid = self.spawn_sh(script);
-        let until = Instant::now() + Duration::from_secs(secs);
-        loop {
-            match self.poll(pid) {
-                Ok(Some(e)) => return e,
-                Ok(None) => {}
-                Err(e) => panic!("`{script}`: {e}"),
-            }
-            assert!(
-                Instant::now() < until,
-                "`{script}` did not finish within {secs} s in the guest"
-            );
-            std::thread::sleep(Duration::from_millis(30));
-        }
+        self.try_sh(script, secs)
+            .unwrap_or_else(|e| panic!("`{script}` in the guest: {e}"))
     }
 
     /// Like [`Vm::sh`], but an unreachable agent (a reboot under way) is an error, not a panic.
     pub fn try_sh(&mut self, script: &str, secs: u64) -> Result<Exec, String> {
         let deadline = Instant::now() + Duration::from_secs(secs);
-        let r = self.agent(
-            json!({"execute": "guest-exec", "arguments": {
-                "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}}),
-            deadline,
-        )?;
-        let pid = r["pid"].as_i64().ok_or("no pid")?;
+        let pid = self.try_spawn(script, deadline)?;
         loop {
             if let Some(e) = self.poll(pid)? {
                 return Ok(e);
