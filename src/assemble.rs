@@ -9,23 +9,29 @@
 //! on the same ETag). A prefix that regenerated wrongly is caught by the final MD5.
 
 use crate::delta::{self, Candidate, LocalFile, Method, Piece, PlanOptions, Regenerator};
+use crate::error::{ErrorCode, OtaError};
 use crate::fetch::{Digests, Hashes, Outcome, Sink, Tuning};
 use crate::fsutil;
 use crate::manifest::{Manifest, MANIFEST};
-use crate::remote::{Remote, Unavailable, PROBE_TAIL};
+use crate::remote::{Batch, Remote, Transient, Unavailable, MAX_RANGES_PER_REQUEST, PROBE_TAIL};
 use crate::zipdir::{Directory, Limits};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// What a delta did, for the log and the caller's figures.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Bytes received (every request), bytes regenerated, requests made.
     pub fetched: u64,
     pub reused: u64,
     pub requests: u64,
+    /// Entries regenerated, of the package's entries.
+    pub entries_reused: usize,
+    pub entries: usize,
 }
 
 /// The largest manifest read into memory.
@@ -130,16 +136,18 @@ pub fn current_view(
 }
 
 /// Prove deflate and local headers on one entry: fetch it, compare with its regeneration.
+/// Also gives the device's deflate rate on it (file bytes per second), a first guess for the
+/// decision.
 fn calibrate(
     remote: &mut Remote,
     dir: &Directory,
     cands: &[Candidate],
     view: &HashMap<String, LocalFile>,
     current: &Path,
-) -> Result<PlanOptions> {
+) -> Result<(PlanOptions, Option<f64>)> {
     let mut opts = PlanOptions::default();
     let Some(c) = delta::calibration_entry(dir, cands, view) else {
-        return Ok(opts);
+        return Ok((opts, None));
     };
     let local = &cands
         .iter()
@@ -149,15 +157,18 @@ fn calibrate(
     let (a, b) = extent(dir, c);
     let e = &dir.entries[c];
     if b - a > crate::remote::MAX_IN_MEMORY {
-        return Ok(opts);
+        return Ok((opts, None));
     }
     let raw = remote.get(a, b)?;
     let header = delta::regenerate_local_header(e);
     opts.headers_proven = raw.starts_with(&header);
+    let mut rate = None;
     if let Some(data) = entry_data(dir, c, &raw) {
         let file = std::fs::read(current.join(local))
             .with_context(|| format!("read {}", current.join(local).display()))?;
+        let t = Instant::now();
         opts.deflate_proven = delta::regenerate_entry(&file, Method::Deflated) == data;
+        rate = Some(file.len() as f64 / t.elapsed().as_secs_f64().max(1e-6));
     }
     log::info!(
         "delta calibration on {:?}: deflate {}, local headers {}",
@@ -173,7 +184,40 @@ fn calibrate(
             "do not reproduce"
         },
     );
-    Ok(opts)
+    Ok((opts, rate))
+}
+
+/// When a delta is tried: `TOPE_OTA_DELTA=auto` (the default) when it is expected to finish
+/// sooner than a full download, `always` whenever the package allows (a metered link, where
+/// bytes cost more than time), `never` (as `download --full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Mode {
+    /// The mode `TOPE_OTA_DELTA` names; a value it cannot read is warned about and taken as
+    /// `auto`, so a typo in a settings file never stops updates.
+    pub fn from_env() -> Mode {
+        match std::env::var("TOPE_OTA_DELTA").ok().as_deref() {
+            None | Some("" | "auto") => Mode::Auto,
+            Some("always") => Mode::Always,
+            Some("never") => Mode::Never,
+            Some(other) => {
+                log::warn!("TOPE_OTA_DELTA={other:?} is not auto, always or never; using auto");
+                Mode::Auto
+            }
+        }
+    }
+}
+
+/// The durable prefix of a partial to go on from, and the validator it was fetched under.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub offset: u64,
+    pub validator: Option<String>,
 }
 
 /// The partial being assembled: every byte written goes to the file and the hashes.
@@ -181,6 +225,8 @@ struct Assembly {
     file: File,
     hashes: Hashes,
     len: u64,
+    /// A write to the file failed (not a stop): the assembly cannot go on.
+    broken: bool,
 }
 
 impl Write for Assembly {
@@ -190,7 +236,7 @@ impl Write for Assembly {
         if crate::signals::stop_requested().is_some() {
             return Err(io::Error::other("stop requested"));
         }
-        let n = self.file.write(buf)?;
+        let n = self.file.write(buf).inspect_err(|_| self.broken = true)?;
         self.hashes.update(&buf[..n]);
         self.len += n as u64;
         Ok(n)
@@ -201,16 +247,23 @@ impl Write for Assembly {
     }
 }
 
-/// Writes at most `left` bytes on, and fails past them (a regeneration longer than its place),
-/// saying so in `overflow`.
-struct Bounded<'a> {
+/// Drops the first `skip` bytes (a regenerated prefix already in the partial), then writes at
+/// most `left` bytes on, and fails past them (a regeneration longer than its place), saying so
+/// in `overflow`.
+struct Window<'a> {
     out: &'a mut Assembly,
+    skip: u64,
     left: u64,
     overflow: &'a std::cell::Cell<bool>,
 }
 
-impl Write for Bounded<'_> {
+impl Write for Window<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let skipped = (self.skip.min(buf.len() as u64)) as usize;
+        if skipped > 0 {
+            self.skip -= skipped as u64;
+            return Ok(skipped);
+        }
         if buf.len() as u64 > self.left {
             self.overflow.set(true);
             return Err(io::Error::other("regenerated entry longer than its place"));
@@ -225,86 +278,188 @@ impl Write for Bounded<'_> {
     }
 }
 
-/// Regenerate `[start, end)` from `current/local` into `out`; false (and `out` rolled back to
-/// `start`) when the file no longer gives exactly those many bytes.
-fn reuse(out: &mut Assembly, method: Method, file: &Path, start: u64, end: u64) -> Result<bool> {
-    let saved = out.hashes.clone();
+/// Regenerate an entry from `file` into `out`, dropping its first `skip` bytes and writing the
+/// `len` after them. `Ok(false)` (and `out` rolled back) when the file cannot be read or no
+/// longer gives exactly those bytes' count; an error only when `out` fails or a stop came.
+fn reuse(out: &mut Assembly, method: Method, file: &Path, skip: u64, len: u64) -> Result<bool> {
+    let (pos, saved) = (out.len, out.hashes.clone());
     let overflow = std::cell::Cell::new(false);
-    let ok = (|| -> io::Result<bool> {
+    let r = (|| -> io::Result<bool> {
         let mut f = File::open(file)?;
         let mut r = Regenerator::new(
             method,
-            Bounded {
+            Window {
                 out: &mut *out,
-                left: end - start,
+                skip,
+                left: len,
                 overflow: &overflow,
             },
         );
-        match delta::copy_chunked(&mut f, &mut r).and_then(|_| r.finish()) {
-            Ok(b) => Ok(b.left == 0),
-            Err(_) if overflow.get() => Ok(false),
-            Err(e) => Err(e),
+        delta::copy_chunked(&mut f, &mut r)?;
+        let w = r.finish()?;
+        Ok(w.left == 0 && w.skip == 0)
+    })();
+    let ok = match r {
+        Ok(ok) => ok,
+        Err(_) if overflow.get() => false,
+        Err(e) if out.broken || crate::signals::stop_requested().is_some() => {
+            return Err(anyhow::Error::from(e).context("write the regenerated entry"))
         }
-    })()
-    .with_context(|| format!("regenerate from {}", file.display()))?;
+        Err(e) => {
+            log::warn!("delta: cannot regenerate from {}: {e}", file.display());
+            false
+        }
+    };
     if !ok {
         out.hashes = saved;
-        out.file.set_len(start)?;
-        use std::io::Seek;
-        out.file.seek(io::SeekFrom::Start(start))?;
-        out.len = start;
+        out.file.set_len(pos)?;
+        out.file.seek(io::SeekFrom::Start(pos))?;
+        out.len = pos;
     }
     Ok(ok)
 }
 
-/// Try a delta download of the package at `url` (`size` bytes) into `part`, from `current`.
-/// `Ok(None)`: no delta (the reason logged; `part` left empty), download it whole.
+/// How much of a fresh package is fetched first, whatever the plan: the link's rate is
+/// measured on bytes needed either way before anything is regenerated.
+fn prefix_len(size: u64) -> u64 {
+    (size / 256).clamp(64 * 1024, 512 * 1024).min(size)
+}
+
+/// Regenerated bytes between two ranges of one multi-range request, at most: the answer waits
+/// in the socket meanwhile, and a server's send timeout must not run out.
+const MAX_REGEN_IN_BATCH: u64 = 32 << 20;
+
+/// Try a delta download of the package at `url` (`size` bytes) into `part`, from `current`,
+/// going on from `resume` (the durable prefix of an earlier assembly or download, continued by
+/// the same plan: it is a function of the directory and `current`).
+/// `Ok(None)`: download the rest whole, from the durable bytes the sink last recorded (the
+/// reason logged): the delta was not possible (the partial kept as it was), failed in a way
+/// that makes the partial unusable (dropped: from zero), or is expected to lose to a full
+/// download from here on (from where it got to).
+#[allow(clippy::too_many_arguments)]
 pub fn delta_download(
     part: &Path,
     url: &str,
     size: u64,
     sha256: bool,
     current: &Path,
+    resume: Resume,
+    mode: Mode,
     tuning: &Tuning,
     sink: &mut dyn Sink,
 ) -> Result<Option<(Outcome, Stats)>> {
-    let r = try_delta(part, url, size, sha256, current, tuning, sink);
-    match r {
-        Ok(Some(x)) => Ok(Some(x)),
-        Ok(None) => Ok(None),
-        Err(e) => {
-            if e.downcast_ref::<Unavailable>().is_some() {
-                log::info!("{e}");
-            } else {
-                log::warn!("no delta: {e:#}");
-            }
-            // Nothing assembled counts: the full download starts from zero. Before the assembly
-            // (the caller removed any partial) there is nothing to drop and no state to write.
-            if part.exists() {
-                fsutil::remove_file_durable(part)?;
-                sink.checkpoint(0, None)?;
-            }
-            Ok(None)
-        }
+    let mut started = false;
+    let r = try_delta(
+        part,
+        url,
+        size,
+        sha256,
+        current,
+        resume,
+        mode,
+        tuning,
+        sink,
+        &mut started,
+    );
+    let e = match r {
+        Ok(x) => return Ok(x),
+        Err(e) => e,
+    };
+    if e.chain().any(|c| c.is::<OtaError>()) {
+        return Err(e);
     }
+    if e.downcast_ref::<Unavailable>().is_some() {
+        log::info!("{e}");
+        if started {
+            // Ranges that lied or a package that changed: nothing assembled can be trusted.
+            fsutil::remove_file_durable(part)?;
+            sink.checkpoint(0, None)?;
+        }
+        return Ok(None);
+    }
+    if !started {
+        log::warn!("no delta: {e:#}");
+        return Ok(None);
+    }
+    Err(e)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn try_delta(
     part: &Path,
     url: &str,
     size: u64,
     sha256: bool,
     current: &Path,
+    resume: Resume,
+    mode: Mode,
     tuning: &Tuning,
     sink: &mut dyn Sink,
+    started: &mut bool,
 ) -> Result<Option<(Outcome, Stats)>> {
     if !current.is_dir() {
         log::info!("no delta: no current version at {}", current.display());
         return Ok(None);
     }
     let (mut remote, tail) = Remote::probe(url, size, PROBE_TAIL, tuning)?;
-    let dir = remote.directory(&tail, &Limits::default())?;
-    let manifest = read_manifest(&mut remote, &dir)?;
+    let r = plan_delta(&mut remote, &tail, current);
+    sink.account(remote.received, 0);
+    let Some((dir, plan, deflate_rate)) = r? else {
+        return Ok(None);
+    };
+    let offset = if resume.offset > 0 && resume.validator.as_deref() != Some(&remote.etag) {
+        log::info!("delta: the package changed on the server since the partial; starting over");
+        0
+    } else {
+        resume.offset
+    };
+    let plan = if offset == 0 {
+        delta::fetch_prefix(&plan, prefix_len(size))
+    } else {
+        plan
+    };
+    if plan.reuse_bytes == 0 {
+        log::info!("no delta: nothing of the package left to regenerate from current");
+        return Ok(None);
+    }
+    log::info!(
+        "delta: {} bytes to fetch in {} ranges, {} to regenerate from current",
+        plan.fetch_bytes,
+        plan.fetch_ranges,
+        plan.reuse_bytes
+    );
+    *started = true;
+    let (file, hashes, len) = crate::fetch::reopen_partial(part, offset, size, sha256)?;
+    let accounted = remote.received;
+    let mut a = Assembler {
+        out: Assembly {
+            file,
+            hashes,
+            len,
+            broken: false,
+        },
+        remote,
+        dir,
+        pieces: plan.pieces,
+        current,
+        batch: None,
+        stats: Stats::default(),
+        accounted: (accounted, 0),
+        regen: [(0, Duration::ZERO), (0, Duration::ZERO)],
+        deflate_guess: deflate_rate.unwrap_or(20e6),
+    };
+    a.run(mode, tuning, sink)
+}
+
+/// The directory, the plan and the calibration's deflate rate; `None` (logged) when nothing of
+/// the package is on the device.
+fn plan_delta(
+    remote: &mut Remote,
+    tail: &[u8],
+    current: &Path,
+) -> Result<Option<(Directory, delta::Plan, Option<f64>)>> {
+    let dir = remote.directory(tail, &Limits::default())?;
+    let manifest = read_manifest(remote, &dir)?;
     let cands = delta::candidates(&dir, &manifest);
     let view = current_view(&dir, &cands, current);
     if view.is_empty() {
@@ -314,105 +469,286 @@ fn try_delta(
         );
         return Ok(None);
     }
-    let opts = calibrate(&mut remote, &dir, &cands, &view, current)?;
+    // A resume proves deflate and headers again (one range): its plan must be the one the
+    // partial was assembled by, and that plan is a function of these answers.
+    let (opts, rate) = calibrate(remote, &dir, &cands, &view, current)?;
     let plan = delta::plan(&dir, &cands, &view, &opts).map_err(|e| Unavailable(e.to_string()))?;
     if plan.reuse_bytes == 0 {
         log::info!("no delta: nothing of the package can be regenerated from current");
         return Ok(None);
     }
-    log::info!(
-        "delta: {} bytes to fetch in {} ranges, {} to regenerate from current",
-        plan.fetch_bytes,
-        plan.fetch_ranges,
-        plan.reuse_bytes
-    );
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(part)
-        .with_context(|| format!("open {}", part.display()))?;
-    let mut out = Assembly {
-        file,
-        hashes: Hashes::new(sha256),
-        len: 0,
-    };
-    let mut stats = Stats::default();
-    let validator = Some(remote.etag.clone());
-    let step = (size / 20).max(1);
-    let mut next_mark = step;
-    for p in &plan.pieces {
-        if sink.stop_requested() {
-            fsutil::sync_data(&out.file)?;
-            sink.checkpoint(out.len, validator.as_deref())?;
-            return Ok(Some((Outcome::Stopped { durable: out.len }, stats)));
-        }
-        let (start, _) = p.range();
-        debug_assert_eq!(out.len, start);
-        let done = piece(p, &dir, &mut remote, &mut out, current, &mut stats);
-        if done.is_err() && sink.stop_requested() {
-            // Fetched bytes are the package's: keep them for the resume. A regeneration cut
-            // short is not proven (its length was not reached): drop it.
-            if !matches!(p, Piece::Fetch { .. }) {
-                out.file.set_len(start)?;
-                out.len = start;
-            }
-            fsutil::sync_data(&out.file)?;
-            sink.checkpoint(out.len, validator.as_deref())?;
-            return Ok(Some((Outcome::Stopped { durable: out.len }, stats)));
-        }
-        done?;
-        sink.tick(out.len);
-        if out.len >= next_mark {
-            fsutil::sync_data(&out.file)?;
-            sink.checkpoint(out.len, validator.as_deref())?;
-            crate::failpoint::hit("delta-checkpoint");
-            next_mark = out.len + step;
-        }
-    }
-    fsutil::sync_data(&out.file)?;
-    sink.checkpoint(out.len, validator.as_deref())?;
-    stats.requests = remote.requests;
-    log::info!(
-        "delta: assembled {} bytes, {} fetched in {} requests, {} regenerated",
-        out.len,
-        stats.fetched,
-        stats.requests,
-        stats.reused
-    );
-    let digests: Digests = out.hashes.finish();
-    Ok(Some((Outcome::Complete(digests), stats)))
+    Ok(Some((dir, plan, rate)))
 }
 
-/// Write one piece of the plan to `out`.
-fn piece(
-    p: &Piece,
-    dir: &Directory,
-    remote: &mut Remote,
-    out: &mut Assembly,
-    current: &Path,
-    stats: &mut Stats,
-) -> Result<()> {
-    let (start, end) = p.range();
-    match p {
-        Piece::Fetch { .. } => {
-            remote.copy_range(start, end, out)?;
-            stats.fetched += end - start;
+struct Assembler<'a> {
+    out: Assembly,
+    remote: Remote,
+    dir: Directory,
+    pieces: Vec<Piece>,
+    current: &'a Path,
+    /// The request whose parts are being read, if any.
+    batch: Option<Batch>,
+    stats: Stats,
+    /// Received and regenerated bytes already handed to the sink's accounts.
+    accounted: (u64, u64),
+    /// File bytes regenerated into stored and deflated entries, and the time it took.
+    regen: [(u64, Duration); 2],
+    deflate_guess: f64,
+}
+
+impl Assembler<'_> {
+    fn run(
+        &mut self,
+        mode: Mode,
+        tuning: &Tuning,
+        sink: &mut dyn Sink,
+    ) -> Result<Option<(Outcome, Stats)>> {
+        let size = self.remote.size;
+        let validator = Some(self.remote.etag.clone());
+        let step = (size / 20).max(1);
+        let mut next_mark = self.out.len + step;
+        let mut k = self
+            .pieces
+            .iter()
+            .position(|p| p.range().1 > self.out.len)
+            .unwrap_or(self.pieces.len());
+        let mut failures = 0u32;
+        let mut delay = tuning.backoff;
+        let mut decided: Option<Instant> = None;
+        while k < self.pieces.len() {
+            if sink.stop_requested() {
+                return self.stopped(sink, &validator);
+            }
+            let before = self.out.len;
+            let r = self.piece(k);
+            self.settle(sink);
+            match r {
+                Ok(()) => k += 1,
+                Err(e) => {
+                    self.batch = None;
+                    if sink.stop_requested() {
+                        return self.stopped(sink, &validator);
+                    }
+                    if e.downcast_ref::<Transient>().is_none() {
+                        return Err(self.fatal(e));
+                    }
+                    if self.out.len > before {
+                        failures = 0;
+                        delay = tuning.backoff;
+                    }
+                    failures += 1;
+                    self.durable(sink, &validator)?;
+                    if failures > tuning.retries {
+                        return Err(OtaError::new(
+                            ErrorCode::DownloadFailed,
+                            format!("{e} (gave up after {failures} attempts)"),
+                        )
+                        .into());
+                    }
+                    log::warn!(
+                        "delta: {e} at {} of {size} bytes; retrying in {} ms",
+                        self.out.len,
+                        delay.as_millis()
+                    );
+                    let until = Instant::now() + delay;
+                    while Instant::now() < until {
+                        if sink.stop_requested() {
+                            return self.stopped(sink, &validator);
+                        }
+                        std::thread::sleep(Duration::from_millis(50).min(delay));
+                    }
+                    delay = (delay * 2).min(tuning.backoff_max);
+                    continue;
+                }
+            }
+            if self.out.len >= next_mark {
+                self.durable(sink, &validator)?;
+                crate::failpoint::hit("delta-checkpoint");
+                next_mark = self.out.len + step;
+            }
+            // Decide once the link is measured, and again every few seconds on what the
+            // assembly has measured since (a switch then needs a clear margin).
+            if mode == Mode::Auto && decided.is_none_or(|t| t.elapsed() >= DECIDE_AGAIN) {
+                if let Some((delta, full, why)) = self.estimate(k) {
+                    let margin = if decided.is_none() { 1.0 } else { 1.25 };
+                    if decided.is_none() {
+                        log::info!("delta: {why}");
+                    }
+                    decided = Some(Instant::now());
+                    if delta > full * margin {
+                        self.durable(sink, &validator)?;
+                        log::info!(
+                            "no delta from {} of {size} bytes on: {why}; downloading the rest whole",
+                            self.out.len
+                        );
+                        return Ok(None);
+                    }
+                }
+            }
         }
-        Piece::Header { entry, .. } => {
-            out.write_all(&delta::regenerate_local_header(&dir.entries[*entry]))?;
-            stats.reused += end - start;
-        }
-        Piece::Reuse { entry, local, .. } => {
-            let method = Method::from_zip(dir.entries[*entry].method).expect("planned");
-            if reuse(out, method, &current.join(local), start, end)? {
-                stats.reused += end - start;
+        self.durable(sink, &validator)?;
+        self.stats.requests = self.remote.link.requests;
+        self.stats.entries = self.dir.entries.len();
+        log::info!(
+            "delta: {} of {} entries reused from current; {} bytes fetched in {} requests, {} regenerated",
+            self.stats.entries_reused,
+            self.stats.entries,
+            self.remote.received,
+            self.stats.requests,
+            self.stats.reused
+        );
+        self.stats.fetched = self.remote.received;
+        let hashes = std::mem::take(&mut self.out.hashes);
+        let digests: Digests = hashes.finish();
+        Ok(Some((Outcome::Complete(digests), self.stats.clone())))
+    }
+
+    /// Expected seconds for the rest as a delta and whole, and the figures behind them; `None`
+    /// until the link's rate is measured.
+    fn estimate(&self, k: usize) -> Option<(f64, f64, String)> {
+        let link = self.remote.link.rate()?;
+        let rtt = self.remote.link.rtt().unwrap_or_default().as_secs_f64();
+        let rate = |(bytes, t): (u64, Duration), guess: f64| {
+            if bytes >= 1 << 20 {
+                bytes as f64 / t.as_secs_f64().max(1e-6)
             } else {
-                log::info!("{local} no longer regenerates its entry; fetching it");
-                remote.copy_range(start, end, out)?;
-                stats.fetched += end - start;
+                guess
+            }
+        };
+        let rates = delta::Rates {
+            rtt,
+            link,
+            deflate: rate(self.regen[1], self.deflate_guess),
+            stored: rate(self.regen[0], 200e6),
+        };
+        let per_request = if self.remote.multi == Some(false) {
+            1
+        } else {
+            MAX_RANGES_PER_REQUEST
+        };
+        let (delta, full) = delta::remaining_cost(
+            &self.dir,
+            &self.pieces[k..],
+            self.out.len,
+            self.remote.size,
+            &rates,
+            per_request,
+        );
+        let why = format!(
+            "at {}/s and {:.0} ms a request, deflating {}/s, the rest takes ~{delta:.1} s as a delta, ~{full:.1} s whole",
+            crate::clock::human_bytes(link as u64),
+            rtt * 1000.0,
+            crate::clock::human_bytes(rates.deflate as u64),
+        );
+        Some((delta, full, why))
+    }
+
+    /// Write the rest of piece `k` (from the assembly's length on).
+    fn piece(&mut self, k: usize) -> Result<()> {
+        let pos = self.out.len;
+        let (start, end) = self.pieces[k].range();
+        debug_assert!(start <= pos && pos < end);
+        match &self.pieces[k] {
+            Piece::Fetch { .. } => self.fetch(k, pos, end),
+            Piece::Header { entry, .. } => {
+                let h = delta::regenerate_local_header(&self.dir.entries[*entry]);
+                self.out
+                    .write_all(&h[(pos - start) as usize..])
+                    .context("write a regenerated header")?;
+                self.stats.reused += end - pos;
+                Ok(())
+            }
+            Piece::Reuse { entry, local, .. } => {
+                let e = &self.dir.entries[*entry];
+                let method = Method::from_zip(e.method).expect("planned");
+                let skip = pos - (end - e.compressed_size);
+                let file = self.current.join(local);
+                let t = Instant::now();
+                if reuse(&mut self.out, method, &file, skip, end - pos)? {
+                    let m = usize::from(method == Method::Deflated);
+                    self.regen[m].0 += e.uncompressed_size;
+                    self.regen[m].1 += t.elapsed();
+                    self.stats.reused += end - pos;
+                    self.stats.entries_reused += 1;
+                    Ok(())
+                } else {
+                    log::info!("delta: {local} no longer regenerates its entry; fetching it");
+                    self.fetch(k, pos, end)
+                }
             }
         }
     }
-    Ok(())
+
+    /// Fetch `[pos, end)` of piece `k`: the next part of the open request, or a new request
+    /// for it and the fetched pieces that follow.
+    fn fetch(&mut self, k: usize, pos: u64, end: u64) -> Result<()> {
+        if self.batch.as_ref().and_then(Batch::next) != Some((pos, end)) {
+            let mut ranges = vec![(pos, end)];
+            let mut between = 0u64;
+            for p in &self.pieces[k + 1..] {
+                match p {
+                    Piece::Fetch { start, end } => {
+                        if ranges.len() == MAX_RANGES_PER_REQUEST || between > MAX_REGEN_IN_BATCH {
+                            break;
+                        }
+                        ranges.push((*start, *end));
+                    }
+                    Piece::Reuse { entry, .. } => {
+                        between += self.dir.entries[*entry].uncompressed_size
+                    }
+                    Piece::Header { .. } => {}
+                }
+            }
+            self.batch = Some(self.remote.open(&ranges)?);
+        }
+        let batch = self.batch.as_mut().expect("opened");
+        self.remote.read_next(batch, pos, end, &mut self.out)?;
+        Ok(())
+    }
+
+    /// Hand what came and what was regenerated since the last call to the sink.
+    fn settle(&mut self, sink: &mut dyn Sink) {
+        let fetched = self.remote.received - self.accounted.0;
+        let reused = self.stats.reused - self.accounted.1;
+        if fetched > 0 || reused > 0 {
+            sink.account(fetched, reused);
+            self.accounted = (self.remote.received, self.stats.reused);
+        }
+        sink.tick(self.out.len);
+    }
+
+    fn durable(&mut self, sink: &mut dyn Sink, validator: &Option<String>) -> Result<()> {
+        fsutil::sync_data(&self.out.file).map_err(|e| self.fatal(e.into()))?;
+        sink.checkpoint(self.out.len, validator.as_deref())
+    }
+
+    fn stopped(
+        &mut self,
+        sink: &mut dyn Sink,
+        validator: &Option<String>,
+    ) -> Result<Option<(Outcome, Stats)>> {
+        self.durable(sink, validator)?;
+        Ok(Some((
+            Outcome::Stopped {
+                durable: self.out.len,
+            },
+            self.stats.clone(),
+        )))
+    }
+
+    /// A local failure: out of space is `DISK_FULL`, as for a full download.
+    fn fatal(&self, e: anyhow::Error) -> anyhow::Error {
+        let full = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<io::Error>())
+            .any(crate::error::is_disk_full);
+        if full {
+            OtaError::new(ErrorCode::DiskFull, format!("{e:#}")).into()
+        } else {
+            e
+        }
+    }
 }
+
+/// How often the decision is taken again on what the assembly measured.
+const DECIDE_AGAIN: Duration = Duration::from_secs(2);

@@ -430,7 +430,9 @@ pub enum Piece {
     Fetch { start: u64, end: u64 },
     /// Entry `entry`'s local header, regenerated from the central directory.
     Header { entry: usize, start: u64, end: u64 },
-    /// Entry `entry`'s data, regenerated from `current/<local>`.
+    /// Entry `entry`'s data, regenerated from `current/<local>`; the data ends at `end`, and
+    /// the bytes of it before `start` (a prefix fetched, or assembled before a crash) are
+    /// regenerated but not written.
     Reuse {
         entry: usize,
         local: String,
@@ -658,6 +660,118 @@ pub fn plan(
     })
 }
 
+/// The plan with `[0, upto)` fetched (the pieces there made one range, a regeneration that
+/// straddles `upto` cut to its bytes after it): the link is measured on bytes the package needs
+/// whatever the decision, before anything is regenerated.
+pub fn fetch_prefix(plan: &Plan, upto: u64) -> Plan {
+    let mut rest: Vec<Piece> = Vec::with_capacity(plan.pieces.len());
+    let mut prefix_end = 0;
+    for p in &plan.pieces {
+        let (start, end) = p.range();
+        if start >= upto {
+            rest.push(p.clone());
+        } else if end <= upto {
+            prefix_end = end;
+        } else if let Piece::Reuse { entry, local, .. } = p {
+            prefix_end = upto;
+            rest.push(Piece::Reuse {
+                entry: *entry,
+                local: local.clone(),
+                start: upto,
+                end,
+            });
+        } else {
+            prefix_end = end;
+        }
+    }
+    if let Some(Piece::Fetch { start, end }) = rest.first() {
+        if *start == prefix_end {
+            prefix_end = *end;
+            rest.remove(0);
+        }
+    }
+    let mut pieces = Vec::with_capacity(rest.len() + 1);
+    if prefix_end > 0 {
+        pieces.push(Piece::Fetch {
+            start: 0,
+            end: prefix_end,
+        });
+    }
+    pieces.extend(rest);
+    let mut out = Plan {
+        pieces,
+        fetch_bytes: 0,
+        fetch_ranges: 0,
+        reuse_bytes: 0,
+    };
+    for p in &out.pieces {
+        match p {
+            Piece::Fetch { .. } => {
+                out.fetch_bytes += p.len();
+                out.fetch_ranges += 1;
+            }
+            _ => out.reuse_bytes += p.len(),
+        }
+    }
+    out
+}
+
+/// What the delta's decision knows of the device and the link, in seconds and bytes per second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    /// Time a request costs before its first byte.
+    pub rtt: f64,
+    /// Bytes per second the link delivers.
+    pub link: f64,
+    /// File bytes per second recompressed into deflated entries, and copied into stored ones.
+    pub deflate: f64,
+    pub stored: f64,
+}
+
+/// Expected seconds to finish the package from byte `pos` of `pieces` as a delta, and as a full
+/// download (one request for the rest). Fetched ranges cost a request each, or one per
+/// `per_request` where the server answers multi-range requests; regeneration costs the file's
+/// bytes at the device's rate (a deflated entry's file is about `uncompressed_size` bytes).
+pub fn remaining_cost(
+    dir: &Directory,
+    pieces: &[Piece],
+    pos: u64,
+    size: u64,
+    rates: &Rates,
+    per_request: usize,
+) -> (f64, f64) {
+    let mut fetch = 0u64;
+    let mut ranges = 0usize;
+    let mut regen = 0.0;
+    for p in pieces {
+        let (start, end) = p.range();
+        if end <= pos {
+            continue;
+        }
+        let start = start.max(pos);
+        match p {
+            Piece::Fetch { .. } => {
+                fetch += end - start;
+                ranges += 1;
+            }
+            Piece::Header { .. } => {}
+            Piece::Reuse { entry, .. } => {
+                let e = &dir.entries[*entry];
+                regen += if e.method == 8 {
+                    e.uncompressed_size as f64 / rates.deflate.max(1.0)
+                } else {
+                    (end - start) as f64 / rates.stored.max(1.0)
+                };
+            }
+        }
+    }
+    let link = rates.link.max(1.0);
+    let requests = ranges.div_ceil(per_request.max(1));
+    let delta = fetch as f64 / link + requests as f64 * rates.rtt + regen;
+    let full = size.saturating_sub(pos) as f64 / link + rates.rtt;
+    (delta, full)
+}
+
 #[cfg(test)]
 mod plan_tests {
     use super::tests::{sample_bytes, sample_tree};
@@ -729,7 +843,9 @@ mod plan_tests {
                 Piece::Reuse { entry, local, .. } => {
                     let m = Method::from_zip(dir.entries[*entry].method).unwrap();
                     let f = std::fs::read(current.join(local)).unwrap();
-                    out.extend(regenerate_entry(&f, m))
+                    let data = regenerate_entry(&f, m);
+                    let skip = data.len() - (e - s) as usize;
+                    out.extend(&data[skip..])
                 }
             }
             assert_eq!(out.len() as u64, e, "{p:?}");
@@ -847,6 +963,75 @@ mod plan_tests {
         let c = calibration_entry(&s.dir, &s.cands, &s.view).unwrap();
         assert_eq!(s.dir.entries[c].method, 8);
         assert!(s.dir.entries[c].compressed_size >= 1024);
+    }
+
+    #[test]
+    fn a_fetched_prefix_cuts_the_plan_and_still_reassembles() {
+        let s = setup(|_| {});
+        let plan = plan(&s.dir, &s.cands, &s.view, &proven()).unwrap();
+        for upto in [1, 100, 5_000, 40_000, 100_000, s.pkg.len() as u64] {
+            let p = fetch_prefix(&plan, upto);
+            let (a, b) = p.pieces[0].range();
+            assert!(matches!(p.pieces[0], Piece::Fetch { .. }) && a == 0 && b >= upto.min(b));
+            assert!(b >= upto, "{upto}: the prefix covers it ({b})");
+            assert!(
+                !matches!(p.pieces.get(1), Some(Piece::Fetch { .. })),
+                "merged"
+            );
+            assert_eq!(p.fetch_bytes + p.reuse_bytes, s.pkg.len() as u64);
+            assert!(p.reuse_bytes <= plan.reuse_bytes);
+            assert!(assemble(&p, &s.dir, &s.pkg, &s.current) == s.pkg, "{upto}");
+        }
+        // A regeneration cut by the prefix writes only its bytes after it.
+        let first_reuse = plan
+            .pieces
+            .iter()
+            .find(|p| matches!(p, Piece::Reuse { .. }))
+            .unwrap()
+            .range();
+        let mid = (first_reuse.0 + first_reuse.1) / 2;
+        let p = fetch_prefix(&plan, mid);
+        assert_eq!(p.pieces[0].range(), (0, mid));
+        assert!(matches!(p.pieces[1], Piece::Reuse { start, .. } if start == mid));
+    }
+
+    #[test]
+    fn the_decision_weighs_link_time_against_regeneration() {
+        let s = setup(|v2| {
+            std::fs::write(v2.join("bin/lib0.so"), sample_bytes(99, 50_000, true)).unwrap()
+        });
+        let plan = plan(&s.dir, &s.cands, &s.view, &proven()).unwrap();
+        let size = s.pkg.len() as u64;
+        let slow = Rates {
+            rtt: 0.05,
+            link: 2e6,
+            // Text deflates 10:1 here: regenerating costs its 10 bytes per byte saved.
+            deflate: 60e6,
+            stored: 200e6,
+        };
+        let (delta, full) = remaining_cost(&s.dir, &plan.pieces, 0, size, &slow, 1);
+        assert!(
+            delta < full,
+            "2 MB/s: delta {delta} s, full {full} s, {} of {size} bytes fetched, {} requests",
+            plan.fetch_bytes,
+            plan.fetch_ranges
+        );
+        let fast = Rates {
+            rtt: 0.0002,
+            link: 1e9,
+            ..slow
+        };
+        let (delta, full) = remaining_cost(&s.dir, &plan.pieces, 0, size, &fast, 1);
+        assert!(delta > full, "1 GB/s: delta {delta} s, full {full} s");
+        // Many ranges on a long round trip: one request each loses, 64 per request wins back.
+        let far = Rates { rtt: 2.0, ..slow };
+        let (one, _) = remaining_cost(&s.dir, &plan.pieces, 0, size, &far, 1);
+        let (many, _) = remaining_cost(&s.dir, &plan.pieces, 0, size, &far, 64);
+        assert!(many < one, "{many} < {one}");
+        // Nothing is left at the end.
+        let (d, f) = remaining_cost(&s.dir, &plan.pieces, size, size, &slow, 1);
+        assert_eq!(d, 0.0);
+        assert!(f <= slow.rtt);
     }
 
     #[test]

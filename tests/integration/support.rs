@@ -234,6 +234,9 @@ pub struct Behaviour {
     /// From the request of this index on (0 is the first), closed ranges (`bytes=A-B`) come
     /// with their first byte flipped: a server whose ranges lie.
     pub corrupt_ranges_from: Option<usize>,
+    /// Answer requests for several ranges with `multipart/byteranges`, as nginx does; when
+    /// false, with the whole file (200), as S3 does.
+    pub multi_range: bool,
 }
 
 impl Default for Behaviour {
@@ -253,6 +256,7 @@ impl Default for Behaviour {
             max_range: None,
             ignore_if_range: false,
             corrupt_ranges_from: None,
+            multi_range: true,
         }
     }
 }
@@ -429,7 +433,28 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             return Ok(());
         }
     }
-    if let Some(r) = headers.get("range").filter(|_| b.honor_range) {
+    let many = headers
+        .get("range")
+        .filter(|r| b.honor_range && !b.refuse_ranges && r.contains(','));
+    if let Some(r) = many.filter(|_| b.multi_range) {
+        let spec = r.strip_prefix("bytes=").unwrap_or("");
+        let ranges: Option<Vec<(u64, u64)>> = spec
+            .split(',')
+            .map(|x| {
+                let (a, z) = x.trim().split_once('-')?;
+                let (a, z) = (a.parse::<u64>().ok()?, z.parse::<u64>().ok()?);
+                (z >= a && a < total).then_some((a, (z + 1).min(total)))
+            })
+            .collect();
+        if let Some(ranges) = ranges {
+            record(206);
+            return serve_multipart(out, s, &b, &ranges);
+        }
+    }
+    if let Some(r) = headers
+        .get("range")
+        .filter(|_| b.honor_range && many.is_none())
+    {
         let if_range_ok = b.ignore_if_range
             || match (headers.get("if-range"), &b.etag) {
                 (Some(v), Some(e)) => v == e,
@@ -578,6 +603,53 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     }
     if chunked {
         write!(out, "0\r\n\r\n")?;
+    }
+    out.flush()
+}
+
+/// A 206 of several ranges as `multipart/byteranges`, throttled like any body.
+fn serve_multipart(
+    mut out: TcpStream,
+    s: &Shared,
+    b: &Behaviour,
+    ranges: &[(u64, u64)],
+) -> std::io::Result<()> {
+    const BOUNDARY: &str = "00000000000000000042";
+    let total = s.data.len();
+    let corrupt = b
+        .corrupt_ranges_from
+        .is_some_and(|k| s.st.lock().unwrap().requests.len() > k);
+    let mut body = Vec::new();
+    for &(a, z) in ranges {
+        write!(
+            body,
+            "\r\n--{BOUNDARY}\r\nContent-Type: application/zip\r\nContent-Range: bytes {a}-{}/{total}\r\n\r\n",
+            z - 1
+        )?;
+        let at = body.len();
+        body.extend_from_slice(&s.data[a as usize..z as usize]);
+        if corrupt {
+            body[at] ^= 0xFF;
+        }
+    }
+    write!(body, "\r\n--{BOUNDARY}--\r\n")?;
+    let etag = b
+        .etag
+        .as_ref()
+        .map(|e| format!("ETag: {e}\r\n"))
+        .unwrap_or_default();
+    write!(
+        out,
+        "HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
+        body.len()
+    )?;
+    let chunk = b.throttle.map(|t| t.0).unwrap_or(64 * 1024);
+    for slice in body.chunks(chunk) {
+        out.write_all(slice)?;
+        s.st.lock().unwrap().body_bytes += slice.len() as u64;
+        if let Some((_, pause)) = b.throttle {
+            thread::sleep(pause);
+        }
     }
     out.flush()
 }
