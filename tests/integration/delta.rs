@@ -146,6 +146,19 @@ fn delta_is_unavailable_from_servers_that_do_not_keep_to_ranges() {
 /// `current` -> v1.0.0 holding `bin/` of 40 files (text and random data); the package of
 /// v2.0.0, the same files but `changed` ones, packed by `pack`.
 fn delta_setup(env: &Env, changed: &[usize]) -> Pkg {
+    let t = delta_trees(env, changed);
+    let manifest = br#"{"version":"1.2.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
+    let bytes =
+        tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+            .unwrap()
+            .into_inner();
+    let md5 = md5_hex(&bytes);
+    Pkg { bytes, md5 }
+}
+
+/// `current` -> v1.0.0 holding `bin/` of 40 files of 20,000 bytes (text and random data); the
+/// tree of v2.0.0 returned: the same files but `changed` ones, with no manifest.
+fn delta_trees(env: &Env, changed: &[usize]) -> tempfile::TempDir {
     let make = |root: &std::path::Path, v2: bool| {
         let d = root.join("bin");
         std::fs::create_dir_all(&d).unwrap();
@@ -174,13 +187,7 @@ fn delta_setup(env: &Env, changed: &[usize]) -> Pkg {
     std::os::unix::fs::symlink("v1.0.0", env.versions_dir.join("current")).unwrap();
     let t = tempfile::tempdir().unwrap();
     make(t.path(), true);
-    let manifest = br#"{"version":"1.2.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
-    let bytes =
-        tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
-            .unwrap()
-            .into_inner();
-    let md5 = md5_hex(&bytes);
-    Pkg { bytes, md5 }
+    t
 }
 
 #[test]
@@ -362,4 +369,316 @@ fn delta_download_stops_inside_a_range_on_sigterm_and_resumes() {
     srv.set(|b| b.throttle = None);
     download(&env, &srv, &p).expect(0);
     assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+}
+
+// ---------------------------------------------------------------- delta: packages of every kind
+
+/// The download with `-v`: the delta's decisions (and its reasons for not being used) are
+/// logged at info, on stderr.
+fn download_v(env: &Env, srv: &PkgServer, p: &Pkg) -> Run {
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut a = vec!["-v"];
+    a.extend(args(&url, p, &size));
+    env.run(&a)
+}
+
+/// The download succeeded and `downloads/pkg.zip` is the package, byte for byte.
+#[track_caller]
+fn assert_downloaded(env: &Env, run: &Run, p: &Pkg) {
+    run.expect(0);
+    assert_eq!(env.state()["stage"], "toInstall", "{}", run.stderr);
+    let got = std::fs::read(env.downloads().join("pkg.zip")).unwrap();
+    assert!(
+        got == p.bytes,
+        "the downloaded file differs from the package served\n{}",
+        run.stderr
+    );
+}
+
+fn pkg_of(bytes: Vec<u8>) -> Pkg {
+    let md5 = md5_hex(&bytes);
+    Pkg { bytes, md5 }
+}
+
+/// `[a, b]` of a request's `Range: bytes=a-b`.
+fn closed_range(q: &Seen) -> Option<(u64, u64)> {
+    let (a, b) = q.range()?.strip_prefix("bytes=")?.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+#[test]
+fn delta_download_fetches_a_file_of_current_modified_in_place() {
+    // The baseline: current holds every file of the package.
+    let env0 = Env::new();
+    let p = delta_setup(&env0, &[]);
+    let srv0 = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    assert_downloaded(&env0, &download_v(&env0, &srv0, &p), &p);
+    let base = srv0.body_bytes();
+    // The same, but one byte of a file of current flipped in place: same size, other CRC-32.
+    let env = Env::new();
+    assert!(delta_setup(&env, &[]).bytes == p.bytes);
+    let f = env.versions_dir.join("v1.0.0/bin/lib05.so");
+    let mut b = std::fs::read(&f).unwrap();
+    b[10_000] ^= 0x20;
+    std::fs::write(&f, &b).unwrap();
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), 20_000);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    // The delta was used (no full request, an assembly) and the entry fetched, not regenerated.
+    assert!(
+        srv.requests().iter().all(|q| q.range().is_some()),
+        "{:?}",
+        srv.requests()
+    );
+    assert!(run.stderr.contains("delta: assembled"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("no longer regenerates"),
+        "the CRC-32 was not looked at: {}",
+        run.stderr
+    );
+    let mut ar = zip::ZipArchive::new(std::io::Cursor::new(&p.bytes)).unwrap();
+    let e = ar.by_name("bin/lib05.so").unwrap();
+    let (data, csize) = (e.data_start().unwrap(), e.compressed_size());
+    drop(e);
+    assert!(
+        srv.requests()
+            .iter()
+            .filter_map(closed_range)
+            .any(|(a, b)| a <= data && b + 1 >= data + csize),
+        "no range holds the entry's data [{data}, {}): {:?}",
+        data + csize,
+        srv.requests()
+    );
+    let sent = srv.body_bytes();
+    let len = p.bytes.len() as u64;
+    eprintln!("modified in place: {sent} of {len} bytes sent (baseline {base})");
+    assert!(sent >= base + csize, "{sent} < {base} + {csize}");
+    // The 39 other files were regenerated.
+    assert!(sent < len / 4, "{sent} of {len}");
+}
+
+/// `pkg` (a ZIP without comment) with the records of its last `cut` directory entries taken
+/// out. The end record is kept as it was, claiming the bytes and entries cut, or with
+/// `fix_size` the directory's size set to what is left, so that only the count claims more.
+fn cut_directory(pkg: &[u8], cut: usize, fix_size: bool) -> Vec<u8> {
+    let u16_at = |i: usize| u16::from_le_bytes([pkg[i], pkg[i + 1]]) as usize;
+    let u32_at = |i: usize| u32::from_le_bytes(pkg[i..i + 4].try_into().unwrap()) as usize;
+    let eocd = pkg.len() - 22;
+    assert_eq!(u32_at(eocd), 0x0605_4b50);
+    let (n, size, start) = (u16_at(eocd + 10), u32_at(eocd + 12), u32_at(eocd + 16));
+    let mut at = start;
+    let mut records = Vec::new();
+    while at < start + size {
+        assert_eq!(u32_at(at), 0x0201_4b50);
+        records.push(at);
+        at += 46 + u16_at(at + 28) + u16_at(at + 30) + u16_at(at + 32);
+    }
+    assert_eq!(records.len(), n);
+    let from = records[n - cut];
+    let mut out = pkg[..from].to_vec();
+    out.extend_from_slice(&pkg[start + size..]);
+    if fix_size {
+        let e = out.len() - 22;
+        out[e + 12..e + 16].copy_from_slice(&((from - start) as u32).to_le_bytes());
+    }
+    out
+}
+
+#[test]
+fn delta_download_of_a_cut_directory_or_end_record_is_a_full_download() {
+    let env = Env::new();
+    let good = delta_setup(&env, &[3]).bytes;
+    let cases = [
+        (
+            "the end record claims directory bytes and entries that are not there",
+            cut_directory(&good, 3, false),
+            "no delta: invalid ZIP directory: ",
+        ),
+        (
+            "the end record claims entries that are not there",
+            cut_directory(&good, 3, true),
+            "no delta: truncated ZIP: ",
+        ),
+        (
+            "the end record cut off",
+            good[..good.len() - 10].to_vec(),
+            "no delta: not a ZIP: ",
+        ),
+    ];
+    for (what, bytes, reason) in cases {
+        let env = Env::new();
+        delta_setup(&env, &[3]);
+        // The package is whatever the server serves: its size and MD5 are the request's.
+        let p = pkg_of(bytes);
+        let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+        let run = download_v(&env, &srv, &p);
+        assert_downloaded(&env, &run, &p);
+        assert!(run.stderr.contains(reason), "{what}: {}", run.stderr);
+        assert!(!run.stderr.contains("delta: assembled"), "{what}");
+        let seen = srv.requests();
+        let full: Vec<_> = seen.iter().filter(|q| q.range().is_none()).collect();
+        assert_eq!(full.len(), 1, "{what}: {seen:?}");
+        assert!(seen.last().unwrap().range().is_none(), "{what}: {seen:?}");
+        // Only the end of the package was read before the full download.
+        let wasted = srv.body_bytes() - p.bytes.len() as u64;
+        assert!(
+            wasted <= tope_ota::remote::PROBE_TAIL + 65_633,
+            "{what}: {wasted}"
+        );
+    }
+}
+
+/// Run a Python script with `args`; its stdout.
+fn python(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let o = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "python3: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+const BIN_MANIFEST: &str =
+    r#"{"version":"1.2.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
+
+/// Bytes of the files of `tree` (under `bin/`) that `current` holds the same.
+fn same_in_current(env: &Env, tree: &std::path::Path) -> u64 {
+    let mut same = 0;
+    for e in std::fs::read_dir(tree.join("bin")).unwrap() {
+        let e = e.unwrap();
+        let b = std::fs::read(e.path()).unwrap();
+        let c = std::fs::read(env.versions_dir.join("current/bin").join(e.file_name()));
+        if c.is_ok_and(|c| c == b) {
+            same += b.len() as u64;
+        }
+    }
+    same
+}
+
+#[test]
+fn delta_download_of_a_zip64_package_by_python() {
+    let env = Env::new();
+    let tree = delta_trees(&env, &[3]);
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("py64.zip");
+    // ZIP64_LIMIT lowered: every file over 1 KiB gets ZIP64 extra fields, in its local header
+    // and in the directory (with its offset past 1 KiB), and the package the ZIP64 end records.
+    // The manifest deflated, the files stored (regenerable whatever the compressor).
+    let script = "import os, sys, zipfile\n\
+        zipfile.ZIP64_LIMIT = 1024\n\
+        root, out, manifest = sys.argv[1], sys.argv[2], sys.argv[3]\n\
+        with zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED) as z:\n\
+        \x20   z.writestr('manifest.json', manifest)\n\
+        \x20   for d, dirs, files in sorted(os.walk(root)):\n\
+        \x20       dirs.sort()\n\
+        \x20       for f in sorted(files):\n\
+        \x20           p = os.path.join(d, f)\n\
+        \x20           z.write(p, os.path.relpath(p, root), compress_type=zipfile.ZIP_STORED)\n";
+    python(
+        script,
+        &[
+            tree.path().as_os_str(),
+            out.as_os_str(),
+            BIN_MANIFEST.as_ref(),
+        ],
+    );
+    // What Python wrote: the ZIP64 end record and locator, ZIP64 extra fields in the directory.
+    let check = "import sys, zipfile\n\
+        d = open(sys.argv[1], 'rb').read()\n\
+        z = zipfile.ZipFile(sys.argv[1])\n\
+        x = [i for i in z.infolist() if i.extra[:2] == b'\\x01\\x00']\n\
+        print(b'PK\\x06\\x06' in d, b'PK\\x06\\x07' in d, len(x), len(z.infolist()))\n";
+    assert_eq!(python(check, &[out.as_os_str()]).trim(), "True True 40 41");
+    let p = pkg_of(std::fs::read(&out).unwrap());
+    let reusable = same_in_current(&env, tree.path());
+    assert_eq!(reusable, 39 * 20_000);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let run = download_v(&env, &srv, &p);
+    eprintln!("{}", run.stderr);
+    assert_downloaded(&env, &run, &p);
+    let sent = srv.body_bytes();
+    let len = p.bytes.len() as u64;
+    eprintln!(
+        "ZIP64 by Python: {sent} of {len} bytes sent in {} requests",
+        srv.requests().len()
+    );
+    assert!(
+        srv.requests().iter().all(|q| q.range().is_some()),
+        "a full download: {:?}",
+        srv.requests()
+    );
+    assert!(run.stderr.contains("delta: assembled"), "{}", run.stderr);
+    // Every stored file current holds was regenerated; what was sent beyond the rest is the
+    // probe's tail (the directory and end records, fetched again by the plan) and the manifest.
+    assert!(
+        sent + reusable <= len + tope_ota::remote::PROBE_TAIL + 1024,
+        "{sent} sent of {len}, {reusable} of it in current"
+    );
+}
+
+#[test]
+fn delta_download_of_a_package_made_by_info_zip() {
+    let env = Env::new();
+    let tree = delta_trees(&env, &[3]);
+    std::fs::write(tree.path().join("manifest.json"), BIN_MANIFEST).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("izip.zip");
+    let o = std::process::Command::new("zip")
+        .args(["-q", "-9", "-r"])
+        .arg(&out)
+        .args(["manifest.json", "bin"])
+        .current_dir(tree.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = pkg_of(std::fs::read(&out).unwrap());
+    // What zip made of it: random files stored (deflate would grow them), text deflated.
+    let mut ar = zip::ZipArchive::new(std::io::Cursor::new(&p.bytes)).unwrap();
+    let (mut stored, mut deflated) = (0u64, 0u64);
+    for i in 0..ar.len() {
+        let e = ar.by_index_raw(i).unwrap();
+        if !e.is_file() || e.name() == "manifest.json" || e.name() == "bin/lib03.so" {
+            continue;
+        }
+        match e.compression() {
+            zip::CompressionMethod::Stored => stored += e.compressed_size(),
+            _ => deflated += e.compressed_size(),
+        }
+    }
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    let sent = srv.body_bytes();
+    let len = p.bytes.len() as u64;
+    let calibration = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("delta calibration"))
+        .unwrap_or("no calibration");
+    eprintln!(
+        "zip -9 -r: {sent} of {len} bytes sent ({:.1} %) in {} requests; {stored} bytes of \
+         unchanged files stored, {deflated} deflated; {calibration}",
+        100.0 * sent as f64 / len as f64,
+        srv.requests().len()
+    );
+    assert!(stored > 0, "zip stored no file");
+    assert!(
+        srv.requests().iter().all(|q| q.range().is_some()),
+        "a full download: {}",
+        run.stderr
+    );
+    // The stored files were regenerated at least; beyond the rest of the package, the probe's
+    // tail, the manifest and the calibration entry (a few KiB of text) were sent.
+    assert!(
+        sent + stored <= len + tope_ota::remote::PROBE_TAIL + 8192,
+        "{sent} sent of {len}, {stored} stored in current"
+    );
 }
