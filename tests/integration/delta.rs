@@ -38,6 +38,33 @@ fn is_unavailable(e: &anyhow::Error) -> bool {
     e.downcast_ref::<tope_ota::remote::Unavailable>().is_some()
 }
 
+/// The server's count of body bytes sent, once it reaches `want` (or 5 s have passed): the
+/// server adds a response's bytes after its write returns, and a client that has read them
+/// all can look before it does.
+fn body_bytes_reaching(srv: &PkgServer, want: u64) -> u64 {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = srv.body_bytes();
+        if n >= want || Instant::now() > until {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The server's count of body bytes sent, once it no longer moves (see [`body_bytes_reaching`]).
+fn settled_body_bytes(srv: &PkgServer) -> u64 {
+    let mut last = srv.body_bytes();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let n = srv.body_bytes();
+        if n == last {
+            return n;
+        }
+        last = n;
+    }
+}
+
 #[test]
 fn delta_reads_the_directory_by_range_in_the_probe() {
     let pkg = delta_package(20);
@@ -49,8 +76,9 @@ fn delta_reads_the_directory_by_range_in_the_probe() {
     // A small package: the probe held the whole directory, one request, the tail's bytes.
     assert_eq!(srv.requests().len(), 1);
     assert_eq!(r.requests, 1);
-    let sent = srv.body_bytes();
-    assert_eq!(sent, (pkg.len() as u64).min(tope_ota::remote::PROBE_TAIL));
+    let tail = (pkg.len() as u64).min(tope_ota::remote::PROBE_TAIL);
+    let sent = body_bytes_reaching(&srv, tail);
+    assert_eq!(sent, tail);
     assert_eq!(r.received, sent);
     // A range of the package, checked byte for byte, with If-Match.
     let e = &dir.entries[3];
@@ -79,8 +107,9 @@ fn delta_reads_a_large_directory_with_one_more_range() {
         format!("bytes={}-{}", dir.end.cd_start, dir.end.end_start - 1)
     );
     // What was sent: the tail and the directory, a fraction of the package.
-    let sent = srv.body_bytes();
-    assert_eq!(sent, tope_ota::remote::PROBE_TAIL + dir.end.cd_size);
+    let want = tope_ota::remote::PROBE_TAIL + dir.end.cd_size;
+    let sent = body_bytes_reaching(&srv, want);
+    assert_eq!(sent, want);
     assert!(sent < pkg.len() as u64 / 2, "{sent} of {}", pkg.len());
 }
 
@@ -414,7 +443,7 @@ fn delta_download_fetches_a_file_of_current_modified_in_place() {
     let p = delta_setup(&env0, &[]);
     let srv0 = PkgServer::start(p.bytes.clone(), Behaviour::default());
     assert_downloaded(&env0, &download_v(&env0, &srv0, &p), &p);
-    let base = srv0.body_bytes();
+    let base = settled_body_bytes(&srv0);
     // The same, but one byte of a file of current flipped in place: same size, other CRC-32.
     let env = Env::new();
     assert!(delta_setup(&env, &[]).bytes == p.bytes);
@@ -451,7 +480,7 @@ fn delta_download_fetches_a_file_of_current_modified_in_place() {
         data + csize,
         srv.requests()
     );
-    let sent = srv.body_bytes();
+    let sent = settled_body_bytes(&srv);
     let len = p.bytes.len() as u64;
     eprintln!("modified in place: {sent} of {len} bytes sent (baseline {base})");
     assert!(sent >= base + csize, "{sent} < {base} + {csize}");
@@ -522,7 +551,7 @@ fn delta_download_of_a_cut_directory_or_end_record_is_a_full_download() {
         assert_eq!(full.len(), 1, "{what}: {seen:?}");
         assert!(seen.last().unwrap().range().is_none(), "{what}: {seen:?}");
         // Only the end of the package was read before the full download.
-        let wasted = srv.body_bytes() - p.bytes.len() as u64;
+        let wasted = settled_body_bytes(&srv) - p.bytes.len() as u64;
         assert!(
             wasted <= tope_ota::remote::PROBE_TAIL + 65_633,
             "{what}: {wasted}"
@@ -604,7 +633,7 @@ fn delta_download_of_a_zip64_package_by_python() {
     let run = download_v(&env, &srv, &p);
     eprintln!("{}", run.stderr);
     assert_downloaded(&env, &run, &p);
-    let sent = srv.body_bytes();
+    let sent = settled_body_bytes(&srv);
     let len = p.bytes.len() as u64;
     eprintln!(
         "ZIP64 by Python: {sent} of {len} bytes sent in {} requests",
@@ -656,7 +685,7 @@ fn delta_download_of_a_package_made_by_info_zip() {
     let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
     let run = download_v(&env, &srv, &p);
     assert_downloaded(&env, &run, &p);
-    let sent = srv.body_bytes();
+    let sent = settled_body_bytes(&srv);
     let len = p.bytes.len() as u64;
     let calibration = run
         .stderr
