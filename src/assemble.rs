@@ -413,7 +413,8 @@ fn try_delta(
     } else {
         resume.offset
     };
-    let plan = if offset == 0 {
+    // The decision needs the link measured; `always` takes none.
+    let plan = if offset == 0 && mode == Mode::Auto {
         delta::fetch_prefix(&plan, prefix_len(size))
     } else {
         plan
@@ -520,10 +521,14 @@ impl Assembler<'_> {
                 return self.stopped(sink, &validator);
             }
             let before = self.out.len;
-            let r = self.piece(k);
+            let r = self.piece(k, next_mark);
             self.settle(sink);
             match r {
-                Ok(()) => k += 1,
+                Ok(()) => {
+                    if self.out.len >= self.pieces[k].range().1 {
+                        k += 1;
+                    }
+                }
                 Err(e) => {
                     self.batch = None;
                     if sink.stop_requested() {
@@ -643,13 +648,14 @@ impl Assembler<'_> {
         Some((delta, full, why))
     }
 
-    /// Write the rest of piece `k` (from the assembly's length on).
-    fn piece(&mut self, k: usize) -> Result<()> {
+    /// Write the rest of piece `k` (from the assembly's length on); a fetched piece only up to
+    /// `mark`, so that a long range is made durable every 5 % too.
+    fn piece(&mut self, k: usize, mark: u64) -> Result<()> {
         let pos = self.out.len;
         let (start, end) = self.pieces[k].range();
         debug_assert!(start <= pos && pos < end);
         match &self.pieces[k] {
-            Piece::Fetch { .. } => self.fetch(k, pos, end),
+            Piece::Fetch { .. } => self.fetch(k, pos, end, mark),
             Piece::Header { entry, .. } => {
                 let h = delta::regenerate_local_header(&self.dir.entries[*entry]);
                 self.out
@@ -673,15 +679,15 @@ impl Assembler<'_> {
                     Ok(())
                 } else {
                     log::info!("delta: {local} no longer regenerates its entry; fetching it");
-                    self.fetch(k, pos, end)
+                    self.fetch(k, pos, end, end)
                 }
             }
         }
     }
 
-    /// Fetch `[pos, end)` of piece `k`: the next part of the open request, or a new request
-    /// for it and the fetched pieces that follow.
-    fn fetch(&mut self, k: usize, pos: u64, end: u64) -> Result<()> {
+    /// Fetch `[pos, end)` of piece `k`, stopping at `mark` if it comes first: the next bytes
+    /// of the open request, or a new request for them and the fetched pieces that follow.
+    fn fetch(&mut self, k: usize, pos: u64, end: u64, mark: u64) -> Result<()> {
         if self.batch.as_ref().and_then(Batch::next) != Some((pos, end)) {
             let mut ranges = vec![(pos, end)];
             let mut between = 0u64;
@@ -702,7 +708,8 @@ impl Assembler<'_> {
             self.batch = Some(self.remote.open(&ranges)?);
         }
         let batch = self.batch.as_mut().expect("opened");
-        self.remote.read_next(batch, pos, end, &mut self.out)?;
+        let stop = if mark > pos { end.min(mark) } else { end };
+        self.remote.read_next(batch, pos, stop, &mut self.out)?;
         Ok(())
     }
 

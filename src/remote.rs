@@ -99,14 +99,30 @@ pub struct Batch {
     /// `multipart/byteranges` boundary; `None` for a single range.
     boundary: Option<String>,
     queue: VecDeque<(u64, u64)>,
+    /// The rest of the part being read, when it was read only in part.
+    open: Option<(u64, u64)>,
     /// No part read yet: the next one, read right after the request, samples the link.
     fresh: bool,
 }
 
 impl Batch {
-    /// The next range this answer holds.
+    fn new(
+        reader: ureq::BodyReader<'static>,
+        boundary: Option<String>,
+        queue: VecDeque<(u64, u64)>,
+    ) -> Batch {
+        Batch {
+            reader: BufReader::new(reader),
+            boundary,
+            queue,
+            open: None,
+            fresh: true,
+        }
+    }
+
+    /// The bytes this answer holds next: the rest of a part begun, or the next part.
     pub fn next(&self) -> Option<(u64, u64)> {
-        self.queue.front().copied()
+        self.open.or_else(|| self.queue.front().copied())
     }
 }
 
@@ -210,12 +226,11 @@ impl Remote {
             multi: None,
         };
         remote.check_single(&resp, start, size)?;
-        let mut batch = Batch {
-            reader: BufReader::new(resp.into_body().into_reader()),
-            boundary: None,
-            queue: VecDeque::from([(start, size)]),
-            fresh: true,
-        };
+        let mut batch = Batch::new(
+            resp.into_body().into_reader(),
+            None,
+            VecDeque::from([(start, size)]),
+        );
         let mut bytes = Vec::new();
         remote.read_next(&mut batch, start, size, &mut bytes)?;
         Ok((remote, bytes))
@@ -298,24 +313,22 @@ impl Remote {
                 return unavailable(format!("the server answered {status} to a range request"));
             }
             self.check_single(&resp, ask[0].0, ask[0].1)?;
-            return Ok(Batch {
-                reader: BufReader::new(resp.into_body().into_reader()),
-                boundary: None,
-                queue: VecDeque::from([ask[0]]),
-                fresh: true,
-            });
+            return Ok(Batch::new(
+                resp.into_body().into_reader(),
+                None,
+                VecDeque::from([ask[0]]),
+            ));
         }
         let boundary = header(&resp, "content-type").and_then(boundary_of);
         match (status, boundary) {
             (206, Some(boundary)) => {
                 self.check_etag(&resp)?;
                 self.multi = Some(true);
-                Ok(Batch {
-                    reader: BufReader::new(resp.into_body().into_reader()),
-                    boundary: Some(boundary),
-                    queue: ask.iter().copied().collect(),
-                    fresh: true,
-                })
+                Ok(Batch::new(
+                    resp.into_body().into_reader(),
+                    Some(boundary),
+                    ask.iter().copied().collect(),
+                ))
             }
             _ => {
                 // 200 (the whole package: dropped unread), one range for several, or a refusal
@@ -331,7 +344,8 @@ impl Remote {
         }
     }
 
-    /// The next part of `batch`, which must be `[start, end)`, into `out`.
+    /// Bytes `[start, end)` of `batch` into `out`: they must begin its [`Batch::next`] bytes,
+    /// and may stop short of their end (the rest is read by the next call).
     pub fn read_next(
         &mut self,
         batch: &mut Batch,
@@ -339,12 +353,20 @@ impl Remote {
         end: u64,
         out: &mut dyn Write,
     ) -> Result<()> {
-        if batch.queue.pop_front() != Some((start, end)) {
-            return Err(anyhow::anyhow!(
-                "range {start}-{end} read out of the order asked"
-            ));
+        let begun = batch.open.is_some();
+        let part = match batch.next() {
+            Some((a, b)) if a == start && end <= b => (a, b),
+            _ => {
+                return Err(anyhow::anyhow!(
+                    "range {start}-{end} read out of the order asked"
+                ))
+            }
+        };
+        if !begun {
+            batch.queue.pop_front();
         }
-        if let Some(boundary) = &batch.boundary {
+        batch.open = (end < part.1).then_some((end, part.1));
+        if let (Some(boundary), false) = (&batch.boundary, begun) {
             let delimiter = format!("--{boundary}");
             let mut lines = 0;
             loop {
@@ -371,7 +393,7 @@ impl Remote {
                     }
                 }
             }
-            self.check_content_range(content_range.as_deref(), start, end)?;
+            self.check_content_range(content_range.as_deref(), part.0, part.1)?;
         }
         let len = end - start;
         let t = Instant::now();

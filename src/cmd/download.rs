@@ -526,7 +526,12 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         // CRC-32, a compressor that is not the package's): the package whole, once.
         if assembled {
             log::warn!(
-                "delta: the assembled package does not match its {code} (expected {want}, got {got}); downloading it whole"
+                "delta: the assembled package does not match its {} (expected {want}, got {got}); downloading it whole",
+                if code == ErrorCode::Md5Mismatch {
+                    "MD5"
+                } else {
+                    "SHA-256"
+                }
             );
             op.state.stage = Stage::Downloading;
             op.state.message = "Downloading the package whole".into();

@@ -4,6 +4,7 @@ mod support;
 
 mod api;
 mod contract;
+mod delta;
 mod download;
 mod faults;
 mod heal;
