@@ -430,6 +430,7 @@ fn try_delta(
         plan.reuse_bytes
     );
     *started = true;
+    remote.sampling = true;
     let (file, hashes, len) = crate::fetch::reopen_partial(part, offset, size, sha256)?;
     let accounted = remote.received;
     let mut a = Assembler {
@@ -640,7 +641,7 @@ impl Assembler<'_> {
             per_request,
         );
         let why = format!(
-            "at {}/s and {:.0} ms a request, deflating {}/s, the rest takes ~{delta:.1} s as a delta, ~{full:.1} s whole",
+            "at {}/s and {:.0} ms a request, deflating {}/s, the rest takes ~{delta:.2} s as a delta, ~{full:.2} s whole",
             crate::clock::human_bytes(link as u64),
             rtt * 1000.0,
             crate::clock::human_bytes(rates.deflate as u64),

@@ -91,6 +91,9 @@ pub struct Remote {
     pub link: LinkStats,
     /// Whether the server answers multi-range requests: unknown until one was asked.
     pub multi: Option<bool>,
+    /// First parts sample the link only once this is set: the small reads before the
+    /// assembly (probe, manifest, calibration) measure the latency, not the rate.
+    pub sampling: bool,
 }
 
 /// The answer to one request, read part by part in the order the ranges were asked.
@@ -101,7 +104,8 @@ pub struct Batch {
     queue: VecDeque<(u64, u64)>,
     /// The rest of the part being read, when it was read only in part.
     open: Option<(u64, u64)>,
-    /// No part read yet: the next one, read right after the request, samples the link.
+    /// The first part is being read (right after the request, in reads with only checkpoints
+    /// between them): it samples the link.
     fresh: bool,
 }
 
@@ -224,6 +228,7 @@ impl Remote {
                 ..LinkStats::default()
             },
             multi: None,
+            sampling: false,
         };
         remote.check_single(&resp, start, size)?;
         let mut batch = Batch::new(
@@ -423,9 +428,10 @@ impl Remote {
                 self.url
             ));
         }
-        if std::mem::take(&mut batch.fresh) {
+        if batch.fresh && self.sampling {
             self.link.sampled += len;
             self.link.sample_time += t.elapsed();
+            batch.fresh = batch.open.is_some();
         }
         Ok(())
     }

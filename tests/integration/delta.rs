@@ -869,3 +869,171 @@ fn delta_download_killed_after_a_wrong_regeneration_still_downloads_the_package(
     );
     assert_downloaded(&env, &run, &p);
 }
+
+// ---------------------------------------------------------------- delta: the decision, the link
+
+#[test]
+fn delta_auto_declines_on_a_fast_link_and_is_used_on_a_slow_one() {
+    // Loopback: the whole package comes sooner than current's files recompress (this is a
+    // debug build): after the measured prefix the rest is downloaded whole.
+    let env = Env::new();
+    let p = delta_setup(&env, &[3]);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    assert!(
+        run.stderr.contains("downloading the rest whole"),
+        "{}",
+        run.stderr
+    );
+    let st = env.state();
+    assert_eq!(st["bytes_reused"], 0, "{st}");
+    assert!(
+        srv.requests()
+            .iter()
+            .any(|q| q.range().is_some_and(|r| r.ends_with('-'))),
+        "the rest by a plain resume: {:?}",
+        srv.requests()
+    );
+    // 1.6 MB/s: the delta wins by far.
+    let env = Env::new();
+    let p = delta_setup(&env, &[3]);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            throttle: Some((16 * 1024, Duration::from_millis(10))),
+            ..Behaviour::default()
+        },
+    );
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    assert!(run.stderr.contains("as a delta"), "{}", run.stderr);
+    assert!(!run.stderr.contains("the rest whole"), "{}", run.stderr);
+    let st = env.state();
+    let reused = st["bytes_reused"].as_u64().unwrap();
+    assert!(reused > p.bytes.len() as u64 / 2, "{st}");
+    assert!(settled_body_bytes(&srv) < p.bytes.len() as u64 / 2);
+}
+
+#[test]
+fn delta_counts_fetched_and_reused_bytes_in_json_status_and_callbacks() {
+    let mut env = delta_env();
+    let api = ApiStub::start(Duration::ZERO);
+    env.set("TOPE_OTA_REPORT_URL", &api.url);
+    let p = delta_setup(&env, &[3]);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut a = vec!["--json"];
+    a.extend(args(&url, &p, &size));
+    let run = env.run(&a);
+    run.expect(0);
+    let out = run.json();
+    let sent = settled_body_bytes(&srv);
+    let (fetched, reused) = (
+        out["data"]["bytes_fetched"].as_u64().unwrap(),
+        out["data"]["bytes_reused"].as_u64().unwrap(),
+    );
+    // What came is what the server sent less the multipart part headers; with what was
+    // regenerated, at least the package.
+    assert!(
+        fetched <= sent && fetched + 2048 >= sent,
+        "{fetched} of {sent}"
+    );
+    assert!(
+        reused > 0 && fetched + reused >= p.bytes.len() as u64,
+        "{out}"
+    );
+    let status = env.run(&["--json", "status"]);
+    assert_eq!(status.json()["bytes_reused"], reused, "{}", status.stdout);
+    let human = env.run(&["status"]);
+    assert!(
+        human.stdout.contains("reused from current"),
+        "{}",
+        human.stdout
+    );
+    let bodies = api.bodies();
+    let last = bodies.last().unwrap();
+    assert_eq!(last["data"]["stage"], "toInstall");
+    assert_eq!(last["data"]["bytes_reused"], reused, "{last}");
+    // A full download reuses nothing.
+    let run = env.run(&[
+        "--json",
+        "download",
+        "--full",
+        "--version",
+        "1.2.1",
+        "--url",
+        &url,
+        "--name",
+        "pkg.zip",
+        "--size",
+        &size,
+        "--md5",
+        &p.md5,
+    ]);
+    run.expect(0);
+    assert_eq!(run.json()["data"]["bytes_reused"], 0);
+    assert!(run.json()["data"]["bytes_fetched"].as_u64() >= Some(p.bytes.len() as u64));
+}
+
+#[test]
+fn delta_uses_single_ranges_where_multi_range_requests_get_the_whole_file() {
+    let env = delta_env();
+    let p = delta_setup(&env, &[3, 20, 30]);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            multi_range: false,
+            ..Behaviour::default()
+        },
+    );
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    assert!(
+        run.stderr.contains("asking one range at a time"),
+        "{}",
+        run.stderr
+    );
+    let reqs = srv.requests();
+    let many = reqs
+        .iter()
+        .filter(|q| q.range().is_some_and(|r| r.contains(',')))
+        .count();
+    assert_eq!(many, 1, "asked once: {reqs:?}");
+    assert!(env.state()["bytes_reused"].as_u64() > Some(0));
+}
+
+#[test]
+fn delta_retries_a_dropped_range_from_the_bytes_it_has() {
+    let env = delta_env();
+    let p = delta_setup(&env, &[3, 30]);
+    // The connection dropped inside lib30's entry.
+    let mut ar = zip::ZipArchive::new(std::io::Cursor::new(&p.bytes)).unwrap();
+    let e = ar.by_name("bin/lib30.so").unwrap();
+    let at = e.data_start().unwrap() + e.compressed_size() / 2;
+    drop(e);
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            drop_once_at: Some(at),
+            ..Behaviour::default()
+        },
+    );
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    assert!(run.stderr.contains("retrying in"), "{}", run.stderr);
+    // The retry asked for the rest of the range, not the package whole.
+    let reqs = srv.requests();
+    assert!(
+        reqs.iter().all(|q| q.range().is_some()),
+        "no full download: {reqs:?}"
+    );
+    assert!(
+        reqs.iter().any(|q| q
+            .range()
+            .is_some_and(|r| r.starts_with(&format!("bytes={at}-")))),
+        "{reqs:?}"
+    );
+    assert!(env.state()["bytes_reused"].as_u64() > Some(0));
+}

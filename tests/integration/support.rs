@@ -214,7 +214,7 @@ pub struct Behaviour {
     pub chunked_len: Option<u64>,
     /// Once: stop sending at this absolute offset and hold the connection open.
     pub stall_once_at: Option<u64>,
-    /// Once: close the connection after this absolute offset.
+    /// Once: close the connection after this absolute offset (also inside a multipart answer).
     pub drop_once_at: Option<u64>,
     /// Answer 416 to Range requests.
     pub refuse_ranges: bool,
@@ -620,6 +620,8 @@ fn serve_multipart(
         .corrupt_ranges_from
         .is_some_and(|k| s.st.lock().unwrap().requests.len() > k);
     let mut body = Vec::new();
+    // Where the body is cut when `drop_once_at` falls inside a part.
+    let mut cut = None;
     for &(a, z) in ranges {
         write!(
             body,
@@ -630,6 +632,9 @@ fn serve_multipart(
         body.extend_from_slice(&s.data[a as usize..z as usize]);
         if corrupt {
             body[at] ^= 0xFF;
+        }
+        if let Some(d) = b.drop_once_at.filter(|d| (a..z).contains(d)) {
+            cut.get_or_insert(at + (d - a) as usize);
         }
     }
     write!(body, "\r\n--{BOUNDARY}--\r\n")?;
@@ -643,15 +648,28 @@ fn serve_multipart(
         "HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
         body.len()
     )?;
+    let first_drop = cut.is_some() && {
+        let mut st = s.st.lock().unwrap();
+        !std::mem::replace(&mut st.dropped, true)
+    };
+    let send = if first_drop {
+        &body[..cut.unwrap()]
+    } else {
+        &body[..]
+    };
     let chunk = b.throttle.map(|t| t.0).unwrap_or(64 * 1024);
-    for slice in body.chunks(chunk) {
+    for slice in send.chunks(chunk) {
         out.write_all(slice)?;
         s.st.lock().unwrap().body_bytes += slice.len() as u64;
         if let Some((_, pause)) = b.throttle {
             thread::sleep(pause);
         }
     }
-    out.flush()
+    out.flush()?;
+    if first_drop {
+        let _ = out.shutdown(std::net::Shutdown::Both);
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- device-api stub
