@@ -15,5 +15,6 @@ mod setup;
 mod status;
 
 mod bench;
+mod bench_delta;
 mod deploy;
 mod docs;
