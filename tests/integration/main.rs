@@ -16,5 +16,6 @@ mod setup;
 mod status;
 
 mod bench;
+mod bench_delta;
 mod deploy;
 mod docs;
