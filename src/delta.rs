@@ -518,9 +518,11 @@ fn layout(e: &Entry, start: u64, next: u64) -> (u64, u64, u64) {
     (start, next - e.compressed_size, next)
 }
 
-/// The entry `plan` can be proven on: the smallest deflated entry of at least 1 KiB (else the
-/// smallest) whose file the device has with the entry's size and CRC-32. Fetch its local header
-/// and data, compare them with [`regenerate_local_header`] and [`regenerate_entry`] of the file,
+/// The entry `plan` can be proven on: the smallest deflated entry of at least 1 KiB that
+/// deflate really shrank (to 90 % or less: incompressible data comes out as stored blocks,
+/// which any compressor reproduces, and would prove nothing), else the smallest deflated one,
+/// whose file the device has with the entry's size and CRC-32. Fetch its local header and
+/// data, compare them with [`regenerate_local_header`] and [`regenerate_entry`] of the file,
 /// and set [`PlanOptions`] from the answers. `None`: no deflated entry can be reused.
 pub fn calibration_entry(
     dir: &Directory,
@@ -533,7 +535,15 @@ pub fn calibration_entry(
         (e.method == 8 && f.size == e.uncompressed_size && f.crc32 == e.crc32).then_some(e)
     });
     matching
-        .min_by_key(|e| (e.compressed_size < 1024, e.compressed_size, e.index))
+        .min_by_key(|e| {
+            let shrunk = e.compressed_size * 10 <= e.uncompressed_size * 9;
+            (
+                !shrunk,
+                e.compressed_size < 1024,
+                e.compressed_size,
+                e.index,
+            )
+        })
         .map(|e| e.index)
 }
 

@@ -433,6 +433,11 @@ impl Remote {
             self.link.sample_time += t.elapsed();
             batch.fresh = batch.open.is_some();
         }
+        if batch.next().is_none() {
+            // Read the answer to its end (a multipart's closing boundary, a single range's
+            // end), so that the connection goes back to the agent's pool for the next request.
+            let _ = std::io::copy(&mut (&mut batch.reader).take(4096), &mut std::io::sink());
+        }
         Ok(())
     }
 
