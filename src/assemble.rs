@@ -13,7 +13,9 @@ use crate::error::{ErrorCode, OtaError};
 use crate::fetch::{Digests, Hashes, Outcome, Sink, Tuning};
 use crate::fsutil;
 use crate::manifest::{Manifest, MANIFEST};
-use crate::remote::{Batch, Remote, Transient, Unavailable, MAX_RANGES_PER_REQUEST, PROBE_TAIL};
+use crate::remote::{
+    Batch, Changed, Remote, Transient, Unavailable, MAX_RANGES_PER_REQUEST, PROBE_TAIL,
+};
 use crate::zipdir::{Directory, Limits};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -201,11 +203,12 @@ impl Mode {
     /// The mode `TOPE_OTA_DELTA` names; a value it cannot read is warned about and taken as
     /// `auto`, so a typo in a settings file never stops updates.
     pub fn from_env() -> Mode {
-        match std::env::var("TOPE_OTA_DELTA").ok().as_deref() {
-            None | Some("" | "auto") => Mode::Auto,
-            Some("always") => Mode::Always,
-            Some("never") => Mode::Never,
-            Some(other) => {
+        let v = std::env::var("TOPE_OTA_DELTA").unwrap_or_default();
+        match v.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Mode::Auto,
+            "always" => Mode::Always,
+            "never" => Mode::Never,
+            other => {
                 log::warn!("TOPE_OTA_DELTA={other:?} is not auto, always or never; using auto");
                 Mode::Auto
             }
@@ -299,24 +302,27 @@ fn reuse(out: &mut Assembly, method: Method, file: &Path, skip: u64, len: u64) -
         let w = r.finish()?;
         Ok(w.left == 0 && w.skip == 0)
     })();
-    let ok = match r {
-        Ok(ok) => ok,
-        Err(_) if overflow.get() => false,
-        Err(e) if out.broken || crate::signals::stop_requested().is_some() => {
-            return Err(anyhow::Error::from(e).context("write the regenerated entry"))
-        }
+    let (ok, err) = match r {
+        Ok(ok) => (ok, None),
+        Err(_) if overflow.get() => (false, None),
+        Err(e) if out.broken || crate::signals::stop_requested().is_some() => (false, Some(e)),
         Err(e) => {
             log::warn!("delta: cannot regenerate from {}: {e}", file.display());
-            false
+            (false, None)
         }
     };
     if !ok {
+        // A regeneration cut short is not in the partial (nor counted as reused): a resume
+        // regenerates the entry again.
         out.hashes = saved;
         out.file.set_len(pos)?;
         out.file.seek(io::SeekFrom::Start(pos))?;
         out.len = pos;
     }
-    Ok(ok)
+    match err {
+        Some(e) => Err(anyhow::Error::from(e).context("write the regenerated entry")),
+        None => Ok(ok),
+    }
 }
 
 /// How much of a fresh package is fetched first, whatever the plan: the link's rate is
@@ -368,16 +374,22 @@ pub fn delta_download(
     if e.chain().any(|c| c.is::<OtaError>()) {
         return Err(e);
     }
-    if e.downcast_ref::<Unavailable>().is_some() {
-        log::info!("{e}");
+    if e.downcast_ref::<Changed>().is_some() {
+        log::info!("no delta: {e}");
         if started {
-            // Ranges that lied or a package that changed: nothing assembled can be trusted.
+            // Bytes of another package: nothing assembled can be used.
             fsutil::remove_file_durable(part)?;
             sink.checkpoint(0, None)?;
         }
         return Ok(None);
     }
-    if !started {
+    if e.downcast_ref::<Unavailable>().is_some() {
+        // What was checkpointed passed every check and the final hashes still cover it: the
+        // plain download goes on from there.
+        log::info!("{e}");
+        return Ok(None);
+    }
+    if !started || e.downcast_ref::<Transient>().is_some() {
         log::warn!("no delta: {e:#}");
         return Ok(None);
     }
@@ -402,24 +414,71 @@ fn try_delta(
         return Ok(None);
     }
     let (mut remote, tail) = Remote::probe(url, size, PROBE_TAIL, tuning)?;
-    let r = plan_delta(&mut remote, &tail, current);
+    let found = remote
+        .directory(&tail, &delta_limits())
+        .and_then(|dir| read_manifest(&mut remote, &dir).map(|m| (dir, m)));
     sink.account(remote.received, 0);
-    let Some((dir, plan, deflate_rate)) = r? else {
-        return Ok(None);
-    };
-    let offset = if resume.offset > 0 && resume.validator.as_deref() != Some(&remote.etag) {
+    let (dir, manifest) = found?;
+    let cands = delta::candidates(&dir, &manifest);
+    let mut offset = resume.offset;
+    if offset > 0 && resume.validator.as_deref() != Some(&remote.etag) {
+        if !resume
+            .validator
+            .as_deref()
+            .is_some_and(|v| v.starts_with('"'))
+        {
+            log::info!("no delta: the partial was fetched without the package's ETag");
+            return Ok(None);
+        }
         log::info!("delta: the package changed on the server since the partial; starting over");
-        0
-    } else {
-        resume.offset
+        fsutil::remove_file_durable(part)?;
+        sink.checkpoint(0, None)?;
+        offset = 0;
+    }
+    *started = true;
+    remote.sampling = true;
+    let (file, hashes, len) = crate::fetch::reopen_partial(part, offset, size, sha256)?;
+    let mut out = Assembly {
+        file,
+        hashes,
+        len,
+        broken: false,
     };
-    // The decision needs the link measured; `always` takes none.
-    let plan = if offset == 0 && mode == Mode::Auto {
-        delta::fetch_prefix(&plan, prefix_len(size))
-    } else {
-        plan
-    };
-    if plan.reuse_bytes == 0 {
+    let validator = Some(remote.etag.clone());
+    let accounted_before_prefix = remote.received;
+    if offset == 0 && mode == Mode::Auto {
+        // The link measured on the package's first bytes, needed whatever the decision.
+        remote.copy_range(0, prefix_len(size), &mut out)?;
+        fsutil::sync_data(&out.file)?;
+        sink.account(remote.received - accounted_before_prefix, 0);
+        sink.checkpoint(out.len, validator.as_deref())?;
+        if let Some(why) = cannot_win(&dir, &cands, current, out.len, size, &remote) {
+            log::info!("no delta: {why}; downloading the rest whole");
+            return Ok(None);
+        }
+    }
+    let view = current_view(&dir, &cands, current);
+    if view.is_empty() {
+        log::info!(
+            "no delta: no file of the package is in {}",
+            current.display()
+        );
+        return Ok(None);
+    }
+    // A resume proves deflate and headers again (one range): its plan must be the one the
+    // partial was assembled by, and that plan is a function of these answers.
+    let before = remote.received;
+    let calibrated = calibrate(&mut remote, &dir, &cands, &view, current);
+    sink.account(remote.received - before, 0);
+    let (opts, deflate_rate) = calibrated?;
+    let plan = delta::plan(&dir, &cands, &view, &opts).map_err(|e| Unavailable(e.to_string()))?;
+    let left: u64 = plan
+        .pieces
+        .iter()
+        .filter(|p| !matches!(p, Piece::Fetch { .. }))
+        .map(|p| p.range().1.saturating_sub(p.range().0.max(out.len)))
+        .sum();
+    if left == 0 {
         log::info!("no delta: nothing of the package left to regenerate from current");
         return Ok(None);
     }
@@ -429,17 +488,9 @@ fn try_delta(
         plan.fetch_ranges,
         plan.reuse_bytes
     );
-    *started = true;
-    remote.sampling = true;
-    let (file, hashes, len) = crate::fetch::reopen_partial(part, offset, size, sha256)?;
     let accounted = remote.received;
     let mut a = Assembler {
-        out: Assembly {
-            file,
-            hashes,
-            len,
-            broken: false,
-        },
+        out,
         remote,
         dir,
         pieces: plan.pieces,
@@ -453,33 +504,47 @@ fn try_delta(
     a.run(mode, tuning, sink)
 }
 
-/// The directory, the plan and the calibration's deflate rate; `None` (logged) when nothing of
-/// the package is on the device.
-fn plan_delta(
-    remote: &mut Remote,
-    tail: &[u8],
+/// Caps on the directory a delta reads (a larger one means a full download): its bytes and
+/// its entries' stay well inside the 16 MiB a download may use.
+fn delta_limits() -> Limits {
+    Limits {
+        max_entries: 20_000,
+        max_cd_size: 2 << 20,
+        ..Limits::default()
+    }
+}
+
+/// Why a delta cannot finish sooner than the rest whole, even recompressing at rates no
+/// device reaches (deflate 300 MB/s, copies 3 GB/s) every entry whose file has its size in
+/// `current` (a stat, no read): on a fast link, decided before current's files are read.
+fn cannot_win(
+    dir: &Directory,
+    cands: &[Candidate],
     current: &Path,
-) -> Result<Option<(Directory, delta::Plan, Option<f64>)>> {
-    let dir = remote.directory(tail, &Limits::default())?;
-    let manifest = read_manifest(remote, &dir)?;
-    let cands = delta::candidates(&dir, &manifest);
-    let view = current_view(&dir, &cands, current);
-    if view.is_empty() {
-        log::info!(
-            "no delta: no file of the package is in {}",
-            current.display()
-        );
-        return Ok(None);
+    pos: u64,
+    size: u64,
+    remote: &Remote,
+) -> Option<String> {
+    let rate = remote.link.rate()?;
+    let rest = size.saturating_sub(pos) as f64 / rate;
+    let mut best = rest;
+    for c in cands {
+        let e = &dir.entries[c.entry];
+        let same = std::fs::symlink_metadata(current.join(&c.local))
+            .is_ok_and(|m| m.is_file() && m.len() == e.uncompressed_size);
+        if !same {
+            continue;
+        }
+        let regen = e.uncompressed_size as f64 / if e.method == 8 { 300e6 } else { 3e9 };
+        let fetch = e.compressed_size as f64 / rate;
+        best -= (fetch - regen).max(0.0);
     }
-    // A resume proves deflate and headers again (one range): its plan must be the one the
-    // partial was assembled by, and that plan is a function of these answers.
-    let (opts, rate) = calibrate(remote, &dir, &cands, &view, current)?;
-    let plan = delta::plan(&dir, &cands, &view, &opts).map_err(|e| Unavailable(e.to_string()))?;
-    if plan.reuse_bytes == 0 {
-        log::info!("no delta: nothing of the package can be regenerated from current");
-        return Ok(None);
-    }
-    Ok(Some((dir, plan, rate)))
+    (best >= rest * 0.95).then(|| {
+        format!(
+            "at {}/s the rest comes whole in ~{rest:.2} s; recompressing current's files could not save 5 % of it",
+            crate::clock::human_bytes(rate as u64)
+        )
+    })
 }
 
 struct Assembler<'a> {
@@ -516,12 +581,13 @@ impl Assembler<'_> {
             .unwrap_or(self.pieces.len());
         let mut failures = 0u32;
         let mut delay = tuning.backoff;
+        // An attempt that made progress (since the last failure) resets the retry budget.
+        let mut at_last_failure = self.out.len;
         let mut decided: Option<Instant> = None;
         while k < self.pieces.len() {
             if sink.stop_requested() {
                 return self.stopped(sink, &validator);
             }
-            let before = self.out.len;
             let r = self.piece(k, next_mark);
             self.settle(sink);
             match r {
@@ -538,10 +604,11 @@ impl Assembler<'_> {
                     if e.downcast_ref::<Transient>().is_none() {
                         return Err(self.fatal(e));
                     }
-                    if self.out.len > before {
+                    if self.out.len > at_last_failure {
                         failures = 0;
                         delay = tuning.backoff;
                     }
+                    at_last_failure = self.out.len;
                     failures += 1;
                     self.durable(sink, &validator)?;
                     if failures > tuning.retries {
@@ -659,9 +726,15 @@ impl Assembler<'_> {
             Piece::Fetch { .. } => self.fetch(k, pos, end, mark),
             Piece::Header { entry, .. } => {
                 let h = delta::regenerate_local_header(&self.dir.entries[*entry]);
-                self.out
-                    .write_all(&h[(pos - start) as usize..])
-                    .context("write a regenerated header")?;
+                let saved = self.out.hashes.clone();
+                if let Err(e) = self.out.write_all(&h[(pos - start) as usize..]) {
+                    // Regenerated bytes are in the partial only when counted as reused.
+                    self.out.hashes = saved;
+                    self.out.file.set_len(pos)?;
+                    self.out.file.seek(io::SeekFrom::Start(pos))?;
+                    self.out.len = pos;
+                    return Err(anyhow::Error::from(e).context("write a regenerated header"));
+                }
                 self.stats.reused += end - pos;
                 Ok(())
             }

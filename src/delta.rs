@@ -518,6 +518,10 @@ fn layout(e: &Entry, start: u64, next: u64) -> (u64, u64, u64) {
     (start, next - e.compressed_size, next)
 }
 
+/// The largest file the calibration reads (it, its entry and the regeneration are held in
+/// memory).
+pub const MAX_CALIBRATION: u64 = 1 << 20;
+
 /// The entry `plan` can be proven on: the smallest deflated entry of at least 1 KiB that
 /// deflate really shrank (to 90 % or less: incompressible data comes out as stored blocks,
 /// which any compressor reproduces, and would prove nothing), else the smallest deflated one,
@@ -532,7 +536,11 @@ pub fn calibration_entry(
     let matching = candidates.iter().filter_map(|c| {
         let e = &dir.entries[c.entry];
         let f = current.get(&c.local)?;
-        (e.method == 8 && f.size == e.uncompressed_size && f.crc32 == e.crc32).then_some(e)
+        (e.method == 8
+            && f.size == e.uncompressed_size
+            && f.crc32 == e.crc32
+            && e.uncompressed_size <= MAX_CALIBRATION)
+            .then_some(e)
     });
     matching
         .min_by_key(|e| {
@@ -668,62 +676,6 @@ pub fn plan(
         fetch_ranges,
         reuse_bytes,
     })
-}
-
-/// The plan with `[0, upto)` fetched (the pieces there made one range, a regeneration that
-/// straddles `upto` cut to its bytes after it): the link is measured on bytes the package needs
-/// whatever the decision, before anything is regenerated.
-pub fn fetch_prefix(plan: &Plan, upto: u64) -> Plan {
-    let mut rest: Vec<Piece> = Vec::with_capacity(plan.pieces.len());
-    let mut prefix_end = 0;
-    for p in &plan.pieces {
-        let (start, end) = p.range();
-        if start >= upto {
-            rest.push(p.clone());
-        } else if end <= upto {
-            prefix_end = end;
-        } else if let Piece::Reuse { entry, local, .. } = p {
-            prefix_end = upto;
-            rest.push(Piece::Reuse {
-                entry: *entry,
-                local: local.clone(),
-                start: upto,
-                end,
-            });
-        } else {
-            prefix_end = end;
-        }
-    }
-    if let Some(Piece::Fetch { start, end }) = rest.first() {
-        if *start == prefix_end {
-            prefix_end = *end;
-            rest.remove(0);
-        }
-    }
-    let mut pieces = Vec::with_capacity(rest.len() + 1);
-    if prefix_end > 0 {
-        pieces.push(Piece::Fetch {
-            start: 0,
-            end: prefix_end,
-        });
-    }
-    pieces.extend(rest);
-    let mut out = Plan {
-        pieces,
-        fetch_bytes: 0,
-        fetch_ranges: 0,
-        reuse_bytes: 0,
-    };
-    for p in &out.pieces {
-        match p {
-            Piece::Fetch { .. } => {
-                out.fetch_bytes += p.len();
-                out.fetch_ranges += 1;
-            }
-            _ => out.reuse_bytes += p.len(),
-        }
-    }
-    out
 }
 
 /// What the delta's decision knows of the device and the link, in seconds and bytes per second.
@@ -973,36 +925,6 @@ mod plan_tests {
         let c = calibration_entry(&s.dir, &s.cands, &s.view).unwrap();
         assert_eq!(s.dir.entries[c].method, 8);
         assert!(s.dir.entries[c].compressed_size >= 1024);
-    }
-
-    #[test]
-    fn a_fetched_prefix_cuts_the_plan_and_still_reassembles() {
-        let s = setup(|_| {});
-        let plan = plan(&s.dir, &s.cands, &s.view, &proven()).unwrap();
-        for upto in [1, 100, 5_000, 40_000, 100_000, s.pkg.len() as u64] {
-            let p = fetch_prefix(&plan, upto);
-            let (a, b) = p.pieces[0].range();
-            assert!(matches!(p.pieces[0], Piece::Fetch { .. }) && a == 0 && b >= upto.min(b));
-            assert!(b >= upto, "{upto}: the prefix covers it ({b})");
-            assert!(
-                !matches!(p.pieces.get(1), Some(Piece::Fetch { .. })),
-                "merged"
-            );
-            assert_eq!(p.fetch_bytes + p.reuse_bytes, s.pkg.len() as u64);
-            assert!(p.reuse_bytes <= plan.reuse_bytes);
-            assert!(assemble(&p, &s.dir, &s.pkg, &s.current) == s.pkg, "{upto}");
-        }
-        // A regeneration cut by the prefix writes only its bytes after it.
-        let first_reuse = plan
-            .pieces
-            .iter()
-            .find(|p| matches!(p, Piece::Reuse { .. }))
-            .unwrap()
-            .range();
-        let mid = (first_reuse.0 + first_reuse.1) / 2;
-        let p = fetch_prefix(&plan, mid);
-        assert_eq!(p.pieces[0].range(), (0, mid));
-        assert!(matches!(p.pieces[1], Piece::Reuse { start, .. } if start == mid));
     }
 
     #[test]

@@ -41,6 +41,19 @@ impl fmt::Display for Transient {
 
 impl std::error::Error for Transient {}
 
+/// The package on the server is another one than the bytes fetched before (412, another
+/// ETag): what was assembled from it cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed(pub String);
+
+impl fmt::Display for Changed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Changed {}
+
 fn unavailable<T>(why: impl Into<String>) -> Result<T> {
     Err(Unavailable(why.into()).into())
 }
@@ -263,10 +276,11 @@ impl Remote {
 
     fn check_etag(&self, resp: &ureq::http::Response<ureq::Body>) -> Result<()> {
         match header(resp, "etag") {
-            Some(e) if e != self.etag => unavailable(format!(
+            Some(e) if e != self.etag => Err(Changed(format!(
                 "the package changed on the server (ETag {e}, was {})",
                 self.etag
-            )),
+            ))
+            .into()),
             _ => Ok(()),
         }
     }
@@ -284,7 +298,9 @@ impl Remote {
             .map_err(|e| Transient(format!("range request to {}: {e}", self.url)))?;
         self.link.latency += t.elapsed();
         match resp.status().as_u16() {
-            412 => unavailable("the package changed on the server (If-Match failed)"),
+            412 => {
+                Err(Changed("the package changed on the server (If-Match failed)".into()).into())
+            }
             s @ (408 | 429 | 500..=599) => {
                 transient(format!("the server answered {s} to a range request"))
             }
@@ -387,9 +403,11 @@ impl Remote {
                 }
             }
             let mut content_range = None;
+            let mut ended = false;
             for _ in 0..=MAX_PART_LINES {
                 let line = read_line(&mut batch.reader)?;
                 if line.is_empty() {
+                    ended = true;
                     break;
                 }
                 if let Some((k, v)) = line.split_once(':') {
@@ -397,6 +415,9 @@ impl Remote {
                         content_range = Some(v.trim().to_string());
                     }
                 }
+            }
+            if !ended {
+                return unavailable("a multipart part's headers do not end");
             }
             self.check_content_range(content_range.as_deref(), part.0, part.1)?;
         }

@@ -156,7 +156,7 @@ fn delta_is_unavailable_from_servers_that_do_not_keep_to_ranges() {
     });
     let e = r.get(0, 100).err().unwrap();
     assert!(
-        is_unavailable(&e) && e.to_string().contains("changed"),
+        e.downcast_ref::<tope_ota::remote::Changed>().is_some(),
         "{e:#}"
     );
     assert_eq!(srv.requests().last().unwrap().status, 412);
@@ -886,8 +886,12 @@ fn delta_auto_declines_on_a_fast_link_and_is_used_on_a_slow_one() {
         "{}",
         run.stderr
     );
+    // At most what came before the decision (the first headers) was regenerated.
     let st = env.state();
-    assert_eq!(st["bytes_reused"], 0, "{st}");
+    assert!(
+        st["bytes_reused"].as_u64() < Some(p.bytes.len() as u64 / 20),
+        "{st}"
+    );
     assert!(
         srv.requests()
             .iter()
