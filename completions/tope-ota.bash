@@ -153,7 +153,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__download)
-            opts="-v -q -h --version --url --name --size --md5 --sha256 --sig-url --request --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --version --url --name --size --md5 --sha256 --sig-url --request --full --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -75,6 +75,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-de
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l full -d 'Download the whole package: no delta from the files of current'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s q -l quiet -d 'Only errors on stderr, no progress bar'

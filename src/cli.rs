@@ -308,6 +308,9 @@ pub struct DownloadArgs {
     /// The API's JSON request body, from FILE or `-` for stdin
     #[arg(long, value_name = "FILE|-", conflicts_with_all = ["version", "url", "name", "size", "md5"])]
     pub request: Option<String>,
+    /// Download the whole package: no delta from the files of current
+    #[arg(long)]
+    pub full: bool,
 }
 
 #[derive(Debug, Clone, Args)]

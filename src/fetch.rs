@@ -69,6 +69,9 @@ pub trait Sink {
     fn checkpoint(&mut self, durable: u64, validator: Option<&str>) -> Result<()>;
     /// Called for every chunk received (progress bar).
     fn tick(&mut self, received: u64);
+    /// `fetched` more bytes came from the server, `reused` more were regenerated from
+    /// `current`; recorded with the next checkpoint.
+    fn account(&mut self, _fetched: u64, _reused: u64) {}
     /// True when the command was asked to stop (SIGTERM/SIGINT).
     fn stop_requested(&self) -> bool;
 }
@@ -122,21 +125,21 @@ pub struct Hashes {
 }
 
 impl Hashes {
-    fn new(sha256: bool) -> Hashes {
+    pub(crate) fn new(sha256: bool) -> Hashes {
         Hashes {
             md5: Md5::new(),
             sha256: sha256.then(Sha256::new),
         }
     }
 
-    fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         self.md5.update(data);
         if let Some(s) = self.sha256.as_mut() {
             s.update(data);
         }
     }
 
-    fn finish(self) -> Digests {
+    pub(crate) fn finish(self) -> Digests {
         Digests {
             md5: hex(&self.md5.finalize()),
             sha256: self.sha256.map(|s| hex(&s.finalize())),
@@ -198,6 +201,23 @@ fn write_error(path: &Path, e: io::Error) -> AttemptError {
 
 /// Open the partial, keep only its durable prefix, and rebuild the hash from those bytes.
 fn open_partial<'a>(path: &'a Path, offset: u64, size: u64, sha256: bool) -> Result<Partial<'a>> {
+    let (file, hasher, len) = reopen_partial(path, offset, size, sha256)?;
+    Ok(Partial {
+        file,
+        path,
+        hasher,
+        len,
+    })
+}
+
+/// The partial at `path` opened for writing at its durable prefix (at most `offset` bytes; past
+/// it may be garbage after a power loss, dropped), with the prefix's hashes and length.
+pub(crate) fn reopen_partial(
+    path: &Path,
+    offset: u64,
+    size: u64,
+    sha256: bool,
+) -> Result<(File, Hashes, u64)> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -206,7 +226,6 @@ fn open_partial<'a>(path: &'a Path, offset: u64, size: u64, sha256: bool) -> Res
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
     let on_disk = file.metadata()?.len();
-    // Bytes past the durable mark may be garbage after a power loss: drop them.
     let keep = offset.min(on_disk).min(size);
     if on_disk != keep {
         file.set_len(keep)
@@ -224,12 +243,7 @@ fn open_partial<'a>(path: &'a Path, offset: u64, size: u64, sha256: bool) -> Res
         left -= want as u64;
     }
     file.seek(SeekFrom::Start(keep))?;
-    Ok(Partial {
-        file,
-        path,
-        hasher,
-        len: keep,
-    })
+    Ok((file, hasher, keep))
 }
 
 /// Fetch `req` into `part`, retrying transient failures with exponential backoff, each retry
@@ -668,6 +682,7 @@ fn stream(
             }
             if filled > 0 {
                 received += filled as u64;
+                sink.account(filled as u64, 0);
                 sink.tick(received);
                 let sync = received >= next_checkpoint
                     || last_checkpoint.elapsed() >= Duration::from_secs(10);

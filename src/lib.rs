@@ -14,6 +14,10 @@
 //! - [`integrity`]: each snapshot's record of its files, and what changed since.
 //! - [`transition`]: from one snapshot to another once services may be down, with fall-backs.
 //! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
+//! - [`delta`]: delta downloads: regenerating entries from `current`, planning the ranges.
+//! - [`zipdir`]: a ZIP's central directory from byte slices, with caps (for delta downloads).
+//! - [`remote`]: byte ranges of a package on a static server (probe, If-Match), for deltas.
+//! - [`assemble`]: a delta download assembled in the partial from ranges and `current`.
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
 //! - [`hooks`]: bounded commands from a snapshot: health checks and migrations.
@@ -30,10 +34,12 @@
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 
 pub mod archive;
+pub mod assemble;
 pub mod cli;
 pub mod clock;
 pub mod cmd;
 pub mod data;
+pub mod delta;
 pub mod error;
 pub mod failpoint;
 pub mod fetch;
@@ -45,6 +51,7 @@ pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod progress;
+pub mod remote;
 pub mod report;
 pub mod services;
 pub mod sign;
@@ -53,6 +60,7 @@ pub mod snapshot;
 pub mod state;
 pub mod transition;
 pub mod validate;
+pub mod zipdir;
 
 use error::OtaError;
 use serde_json::json;

@@ -131,6 +131,8 @@ pub struct PayloadData {
     pub speed_bps: u64,
     pub eta_s: Option<u64>,
     pub step: Option<String>,
+    pub bytes_fetched: u64,
+    pub bytes_reused: u64,
 }
 
 impl Payload {
@@ -159,6 +161,8 @@ impl Payload {
                 speed_bps: s.speed_bps,
                 eta_s: s.eta_s,
                 step: s.step.clone(),
+                bytes_fetched: s.bytes_fetched,
+                bytes_reused: s.bytes_reused,
             },
         }
     }

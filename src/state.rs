@@ -81,6 +81,11 @@ pub struct State {
     pub eta_s: Option<u64>,
     /// ETag or Last-Modified of the first response, sent back as `If-Range` when resuming.
     pub resume_validator: Option<String>,
+    /// Of the package downloaded (or being downloaded): bytes received from the server, every
+    /// request and resume counted, and bytes of the partial regenerated from `current` by a
+    /// delta (issue #15). A full download reuses nothing.
+    pub bytes_fetched: u64,
+    pub bytes_reused: u64,
     pub verified_at: Option<String>,
     pub updated_at: Option<String>,
     /// The version `current` pointed to when the install started (for rollback).
@@ -124,6 +129,8 @@ pub struct ProgressData {
     pub speed_bps: u64,
     pub eta_s: Option<u64>,
     pub step: Option<String>,
+    pub bytes_fetched: u64,
+    pub bytes_reused: u64,
 }
 
 impl State {
@@ -163,6 +170,8 @@ impl State {
             speed_bps: self.speed_bps,
             eta_s: self.eta_s,
             step: self.step.clone(),
+            bytes_fetched: self.bytes_fetched,
+            bytes_reused: self.bytes_reused,
         }
     }
 

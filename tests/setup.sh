@@ -6,6 +6,8 @@
 #   - strace (strace): the fsync-ordering test
 #   - shellcheck (shellcheck): the lint test of the shell scripts
 #   - unzip (unzip): the install benchmark's baseline
+#   - nginx (nginx-light): the delta-download benchmark's package server
+#   - zip (zip): the delta-download benchmark's `zip -9` package
 #   - man (man-db): rendering the man pages
 #   - systemd-analyze (systemd): verifying the units
 #   - script (bsdutils): the progress-bar test on a pseudo-terminal
@@ -30,6 +32,8 @@ command -v minisign >/dev/null 2>&1 || need+=(minisign)
 command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v unzip >/dev/null 2>&1 || need+=(unzip)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v zip >/dev/null 2>&1 || need+=(zip)
 command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)

@@ -39,6 +39,7 @@ fn package_of(op: &Operation) -> Option<Package> {
         package_md5: s.package_md5.clone()?,
         package_sha256: s.package_sha256.clone(),
         package_sig_url: s.package_sig_url.clone(),
+        full: false,
     }
     .validated()
     .ok()

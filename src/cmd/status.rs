@@ -53,6 +53,14 @@ pub fn run(g: &Global) -> Result<Output> {
         if let Some(step) = &s.step {
             let _ = writeln!(human, "step:      {step}");
         }
+        if s.bytes_fetched > 0 || s.bytes_reused > 0 {
+            let _ = writeln!(
+                human,
+                "fetched:   {} ({} reused from current)",
+                crate::clock::human_bytes(s.bytes_fetched),
+                crate::clock::human_bytes(s.bytes_reused)
+            );
+        }
         if let Some(at) = &s.verified_at {
             let _ = writeln!(human, "verified:  {at}");
         }

@@ -6,18 +6,18 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1024 * 1024;
 
-struct Pkg {
-    bytes: Vec<u8>,
-    md5: String,
+pub(crate) struct Pkg {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) md5: String,
 }
 
-fn pkg(len: usize, seed: u64) -> Pkg {
+pub(crate) fn pkg(len: usize, seed: u64) -> Pkg {
     let bytes = data(len, seed);
     let md5 = md5_hex(&bytes);
     Pkg { bytes, md5 }
 }
 
-fn args<'a>(url: &'a str, p: &'a Pkg, size: &'a str) -> Vec<&'a str> {
+pub(crate) fn args<'a>(url: &'a str, p: &'a Pkg, size: &'a str) -> Vec<&'a str> {
     vec![
         "download",
         "--version",
@@ -33,7 +33,7 @@ fn args<'a>(url: &'a str, p: &'a Pkg, size: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn download(env: &Env, srv: &PkgServer, p: &Pkg) -> Run {
+pub(crate) fn download(env: &Env, srv: &PkgServer, p: &Pkg) -> Run {
     let url = srv.url("pkg.zip");
     let size = p.bytes.len().to_string();
     env.run(&args(&url, p, &size))
@@ -728,6 +728,8 @@ fn callbacks_follow_stages_and_five_point_steps() {
             keys(&b["data"]),
             [
                 "bytes_done",
+                "bytes_fetched",
+                "bytes_reused",
                 "bytes_total",
                 "error",
                 "eta_s",

@@ -224,6 +224,37 @@ fn expect_tree(files: &[FileSpec]) -> Tree {
         .collect()
 }
 
+/// Two files of 1 MiB (text that deflates, random bytes) and a third for the next version.
+fn blobs() -> &'static [Vec<u8>; 3] {
+    static BLOBS: std::sync::OnceLock<[Vec<u8>; 3]> = std::sync::OnceLock::new();
+    BLOBS.get_or_init(|| {
+        let text: Vec<u8> = data(1 << 18, 40)
+            .iter()
+            .flat_map(|b| format!("G1 X{} Y{}\n", b % 10, b / 10).into_bytes())
+            .take(1 << 20)
+            .collect();
+        [text, data(1 << 20, 41), data(1 << 20, 42)]
+    })
+}
+
+fn data_manifest(version: &str) -> serde_json::Value {
+    let mut m = full_manifest(version);
+    m["modules"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "data", "src": "data", "dst": "data"}));
+    m
+}
+
+/// 1.5.0: v1's files and two of the blobs, what a delta of 4.0.0 regenerates from.
+fn v15_files() -> Vec<FileSpec> {
+    let b = blobs();
+    let mut files = v1_files();
+    files.push(("data/a.bin", &b[0], 0o644));
+    files.push(("data/b.bin", &b[1], 0o644));
+    files
+}
+
 fn known_versions() -> BTreeMap<&'static str, Tree> {
     let v1 = expect_tree(&v1_files());
     let mut v2 = v1.clone();
@@ -242,6 +273,7 @@ fn known_versions() -> BTreeMap<&'static str, Tree> {
         ("v2.0.0", v2),
         ("v3.0.0", v3),
         ("v0.9.0", factory),
+        ("v1.5.0", expect_tree(&v15_files())),
     ]
     .into()
 }
@@ -256,13 +288,17 @@ enum Scenario {
     ManualRollback,
     /// download of 3.0.0 (2 MiB, throttled)
     Download,
+    /// delta download of 4.0.0 over 1.0.0: current's files regenerated, 2 MiB fetched
+    /// (throttled) in ranges between them
+    DeltaDownload,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 5] = [
     Scenario::Install,
     Scenario::InstallRollback,
     Scenario::ManualRollback,
     Scenario::Download,
+    Scenario::DeltaDownload,
 ];
 
 /// A prepared device per scenario, copied for every crash so each starts from the same state.
@@ -272,6 +308,9 @@ struct Lab {
     v3: Vec<u8>,
     v3_url: String,
     slow: PkgServer,
+    /// 4.0.0 for the delta: v1's files and two blobs of 1 MiB, on a throttled server.
+    v4: Vec<u8>,
+    v4_srv: PkgServer,
 }
 
 impl Lab {
@@ -295,6 +334,11 @@ impl Lab {
                 d.deliver("2.0.0", pkg).expect(0);
             }
             Scenario::Download => {}
+            Scenario::DeltaDownload => {
+                let pkg = d.pack("1.5.0", &v15_files(), &data_manifest("1.5.0"));
+                d.deliver("1.5.0", pkg).expect(0);
+                d.env.set("TOPE_OTA_DELTA", "always");
+            }
         }
         // The log starts with what runs now: the services of current, started before.
         let cur = d.link("current").unwrap();
@@ -313,12 +357,26 @@ impl Lab {
                 ..Behaviour::default()
             },
         );
+        // 4.0.0: 1.5.0 with a new blob between the two it keeps.
+        let mut v4_files = v15_files();
+        v4_files.push(("data/ab.bin", &blobs()[2], 0o644));
+        let v4_manifest = data_manifest("4.0.0");
+        let v4 = d.pack("4.0.0", &v4_files, &v4_manifest);
+        let v4_srv = PkgServer::start(
+            v4.clone(),
+            Behaviour {
+                throttle: Some((64 * 1024, Duration::from_millis(4))),
+                ..Behaviour::default()
+            },
+        );
         Lab {
             factory: factory_tree(d.root()).unwrap(),
             base: d,
             v3,
             v3_url,
             slow,
+            v4,
+            v4_srv,
         }
     }
 
@@ -369,6 +427,19 @@ impl Lab {
                     md5_hex(&bytes),
                 ]
             }
+            Scenario::DeltaDownload => vec![
+                "download".into(),
+                "--version".into(),
+                "4.0.0".into(),
+                "--url".into(),
+                self.v4_srv.url("v4.zip"),
+                "--name".into(),
+                "v4.zip".into(),
+                "--size".into(),
+                self.v4.len().to_string(),
+                "--md5".into(),
+                md5_hex(&self.v4),
+            ],
         }
     }
 }
@@ -540,6 +611,16 @@ fn heal_and_check(
         return Err(format!("{what}: heal failed: {run:?}"));
     }
     check(env, versions, &lab.factory).map_err(|e| format!("{what}: {e}"))?;
+    // A resumed delta gives the package itself.
+    let st = env.state();
+    if st["version"] == "4.0.0" {
+        let got = std::fs::read(env.downloads().join("v4.zip")).ok();
+        if st["stage"] != "toInstall" || got.as_deref() != Some(&lab.v4[..]) {
+            return Err(format!(
+                "{what}: the delta download was not resumed to the package: {st}"
+            ));
+        }
+    }
     // The periodic heal converges: a second one at most cleans up after a recorded failure,
     // a third finds nothing to do.
     let second = env.run(&["heal"]);
@@ -595,6 +676,14 @@ fn crash_at_every_failpoint_then_heal() {
             Scenario::Download,
             &["download-before-rename", "download-after-rename"],
         ),
+        (
+            Scenario::DeltaDownload,
+            &[
+                "delta-checkpoint",
+                "download-before-rename",
+                "download-after-rename",
+            ],
+        ),
     ];
     let mut crashes = 0;
     let mut violations = Vec::new();
@@ -603,6 +692,11 @@ fn crash_at_every_failpoint_then_heal() {
         let args = lab.op_args(*scenario);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut cases: Vec<(String, u32)> = points.iter().map(|p| (p.to_string(), 1)).collect();
+        if *scenario == Scenario::DeltaDownload {
+            // The durable points of the assembly (5 % steps inside fetched ranges, each piece
+            // that passes one).
+            cases.extend((2..=10).map(|hit| ("delta-checkpoint".to_string(), hit)));
+        }
         // Every durable state write, before and after its rename.
         for hit in 1..=30 {
             cases.push(("atomic-before-rename".into(), hit));
@@ -618,7 +712,7 @@ fn crash_at_every_failpoint_then_heal() {
             if run.code != 128 + libc::SIGKILL {
                 assert!(
                     point.starts_with("atomic-"),
-                    "{scenario:?}: fail point {point} was never reached: {run:?}"
+                    "{scenario:?}: fail point {point}#{hit} was never reached: {run:?}"
                 );
                 continue; // past the last state write of this operation
             }

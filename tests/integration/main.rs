@@ -4,6 +4,7 @@ mod support;
 
 mod api;
 mod contract;
+mod delta;
 mod download;
 mod faults;
 mod heal;
@@ -15,5 +16,6 @@ mod setup;
 mod status;
 
 mod bench;
+mod bench_delta;
 mod deploy;
 mod docs;

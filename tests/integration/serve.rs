@@ -178,7 +178,8 @@ fn progress_answers_in_the_envelope() {
     assert_eq!(
         v,
         json!({"code": 200, "msg": "success", "data": {"stage": "idle", "progress": 0, "message": "", "error": null,
-            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null}})
+            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null,
+            "bytes_fetched": 0, "bytes_reused": 0}})
     );
 }
 

@@ -11,11 +11,13 @@ fn repo() -> PathBuf {
 }
 
 /// The tools tests/setup.sh installs, and their Debian packages.
-const TOOLS: [(&str, &str); 13] = [
+const TOOLS: [(&str, &str); 15] = [
     ("minisign", "minisign"),
     ("strace", "strace"),
     ("shellcheck", "shellcheck"),
     ("unzip", "unzip"),
+    ("nginx", "nginx-light"),
+    ("zip", "zip"),
     ("man", "man-db"),
     ("systemd-analyze", "systemd"),
     ("script", "bsdutils"),
@@ -132,6 +134,8 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
         "mmdebstrap",
         "socat",
         "python3",
+        "nginx-light",
+        "zip",
     ]
     .into();
     assert_eq!(installed, want, "{log}");

@@ -13,7 +13,8 @@ fn status_of_a_fresh_device_is_idle() {
     assert_eq!(
         j,
         serde_json::json!({"stage": "idle", "progress": 0, "message": "", "error": null,
-            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null})
+            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null,
+            "bytes_fetched": 0, "bytes_reused": 0})
     );
     assert!(!env.state_dir.exists(), "status writes nothing");
 }
@@ -53,7 +54,8 @@ fn status_shows_state_and_versions() {
     assert_eq!(
         j,
         serde_json::json!({"stage": "failed", "progress": 40, "message": "expected a, got b", "error": "MD5_MISMATCH",
-            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null})
+            "bytes_done": 0, "bytes_total": 0, "speed_bps": 0, "eta_s": null, "step": null,
+            "bytes_fetched": 0, "bytes_reused": 0})
     );
 }
 

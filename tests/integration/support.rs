@@ -214,7 +214,7 @@ pub struct Behaviour {
     pub chunked_len: Option<u64>,
     /// Once: stop sending at this absolute offset and hold the connection open.
     pub stall_once_at: Option<u64>,
-    /// Once: close the connection after this absolute offset.
+    /// Once: close the connection after this absolute offset (also inside a multipart answer).
     pub drop_once_at: Option<u64>,
     /// Answer 416 to Range requests.
     pub refuse_ranges: bool,
@@ -231,6 +231,12 @@ pub struct Behaviour {
     pub max_range: Option<u64>,
     /// Honour Range but ignore If-Range (splices files if the ETag changed).
     pub ignore_if_range: bool,
+    /// From the request of this index on (0 is the first), closed ranges (`bytes=A-B`) come
+    /// with their first byte flipped: a server whose ranges lie.
+    pub corrupt_ranges_from: Option<usize>,
+    /// Answer requests for several ranges with `multipart/byteranges`, as nginx does; when
+    /// false, with the whole file (200), as S3 does.
+    pub multi_range: bool,
 }
 
 impl Default for Behaviour {
@@ -249,6 +255,8 @@ impl Default for Behaviour {
             status: None,
             max_range: None,
             ignore_if_range: false,
+            corrupt_ranges_from: None,
+            multi_range: true,
         }
     }
 }
@@ -412,18 +420,59 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         return Ok(());
     }
     let mut start = 0u64;
+    // The end (exclusive) of a closed range `bytes=A-B`.
+    let mut closed_end: Option<u64> = None;
     let mut partial = false;
-    if let Some(r) = headers.get("range").filter(|_| b.honor_range) {
+    if let (Some(m), Some(e), true) = (headers.get("if-match"), &b.etag, b.honor_range) {
+        if m != e {
+            record(412);
+            write!(
+                out,
+                "HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            return Ok(());
+        }
+    }
+    let many = headers
+        .get("range")
+        .filter(|r| b.honor_range && !b.refuse_ranges && r.contains(','));
+    if let Some(r) = many.filter(|_| b.multi_range) {
+        let spec = r.strip_prefix("bytes=").unwrap_or("");
+        let ranges: Option<Vec<(u64, u64)>> = spec
+            .split(',')
+            .map(|x| {
+                let (a, z) = x.trim().split_once('-')?;
+                let (a, z) = (a.parse::<u64>().ok()?, z.parse::<u64>().ok()?);
+                (z >= a && a < total).then_some((a, (z + 1).min(total)))
+            })
+            .collect();
+        if let Some(ranges) = ranges {
+            record(206);
+            return serve_multipart(out, s, &b, &ranges);
+        }
+    }
+    if let Some(r) = headers
+        .get("range")
+        .filter(|_| b.honor_range && many.is_none())
+    {
         let if_range_ok = b.ignore_if_range
             || match (headers.get("if-range"), &b.etag) {
                 (Some(v), Some(e)) => v == e,
                 (Some(_), None) => false,
                 (None, _) => true,
             };
-        let from = r
-            .strip_prefix("bytes=")
-            .and_then(|x| x.strip_suffix('-'))
-            .and_then(|x| x.parse::<u64>().ok());
+        let spec = r.strip_prefix("bytes=").unwrap_or("");
+        let from = match spec.split_once('-') {
+            Some((a, "")) => a.parse::<u64>().ok(),
+            Some((a, z)) => match (a.parse::<u64>(), z.parse::<u64>()) {
+                (Ok(a), Ok(z)) if z >= a => {
+                    closed_end = Some((z + 1).min(total));
+                    Some(a)
+                }
+                _ => None,
+            },
+            None => None,
+        };
         if b.refuse_ranges || from.is_none_or(|f| f >= total) {
             record(416);
             write!(out, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
@@ -450,12 +499,23 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             &padded
         }
         None => {
+            let end = closed_end.filter(|_| partial).unwrap_or(total);
             let end = match b.max_range.filter(|_| partial) {
-                Some(m) => (start + m).min(total),
-                None => total,
+                Some(m) => (start + m).min(end),
+                None => end,
             };
             &s.data[start as usize..end as usize]
         }
+    };
+    let corrupted;
+    let body: &[u8] = match b.corrupt_ranges_from {
+        Some(k) if partial && closed_end.is_some() && s.st.lock().unwrap().requests.len() >= k => {
+            let mut v = body.to_vec();
+            v[0] ^= 0xFF;
+            corrupted = v;
+            &corrupted
+        }
+        _ => body,
     };
     if partial {
         record(206);
@@ -545,6 +605,71 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         write!(out, "0\r\n\r\n")?;
     }
     out.flush()
+}
+
+/// A 206 of several ranges as `multipart/byteranges`, throttled like any body.
+fn serve_multipart(
+    mut out: TcpStream,
+    s: &Shared,
+    b: &Behaviour,
+    ranges: &[(u64, u64)],
+) -> std::io::Result<()> {
+    const BOUNDARY: &str = "00000000000000000042";
+    let total = s.data.len();
+    let corrupt = b
+        .corrupt_ranges_from
+        .is_some_and(|k| s.st.lock().unwrap().requests.len() > k);
+    let mut body = Vec::new();
+    // Where the body is cut when `drop_once_at` falls inside a part.
+    let mut cut = None;
+    for &(a, z) in ranges {
+        write!(
+            body,
+            "\r\n--{BOUNDARY}\r\nContent-Type: application/zip\r\nContent-Range: bytes {a}-{}/{total}\r\n\r\n",
+            z - 1
+        )?;
+        let at = body.len();
+        body.extend_from_slice(&s.data[a as usize..z as usize]);
+        if corrupt {
+            body[at] ^= 0xFF;
+        }
+        if let Some(d) = b.drop_once_at.filter(|d| (a..z).contains(d)) {
+            cut.get_or_insert(at + (d - a) as usize);
+        }
+    }
+    write!(body, "\r\n--{BOUNDARY}--\r\n")?;
+    let etag = b
+        .etag
+        .as_ref()
+        .map(|e| format!("ETag: {e}\r\n"))
+        .unwrap_or_default();
+    write!(
+        out,
+        "HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {}\r\n{etag}Connection: close\r\n\r\n",
+        body.len()
+    )?;
+    let first_drop = cut.is_some() && {
+        let mut st = s.st.lock().unwrap();
+        !std::mem::replace(&mut st.dropped, true)
+    };
+    let send = if first_drop {
+        &body[..cut.unwrap()]
+    } else {
+        &body[..]
+    };
+    let chunk = b.throttle.map(|t| t.0).unwrap_or(64 * 1024);
+    for slice in send.chunks(chunk) {
+        out.write_all(slice)?;
+        s.st.lock().unwrap().body_bytes += slice.len() as u64;
+        if let Some((_, pause)) = b.throttle {
+            thread::sleep(pause);
+        }
+    }
+    out.flush()?;
+    if first_drop {
+        let _ = out.shutdown(std::net::Shutdown::Both);
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- device-api stub
