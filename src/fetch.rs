@@ -246,10 +246,9 @@ pub(crate) fn reopen_partial(
     Ok((file, hasher, keep))
 }
 
-/// Fetch `req` into `part`, retrying transient failures with exponential backoff, each retry
-/// resuming from the bytes on disk.
-pub fn fetch(part: &Path, req: Request, tuning: &Tuning, sink: &mut dyn Sink) -> Result<Outcome> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// The HTTP agent of every package request: statuses as answers, the tuning's timeouts.
+pub(crate) fn agent(tuning: &Tuning) -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(tuning.connect_timeout))
         .timeout_send_request(Some(tuning.stall_timeout))
@@ -257,7 +256,13 @@ pub fn fetch(part: &Path, req: Request, tuning: &Tuning, sink: &mut dyn Sink) ->
         .max_redirects(5)
         .user_agent(concat!("tope-ota/", env!("CARGO_PKG_VERSION")))
         .build()
-        .into();
+        .into()
+}
+
+/// Fetch `req` into `part`, retrying transient failures with exponential backoff, each retry
+/// resuming from the bytes on disk.
+pub fn fetch(part: &Path, req: Request, tuning: &Tuning, sink: &mut dyn Sink) -> Result<Outcome> {
+    let agent = agent(tuning);
     let mut p = open_partial(part, req.offset, req.size, req.sha256)?;
     let mut validator = req.validator.clone();
     let mut failures = 0u32;

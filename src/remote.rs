@@ -194,24 +194,12 @@ fn read_line(r: &mut impl BufRead) -> Result<String> {
 }
 
 impl Remote {
-    fn agent(tuning: &Tuning) -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(tuning.connect_timeout))
-            .timeout_send_request(Some(tuning.stall_timeout))
-            .timeout_per_read(Some(tuning.stall_timeout))
-            .max_redirects(5)
-            .user_agent(concat!("tope-ota/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into()
-    }
-
     /// Ask for the last `tail` bytes (at most the package). A server that answers 206 with
     /// exactly that range of a file of `size` bytes and a strong ETag gives a `Remote` and the
     /// bytes; 200 (Range ignored), another size, a weak or missing ETag are [`Unavailable`]
     /// (the 200's body is not read). Network failures are plain errors.
     pub fn probe(url: &str, size: u64, tail: u64, tuning: &Tuning) -> Result<(Remote, Vec<u8>)> {
-        let agent = Remote::agent(tuning);
+        let agent = crate::fetch::agent(tuning);
         let start = size - tail.min(size);
         let t = Instant::now();
         let resp = agent
