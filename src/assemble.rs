@@ -17,7 +17,7 @@ use crate::remote::{
     Batch, Changed, Remote, Transient, Unavailable, MAX_RANGES_PER_REQUEST, PROBE_TAIL,
 };
 use crate::zipdir::{Directory, Limits};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
@@ -96,7 +96,7 @@ fn read_manifest(remote: &mut Remote, dir: &Directory) -> Result<Manifest> {
 }
 
 fn crc32_file(path: &Path) -> io::Result<u32> {
-    let mut f = File::open(path)?;
+    let mut f = fsutil::open_regular(path)?;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -117,6 +117,10 @@ pub fn current_view(
 ) -> HashMap<String, LocalFile> {
     let mut v = HashMap::new();
     for c in cands {
+        // A stop is answered within one file's read; the caller sees it and stops.
+        if crate::signals::stop_requested().is_some() {
+            break;
+        }
         let p = current.join(&c.local);
         let Ok(m) = std::fs::symlink_metadata(&p) else {
             continue;
@@ -166,8 +170,16 @@ fn calibrate(
     opts.headers_proven = raw.starts_with(&header);
     let mut rate = None;
     if let Some(data) = entry_data(dir, c, &raw) {
-        let file = std::fs::read(current.join(local))
-            .with_context(|| format!("read {}", current.join(local).display()))?;
+        let path = current.join(local);
+        let mut file = Vec::new();
+        // Read no more than the entry's size and one byte: a file grown since the stat cannot
+        // regenerate the entry and must not fill the memory.
+        let read = fsutil::open_regular(&path)
+            .and_then(|f| f.take(e.uncompressed_size + 1).read_to_end(&mut file));
+        if let Err(err) = read {
+            log::warn!("delta calibration: cannot read {}: {err}", path.display());
+            return Ok((opts, None));
+        }
         let t = Instant::now();
         opts.deflate_proven = delta::regenerate_entry(&file, Method::Deflated) == data;
         rate = Some(file.len() as f64 / t.elapsed().as_secs_f64().max(1e-6));
@@ -250,7 +262,9 @@ impl Write for Assembly {
         if crate::signals::stop_requested().is_some() {
             return Err(io::Error::other("stop requested"));
         }
-        let n = self.file.write(buf).inspect_err(|_| self.broken = true)?;
+        let n = crate::failpoint::fault("write")
+            .and_then(|()| self.file.write(buf))
+            .inspect_err(|_| self.broken = true)?;
         self.hashes.update(&buf[..n]);
         self.len += n as u64;
         Ok(n)
@@ -299,7 +313,7 @@ fn reuse(out: &mut Assembly, method: Method, file: &Path, skip: u64, len: u64) -
     let (pos, saved) = (out.len, out.hashes.clone());
     let overflow = std::cell::Cell::new(false);
     let r = (|| -> io::Result<bool> {
-        let mut f = File::open(file)?;
+        let mut f = fsutil::open_regular(file)?;
         let mut r = Regenerator::new(
             method,
             Window {
@@ -401,7 +415,7 @@ pub fn delta_download(
         log::warn!("no delta: {e:#}");
         return Ok(None);
     }
-    Err(e)
+    Err(local_failure(part, e))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -465,7 +479,18 @@ fn try_delta(
             return Ok(None);
         }
     }
+    // A stop before the assembly: nothing was written since the last checkpoint (the prefix,
+    // or the resume's offset), so that is what is durable.
+    let stopped = |out: &Assembly| {
+        Ok(Some((
+            Outcome::Stopped { durable: out.len },
+            Stats::default(),
+        )))
+    };
     let view = current_view(&dir, &cands, current);
+    if sink.stop_requested() {
+        return stopped(&out);
+    }
     if view.is_empty() {
         log::info!(
             "no delta: no file of the package is in {}",
@@ -479,6 +504,9 @@ fn try_delta(
     let calibrated = calibrate(&mut remote, &dir, &cands, &view, current);
     sink.account(remote.received - before, 0);
     let (opts, deflate_rate) = calibrated?;
+    if sink.stop_requested() {
+        return stopped(&out);
+    }
     let plan = delta::plan(&dir, &cands, &view, &opts).map_err(|e| Unavailable(e.to_string()))?;
     let left: u64 = plan
         .pieces
@@ -503,6 +531,7 @@ fn try_delta(
         dir,
         pieces: plan.pieces,
         current,
+        part,
         batch: None,
         stats: Stats::default(),
         accounted: (accounted, 0),
@@ -561,6 +590,7 @@ struct Assembler<'a> {
     dir: Directory,
     pieces: Vec<Piece>,
     current: &'a Path,
+    part: &'a Path,
     /// The request whose parts are being read, if any.
     batch: Option<Batch>,
     stats: Stats,
@@ -822,17 +852,27 @@ impl Assembler<'_> {
         )))
     }
 
-    /// A local failure: out of space is `DISK_FULL`, as for a full download.
     fn fatal(&self, e: anyhow::Error) -> anyhow::Error {
-        let full = e
-            .chain()
-            .filter_map(|c| c.downcast_ref::<io::Error>())
-            .any(crate::error::is_disk_full);
-        if full {
-            OtaError::new(ErrorCode::DiskFull, format!("{e:#}")).into()
-        } else {
-            e
-        }
+        local_failure(self.part, e)
+    }
+}
+
+/// A local failure of the assembly into `part`: out of space is `DISK_FULL`, as for a full
+/// download; any other I/O error names the partial.
+fn local_failure(part: &Path, e: anyhow::Error) -> anyhow::Error {
+    if e.chain().any(|c| c.is::<OtaError>()) {
+        return e;
+    }
+    let mut io = e.chain().filter_map(|c| c.downcast_ref::<io::Error>());
+    let Some(first) = io.next() else {
+        return e;
+    };
+    let full = crate::error::is_disk_full(first) || io.any(crate::error::is_disk_full);
+    let e = e.context(format!("assemble {}", part.display()));
+    if full {
+        OtaError::new(ErrorCode::DiskFull, format!("{e:#}")).into()
+    } else {
+        e
     }
 }
 

@@ -5,7 +5,8 @@
 //!   `TOPE_OTA_FAILPOINT_HIT`-th pass (default the first).
 //! - `TOPE_OTA_FAULT=op:N`: from the N-th call of [`fault`]`(op)` on, every call fails with EIO,
 //!   as a disk that went bad stays bad. `op` is `fsync`, `rename` or `symlink` (the calls that
-//!   make a change durable or visible); `N` defaults to 1.
+//!   make a change durable or visible), or `write` (a delta's writes to the partial); `N`
+//!   defaults to 1.
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {

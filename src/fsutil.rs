@@ -254,13 +254,31 @@ fn sync_fs(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Open `path` to read it only if it is a regular file (a symlink is not followed): a FIFO or a
+/// device put in its place after a stat would block the open or never end a read. O_NONBLOCK
+/// keeps the open of a FIFO from waiting for a writer; on a regular file it changes nothing.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 /// Copy the regular file `from` to the new file `to`, sharing no inode: a reflink (FICLONE)
 /// where the filesystem can, a byte copy otherwise. Mode, owner and mtime follow `from`; the
 /// copy is fsynced before this returns.
 pub fn copy_file(from: &Path, to: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-    let src = File::open(from).with_context(|| format!("open {}", from.display()))?;
+    let src = open_regular(from).with_context(|| format!("open {}", from.display()))?;
     let meta = src
         .metadata()
         .with_context(|| format!("stat {}", from.display()))?;
@@ -362,6 +380,26 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_regular_refuses_a_fifo_without_waiting_and_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // A plain open would wait for a writer for ever.
+        let e = open_regular(&fifo).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let file = dir.path().join("f");
+        fs::write(&file, b"bytes").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(open_regular(&link).is_err());
+        let mut got = String::new();
+        io::Read::read_to_string(&mut open_regular(&file).unwrap(), &mut got).unwrap();
+        assert_eq!(got, "bytes");
+    }
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temp() {

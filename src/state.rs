@@ -86,6 +86,9 @@ pub struct State {
     /// delta (issue #15). A full download reuses nothing.
     pub bytes_fetched: u64,
     pub bytes_reused: u64,
+    /// No delta for this package's download, resumes and heals included: `download --full`
+    /// asked for it, or an assembled package failed its hashes and is being fetched whole.
+    pub delta_off: bool,
     pub verified_at: Option<String>,
     pub updated_at: Option<String>,
     /// The version `current` pointed to when the install started (for rollback).

@@ -426,6 +426,45 @@ fn delta_download_stops_inside_a_range_on_sigterm_and_resumes() {
     assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
 }
 
+/// SIGTERM before the assembly (here while the manifest comes) is answered before `current` is
+/// read and the calibration fetched, as a stop (not a delta declined); the next download goes on.
+#[test]
+fn delta_download_stops_before_reading_current_on_sigterm() {
+    let env = delta_env();
+    let p = delta_setup(&env, &[3]);
+    let mut ar = zip::ZipArchive::new(std::io::Cursor::new(&p.bytes)).unwrap();
+    let at = ar.by_name("manifest.json").unwrap().data_start().unwrap() + 1;
+    let srv = PkgServer::start(
+        p.bytes.clone(),
+        Behaviour {
+            gate_at: Some(at),
+            ..Behaviour::default()
+        },
+    );
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut a = vec!["-v"];
+    a.extend(args(&url, &p, &size));
+    let child = env.spawn(&a);
+    srv.wait_gate(20);
+    let asked = srv.requests().len();
+    kill(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    srv.release();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    // Stopped, not declined (an empty view of current is not a reason), and no calibration.
+    assert!(
+        !stderr.contains("no delta") && !stderr.contains("delta calibration"),
+        "{stderr}"
+    );
+    assert_eq!(srv.requests().len(), asked, "{:?}", srv.requests());
+    assert_eq!(env.state()["stage"], "downloading");
+    download(&env, &srv, &p).expect(0);
+    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+}
+
 // ---------------------------------------------------------------- delta: packages of every kind
 
 /// The download with `-v`: the delta's decisions (and its reasons for not being used) are
@@ -1040,4 +1079,169 @@ fn delta_retries_a_dropped_range_from_the_bytes_it_has() {
         "{reqs:?}"
     );
     assert!(env.state()["bytes_reused"].as_u64() > Some(0));
+}
+
+// ---------------------------------------------------------------- delta: what a resume keeps
+
+/// `--full`, and the whole download that follows an assembly failing its hashes, hold for the
+/// package's resumes: a heal after a kill goes on with a plain `Range: bytes=N-`, no probe.
+#[test]
+fn delta_download_whole_holds_across_a_kill_and_a_heal() {
+    for fallback in [false, true] {
+        let env = delta_env();
+        let p = delta_setup(&env, &[3]);
+        if fallback {
+            // A file of current with its entry's CRC-32 and other bytes: the assembly fails
+            // its MD5, and the package is then downloaded whole.
+            let f = env.versions_dir.join("v1.0.0/bin/lib01.so");
+            std::fs::write(&f, crc_twin(&std::fs::read(&f).unwrap(), 100, 200)).unwrap();
+        }
+        let srv = PkgServer::start(
+            p.bytes.clone(),
+            Behaviour {
+                throttle: Some((4096, Duration::from_millis(10))),
+                ..Behaviour::default()
+            },
+        );
+        let url = srv.url("pkg.zip");
+        let size = p.bytes.len().to_string();
+        let mut a = args(&url, &p, &size);
+        if !fallback {
+            a.push("--full");
+        }
+        let mut child = env.spawn(&a);
+        let st = env.wait_state(60, "durable bytes of the whole download", |s| {
+            s["delta_off"] == true && s["bytes_downloaded"].as_u64() > Some(0)
+        });
+        kill(&child, libc::SIGKILL);
+        child.wait().unwrap();
+        let durable = st["bytes_downloaded"].as_u64().unwrap();
+        assert!(durable < p.bytes.len() as u64, "{st}");
+        srv.set(|b| b.throttle = None);
+        let before = srv.requests().len();
+        let run = env.run(&["-v", "heal"]);
+        run.expect(0);
+        assert!(
+            run.stderr
+                .contains("no delta: this package is being downloaded whole"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(env.state()["stage"], "toInstall", "{}", run.stderr);
+        assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+        let resumed = &srv.requests()[before..];
+        assert_eq!(resumed.len(), 1, "fallback {fallback}: {resumed:?}");
+        let from = env.state()["bytes_downloaded"].as_u64().unwrap();
+        assert_eq!(from, p.bytes.len() as u64);
+        let r = resumed[0].range().expect("a resume");
+        assert!(
+            r.starts_with("bytes=") && r.ends_with('-') && r != "bytes=0-",
+            "fallback {fallback}: {r}"
+        );
+        // A new download of another package tries a delta again.
+        let q = delta_setup_again(&env, &[5]);
+        let srv2 = PkgServer::start(q.bytes.clone(), Behaviour::default());
+        let url2 = srv2.url("pkg.zip");
+        let size2 = q.bytes.len().to_string();
+        let mut b = args(&url2, &q, &size2);
+        b[2] = "2.1.0";
+        env.run(&b).expect(0);
+        assert_eq!(env.state()["delta_off"], false);
+        assert!(
+            srv2.requests().iter().any(|q| q.range().is_some()),
+            "{:?}",
+            srv2.requests()
+        );
+    }
+}
+
+/// The package of v2.0.0 with `changed` files, for an env whose current already exists.
+fn delta_setup_again(env: &Env, changed: &[usize]) -> Pkg {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("bin");
+    std::fs::create_dir_all(&d).unwrap();
+    for e in std::fs::read_dir(env.versions_dir.join("v1.0.0/bin")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+    for i in changed {
+        std::fs::write(
+            d.join(format!("lib{i:02}.so")),
+            data(20_000, 5000 + *i as u64),
+        )
+        .unwrap();
+    }
+    let manifest = br#"{"version":"2.1.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
+    let bytes =
+        tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+            .unwrap()
+            .into_inner();
+    pkg_of(bytes)
+}
+
+/// A write of the partial failing with EIO mid-assembly fails the download and keeps what is
+/// durable; its resume finishes the package and counts every regenerated byte once: a failure
+/// between two checkpoints does not count what the resume regenerates again.
+#[cfg(feature = "failpoints")]
+#[test]
+fn delta_download_resumed_after_eio_counts_reused_bytes_once() {
+    let clean = {
+        let env = delta_env();
+        let p = delta_setup(&env, &[3, 30]);
+        let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+        download(&env, &srv, &p).expect(0);
+        env.state()["bytes_reused"].as_u64().unwrap()
+    };
+    assert!(clean > 0);
+    let mut past_durable = 0;
+    for n in [30, 60, 120, 240] {
+        let mut env = delta_env();
+        let p = delta_setup(&env, &[3, 30]);
+        let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+        env.set("TOPE_OTA_FAULT", &format!("write:{n}"));
+        let r = download_v(&env, &srv, &p);
+        if r.code == 0 {
+            continue; // fewer writes than n
+        }
+        assert_ne!(r.code, 0);
+        let st = env.state();
+        assert_eq!(st["stage"], "failed", "{}", r.stderr);
+        assert_eq!(st["error"], "INTERNAL", "{}", r.stderr);
+        assert!(r.stderr.contains("pkg.zip.part"), "{}", r.stderr);
+        let durable = st["bytes_downloaded"].as_u64().unwrap();
+        let part =
+            std::fs::read(env.downloads().join("pkg.zip.part")).expect("the partial is kept");
+        assert!(part.len() as u64 >= durable);
+        assert!(part[..durable as usize] == p.bytes[..durable as usize]);
+        assert!(st["bytes_reused"].as_u64() <= Some(durable), "{st}");
+        if part.len() as u64 > durable {
+            past_durable += 1;
+        }
+        env.vars.remove("TOPE_OTA_FAULT");
+        download(&env, &srv, &p).expect(0);
+        assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+        assert_eq!(
+            env.state()["bytes_reused"].as_u64(),
+            Some(clean),
+            "fault at write {n}"
+        );
+    }
+    assert!(past_durable > 0, "no fault came between two checkpoints");
+    // Auto: the first write is of the prefix that measures the link.
+    let mut env = delta_env();
+    env.set("TOPE_OTA_DELTA", "auto");
+    let p = delta_setup(&env, &[3]);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    env.set("TOPE_OTA_FAULT", "write:1");
+    let r = download_v(&env, &srv, &p);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert_eq!(env.state()["error"], "INTERNAL", "{}", r.stderr);
+    assert!(
+        r.stderr.contains("assemble") && r.stderr.contains("pkg.zip.part"),
+        "{}",
+        r.stderr
+    );
+    env.vars.remove("TOPE_OTA_FAULT");
+    download(&env, &srv, &p).expect(0);
+    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
 }
