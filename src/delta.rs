@@ -374,8 +374,10 @@ fn clean_name(name: &str) -> bool {
 /// The entries worth looking for on the device: regular, non-empty, unencrypted, stored or
 /// deflated files with a clean name that the manifest installs somewhere, without a data descriptor (whose
 /// length would make the entry's layout a guess), and not the manifest itself (read anyway).
-/// Sorted by entry. The caller looks each `local` up in `current` (size first; the CRC-32 only
-/// when the size matches the entry's) to build the view [`plan`] takes.
+/// Sorted by entry. A file of `current` that two entries claim (modules of one `dst`, which a
+/// valid manifest never has) is no candidate: a hostile directory must not make the device read
+/// or recompress one file once per entry. The caller looks each `local` up in `current` (size
+/// first; the CRC-32 only when the size matches the entry's) to build the view [`plan`] takes.
 pub fn candidates(dir: &Directory, manifest: &Manifest) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = dir
         .entries
@@ -397,6 +399,16 @@ pub fn candidates(dir: &Directory, manifest: &Manifest) -> Vec<Candidate> {
             })
         })
         .collect();
+    let mut claims: HashMap<&str, usize> = HashMap::new();
+    for c in &out {
+        *claims.entry(c.local.as_str()).or_default() += 1;
+    }
+    let shared: std::collections::HashSet<String> = claims
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(l, _)| l.to_string())
+        .collect();
+    out.retain(|c| !shared.contains(&c.local));
     out.sort();
     out
 }

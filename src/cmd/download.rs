@@ -214,6 +214,10 @@ impl Sink for StateSink<'_> {
     fn stop_requested(&self) -> bool {
         signals::stop_requested().is_some()
     }
+
+    fn discard_uncommitted(&mut self) {
+        self.reused_pending = 0;
+    }
 }
 
 /// Remove the partial and record that nothing of it is left.
