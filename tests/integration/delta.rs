@@ -382,6 +382,43 @@ fn delta_download_full_downloads_the_whole_package() {
     assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
 }
 
+/// After a stop: exit 143, stage downloading, the durable bytes are the package's own prefix,
+/// and the next download finishes the package.
+#[track_caller]
+fn assert_stopped_then_resumes(env: &Env, srv: &PkgServer, p: &Pkg, out: &std::process::Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let st = env.state();
+    assert_eq!(out.status.code(), Some(143), "{stderr}\n{st}");
+    assert_eq!(st["stage"], "downloading", "{st}");
+    let durable = st["bytes_downloaded"].as_u64().unwrap() as usize;
+    let part = std::fs::read(env.downloads().join("pkg.zip.part")).unwrap_or_default();
+    assert!(
+        part.len() >= durable,
+        "{durable} durable, {} in the partial",
+        part.len()
+    );
+    assert!(part[..durable] == p.bytes[..durable]);
+    srv.set(|b| b.throttle = None);
+    download(env, srv, p).expect(0);
+    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+}
+
+/// `download -v` of `p` stopped by SIGTERM while the server holds its answer at the gate; the
+/// requests made up to the gate and the process's output.
+fn sigterm_at_the_gate(env: &Env, srv: &PkgServer, p: &Pkg) -> (Vec<Seen>, std::process::Output) {
+    let url = srv.url("pkg.zip");
+    let size = p.bytes.len().to_string();
+    let mut a = vec!["-v"];
+    a.extend(args(&url, p, &size));
+    let child = env.spawn(&a);
+    srv.wait_gate(20);
+    let seen = srv.requests();
+    kill(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    srv.release();
+    (seen, child.wait_with_output().unwrap())
+}
+
 #[test]
 fn delta_download_stops_inside_a_range_on_sigterm_and_resumes() {
     let env = delta_env();
@@ -409,21 +446,8 @@ fn delta_download_stops_inside_a_range_on_sigterm_and_resumes() {
     kill(&child, libc::SIGTERM);
     let out = child.wait_with_output().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let st = env.state();
-    assert_eq!(st["stage"], "downloading");
-    let durable = st["bytes_downloaded"].as_u64().unwrap();
-    let part = std::fs::read(env.downloads().join("pkg.zip.part")).unwrap();
-    assert!(durable > 0 && part.len() as u64 >= durable, "{durable}");
-    assert!(part[..durable as usize] == p.bytes[..durable as usize]);
-    srv.set(|b| b.throttle = None);
-    download(&env, &srv, &p).expect(0);
-    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+    assert!(env.state()["bytes_downloaded"].as_u64() > Some(0));
+    assert_stopped_then_resumes(&env, &srv, &p, &out);
 }
 
 /// SIGTERM before the assembly (here while the manifest comes) is answered before `current` is
@@ -441,28 +465,15 @@ fn delta_download_stops_before_reading_current_on_sigterm() {
             ..Behaviour::default()
         },
     );
-    let url = srv.url("pkg.zip");
-    let size = p.bytes.len().to_string();
-    let mut a = vec!["-v"];
-    a.extend(args(&url, &p, &size));
-    let child = env.spawn(&a);
-    srv.wait_gate(20);
-    let asked = srv.requests().len();
-    kill(&child, libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(100));
-    srv.release();
-    let out = child.wait_with_output().unwrap();
+    let (seen, out) = sigterm_at_the_gate(&env, &srv, &p);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(143), "{stderr}");
     // Stopped, not declined (an empty view of current is not a reason), and no calibration.
     assert!(
         !stderr.contains("no delta") && !stderr.contains("delta calibration"),
         "{stderr}"
     );
-    assert_eq!(srv.requests().len(), asked, "{:?}", srv.requests());
-    assert_eq!(env.state()["stage"], "downloading");
-    download(&env, &srv, &p).expect(0);
-    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+    assert_eq!(srv.requests().len(), seen.len(), "{:?}", srv.requests());
+    assert_stopped_then_resumes(&env, &srv, &p, &out);
 }
 
 // ---------------------------------------------------------------- delta: packages of every kind
@@ -1264,32 +1275,14 @@ fn delta_sigterm_during_the_auto_prefix_is_a_stop() {
             ..Behaviour::default()
         },
     );
-    let url = srv.url("pkg.zip");
-    let size = p.bytes.len().to_string();
-    let mut a = vec!["-v"];
-    a.extend(args(&url, &p, &size));
-    let child = env.spawn(&a);
-    srv.wait_gate(20);
-    let seen = srv.requests();
+    let (seen, out) = sigterm_at_the_gate(&env, &srv, &p);
     assert!(
         seen.last()
             .and_then(|q| q.range())
             .is_some_and(|r| r.starts_with("bytes=0-")),
         "the gate is in the prefix request: {seen:?}"
     );
-    kill(&child, libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(100));
-    srv.release();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let st = env.state();
-    assert_eq!(out.status.code(), Some(143), "{stderr}\n{st}");
-    assert_eq!(st["stage"], "downloading", "{st}");
-    let durable = st["bytes_downloaded"].as_u64().unwrap();
-    let part = std::fs::read(env.downloads().join("pkg.zip.part")).unwrap();
-    assert!(part[..durable as usize] == p.bytes[..durable as usize]);
-    download(&env, &srv, &p).expect(0);
-    assert!(std::fs::read(env.downloads().join("pkg.zip")).unwrap() == p.bytes);
+    assert_stopped_then_resumes(&env, &srv, &p, &out);
 }
 
 /// A server that stops keeping to ranges mid-assembly hands over to the plain download from
