@@ -32,6 +32,7 @@
 //! - [`sign`]: minisign signatures checked against the keys directory.
 //! - [`inhibit`]: print-job inhibitors checked before install and rollback switch software.
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
+//! - [`fuzz`]: the fuzz targets, each parser with the property it checks (`fuzz/`).
 
 pub mod archive;
 pub mod assemble;
@@ -44,6 +45,7 @@ pub mod error;
 pub mod failpoint;
 pub mod fetch;
 pub mod fsutil;
+pub mod fuzz;
 pub mod hooks;
 pub mod inhibit;
 pub mod integrity;

@@ -1164,6 +1164,69 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// One connection of the service over an in-memory pipe, for the fuzzer and its corpus test:
+/// `raw` is everything a client sends (any number of requests, maybe cut short), then the client
+/// closes its side; the result is everything the service wrote back (at most 1 MiB). A POST
+/// that would start an operation starts `exe` (for the fuzzer, a path that does not exist).
+/// Panics when the connection is not over within 20 s: the service must never hang on input.
+#[doc(hidden)]
+pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let ctx = Arc::new(Ctx {
+        global: g.clone(),
+        exe: exe.to_path_buf(),
+        api_allow_downgrade: false,
+        conns: Conns::default(),
+        loopback_names: loopback_names("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"),
+        download: Mutex::new(None),
+        progress_cache: Mutex::new(None),
+    });
+    rt.block_on(async move {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let slot = Arc::new(ConnSlot {
+            ctx: ctx.clone(),
+            id: ctx.conns.register(),
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(REQUEST_DEADLINE)
+            .max_buf_size(MAX_HEAD)
+            .keep_alive(true)
+            // The client closes its side once all is sent: answer what came before that
+            // (a socket client that waits for its answers is served the same way).
+            .half_close(true);
+        let served = tokio::spawn(async move {
+            let s = slot.clone();
+            let svc = hyper::service::service_fn(move |req| route(s.clone(), req));
+            let _ = builder.serve_connection(TokioIo::new(server), svc).await;
+        });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let send = async move {
+            let _ = wr.write_all(raw).await;
+            let _ = wr.shutdown().await;
+        };
+        let mut out = Vec::new();
+        let receive = async { (&mut rd).take(1 << 20).read_to_end(&mut out).await };
+        let whole = async {
+            let (_, r) = tokio::join!(send, receive);
+            let _ = r;
+            let _ = served.await;
+        };
+        if tokio::time::timeout(Duration::from_secs(20), whole)
+            .await
+            .is_err()
+        {
+            panic!("the connection was not over within 20 s");
+        }
+        out
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
