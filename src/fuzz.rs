@@ -149,19 +149,87 @@ fn listing(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Where `name` (an entry's name as the ZIP spells it) lands when joined to `dest` and its `.`
+/// and `..` resolved by the letter, or None when it stays inside `dest`.
+fn lands_outside(dest: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let mut p = if name.starts_with('/') {
+        std::path::PathBuf::from("/")
+    } else {
+        dest.to_path_buf()
+    };
+    for c in name.split(['/', '\\']) {
+        match c {
+            "" | "." => {}
+            ".." => {
+                p.pop();
+            }
+            c => p.push(c),
+        }
+    }
+    (!p.starts_with(dest)).then_some(p)
+}
+
+/// What is at a path (not following a link): its inode and mtime, or None.
+type Stamp = Option<(u64, i64, i64)>;
+
+fn stamp(p: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+}
+
 /// The ZIP reader and the unpack loop: `data` is a package. Properties: nothing is written
-/// outside the staging dir (the sandbox around it holds only the package and the staging dir,
-/// and a sibling dir stays empty); every symlink unpacked points down, relative and without
-/// `..`; no file keeps setuid, setgid or sticky; the bytes unpacked stay within the caps.
+/// outside the staging dir: the dirs around it (three levels, each with an empty sibling) hold
+/// only what they held, and every path an entry's name would reach outside it by the letter
+/// (absolute, or climbing with `..`) is as it was; every symlink unpacked points down,
+/// relative and without `..`; no file keeps setuid, setgid or sticky; the bytes unpacked stay
+/// within the caps.
 pub fn unpack(data: &[u8]) {
     use std::os::unix::fs::PermissionsExt;
     let t = sandbox();
     let zip = t.path().join("pkg.zip");
-    let dest = t.path().join("stage");
-    let outside = t.path().join("outside");
     std::fs::write(&zip, data).expect("write the package");
-    std::fs::create_dir(&dest).expect("the staging dir");
-    std::fs::create_dir(&outside).expect("a sibling dir");
+    let mut levels = vec![t.path().to_path_buf()];
+    for l in ["l1", "l2", "l3"] {
+        let next = levels.last().expect("a level").join(l);
+        levels.push(next);
+    }
+    let dest = levels.last().expect("a level").join("stage");
+    std::fs::create_dir_all(&dest).expect("the staging dir");
+    for l in &levels {
+        std::fs::create_dir(l.join("outside")).expect("a sibling dir");
+    }
+    let before = |l: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(l)
+            .expect("a level")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let listed: Vec<Vec<String>> = levels.iter().map(|l| before(l)).collect();
+    // The names as the directory spells them, read apart from the unpacker.
+    let names: Vec<String> = zip::ZipArchive::new(std::io::Cursor::new(data))
+        .map(|mut ar| {
+            (0..ar.len().min(4096))
+                .filter_map(|i| {
+                    ar.by_index_raw(i)
+                        .ok()
+                        .map(|e| String::from_utf8_lossy(e.name_raw()).into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let reach: Vec<(std::path::PathBuf, Stamp)> = names
+        .iter()
+        .filter_map(|n| lands_outside(&dest, n))
+        .map(|p| {
+            let s = stamp(&p);
+            (p, s)
+        })
+        .collect();
     let limits = crate::archive::Limits {
         max_entries: 256,
         max_total: 4 << 20,
@@ -169,21 +237,22 @@ pub fn unpack(data: &[u8]) {
         ratio_floor: 64 << 10,
     };
     let r = crate::archive::unpack(&zip, &dest, &limits, 16 << 20);
-    assert!(
-        listing(&outside).is_empty(),
-        "written outside the staging dir: {:?}",
-        listing(&outside)
-    );
-    let top: Vec<_> = std::fs::read_dir(t.path())
-        .expect("the sandbox")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        top.iter()
-            .all(|n| ["pkg.zip", "stage", "outside"].contains(&n.as_str())),
-        "written beside the staging dir: {top:?}"
-    );
+    for (l, was) in levels.iter().zip(&listed) {
+        assert!(
+            listing(&l.join("outside")).is_empty(),
+            "written outside the staging dir, in {}",
+            l.display()
+        );
+        assert_eq!(
+            &before(l),
+            was,
+            "written beside the staging dir, in {}",
+            l.display()
+        );
+    }
+    for (p, was) in &reach {
+        assert_eq!(&stamp(p), was, "an entry reached {}", p.display());
+    }
     let mut total = 0u64;
     for rel in listing(&dest) {
         let p = dest.join(&rel);
@@ -302,20 +371,40 @@ pub fn state_json(data: &[u8]) {
     }
 }
 
-/// A state.json of a download in flight, for the API target: a refused request must leave it
-/// as it was.
-const API_STATE: &str = r#"{"stage":"downloading","progress":40,"message":"Downloading","version":"1.2.0","package_url":"http://127.0.0.1:9/pkg.zip","package_name":"pkg.zip","package_size":1000,"package_md5":"0123456789abcdef0123456789abcdef","bytes_downloaded":400}"#;
+/// The state.json the API target starts from, chosen by a byte: idle, a
+/// download in flight, a package verified and ready, an install in flight.
+fn api_state(first: u8) -> String {
+    let pkg = r#""version":"1.2.0","package_url":"http://127.0.0.1:9/pkg.zip","package_name":"pkg.zip","package_size":1000,"package_md5":"0123456789abcdef0123456789abcdef""#;
+    let now = crate::clock::now_rfc3339();
+    match first % 4 {
+        0 => r#"{"stage":"idle"}"#.to_string(),
+        1 => format!(r#"{{"stage":"downloading","progress":40,{pkg},"bytes_downloaded":400}}"#),
+        2 => format!(
+            r#"{{"stage":"toInstall","progress":100,{pkg},"bytes_downloaded":1000,"verified_at":"{now}"}}"#
+        ),
+        _ => format!(r#"{{"stage":"installing","step":"before-switch",{pkg}}}"#),
+    }
+}
 
-/// The HTTP API through the hyper service, in process: `data` is what a client sends on one
-/// connection. Properties: the service answers or closes within its deadline (never hangs);
-/// every answer begins with an HTTP/1.x status line; state.json is unchanged (an operation a POST
-/// would start runs in a child, and here no child can start).
+/// The HTTP API through the hyper service, in process: `data` is a byte that picks the state the
+/// device is in ([`api_state`]), then what a client sends on one connection. Properties: the service
+/// answers or closes within its deadline (never hangs); every answer begins with an HTTP/1.x
+/// status line; an operation is started only by a POST to /download or /update with a JSON
+/// media type, and never for a request with an Origin header (a web page) or a Host that is not
+/// loopback; state.json is unchanged (serve writes it never; its children do, and here none
+/// can start).
 pub fn api(data: &[u8]) {
     use clap::Parser;
     let t = sandbox();
     let state_dir = t.path().join("state");
     std::fs::create_dir(&state_dir).expect("the state dir");
-    std::fs::write(state::state_path(&state_dir), API_STATE).expect("state.json");
+    let Some((&pick, data)) = data.split_first() else {
+        return;
+    };
+    let state = api_state(pick);
+    std::fs::write(state::state_path(&state_dir), &state).expect("state.json");
+    std::fs::create_dir(state_dir.join(state::DOWNLOADS_DIR)).expect("downloads/");
+    std::fs::write(state_dir.join(state::DOWNLOADS_DIR).join("pkg.zip"), b"PK").expect("a package");
     let versions = t.path().join("versions");
     let cli = crate::cli::Cli::try_parse_from([
         std::ffi::OsStr::new("tope-ota"),
@@ -329,15 +418,46 @@ pub fn api(data: &[u8]) {
     ])
     .expect("the CLI");
     let exe = t.path().join("no-such-tope-ota");
-    let out = crate::cmd::serve::exchange_in_memory(&cli.global, &exe, data);
+    let (out, starts) = crate::cmd::serve::exchange_in_memory(&cli.global, &exe, data);
     assert!(
         out.is_empty() || out.starts_with(b"HTTP/1.1 ") || out.starts_with(b"HTTP/1.0 "),
         "not an HTTP answer: {:?}",
         String::from_utf8_lossy(&out[..out.len().min(200)])
     );
+    if starts > 0 {
+        let text = String::from_utf8_lossy(data);
+        let lower = text.to_ascii_lowercase();
+        assert!(
+            text.contains("POST /api/v1.0/download") || text.contains("POST /api/v1.0/update"),
+            "an operation started without a POST to /download or /update"
+        );
+        assert!(
+            lower.contains("application/json"),
+            "an operation started without a JSON media type"
+        );
+        // Judged per request where the connection carries one (a pipelined refused request
+        // may stand beside one that starts).
+        let single = text.matches(" HTTP/1.").count() <= 1;
+        for line in lower.split("\r\n").filter(|_| single) {
+            assert!(
+                !line.starts_with("origin:"),
+                "an operation started for a request with an Origin header"
+            );
+            if let Some(host) = line.strip_prefix("host:") {
+                let h = host.trim();
+                assert!(
+                    h.starts_with("127.")
+                        || h.starts_with("localhost")
+                        || h.starts_with("[::1]")
+                        || h.starts_with("ip6-localhost"),
+                    "an operation started for Host {h:?}"
+                );
+            }
+        }
+    }
     assert_eq!(
         std::fs::read_to_string(state::state_path(&state_dir)).expect("state.json"),
-        API_STATE,
+        state,
         "the API changed state.json"
     );
 }
@@ -394,19 +514,47 @@ fn served_package() -> Vec<u8> {
     (0..4000u32).map(|i| (i * 7 % 251) as u8).collect()
 }
 
-/// Content-Range, ETag, Last-Modified and multipart handling: `data` is a raw HTTP response
-/// head and body that a loopback server sends to every request; a resumed download (`fetch`,
-/// from byte 1,000 with a validator) and a delta's probe and multi-range read run against it.
-/// Properties: the partial never holds more than the package's size, and its bytes past the
-/// resume point are kept only when they are what was asked for; a probe accepts only a 206
-/// with the exact range and a strong ETag; ranges read are exactly the bytes asked for.
+/// An HTTP answer's status and the value of its header `name` (case-insensitive), read from
+/// its head by the letter.
+fn answer_head(answer: &[u8]) -> (Option<u16>, impl Fn(&str) -> Option<String> + '_) {
+    let end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(answer.len());
+    let head = String::from_utf8_lossy(&answer[..end]).into_owned();
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok());
+    let header = move |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    (status, header)
+}
+
+/// Content-Range, ETag, Last-Modified, If-Range and multipart handling: `data` is three raw
+/// HTTP answers separated by 0xff, which a loopback server gives: the first to a download
+/// resumed at byte 1,000 of a 4,000-byte package with the validator `"v1"` (and to any request
+/// without Range), the second to a delta's probe of the last 512 bytes, the third to a request
+/// for the two ranges 0-9 and 100-119. Properties: the partial never holds more than the
+/// package's size, and its hashes are of its bytes; bytes past the resume point are kept only
+/// from a 206 whose Content-Range starts there and whose strong ETag, if any, is `"v1"`; a
+/// probe is accepted only from a 206 with exactly the range asked and a strong ETag, and
+/// gives 512 bytes; the two ranges come as exactly 10 and 20 bytes.
 pub fn http_headers(data: &[u8]) {
     use std::io::{Read, Write};
+    let answers: Vec<Vec<u8>> = parts(data, 3).into_iter().map(<[u8]>::to_vec).collect();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let answer = data.to_vec();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let served = answers.clone();
     let server = std::thread::spawn(move || {
         for s in listener.incoming() {
             if stop2.load(Ordering::SeqCst) {
@@ -416,7 +564,7 @@ pub fn http_headers(data: &[u8]) {
                 continue;
             };
             let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(200)));
-            // Read the request head, then answer and close.
+            // Read the request head, then answer by its Range and close.
             let mut head = Vec::new();
             let mut b = [0u8; 1024];
             while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
@@ -425,7 +573,15 @@ pub fn http_headers(data: &[u8]) {
                     Ok(n) => head.extend_from_slice(&b[..n]),
                 }
             }
-            let _ = s.write_all(&answer);
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let which = if head.contains("range: bytes=3488-3999\r\n") {
+                1
+            } else if head.contains("range: bytes=0-9,") {
+                2
+            } else {
+                0
+            };
+            let _ = s.write_all(&served[which]);
         }
     });
     let url = format!("http://{addr}/pkg.zip");
@@ -461,17 +617,38 @@ pub fn http_headers(data: &[u8]) {
     let r = crate::fetch::fetch(&part, req, &tuning, &mut Quiet);
     let got = std::fs::read(&part).unwrap_or_default();
     assert!(got.len() as u64 <= size, "{} bytes of {size}", got.len());
-    if let Ok(crate::fetch::Outcome::Complete(d)) = r {
+    if let Ok(crate::fetch::Outcome::Complete(d)) = &r {
         // The hashes are of the bytes in the partial, every one of them.
         assert_eq!(got.len() as u64, size, "complete with {} bytes", got.len());
-        assert_eq!(d.md5, {
-            use md5::Digest;
-            crate::fetch::hex(&md5::Md5::digest(&got))
-        });
+        use md5::Digest;
+        assert_eq!(d.md5, crate::fetch::hex(&md5::Md5::digest(&got)));
+    }
+    let (status, header) = answer_head(&answers[0]);
+    if got.len() > 1000 && got[..1000] == pkg[..1000] && status != Some(200) {
+        // Kept the resume point and added to it: only a 206 that starts there, of "v1".
+        let cr = header("content-range").unwrap_or_default();
+        assert!(
+            status == Some(206) && cr.starts_with("bytes 1000-"),
+            "bytes past the resume point kept from {status:?} {cr:?}"
+        );
+        if let Some(etag) = header("etag").filter(|e| e.starts_with('"')) {
+            assert_eq!(etag, "\"v1\"", "bytes of another ETag kept");
+        }
     }
 
     // A delta's probe and two ranges in one request.
     if let Ok((mut remote, tail)) = crate::remote::Remote::probe(&url, size, 512, &tuning) {
+        let (status, header) = answer_head(&answers[1]);
+        assert_eq!(status, Some(206), "a probe accepted from {status:?}");
+        assert_eq!(
+            header("content-range").as_deref(),
+            Some("bytes 3488-3999/4000"),
+            "a probe accepted with another range"
+        );
+        assert!(
+            header("etag").is_some_and(|e| e.starts_with('"')),
+            "a probe accepted without a strong ETag"
+        );
         assert_eq!(tail.len(), 512, "the probe's tail");
         if let Ok(mut batch) = remote.open(&[(0, 10), (100, 120)]) {
             let mut a = Vec::new();
@@ -493,7 +670,8 @@ pub fn http_headers(data: &[u8]) {
 /// The delta planner over a package's end records and central directory: `data` is a
 /// package. The directory is read as a delta reads it (by ranges, with its caps), every entry
 /// under `bin/` or `data/` is taken as present in `current` with its size and CRC-32, and a
-/// plan is made with deflate and headers proven (when the first byte is odd) or not.
+/// plan is made with deflate and headers proven (when the first byte is odd) or not, and runs
+/// merged (the default) or not (bit 1 of the first byte).
 /// Properties: the plan's pieces cover the package exactly, in order, none empty; regenerated
 /// pieces lie before the directory; fetched plus regenerated bytes are the package's size; the
 /// cost model gives finite figures.
@@ -539,11 +717,17 @@ pub fn delta_plan(data: &[u8]) {
             )
         })
         .collect();
-    let proven = data.first().is_some_and(|b| b & 1 == 1);
+    let first = data.first().copied().unwrap_or(0);
+    let defaults = PlanOptions::default();
     let opts = PlanOptions {
-        deflate_proven: proven,
-        headers_proven: proven,
-        ..PlanOptions::default()
+        deflate_proven: first & 1 == 1,
+        headers_proven: first & 1 == 1,
+        // Bit 1: no merging, so that every regenerated run stays a piece of its own.
+        merge_gap: if first & 2 == 2 {
+            0
+        } else {
+            defaults.merge_gap
+        },
     };
     let _ = delta::calibration_entry(&dir, &cands, &view);
     let Ok(plan) = delta::plan(&dir, &cands, &view, &opts) else {

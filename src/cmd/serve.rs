@@ -381,11 +381,16 @@ fn progress(ctx: &Ctx) -> Resp {
 
 /// Take the lock and start `tope-ota ARGS` holding it; 409 BUSY when another writer has it.
 /// The flag is true while the child runs.
+/// Operations a POST asked to start (whether or not the child could run): what the fuzzer's
+/// exchange checks a refused request never reaches.
+static START_ATTEMPTS: AtomicUsize = AtomicUsize::new(0);
+
 async fn start_child(
     ctx: &Ctx,
     args: &[&str],
     stdin: Option<Bytes>,
 ) -> Result<Arc<AtomicBool>, Resp> {
+    START_ATTEMPTS.fetch_add(1, Ordering::SeqCst);
     // A writer whose state is already at rest is only delivering its last callbacks (bounded
     // by report::FINISH_BOUND) and exiting: wait for it rather than answer BUSY to a client
     // that saw `toInstall` and asked for the update at once.
@@ -1094,6 +1099,17 @@ fn deliver_pending_callback(g: &Global) {
 /// [`deliver_pending_callback`]): a POST waits for it rather than answer BUSY.
 static DELIVERING: AtomicBool = AtomicBool::new(false);
 
+/// The HTTP/1 settings of every connection (and of the fuzzer's exchange).
+fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_DEADLINE)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(true);
+    builder
+}
+
 async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -1108,13 +1124,7 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(REQUEST_DEADLINE)
-        .max_buf_size(MAX_HEAD)
-        .keep_alive(true);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http1_builder());
     'serve: loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -1166,11 +1176,12 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
 
 /// One connection of the service over an in-memory pipe, for the fuzzer and its corpus test:
 /// `raw` is everything a client sends (any number of requests, maybe cut short), then the client
-/// closes its side; the result is everything the service wrote back (at most 1 MiB). A POST
-/// that would start an operation starts `exe` (for the fuzzer, a path that does not exist).
-/// Panics when the connection is not over within 20 s: the service must never hang on input.
+/// closes its side; the result is the first MiB the service wrote back (the rest is read and
+/// dropped) and how many operations POSTs asked to start. Such a start runs `exe` (for the
+/// fuzzer, a path that does not exist). Panics when the connection is not over within 20 s: the
+/// service must never hang on input.
 #[doc(hidden)]
-pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> Vec<u8> {
+pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> (Vec<u8>, usize) {
     use tokio::io::AsyncReadExt;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1191,15 +1202,10 @@ pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> Vec<
             ctx: ctx.clone(),
             id: ctx.conns.register(),
         });
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(REQUEST_DEADLINE)
-            .max_buf_size(MAX_HEAD)
-            .keep_alive(true)
-            // The client closes its side once all is sent: answer what came before that
-            // (a socket client that waits for its answers is served the same way).
-            .half_close(true);
+        let mut builder = http1_builder();
+        // Here only: the client closes its side once all is sent, and what came before that
+        // is answered (a socket client that waits for its answers is served the same way).
+        builder.half_close(true);
         let served = tokio::spawn(async move {
             let s = slot.clone();
             let svc = hyper::service::service_fn(move |req| route(s.clone(), req));
@@ -1211,10 +1217,14 @@ pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> Vec<
             let _ = wr.shutdown().await;
         };
         let mut out = Vec::new();
-        let receive = async { (&mut rd).take(1 << 20).read_to_end(&mut out).await };
+        let receive = async {
+            let _ = (&mut rd).take(1 << 20).read_to_end(&mut out).await;
+            // Read the rest too: a server blocked on a full pipe is not a hang of its own.
+            let _ = tokio::io::copy(&mut rd, &mut tokio::io::sink()).await;
+        };
+        let starts = START_ATTEMPTS.load(Ordering::SeqCst);
         let whole = async {
-            let (_, r) = tokio::join!(send, receive);
-            let _ = r;
+            tokio::join!(send, receive);
             let _ = served.await;
         };
         if tokio::time::timeout(Duration::from_secs(20), whole)
@@ -1223,7 +1233,7 @@ pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> Vec<
         {
             panic!("the connection was not over within 20 s");
         }
-        out
+        (out, START_ATTEMPTS.load(Ordering::SeqCst) - starts)
     })
 }
 
