@@ -339,12 +339,22 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
 
 /// The validator to send as If-Range (RFC 9110 13.1.5): a strong ETag, or Last-Modified when
 /// there is no ETag at all. A weak ETag gives none: a date may not stand in for an entity tag.
+/// An ETag of bytes beyond visible ASCII (obs-text, which RFC 9110 allows) cannot be sent back
+/// as a header of ours: no validator either.
 fn validator_of(resp: &ureq::http::Response<ureq::Body>) -> Option<String> {
-    match header(resp, "etag") {
-        Some(e) if !e.starts_with("W/") => Some(e.to_string()),
+    match raw_header(resp, "etag") {
+        Some(e) if !e.starts_with(b"W/") => header(resp, "etag").map(str::to_string),
         Some(_) => None,
         None => header(resp, "last-modified").map(str::to_string),
     }
+}
+
+/// A header's value as the server sent it, bytes beyond ASCII included.
+pub(crate) fn raw_header<'r>(
+    resp: &'r ureq::http::Response<ureq::Body>,
+    name: &str,
+) -> Option<&'r [u8]> {
+    resp.headers().get(name).map(|v| v.as_bytes())
 }
 
 fn attempt(
@@ -396,8 +406,11 @@ fn attempt(
             let range = header(&resp, "content-range").and_then(parse_content_range);
             // A server that honours Range but not If-Range would splice two files: a strong
             // ETag that differs from the one we resume means the file changed.
-            let changed = match (validator.as_deref(), header(&resp, "etag")) {
-                (Some(v), Some(e)) if v.starts_with('"') && !e.starts_with("W/") => v != e,
+            // Compared as bytes: an ETag with bytes beyond ASCII differs from ours too.
+            let changed = match (validator.as_deref(), raw_header(&resp, "etag")) {
+                (Some(v), Some(e)) if v.starts_with('"') && !e.starts_with(b"W/") => {
+                    v.as_bytes() != e
+                }
                 _ => false,
             };
             match range {

@@ -212,10 +212,14 @@ impl Remote {
         if status != 206 {
             return unavailable(format!("the server answered {status} to a range request"));
         }
-        let etag = match header(&resp, "etag") {
-            Some(e) if e.starts_with('"') => e.to_string(),
-            Some(_) => return unavailable("the server's ETag is weak"),
-            None => return unavailable("the server sends no ETag"),
+        let etag = match (
+            header(&resp, "etag"),
+            crate::fetch::raw_header(&resp, "etag"),
+        ) {
+            (Some(e), _) if e.starts_with('"') => e.to_string(),
+            (None, Some(_)) => return unavailable("the server's ETag is not ASCII"),
+            (Some(_), _) => return unavailable("the server's ETag is weak"),
+            (None, None) => return unavailable("the server sends no ETag"),
         };
         let mut remote = Remote {
             agent,
@@ -263,9 +267,11 @@ impl Remote {
     }
 
     fn check_etag(&self, resp: &ureq::http::Response<ureq::Body>) -> Result<()> {
-        match header(resp, "etag") {
-            Some(e) if e != self.etag => Err(Changed(format!(
-                "the package changed on the server (ETag {e}, was {})",
+        // Compared as bytes: an ETag with bytes beyond ASCII differs from ours too.
+        match crate::fetch::raw_header(resp, "etag") {
+            Some(e) if e != self.etag.as_bytes() => Err(Changed(format!(
+                "the package changed on the server (ETag {}, was {})",
+                String::from_utf8_lossy(e),
                 self.etag
             ))
             .into()),

@@ -447,6 +447,13 @@ fn write_seeds() {
         "ETag: \"v1\"\r\nContent-Type: multipart/byteranges; boundary=XB\r\n",
         &multipart,
     );
+    let mut obs_text_etag = resp(
+        "206 Partial Content",
+        "ETag: \"vX1\"\r\nContent-Range: bytes 1000-3999/4000\r\n",
+        &pkg[1000..],
+    );
+    let x = obs_text_etag.windows(3).position(|w| w == b"vX1").unwrap() + 1;
+    obs_text_etag[x] = 0xff;
     // Each seed: the answers to the resume, the probe and the two-range request.
     let three = |a: &[u8], b: &[u8], c: &[u8]| [a, &[0xff], b, &[0xff], c].concat();
     let headers: Vec<(&str, Vec<u8>)> = vec![
@@ -455,6 +462,8 @@ fn write_seeds() {
         ("resume-total-star", three(&resp("206 Partial Content", "ETag: \"v1\"\r\nContent-Range: bytes 1000-3999/*\r\n", &pkg[1000..]), &probe, &multi)),
         ("resume-whole-200", three(&resp("200 OK", "ETag: \"v1\"\r\n", &pkg), &probe, &multi)),
         ("resume-last-modified", three(&resp("206 Partial Content", "Last-Modified: Mon, 23 Nov 2026 10:00:00 GMT\r\nContent-Range: bytes 1000-3999/4000\r\n", &pkg[1000..]), &probe, &multi)),
+        // Found by the fuzzer: an ETag of bytes beyond ASCII (obs-text) that differs from ours.
+        ("resume-etag-obs-text", three(&obs_text_etag, &probe, &multi)),
         ("resume-etag-changed", three(&resp("206 Partial Content", "ETag: \"v2\"\r\nContent-Range: bytes 1000-3999/4000\r\n", &pkg[1000..]), &probe, &multi)),
         ("resume-too-long", three(&resp("206 Partial Content", "ETag: \"v1\"\r\nContent-Range: bytes 1000-3999/4000\r\n", &[pkg.clone(), pkg.clone()].concat()), &probe, &multi)),
         ("resume-416", three(&resp("416 Range Not Satisfiable", "Content-Range: bytes */4000\r\n", b""), &probe, &multi)),
