@@ -551,6 +551,52 @@ fn answer_head(answer: &[u8]) -> (Option<u16>, impl Fn(&str) -> Option<String> +
     (status, header)
 }
 
+/// The loopback server of [`http_headers`]: one for the process (a listener and its
+/// connections per input would run out of ports at a fuzzer's rate), answering each request by
+/// its Range with one of the three `answers` last given, then closing.
+fn answering_server(answers: Vec<Vec<u8>>) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::sync::{Mutex, OnceLock};
+    static SERVER: OnceLock<(std::net::SocketAddr, &'static Mutex<Vec<Vec<u8>>>)> = OnceLock::new();
+    let (addr, current) = SERVER.get_or_init(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let current: &'static Mutex<Vec<Vec<u8>>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else {
+                    continue;
+                };
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let which = if head.contains("range: bytes=3488-3999\r\n") {
+                    1
+                } else if head.contains("range: bytes=0-9,") {
+                    2
+                } else {
+                    0
+                };
+                let answer = current
+                    .lock()
+                    .map(|a| a.get(which).cloned().unwrap_or_default())
+                    .unwrap_or_default();
+                let _ = s.write_all(&answer);
+            }
+        });
+        (addr, current)
+    });
+    *current.lock().unwrap_or_else(|e| e.into_inner()) = answers;
+    *addr
+}
+
 /// Content-Range, ETag, Last-Modified, If-Range and multipart handling: `data` is three raw
 /// HTTP answers separated by 0xff, which a loopback server gives: the first to a download
 /// resumed at byte 1,000 of a 4,000-byte package with the validator `"v1"` (and to any request
@@ -561,42 +607,8 @@ fn answer_head(answer: &[u8]) -> (Option<u16>, impl Fn(&str) -> Option<String> +
 /// probe is accepted only from a 206 with exactly the range asked and a strong ETag, and
 /// gives 512 bytes; the two ranges come as exactly 10 and 20 bytes.
 pub fn http_headers(data: &[u8]) {
-    use std::io::{Read, Write};
     let answers: Vec<Vec<u8>> = parts(data, 3).into_iter().map(<[u8]>::to_vec).collect();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let served = answers.clone();
-    let server = std::thread::spawn(move || {
-        for s in listener.incoming() {
-            if stop2.load(Ordering::SeqCst) {
-                break;
-            }
-            let Ok(mut s) = s else {
-                continue;
-            };
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(200)));
-            // Read the request head, then answer by its Range and close.
-            let mut head = Vec::new();
-            let mut b = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
-                match s.read(&mut b) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&b[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-            let which = if head.contains("range: bytes=3488-3999\r\n") {
-                1
-            } else if head.contains("range: bytes=0-9,") {
-                2
-            } else {
-                0
-            };
-            let _ = s.write_all(&served[which]);
-        }
-    });
+    let addr = answering_server(answers.clone());
     let url = format!("http://{addr}/pkg.zip");
     let pkg = served_package();
     let size = pkg.len() as u64;
@@ -674,10 +686,6 @@ pub fn http_headers(data: &[u8]) {
             }
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    // Wake the accept loop so that it sees the flag.
-    let _ = std::net::TcpStream::connect(addr);
-    let _ = server.join();
 }
 
 /// The delta planner over a package's end records and central directory: `data` is a
