@@ -359,27 +359,11 @@ fn write_seeds() {
 
     // minisign: a real key pair made by minisign, its signature, and broken ones.
     let t = tempfile::tempdir().unwrap();
-    let (public, secret) = (t.path().join("k.pub"), t.path().join("k.key"));
-    let ok = std::process::Command::new("minisign")
-        .args(["-G", "-W", "-p"])
-        .arg(&public)
-        .arg("-s")
-        .arg(&secret)
-        .status()
-        .expect("minisign is needed: bash tests/setup.sh installs it");
-    assert!(ok.success());
+    let pair = support::keypair(t.path(), "k");
     let payload = t.path().join("pkg.zip");
     std::fs::write(&payload, &good).unwrap();
-    let ok = std::process::Command::new("minisign")
-        .args(["-S", "-s"])
-        .arg(&secret)
-        .arg("-m")
-        .arg(&payload)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let key = std::fs::read(&public).unwrap();
-    let sig = std::fs::read(t.path().join("pkg.zip.minisig")).unwrap();
+    let key = std::fs::read(&pair.public).unwrap();
+    let sig = support::sign(&pair, &payload);
     let join = |k: &[u8], s: &[u8], p: &[u8]| [k, &[0xff], s, &[0xff], p].concat();
     seed("minisign", "valid", &join(&key, &sig, &good));
     seed("minisign", "other-payload", &join(&key, &sig, b"other"));

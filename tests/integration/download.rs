@@ -1132,39 +1132,6 @@ fn rich_progress_fields_are_present_and_monotone() {
 
 // ---------------------------------------------------------------- signatures (issue 8)
 
-/// A minisign key pair made with Debian's minisign tool (as release engineers do).
-struct KeyPair {
-    public: std::path::PathBuf,
-    secret: std::path::PathBuf,
-}
-
-fn keypair(dir: &std::path::Path, name: &str) -> KeyPair {
-    let public = dir.join(format!("{name}.pub"));
-    let secret = dir.join(format!("{name}.key"));
-    let out = std::process::Command::new("minisign")
-        .args(["-G", "-W", "-p"])
-        .arg(&public)
-        .arg("-s")
-        .arg(&secret)
-        .output()
-        .expect("minisign is needed: bash tests/setup.sh installs it");
-    assert!(out.status.success(), "{out:?}");
-    KeyPair { public, secret }
-}
-
-fn sign(key: &KeyPair, file: &std::path::Path) -> Vec<u8> {
-    let sig = std::path::PathBuf::from(format!("{}.minisig", file.display()));
-    let out = std::process::Command::new("minisign")
-        .args(["-S", "-s"])
-        .arg(&key.secret)
-        .arg("-m")
-        .arg(file)
-        .output()
-        .expect("minisign is needed: bash tests/setup.sh installs it");
-    assert!(out.status.success(), "{out:?}");
-    std::fs::read(sig).unwrap()
-}
-
 #[test]
 fn signed_packages() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1071,3 +1071,38 @@ pub fn tree(root: &Path) -> std::collections::BTreeMap<String, (char, Vec<u8>, u
     walk(root, root, &mut out);
     out
 }
+
+// ---------------------------------------------------------------- signatures
+
+/// A minisign key pair made with Debian's minisign tool (as release engineers do).
+pub struct KeyPair {
+    pub public: std::path::PathBuf,
+    pub secret: std::path::PathBuf,
+}
+
+pub fn keypair(dir: &std::path::Path, name: &str) -> KeyPair {
+    let public = dir.join(format!("{name}.pub"));
+    let secret = dir.join(format!("{name}.key"));
+    let out = std::process::Command::new("minisign")
+        .args(["-G", "-W", "-p"])
+        .arg(&public)
+        .arg("-s")
+        .arg(&secret)
+        .output()
+        .expect("minisign is needed: bash tests/setup.sh installs it");
+    assert!(out.status.success(), "{out:?}");
+    KeyPair { public, secret }
+}
+
+pub fn sign(key: &KeyPair, file: &std::path::Path) -> Vec<u8> {
+    let sig = std::path::PathBuf::from(format!("{}.minisig", file.display()));
+    let out = std::process::Command::new("minisign")
+        .args(["-S", "-s"])
+        .arg(&key.secret)
+        .arg("-m")
+        .arg(file)
+        .output()
+        .expect("minisign is needed: bash tests/setup.sh installs it");
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read(sig).unwrap()
+}
