@@ -100,32 +100,9 @@ pub fn io_error(e: io::Error, what: &str, path: &Path) -> anyhow::Error {
 /// Replace `path` with `bytes` atomically and durably: temp file in the same directory, fsync,
 /// rename over `path`, fsync the directory. A reader sees the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = parent_of(path);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = temp_path(dir, &name);
-    let result = (|| -> Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io_error(e, "create", &tmp))?;
-        f.write_all(bytes).map_err(|e| io_error(e, "write", &tmp))?;
-        fsync(&f).map_err(|e| io_error(e, "fsync", &tmp))?;
-        drop(f);
-        crate::failpoint::hit("atomic-before-rename");
-        rename_raw(&tmp, path)
-            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
+    replace_via_temp(path, bytes, true)?;
     crate::failpoint::hit("atomic-after-rename");
-    sync_dir(dir)
+    sync_dir(parent_of(path))
 }
 
 /// Replace a small bookkeeping file that another thread of a writer may write while the
@@ -137,6 +114,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// durability, and its writes (from a thread, when callbacks are on) must not shift the
 /// injected faults.
 pub fn replace_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_via_temp(path, bytes, false)
+}
+
+/// `bytes` into a new temp file beside `path`, fsynced, renamed over `path` (the temp file
+/// removed on any error). `hooked`: the fsync and the rename go through the fault hooks and the
+/// `atomic-before-rename` crash point.
+fn replace_via_temp(path: &Path, bytes: &[u8], hooked: bool) -> Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -149,10 +133,16 @@ pub fn replace_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
             .open(&tmp)
             .map_err(|e| io_error(e, "create", &tmp))?;
         f.write_all(bytes).map_err(|e| io_error(e, "write", &tmp))?;
-        f.sync_all().map_err(|e| io_error(e, "fsync", &tmp))?;
+        let synced = if hooked { fsync(&f) } else { f.sync_all() };
+        synced.map_err(|e| io_error(e, "fsync", &tmp))?;
         drop(f);
-        fs::rename(&tmp, path)
-            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+        let renamed = if hooked {
+            crate::failpoint::hit("atomic-before-rename");
+            rename_raw(&tmp, path)
+        } else {
+            fs::rename(&tmp, path)
+        };
+        renamed.with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
