@@ -244,17 +244,16 @@ fn obtain(
     let mut resume = resume.clone();
     if mode != delta::Mode::Never {
         let current = g.versions_dir.join(crate::snapshot::CURRENT);
-        let got = delta::delta_download(
+        let job = delta::Job {
             part,
-            &pkg.package_url,
-            pkg.package_size,
-            pkg.package_sha256.is_some(),
-            &current,
+            url: &pkg.package_url,
+            size: pkg.package_size,
+            sha256: pkg.package_sha256.is_some(),
+            current: &current,
             resume,
             mode,
-            tuning,
-            sink,
-        )?;
+        };
+        let got = delta::delta_download(&job, tuning, sink)?;
         if let Some((outcome, _)) = got {
             return Ok(outcome);
         }

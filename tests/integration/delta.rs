@@ -1011,21 +1011,11 @@ fn delta_counts_fetched_and_reused_bytes_in_json_status_and_callbacks() {
     assert_eq!(last["data"]["stage"], "toInstall");
     assert_eq!(last["data"]["bytes_reused"], reused, "{last}");
     // A full download reuses nothing.
-    let run = env.run(&[
-        "--json",
-        "download",
-        "--full",
-        "--version",
-        "1.2.1",
-        "--url",
-        &url,
-        "--name",
-        "pkg.zip",
-        "--size",
-        &size,
-        "--md5",
-        &p.md5,
-    ]);
+    let mut full = vec!["--json"];
+    full.extend(args(&url, &p, &size));
+    full[3] = "1.2.1";
+    full.push("--full");
+    let run = env.run(&full);
     run.expect(0);
     assert_eq!(run.json()["data"]["bytes_reused"], 0);
     assert!(run.json()["data"]["bytes_fetched"].as_u64() >= Some(p.bytes.len() as u64));
