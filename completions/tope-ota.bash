@@ -83,7 +83,7 @@ _tope__ota() {
 
     case "${cmd}" in
         tope__ota)
-            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help --version download install status rollback heal serve pack factory verify help"
+            opts="-v -q -h -V --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help --version download install status rollback heal serve pack factory verify help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -145,6 +145,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lock-wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -153,7 +157,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__download)
-            opts="-v -q -h --version --url --name --size --md5 --sha256 --sig-url --request --full --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --version --url --name --size --md5 --sha256 --sig-url --request --full --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -247,6 +251,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lock-wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -255,7 +263,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__factory)
-            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -314,6 +322,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lock-wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -325,7 +337,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__heal)
-            opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --auto-install --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -384,6 +396,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lock-wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -549,7 +565,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__install)
-            opts="-v -q -h --version --allow-downgrade --wait --reinstall --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --version --allow-downgrade --wait --reinstall --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -619,6 +635,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lock-wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -627,7 +647,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__pack)
-            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --version --manifest --out --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -701,6 +721,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lock-wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -709,7 +733,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__rollback)
-            opts="-v -q -h --wait --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --wait --to --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -779,6 +803,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lock-wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -787,7 +815,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__serve)
-            opts="-v -q -h --listen --api-allow-downgrade --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --listen --api-allow-downgrade --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -853,6 +881,10 @@ _tope__ota() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --lock-wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -861,7 +893,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__status)
-            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -920,6 +952,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lock-wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -931,7 +967,7 @@ _tope__ota() {
             return 0
             ;;
         tope__subcmd__ota__subcmd__verify)
-            opts="-v -q -h --all --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --json --verbose --quiet --help"
+            opts="-v -q -h --all --state-dir --versions-dir --report-url --systemctl --reboot-cmd --gui --inhibit-dir --keys-dir --inhibit-cmd --health-cmd --health-deadline --health-timeout --health-interval --migrate-timeout --lock-wait --json --verbose --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -990,6 +1026,10 @@ _tope__ota() {
                     return 0
                     ;;
                 --migrate-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lock-wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_tope_ota_global_optspecs
-    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= inhibit-dir= keys-dir= inhibit-cmd= health-cmd= health-deadline= health-timeout= health-interval= migrate-timeout= json v/verbose q/quiet h/help V/version
+    string join \n state-dir= versions-dir= report-url= systemctl= reboot-cmd= gui= inhibit-dir= keys-dir= inhibit-cmd= health-cmd= health-deadline= health-timeout= health-interval= migrate-timeout= lock-wait= json v/verbose q/quiet h/help V/version
 end
 
 function __fish_tope_ota_needs_command
@@ -38,6 +38,7 @@ complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-deadline -d 'H
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_needs_command" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_needs_command" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -75,6 +76,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-de
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l full -d 'Download the whole package: no delta from the files of current'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand download" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -96,6 +98,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-dea
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l allow-downgrade -d 'Install even if the version is lower than the current one'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l reinstall -d 'Install the version current already runs again: a fresh snapshot (current mirrored, every module from the package) under a new dir name. Without it, that install succeeds with nothing to do'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand install" -l json -d 'Print one JSON object on stdout instead of human text'
@@ -116,6 +119,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-dead
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand status" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -136,6 +140,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-de
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand rollback" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -154,6 +159,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-deadli
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l auto-install -d 'Also install a pending package once no print job inhibits it'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand heal" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -174,6 +180,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-deadl
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l api-allow-downgrade -d 'Honour `"allow_downgrade": true` in POST /update; without it the field is ignored (logged) and a lower version is refused with DOWNGRADE_REFUSED'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand serve" -s v -l verbose -d 'More log output (repeat for debug)'
@@ -196,6 +203,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-deadli
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand pack" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -214,6 +222,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-dea
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -s v -l verbose -d 'More log output (repeat for debug)'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand factory" -s q -l quiet -d 'Only errors on stderr, no progress bar'
@@ -232,6 +241,7 @@ complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-dead
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-timeout -d 'Each run of a health check is killed, with its process group, after this long' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l health-interval -d 'Pause between rounds of health checks' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l migrate-timeout -d 'A package\'s migrate command is killed, with its process group, after this long' -r
+complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l lock-wait -d 'A writer that finds the lock held by a brief pass (heal with nothing to do, a command finishing) waits this long for it, then says BUSY; an operation in flight (a download, an install) is BUSY at once. 0 never waits' -r
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l all -d 'Check every snapshot in the versions root'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -l json -d 'Print one JSON object on stdout instead of human text'
 complete -c tope-ota -n "__fish_tope_ota_using_subcommand verify" -s v -l verbose -d 'More log output (repeat for debug)'

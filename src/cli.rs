@@ -246,6 +246,19 @@ pub struct Global {
     )]
     pub migrate_timeout: DurationSetting,
 
+    /// A writer that finds the lock held by a brief pass (heal with nothing to do, a command
+    /// finishing) waits this long for it, then says BUSY; an operation in flight (a download,
+    /// an install) is BUSY at once. 0 never waits
+    #[arg(
+        long,
+        global = true,
+        env = "TOPE_OTA_LOCK_WAIT",
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = duration_setting
+    )]
+    pub lock_wait: DurationSetting,
+
     /// Print one JSON object on stdout instead of human text
     #[arg(long, global = true)]
     pub json: bool,

@@ -355,7 +355,9 @@ pub fn state_json(data: &[u8]) {
         data,
         "a reader changed it"
     );
-    let lock = crate::lock::StateLock::acquire(t.path()).expect("the lock");
+    let purpose = crate::lock::Purpose::brief("fuzz", "loading the state");
+    let lock = crate::lock::StateLock::acquire(t.path(), &purpose, std::time::Duration::ZERO)
+        .expect("the lock");
     let (loaded, corrupt) = state::load_for_write(&lock).expect("load for a writer");
     match read {
         ReadOutcome::Ok(s) => {

@@ -1,12 +1,22 @@
 //! The writer lock: an exclusive flock on `state.lock`, a sibling of `state.json` that is never
-//! renamed, held for a writer's whole run. A second writer fails at once with `BUSY`.
+//! renamed, held for a writer's whole run.
+//!
+//! The holder writes what it holds the lock for into the lock file (a [`Holder`] record), so a
+//! writer that finds the lock taken can tell a brief pass (heal with nothing to do, a command
+//! handing its last callbacks over) from an operation in flight: it waits for a brief holder, at
+//! most its `--lock-wait`, and answers `BUSY` at once, naming the operation and since when, to
+//! a long one. This is apt's lock timeout, with the holder's own word on how long it will be.
 
+use crate::clock;
 use crate::error::{ErrorCode, OtaError};
 use crate::fsutil;
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// File name of the lock inside the state dir.
 pub const LOCK_FILE: &str = "state.lock";
@@ -14,28 +24,157 @@ pub const LOCK_FILE: &str = "state.lock";
 /// file description under this fd number (a flock belongs to the description, so the lock passes
 /// with it, with no window for another writer).
 pub const LOCK_FD_ENV: &str = "TOPE_OTA_LOCK_FD";
+/// The holder record is written in one `pwrite` of this many bytes at offset 0 (padded with
+/// spaces), never truncated: a reader sees the old or the new record, or a mix it cannot parse
+/// and takes as unknown.
+const RECORD_LEN: usize = 512;
+/// How often a waiter tries the lock again.
+const POLL: Duration = Duration::from_millis(25);
 
-/// Proof that this process is the one writer. Dropping it closes the file, which releases the
-/// flock (we never call `unlock`: std ≥ 1.89 has its own `File::unlock` that shadows fs2's).
+/// What a writer holds the lock for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purpose {
+    /// The subcommand (`heal`, `download`, …).
+    pub command: String,
+    /// What it does, for the waiter's message: `housekeeping`, `a download of 1.3.0`.
+    pub activity: String,
+    /// An operation that may run for minutes: another writer gets `BUSY` at once.
+    pub long: bool,
+}
+
+impl Purpose {
+    pub fn brief(command: &str, activity: impl Into<String>) -> Purpose {
+        Purpose {
+            command: command.to_string(),
+            activity: activity.into(),
+            long: false,
+        }
+    }
+
+    pub fn long(command: &str, activity: impl Into<String>) -> Purpose {
+        Purpose {
+            command: command.to_string(),
+            activity: activity.into(),
+            long: true,
+        }
+    }
+}
+
+/// The record in the lock file: who holds the lock, for what, since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub command: String,
+    pub activity: String,
+    pub long: bool,
+    pub since: String,
+}
+
+impl Holder {
+    fn describe(&self) -> String {
+        format!("{} {}", self.activity, self.describe_short())
+    }
+
+    fn describe_short(&self) -> String {
+        format!(
+            "since {} (tope-ota {}, pid {})",
+            self.since, self.command, self.pid
+        )
+    }
+}
+
+/// The holder record of the lock file in `state_dir`, if one is there, parses, and names a
+/// live process (a record left by a process that died, or not yet written, is no word).
+pub fn holder(state_dir: &Path) -> Option<Holder> {
+    let bytes = std::fs::read(state_dir.join(LOCK_FILE)).ok()?;
+    let text = std::str::from_utf8(&bytes).ok()?.trim();
+    let h: Holder = serde_json::from_str(text).ok()?;
+    alive(h.pid).then_some(h)
+}
+
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Proof that this process is the one writer. Dropping it blanks the holder record and closes
+/// the file, which releases the flock (we never call `unlock`: std ≥ 1.89 has its own
+/// `File::unlock` that shadows fs2's).
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    file: Option<File>,
     dir: PathBuf,
+    command: String,
+}
+
+/// One try at the lock: the lock, or who holds it (`None` when it says nothing usable).
+enum Try {
+    Taken(StateLock),
+    Held(Option<Holder>),
 }
 
 impl StateLock {
-    /// Take the lock in `state_dir` without waiting; `BUSY` if another process holds it.
-    pub fn acquire(state_dir: &Path) -> Result<StateLock> {
+    /// Take the lock in `state_dir` for `purpose`. When another process holds it: `BUSY` at
+    /// once if that one says it is in a long operation; otherwise wait for it, at most `wait`,
+    /// then `BUSY`.
+    pub fn acquire(state_dir: &Path, purpose: &Purpose, wait: Duration) -> Result<StateLock> {
+        let start = Instant::now();
+        let mut said = false;
+        loop {
+            let held = match Self::try_once(state_dir, purpose)? {
+                Try::Taken(l) => return Ok(l),
+                Try::Held(h) => h,
+            };
+            if let Some(refusal) = refusal(state_dir, held.as_ref(), start.elapsed(), wait) {
+                return Err(refusal.into());
+            }
+            if !said {
+                said = true;
+                log::warn!(
+                    "waiting up to {} for {} to release the lock",
+                    crate::cli::format_duration(wait),
+                    held.as_ref()
+                        .map(Holder::describe)
+                        .unwrap_or_else(|| "another tope-ota".into())
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// [`StateLock::acquire`] without blocking the thread: for `serve`'s runtime, which must go
+    /// on answering while a POST waits.
+    pub async fn acquire_async(
+        state_dir: &Path,
+        purpose: &Purpose,
+        wait: Duration,
+    ) -> Result<StateLock> {
+        let start = Instant::now();
+        loop {
+            let held = match Self::try_once(state_dir, purpose)? {
+                Try::Taken(l) => return Ok(l),
+                Try::Held(h) => h,
+            };
+            if let Some(refusal) = refusal(state_dir, held.as_ref(), start.elapsed(), wait) {
+                return Err(refusal.into());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn try_once(state_dir: &Path, purpose: &Purpose) -> Result<Try> {
         fsutil::ensure_dir(state_dir)?;
         let path = state_dir.join(LOCK_FILE);
         if let Some(file) = inherited(&path) {
             // Already locked through the same description: this succeeds at once.
             fs2::FileExt::try_lock_exclusive(&file)
                 .with_context(|| format!("lock inherited {}", path.display()))?;
-            return Ok(StateLock {
-                _file: file,
-                dir: state_dir.to_path_buf(),
-            });
+            return Ok(Try::Taken(Self::taken(file, state_dir, purpose)));
         }
         let file = OpenOptions::new()
             .read(true)
@@ -45,21 +184,55 @@ impl StateLock {
             .open(&path)
             .with_context(|| format!("open lock {}", path.display()))?;
         match fs2::FileExt::try_lock_exclusive(&file) {
-            Ok(()) => Ok(StateLock {
-                _file: file,
-                dir: state_dir.to_path_buf(),
-            }),
+            Ok(()) => Ok(Try::Taken(Self::taken(file, state_dir, purpose))),
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
                     || e.raw_os_error() == Some(libc::EWOULDBLOCK) =>
             {
-                Err(OtaError::new(
-                    ErrorCode::Busy,
-                    format!("another tope-ota holds {}", path.display()),
-                )
-                .into())
+                Ok(Try::Held(holder(state_dir)))
             }
             Err(e) => Err(e).with_context(|| format!("lock {}", path.display())),
+        }
+    }
+
+    fn taken(file: File, dir: &Path, purpose: &Purpose) -> StateLock {
+        let lock = StateLock {
+            file: Some(file),
+            dir: dir.to_path_buf(),
+            command: purpose.command.clone(),
+        };
+        lock.announce(purpose);
+        lock
+    }
+
+    /// Say what the lock is held for from now on (heal that turns to resuming a download says
+    /// so, and from then on others get `BUSY` at once). Best effort: the record informs
+    /// waiters, it guards nothing.
+    pub fn announce(&self, purpose: &Purpose) {
+        let h = Holder {
+            pid: std::process::id(),
+            command: if purpose.command.is_empty() {
+                self.command.clone()
+            } else {
+                purpose.command.clone()
+            },
+            activity: purpose.activity.chars().take(200).collect(),
+            long: purpose.long,
+            since: clock::now_rfc3339(),
+        };
+        let Ok(mut rec) = serde_json::to_vec(&h) else {
+            return;
+        };
+        self.write_record(&mut rec);
+    }
+
+    fn write_record(&self, rec: &mut Vec<u8>) {
+        let Some(file) = &self.file else { return };
+        rec.truncate(RECORD_LEN - 1);
+        rec.resize(RECORD_LEN - 1, b' ');
+        rec.push(b'\n');
+        if let Err(e) = file.write_all_at(rec, 0) {
+            log::debug!("writing the holder record of {}: {e}", self.dir.display());
         }
     }
 
@@ -68,9 +241,62 @@ impl StateLock {
         &self.dir
     }
 
-    /// The locked file, for `serve` to hand to a child (see [`LOCK_FD_ENV`]).
-    pub fn into_file(self) -> File {
-        self._file
+    /// The locked file, for `serve` to hand to a child (see [`LOCK_FD_ENV`]); the child writes
+    /// its own record.
+    pub fn into_file(mut self) -> File {
+        self.file.take().expect("a held lock has its file")
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        // A record left behind would name a process that no longer holds the lock; a waiter
+        // checks the pid too, but a blank record is plainer.
+        self.write_record(&mut Vec::new());
+    }
+}
+
+/// `BUSY` for a writer that found the lock held by `held`, once `waited`; `None` to wait on.
+fn refusal(
+    state_dir: &Path,
+    held: Option<&Holder>,
+    waited: Duration,
+    wait: Duration,
+) -> Option<OtaError> {
+    let path = state_dir.join(LOCK_FILE);
+    match held {
+        Some(h) if h.long => Some(OtaError::new(
+            ErrorCode::Busy,
+            format!("{} is in flight: {}", h.activity, h.describe_short()),
+        )),
+        _ if waited >= wait => Some(OtaError::new(
+            ErrorCode::Busy,
+            match held {
+                Some(h) => format!(
+                    "another tope-ota holds {}: {}{}",
+                    path.display(),
+                    h.describe(),
+                    waited_for(wait)
+                ),
+                None => format!(
+                    "another tope-ota holds {}{}",
+                    path.display(),
+                    waited_for(wait)
+                ),
+            },
+        )),
+        _ => None,
+    }
+}
+
+fn waited_for(wait: Duration) -> String {
+    if wait.is_zero() {
+        String::new()
+    } else {
+        format!(
+            "; waited {} (--lock-wait)",
+            crate::cli::format_duration(wait)
+        )
     }
 }
 
@@ -94,5 +320,53 @@ fn inherited(path: &Path) -> Option<File> {
     unsafe {
         libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
         Some(File::from_raw_fd(fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_names_the_holder_and_is_blanked_on_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = StateLock::acquire(
+            dir.path(),
+            &Purpose::brief("heal", "housekeeping"),
+            Duration::ZERO,
+        )
+        .unwrap();
+        let h = holder(dir.path()).expect("a record");
+        assert_eq!(h.pid, std::process::id());
+        assert_eq!((h.command.as_str(), h.long), ("heal", false));
+        lock.announce(&Purpose::long("", "a download of 1.3.0"));
+        let h = holder(dir.path()).expect("a record");
+        assert_eq!(h.command, "heal");
+        assert_eq!(h.activity, "a download of 1.3.0");
+        assert!(h.long);
+        let len = std::fs::metadata(dir.path().join(LOCK_FILE)).unwrap().len();
+        assert_eq!(len, RECORD_LEN as u64);
+        drop(lock);
+        assert_eq!(holder(dir.path()), None);
+    }
+
+    #[test]
+    fn a_record_of_a_dead_process_is_no_word() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Holder {
+            pid: i32::MAX as u32,
+            command: "download".into(),
+            activity: "a download of 1.0.0".into(),
+            long: true,
+            since: clock::now_rfc3339(),
+        };
+        std::fs::write(
+            dir.path().join(LOCK_FILE),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(holder(dir.path()), None);
+        std::fs::write(dir.path().join(LOCK_FILE), b"{\"pid\":1,\"comm").unwrap();
+        assert_eq!(holder(dir.path()), None);
     }
 }

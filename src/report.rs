@@ -39,6 +39,8 @@ pub const FINISH_BOUND: Duration =
     Duration::from_millis(FLUSH_DEADLINE.as_millis() as u64 + 500 + 200);
 /// The last stage device-api received, in the state dir.
 pub const DELIVERED_FILE: &str = "callback.json";
+/// The lock of whoever posts callbacks, in the state dir (see [`callback_lock`]).
+pub const CALLBACK_LOCK: &str = "callback.lock";
 
 /// What identifies a stage change: the stage, the error, the version and the state's
 /// `stage_seq`, so the same outcome of a later operation (the same failure again, a reinstall's
@@ -181,6 +183,8 @@ pub struct Reporter {
     worker: Option<JoinHandle<()>>,
     /// Set when [`Reporter::finish`] gives up: the sender posts nothing more.
     stop: Arc<AtomicBool>,
+    /// Set by the sender once it holds the callback lock.
+    holding: Arc<AtomicBool>,
     last: Option<(Stage, u8, Option<ErrorCode>)>,
 }
 
@@ -190,47 +194,62 @@ impl Reporter {
     /// process ended before it could deliver it), it is sent first. With no record yet, the
     /// record starts at `state` (nothing is sent: an older tope-ota delivered or not).
     pub fn new(url: &str, state_dir: &Path, state: &State) -> Reporter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
         if url.is_empty() {
             return Reporter {
                 tx: None,
                 worker: None,
-                stop: Arc::new(AtomicBool::new(false)),
+                stop,
+                holding,
                 last: None,
             };
         }
         let (tx, rx) = mpsc::channel();
-        let current = StageKey::of(state);
-        let (bootstrap, pending) = match read_delivered(state_dir) {
-            Delivered::Missing => (Some(current.clone()), false),
-            Delivered::Unreadable => (None, true),
-            Delivered::Key(k) => (None, k != current),
+        let first = Event {
+            payload: Payload::from_state(state),
+            key: StageKey::of(state),
+            stage_change: true,
+            queued: Instant::now(),
         };
-        if pending {
-            log::info!(
-                "device-api did not receive stage {} of {}: sending it",
-                state.stage,
-                state.version.as_deref().unwrap_or("-")
-            );
-            let _ = tx.send(Event {
-                payload: Payload::from_state(state),
-                key: current,
-                stage_change: true,
-                queued: Instant::now(),
-            });
-        }
         let url = url.to_string();
-        let record = delivered_path(state_dir);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let dir = state_dir.to_path_buf();
+        let (stop2, holding2) = (stop.clone(), holding.clone());
         let worker = std::thread::Builder::new()
             .name("report".into())
-            .spawn(move || sender(url, rx, record, bootstrap, stop2))
+            .spawn(move || sender(url, rx, dir, first, stop2, holding2))
             .ok();
         Reporter {
             tx: worker.as_ref().map(|_| tx),
             worker,
             stop,
+            holding,
             last: None,
+        }
+    }
+
+    /// Wait, at most `bound`, until the sender holds the callback lock (or has ended): from
+    /// then on no later process's callbacks can overtake this one's, so the writer's lock may
+    /// go before the callbacks are delivered. A sender that could not take it in time is
+    /// stopped before it posted anything: what it had stays pending in `callback.json` for the
+    /// next writer.
+    pub fn hand_over(&mut self, bound: Duration) {
+        let Some(worker) = &self.worker else {
+            return;
+        };
+        let deadline = Instant::now() + bound;
+        while !self.holding.load(Ordering::SeqCst)
+            && !worker.is_finished()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if !self.holding.load(Ordering::SeqCst) && !worker.is_finished() {
+            log::warn!(
+                "another tope-ota is still sending callbacks; this run's are left for the next one"
+            );
+            self.stop.store(true, Ordering::SeqCst);
+            self.finish();
         }
     }
 
@@ -292,14 +311,36 @@ impl Drop for Reporter {
 fn sender(
     url: String,
     rx: Receiver<Event>,
-    record: PathBuf,
-    bootstrap: Option<StageKey>,
+    dir: PathBuf,
+    first: Event,
     stop: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
 ) {
+    let Ok(_lock) = callback_lock(&dir, &stop) else {
+        return;
+    };
+    holding.store(true, Ordering::SeqCst);
+    let record = delivered_path(&dir);
+    let mut queue: VecDeque<Event> = VecDeque::new();
+    // Read under the callback lock: a sender of the process before this one may have
+    // delivered the stage since this writer's operation began.
     let mut recorded = None;
-    if let Some(k) = bootstrap {
-        if write_delivered(&record, &k) {
-            recorded = Some(k);
+    match read_delivered(&dir) {
+        // No record yet: the record starts at the state as found (an older tope-ota
+        // delivered it or not).
+        Delivered::Missing => {
+            if write_delivered(&record, &first.key) {
+                recorded = Some(first.key.clone());
+            }
+        }
+        Delivered::Key(k) if k == first.key => recorded = Some(k),
+        _ => {
+            log::info!(
+                "device-api did not receive stage {} of {}: sending it",
+                first.payload.data.stage,
+                first.payload.data.version.as_deref().unwrap_or("-")
+            );
+            queue.push_back(first);
         }
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -307,7 +348,6 @@ fn sender(
         .http_status_as_error(false)
         .build()
         .into();
-    let mut queue: VecDeque<Event> = VecDeque::new();
     let mut down = false;
     let mut open = true;
     while open || !queue.is_empty() {
@@ -372,6 +412,49 @@ fn sender(
                 ev.payload.data.stage
             );
         }
+    }
+}
+
+/// The callback lock, `callback.lock` in the state dir: whoever posts callbacks holds it, so
+/// the callbacks of consecutive processes reach device-api in the order of their operations
+/// even though a writer releases the state lock before its last callbacks are delivered. The
+/// state lock is held while it is taken, so the next writer's sender queues behind this one.
+/// `Err` when told to stop first; a lock file that cannot be opened (a read-only state dir)
+/// is logged and callbacks go on unordered.
+fn callback_lock(dir: &Path, stop: &AtomicBool) -> Result<Option<std::fs::File>, ()> {
+    let path = dir.join(CALLBACK_LOCK);
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!(
+                "open {}: {e}; callbacks are sent without it",
+                path.display()
+            );
+            return Ok(None);
+        }
+    };
+    loop {
+        match fs2::FileExt::try_lock_exclusive(&file) {
+            Ok(()) => return Ok(Some(file)),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
+            Err(e) => {
+                log::warn!(
+                    "lock {}: {e}; callbacks are sent without it",
+                    path.display()
+                );
+                return Ok(None);
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -272,7 +272,8 @@ mod tests {
     fn corrupt_state_is_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
-        let lock = StateLock::acquire(dir.path()).unwrap();
+        let purpose = crate::lock::Purpose::brief("test", "loading the state");
+        let lock = StateLock::acquire(dir.path(), &purpose, std::time::Duration::ZERO).unwrap();
         let (s, recovered) = load_for_write(&lock).unwrap();
         assert!(recovered);
         assert_eq!(s.stage, Stage::Idle);

@@ -6,6 +6,7 @@ use crate::cli::{DownloadArgs, Global};
 use crate::error::{self, fail, ErrorCode, OtaError, EXIT_SIGINT, EXIT_SIGTERM};
 use crate::fetch::{self, Outcome, Sink, Tuning};
 use crate::fsutil::{self, TEMP_PREFIX};
+use crate::lock::Purpose;
 use crate::progress::Bar;
 use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::{clock, validate};
@@ -280,9 +281,16 @@ fn output(op: &Operation, human: String, exit: i32) -> Result<Output> {
     })
 }
 
+/// What a writer downloading `version` says it holds the lock for: `serve` tells another
+/// writer's download of the same package by it.
+pub fn activity(version: &str) -> String {
+    format!("a download of {version}")
+}
+
 pub fn run(g: &Global, args: &DownloadArgs) -> Result<Output> {
     let pkg = Package::from_args(args)?;
-    let mut op = Operation::begin(g)?;
+    let purpose = Purpose::long("download", activity(&pkg.version));
+    let mut op = Operation::begin(g, &purpose)?;
     let result = download(g, &pkg, &mut op);
     op.finish();
     result

@@ -6,6 +6,7 @@
 use super::{Operation, Output};
 use crate::cli::Global;
 use crate::error::{fail, ErrorCode};
+use crate::lock::Purpose;
 use crate::snapshot::{self, Links, FACTORY, FACTORY_TAG};
 use crate::{fsutil, integrity, transition};
 use anyhow::{Context, Result};
@@ -14,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 pub fn run(g: &Global) -> Result<Output> {
-    let op = Operation::begin(g)?;
+    let op = Operation::begin(g, &Purpose::long("factory", "making the factory snapshot"))?;
     let result = factory(g, &op);
     op.finish();
     result

@@ -6,6 +6,7 @@ use super::install::{Gui, PACKAGE_TTL_SECS};
 use super::{Operation, Output};
 use crate::cli::{Global, HealArgs, InstallArgs};
 use crate::error::{ErrorCode, OtaError};
+use crate::lock::Purpose;
 use crate::services::Manager;
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR};
@@ -15,7 +16,7 @@ use anyhow::Result;
 use std::fs;
 
 pub fn run(g: &Global, args: &HealArgs) -> Result<Output> {
-    let mut op = Operation::begin(g)?;
+    let mut op = Operation::begin(g, &Purpose::brief("heal", "housekeeping"))?;
     let result = heal(g, args, &mut op);
     op.finish();
     result
@@ -129,6 +130,7 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
             match pkg {
                 Some(p) => {
                     did.push(format!("resuming the download of {}", p.version));
+                    op.hold(&Purpose::long("", download::activity(&p.version)));
                     result = download::download(g, &p, op).map(|_| ());
                 }
                 None => {
@@ -158,6 +160,7 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
                     None => {
                         let v = op.state.version.clone().unwrap_or_default();
                         did.push(format!("installing the pending package {v}"));
+                        op.hold(&Purpose::long("", format!("an install of {v}")));
                         let install_args = InstallArgs {
                             version: None,
                             allow_downgrade: false,
@@ -174,15 +177,18 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
         Stage::Installing => {
             let step = op.state.step.clone().unwrap_or_default();
             did.push(format!("finishing an install interrupted at step {step:?}"));
+            op.hold(&Purpose::long("", "finishing an interrupted install"));
             result = finish_install(g, op, &mgr, &step);
         }
         Stage::Rebooting => {
             did.push("checking the services after the reboot".into());
+            op.hold(&Purpose::long("", "checking the services after a reboot"));
             result = transition::forward(g, op, &mgr, true).map(|_| ());
         }
         // A device whose rollback failed waits for a person, but its services run whenever the
         // snapshot current points at is complete.
         Stage::Failed if op.state.error == Some(ErrorCode::RollbackFailed) => {
+            op.hold(&Purpose::long("", "reviving the services of current"));
             if let Some(what) = transition::revive_current(root, &mgr) {
                 // One heal note, replaced each time: the message must not grow every 15 min.
                 let base = op.state.message.split("; heal: ").next().unwrap_or("");

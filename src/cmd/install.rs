@@ -6,6 +6,7 @@ use super::{Operation, Output};
 use crate::archive::{self, Limits};
 use crate::cli::{Global, InstallArgs};
 use crate::error::{fail, ErrorCode, OtaError, EXIT_SIGTERM};
+use crate::lock::Purpose;
 use crate::manifest::{HookCommand, Manifest, MANIFEST};
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
@@ -24,7 +25,11 @@ use std::time::Duration;
 pub const PACKAGE_TTL_SECS: i64 = 24 * 3600;
 
 pub fn run(g: &Global, args: &InstallArgs) -> Result<Output> {
-    let mut op = Operation::begin(g)?;
+    let what = match &args.version {
+        Some(v) => format!("an install of {v}"),
+        None => "an install".to_string(),
+    };
+    let mut op = Operation::begin(g, &Purpose::long("install", what))?;
     let mut gui = Gui::none();
     let result = install(g, args, &mut op, &mut gui);
     gui.finish();

@@ -13,7 +13,7 @@ pub mod verify;
 
 use crate::cli::{Cli, Command, Global};
 use crate::error::OtaError;
-use crate::lock::StateLock;
+use crate::lock::{Purpose, StateLock};
 use crate::logging;
 use crate::report::Reporter;
 use crate::state::{self, Stage, State};
@@ -68,7 +68,8 @@ pub fn run(cli: &Cli) -> Result<Output> {
 
 /// A writer's run: holds the lock from `begin` to drop; the only path that saves state.
 pub struct Operation {
-    lock: StateLock,
+    /// Always `Some` until the operation ends.
+    lock: Option<StateLock>,
     pub state: State,
     reporter: Reporter,
     /// The (stage, error, version) this operation last committed.
@@ -78,12 +79,13 @@ pub struct Operation {
 }
 
 impl Operation {
-    /// Take the lock (`BUSY` at once if held) and load the state, recovering a corrupt one.
-    pub fn begin(g: &Global) -> Result<Operation> {
-        let lock = StateLock::acquire(&g.state_dir)?;
+    /// Take the lock for `purpose` (waiting for a brief holder, `BUSY` at once for an
+    /// operation in flight; see [`crate::lock`]) and load the state, recovering a corrupt one.
+    pub fn begin(g: &Global, purpose: &Purpose) -> Result<Operation> {
+        let lock = StateLock::acquire(&g.state_dir, purpose, lock_wait(g))?;
         let (state, recovered) = state::load_for_write(&lock)?;
         Ok(Operation {
-            lock,
+            lock: Some(lock),
             reporter: Reporter::new(&g.report_url, &g.state_dir, &state),
             state,
             last_key: None,
@@ -106,7 +108,8 @@ impl Operation {
             self.state.stage_seq = self.state.stage_seq.wrapping_add(1);
             self.last_key = Some(key);
         }
-        self.state.save(&self.lock)?;
+        self.state
+            .save(self.lock.as_ref().expect("held until the operation ends"))?;
         self.reporter.observe(&self.state);
         Ok(())
     }
@@ -151,9 +154,32 @@ impl Operation {
         saved
     }
 
-    /// Wait (bounded) for queued callbacks, then release the lock: holding it until then keeps
-    /// the callbacks of consecutive operations in order at device-api.
-    pub fn finish(mut self) {
+    /// Say what the lock is held for from now on (see [`StateLock::announce`]).
+    pub fn hold(&self, purpose: &Purpose) {
+        if let Some(l) = &self.lock {
+            l.announce(purpose);
+        }
+    }
+
+    /// End the operation: release the lock, then wait (bounded) for queued callbacks. The
+    /// callback lock, taken by the sender before the state lock goes, keeps the callbacks of
+    /// consecutive operations in order at device-api; the next writer need not wait for a slow
+    /// device-api.
+    pub fn finish(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Operation {
+    fn drop(&mut self) {
+        self.reporter.hand_over(crate::report::FINISH_BOUND);
+        drop(self.lock.take());
         self.reporter.finish();
     }
+}
+
+/// How long a writer waits for a brief holder of the lock (`--lock-wait`).
+pub fn lock_wait(g: &Global) -> std::time::Duration {
+    g.lock_wait
+        .or("--lock-wait", std::time::Duration::from_secs(5))
 }

@@ -5,6 +5,7 @@
 use super::{Operation, Output};
 use crate::cli::{Global, RollbackArgs};
 use crate::error::{fail, ErrorCode, OtaError};
+use crate::lock::Purpose;
 use crate::services::{self, Manager};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, State};
@@ -13,7 +14,8 @@ use crate::{failpoint, inhibit, integrity, validate};
 use anyhow::Result;
 
 pub fn run(g: &Global, args: &RollbackArgs) -> Result<Output> {
-    let mut op = Operation::begin(g)?;
+    let purpose = Purpose::long("rollback", format!("a rollback to {}", args.to));
+    let mut op = Operation::begin(g, &purpose)?;
     let result = rollback(g, args, &mut op);
     op.finish();
     result

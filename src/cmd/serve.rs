@@ -10,7 +10,7 @@ use super::install::PACKAGE_TTL_SECS;
 use super::Output;
 use crate::cli::{Global, ServeArgs};
 use crate::error::{ErrorCode, OtaError};
-use crate::lock::{StateLock, LOCK_FD_ENV};
+use crate::lock::{Purpose, StateLock, LOCK_FD_ENV};
 use crate::state::{self, ReadOutcome, Stage};
 use crate::{clock, validate};
 use anyhow::{Context, Result};
@@ -391,32 +391,19 @@ async fn start_child(
     stdin: Option<Bytes>,
 ) -> Result<Arc<AtomicBool>, Resp> {
     START_ATTEMPTS.fetch_add(1, Ordering::SeqCst);
-    // A writer whose state is already at rest is only delivering its last callbacks (bounded
-    // by report::FINISH_BOUND) and exiting: wait for it rather than answer BUSY to a client
-    // that saw `toInstall` and asked for the update at once.
-    let deadline =
-        tokio::time::Instant::now() + crate::report::FINISH_BOUND + Duration::from_millis(500);
-    let lock = loop {
-        match StateLock::acquire(&ctx.global.state_dir) {
-            Ok(l) => break l,
-            Err(e) => {
-                let err = crate::error::classify(&e);
-                let resting = matches!(
-                    state::read(&ctx.global.state_dir),
-                    Ok(ReadOutcome::Ok(s)) if matches!(s.stage, Stage::Idle | Stage::ToInstall | Stage::Success | Stage::Failed)
-                );
-                // serve's own delivery of a missed callback holds the lock as briefly.
-                let delivering = DELIVERING.load(Ordering::SeqCst);
-                if err.code != ErrorCode::Busy
-                    || !(resting || delivering)
-                    || tokio::time::Instant::now() >= deadline
-                {
-                    return Err(coded(&err));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    // The same rule as the CLI's: a brief holder (heal with nothing to do, a writer ending) is
+    // waited for, at most --lock-wait; an operation in flight is BUSY at once.
+    let purpose = Purpose::long(
+        "serve",
+        format!("starting `tope-ota {}` for device-api", args[0]),
+    );
+    let lock = StateLock::acquire_async(
+        &ctx.global.state_dir,
+        &purpose,
+        super::lock_wait(&ctx.global),
+    )
+    .await
+    .map_err(|e| coded(&crate::error::classify(&e)))?;
     let file = lock.into_file();
     let fd = file.as_raw_fd();
     let g = &ctx.global;
@@ -767,14 +754,13 @@ fn same_download(ctx: &Ctx, pkg: &Package) -> Option<&'static str> {
     if ours && !settled_otherwise {
         return Some("it is being downloaded");
     }
-    // Another writer's download: only while it holds the lock. serve's own delivery of a
-    // missed callback holds it too, at start, over an interrupted download's `downloading`:
-    // then nothing downloads, and the request goes to a child that resumes it.
+    // Another writer's download: only while it holds the lock for it (a heal resuming it
+    // says so too); a brief holder over an interrupted download's `downloading` downloads
+    // nothing, and the request goes to a child that resumes it.
     if same
         && matches!(s.stage, Stage::Downloading | Stage::Verifying)
-        && !DELIVERING.load(Ordering::SeqCst)
-        && StateLock::acquire(&ctx.global.state_dir).is_err()
-        && !DELIVERING.load(Ordering::SeqCst)
+        && crate::lock::holder(&ctx.global.state_dir)
+            .is_some_and(|h| h.long && h.activity == super::download::activity(&pkg.version))
     {
         return Some("it is being downloaded");
     }
@@ -1067,37 +1053,29 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
     Ok(Output::success(String::new(), Value::Null))
 }
 
-/// A stage device-api did not receive (its process ended first) is sent when serve starts,
-/// in the background, under the lock so it cannot overtake a writer's newer callbacks; a
-/// writer that holds the lock sends it itself. The lock is held at most
-/// [`crate::report::FINISH_BOUND`] (the sender is stopped and joined before the lock goes, so
-/// nothing is posted without it), which a POST waits out as it waits for any writer at rest.
+/// A stage device-api did not receive (its process ended first) is sent when serve starts.
+/// The state lock is held only until the sender holds the callback lock (which orders it
+/// before any later writer's callbacks), before serve answers its first request; the round
+/// trips to device-api run in the background without it. A writer that holds the lock now
+/// sends the stage itself.
 fn deliver_pending_callback(g: &Global) {
     if g.report_url.is_empty() {
         return;
     }
-    let Ok(lock) = StateLock::acquire(&g.state_dir) else {
+    let purpose = Purpose::brief("serve", "sending a missed callback");
+    let Ok(lock) = StateLock::acquire(&g.state_dir, &purpose, Duration::ZERO) else {
         return;
     };
-    DELIVERING.store(true, Ordering::SeqCst);
-    let g = g.clone();
-    let spawned = std::thread::Builder::new()
+    let Ok(ReadOutcome::Ok(s)) = state::read(&g.state_dir) else {
+        return;
+    };
+    let mut reporter = crate::report::Reporter::new(&g.report_url, &g.state_dir, &s);
+    reporter.hand_over(Duration::from_millis(500));
+    drop(lock);
+    let _ = std::thread::Builder::new()
         .name("pending-callback".into())
-        .spawn(move || {
-            if let Ok(ReadOutcome::Ok(s)) = state::read(&g.state_dir) {
-                crate::report::Reporter::new(&g.report_url, &g.state_dir, &s).finish();
-            }
-            drop(lock);
-            DELIVERING.store(false, Ordering::SeqCst);
-        });
-    if spawned.is_err() {
-        DELIVERING.store(false, Ordering::SeqCst);
-    }
+        .spawn(move || reporter.finish());
 }
-
-/// serve's thread that sends a missed callback holds the lock (see
-/// [`deliver_pending_callback`]): a POST waits for it rather than answer BUSY.
-static DELIVERING: AtomicBool = AtomicBool::new(false);
 
 /// The HTTP/1 settings of every connection (and of the fuzzer's exchange).
 fn http1_builder() -> hyper::server::conn::http1::Builder {

@@ -108,7 +108,11 @@ fn sections(top: bool) -> String {
         ),
         (
             "/var/lib/tope-ota/state.lock",
-            "the writers' lock (flock), never renamed",
+            "the writers' lock (flock), never renamed; its holder writes what it holds it for (pid, command, activity, long or brief, since)",
+        ),
+        (
+            "/var/lib/tope-ota/callback.lock",
+            "held by whoever posts callbacks, so they reach device\\-api in order",
         ),
         (
             "/var/lib/tope-ota/downloads/",

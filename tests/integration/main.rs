@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod busy;
 mod contract;
 mod delta;
 mod download;

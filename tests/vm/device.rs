@@ -245,6 +245,7 @@ pub fn running(vm: &mut Vm) -> BTreeMap<String, (String, String, i64, i64)> {
 /// Violations of SPEC 9a on the device as it is now (after a heal). `factory_dir` is the
 /// factory snapshot's dir name on the pristine device.
 pub fn violations(vm: &mut Vm, cat: &Catalog, factory_dir: &str) -> Vec<String> {
+    quiet(vm);
     let mut v = Vec::new();
     let st = vm.sh("cat /var/lib/tope-ota/state.json", 30);
     let state: Option<Value> = serde_json::from_str(&st.out).ok();
@@ -301,6 +302,31 @@ pub fn violations(vm: &mut Vm, cat: &Catalog, factory_dir: &str) -> Vec<String> 
         }
     }
     v
+}
+
+/// Wait until no tope-ota writer holds the lock (the timer's heal runs every 15 s in the box):
+/// what is checked then is what the device settled on, not a heal's step. Bounded by the
+/// longest a heal may take here.
+pub fn quiet(vm: &mut Vm) {
+    vm.sh_ok(
+        "for i in $(seq 1200); do flock -n /var/lib/tope-ota/state.lock true && exit 0; sleep 0.1; done; \
+         echo 'the lock was held for 120 s' >&2; exit 1",
+        150,
+    );
+}
+
+/// How often the timer's heal ran and how often a command waited for a brief holder, from the
+/// journal of this boot.
+pub fn lock_figures(vm: &mut Vm) -> Option<(u64, u64)> {
+    let e = vm
+        .try_sh(
+            "journalctl -b --no-pager -o cat -u tope-ota-heal.service | grep -c '^Starting' ; \
+             journalctl -b --no-pager -o cat | grep -c 'waiting up to .* to release the lock'",
+            10,
+        )
+        .ok()?;
+    let mut n = e.out.split_whitespace().map(|w| w.parse().unwrap_or(0));
+    Some((n.next()?, n.next()?))
 }
 
 /// The device's state.json, or Null.

@@ -37,8 +37,13 @@ struct Box {
 impl Drop for Box {
     fn drop(&mut self) {
         let name = std::thread::current().name().unwrap_or("?").to_string();
+        let figures = device::lock_figures(&mut self.vm)
+            .map(|(heals, waits)| {
+                format!("; heal runs this boot: {heals}, commands that waited for a brief holder: {waits}")
+            })
+            .unwrap_or_default();
         println!(
-            "box: {name}: {:.1} s from resume to the end",
+            "box: {name}: {:.1} s from resume to the end{figures}",
             self.started.elapsed().as_secs_f64()
         );
     }

@@ -278,10 +278,12 @@ fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (Pat
     let t_dpkg = Instant::now();
     vm.sh_ok("dpkg -i /root/tope-ota.deb && rm /root/tope-ota.deb", 300);
     eprintln!("box: dpkg -i: {:.1?}", t_dpkg.elapsed());
-    // Tests shorten the boot heal's delay with a drop-in, as an operator could.
+    // Tests shorten the timer with a drop-in, as an operator could: heal runs 5 s after boot
+    // and every 15 s after that, so every scenario runs with the timer live and firing (a
+    // device's day of heals in minutes), and a command that meets a heal must wait for it.
     vm.sh_ok(
         "mkdir -p /etc/systemd/system/tope-ota-heal.timer.d && \
-         printf '[Timer]\\nOnBootSec=5s\\nRandomizedDelaySec=0\\nAccuracySec=1s\\n' \
+         printf '[Timer]\\nOnBootSec=5s\\nOnUnitActiveSec=15s\\nRandomizedDelaySec=0\\nAccuracySec=1s\\n' \
            > /etc/systemd/system/tope-ota-heal.timer.d/box.conf && \
          systemctl daemon-reload && systemctl restart tope-ota-heal.timer",
         60,
