@@ -172,6 +172,8 @@ impl Operation {
 
 impl Drop for Operation {
     fn drop(&mut self) {
+        // The work is done: a writer that comes now waits for the hand-over, not BUSY.
+        self.hold(&Purpose::brief("", "finishing"));
         self.reporter.hand_over(crate::report::FINISH_BOUND);
         drop(self.lock.take());
         self.reporter.finish();
