@@ -303,16 +303,23 @@ fn waited_for(wait: Duration) -> String {
 /// The lock file inherited from `serve`, if `TOPE_OTA_LOCK_FD` names an open fd that is this
 /// very state.lock (same device and inode); anything else is ignored.
 fn inherited(path: &Path) -> Option<File> {
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{BorrowedFd, FromRawFd};
     use std::os::unix::fs::MetadataExt;
     let fd: i32 = std::env::var(LOCK_FD_ENV).ok()?.parse().ok()?;
     let want = std::fs::metadata(path).ok()?;
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on an fd number only reads its metadata into `st`.
-    if fd < 3 || unsafe { libc::fstat(fd, &mut st) } != 0 {
+    // SAFETY: F_GETFD only asks whether the fd number is open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return None;
     }
-    if st.st_dev != want.dev() || st.st_ino != want.ino() {
+    // Compared through std's metadata (statx/fstat64): a 32-bit `libc::stat` has 32-bit inode
+    // numbers (it fails to build on armhf, and would wrap a large inode).
+    // SAFETY: the fd is open (checked above) and stays open while borrowed here.
+    let got = unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .map(File::from)
+        .and_then(|f| f.metadata())
+        .ok()?;
+    if got.dev() != want.dev() || got.ino() != want.ino() {
         return None;
     }
     // SAFETY: the fd is open and is our lock file; we own it from here. Close-on-exec again,

@@ -138,6 +138,8 @@ fn scripts_pass_shellcheck() {
         "deploy/install.sh",
         "deploy/create-factory.sh",
         "deploy/verify-setup.sh",
+        "deploy/build-debs.sh",
+        "tests/setup-cross.sh",
         "deploy/debian/postinst",
         "deploy/debian/prerm",
         "tests/demo.sh",
