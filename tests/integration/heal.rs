@@ -404,6 +404,8 @@ impl Lab {
             versions_dir: tmp.path().join("versions"),
             tmp,
             vars,
+            bin: self.base.env.bin.clone(),
+            runner: self.base.env.runner.clone(),
         }
     }
 

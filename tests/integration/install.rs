@@ -41,7 +41,11 @@ pub fn v1_files() -> Vec<FileSpec> {
 
 impl Device {
     pub fn new() -> Device {
-        let mut env = Env::new();
+        Device::on(Env::new())
+    }
+
+    /// A device in `env` (for example [`Env::armhf`]).
+    pub fn on(mut env: Env) -> Device {
         let sc = FakeSystemctl::install(&mut env);
         env.set(
             "TOPE_OTA_GUI",

@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod arm32;
 mod busy;
 mod contract;
 mod delta;

@@ -45,6 +45,9 @@ pub struct Env {
     pub state_dir: PathBuf,
     pub versions_dir: PathBuf,
     pub vars: HashMap<String, String>,
+    /// The binary, and the emulator that runs it (none: natively).
+    pub bin: PathBuf,
+    pub runner: Vec<String>,
 }
 
 impl Env {
@@ -72,6 +75,20 @@ impl Env {
             state_dir,
             versions_dir,
             vars,
+            bin: PathBuf::from(BIN),
+            runner: vec![],
+        }
+    }
+
+    /// The same sandbox for the armhf build of tope-ota ([`armhf_bin`]), run by qemu-arm: a
+    /// 32-bit `usize` and `off_t`/`time_t` of a 32-bit ABI, as on the printers' ARMv7 boards.
+    pub fn armhf() -> Env {
+        Env {
+            bin: armhf_bin(),
+            // The multi-arch libc6:armhf, not `-L /usr/arm-linux-gnueabihf`: under the cross
+            // sysroot's libc every pthread_create crashed in qemu-arm here (7.2 and 10.0).
+            runner: vec!["qemu-arm-static".to_string()],
+            ..Env::new()
         }
     }
 
@@ -81,7 +98,14 @@ impl Env {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = match self.runner.split_first() {
+            None => Command::new(&self.bin),
+            Some((emulator, opts)) => {
+                let mut c = Command::new(emulator);
+                c.args(opts).arg(&self.bin);
+                c
+            }
+        };
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("TOPE_OTA_STATE_DIR", &self.state_dir)
@@ -161,6 +185,53 @@ impl Env {
             thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// tope-ota for `armv7-unknown-linux-gnueabihf` (a debug build with the fail points, as the
+/// suite's own binary, so arithmetic overflow panics instead of wrapping), by Debian's
+/// toolchain, which `tests/setup-cross.sh` installs; built once per test run, in its own
+/// target dir.
+pub fn armhf_bin() -> PathBuf {
+    static ARMHF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ARMHF
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let st = Command::new("bash")
+                .arg(root.join("tests/setup-cross.sh"))
+                .arg("armhf")
+                .status()
+                .expect("bash runs tests/setup-cross.sh");
+            assert!(st.success(), "tests/setup-cross.sh armhf failed");
+            let triple = "armv7-unknown-linux-gnueabihf";
+            let target = root.join("target/cross");
+            let out = Command::new("/usr/bin/cargo")
+                .current_dir(root)
+                // Debian's cargo and rustc only: the machine's rustup toolchain has no std
+                // for the target.
+                .env("PATH", "/usr/bin:/bin")
+                .env("RUSTC", "/usr/bin/rustc")
+                .env("CARGO_TARGET_DIR", &target)
+                .env(
+                    "CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER",
+                    "arm-linux-gnueabihf-gcc",
+                )
+                .env(
+                    "CC_armv7_unknown_linux_gnueabihf",
+                    "arm-linux-gnueabihf-gcc",
+                )
+                .env("AR_armv7_unknown_linux_gnueabihf", "arm-linux-gnueabihf-ar")
+                .args(["build", "--locked", "--features", "failpoints", "--bin"])
+                .args(["tope-ota", "--target", triple])
+                .output()
+                .expect("/usr/bin/cargo runs");
+            assert!(
+                out.status.success(),
+                "the armhf build failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            target.join(triple).join("debug/tope-ota")
+        })
+        .clone()
 }
 
 /// A finished run of the binary.
@@ -916,7 +987,7 @@ exit 0
 
 // ---------------------------------------------------------------- raw ZIP writer
 
-fn crc32(data: &[u8]) -> u32 {
+pub fn crc32(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &b in data {
         crc ^= b as u32;
