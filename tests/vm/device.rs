@@ -315,13 +315,15 @@ pub fn quiet(vm: &mut Vm) {
     );
 }
 
-/// How often the timer's heal ran and how often a command waited for a brief holder, from the
-/// journal of this boot.
-pub fn lock_figures(vm: &mut Vm) -> Option<(u64, u64)> {
+/// How often the timer's heal ran and how often a command waited for a brief holder since
+/// `since` (Unix seconds; the guest clock is set at resume), from what the journal holds.
+pub fn lock_figures(vm: &mut Vm, since: u64) -> Option<(u64, u64)> {
     let e = vm
         .try_sh(
-            "journalctl -b --no-pager -o cat -u tope-ota-heal.service | grep -c '^Starting' ; \
-             journalctl -b --no-pager -o cat | grep -c 'waiting up to .* to release the lock'",
+            &format!(
+                "journalctl --since=@{since} --no-pager -o cat -u tope-ota-heal.service | grep -c '^Starting' ; \
+                 journalctl --since=@{since} --no-pager -o cat | grep -c 'waiting up to .* to release the lock'"
+            ),
             10,
         )
         .ok()?;

@@ -32,14 +32,16 @@ struct Box {
     /// One box on the machine: another test run waits (TCG takes both cores).
     _machine: std::fs::File,
     started: Instant,
+    /// When the pristine device was resumed (Unix seconds, host and guest clock alike).
+    resumed_at: u64,
 }
 
 impl Drop for Box {
     fn drop(&mut self) {
         let name = std::thread::current().name().unwrap_or("?").to_string();
-        let figures = device::lock_figures(&mut self.vm)
+        let figures = device::lock_figures(&mut self.vm, self.resumed_at)
             .map(|(heals, waits)| {
-                format!("; heal runs this boot: {heals}, commands that waited for a brief holder: {waits}")
+                format!("; since the resume: {heals} heal runs, {waits} commands waited for a brief holder")
             })
             .unwrap_or_default();
         println!(
@@ -87,6 +89,10 @@ impl Box {
             _one: one,
             _machine: machine,
             started: Instant::now(),
+            resumed_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
         }
     }
 
