@@ -316,7 +316,20 @@ pub fn remove_tree_durable(path: &Path) -> Result<()> {
     sync_dir(parent)
 }
 
-/// Remove every entry of `dir` whose name starts with [`TEMP_PREFIX`]; returns how many.
+/// Whether the temp entry `name` ([`temp_path`]: `…-PID-N`) belongs to another process that is
+/// alive: a writer that releases the state lock before its last callback is recorded may still
+/// be writing callback.json's temp file while the next writer sweeps. This process's own
+/// leftovers (a failed install's staging dir) are swept.
+fn temp_owner_alive(name: &[u8]) -> bool {
+    let name = String::from_utf8_lossy(name);
+    let mut parts = name.rsplitn(3, '-');
+    let (_n, pid) = (parts.next(), parts.next());
+    pid.and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p != std::process::id() && crate::proc::alive(p))
+}
+
+/// Remove every entry of `dir` whose name starts with [`TEMP_PREFIX`], but those of other live
+/// processes; returns how many.
 pub fn sweep_temp(dir: &Path) -> Result<usize> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -330,6 +343,7 @@ pub fn sweep_temp(dir: &Path) -> Result<usize> {
             .file_name()
             .as_bytes()
             .starts_with(TEMP_PREFIX.as_bytes())
+            || temp_owner_alive(entry.file_name().as_bytes())
         {
             continue;
         }
@@ -436,5 +450,14 @@ mod tests {
         fs::write(dir.path().join("keep"), b"").unwrap();
         assert_eq!(sweep_temp(dir.path()).unwrap(), 2);
         assert!(dir.path().join("keep").exists());
+        // Another live process's temp file (pid 1 here) stays; a dead one's goes.
+        let live = dir.path().join(format!("{TEMP_PREFIX}callback.json-1-0"));
+        let dead = dir
+            .path()
+            .join(format!("{TEMP_PREFIX}callback.json-{}-0", i32::MAX));
+        fs::write(&live, b"").unwrap();
+        fs::write(&dead, b"").unwrap();
+        assert_eq!(sweep_temp(dir.path()).unwrap(), 1);
+        assert!(live.exists() && !dead.exists());
     }
 }

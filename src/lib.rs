@@ -28,6 +28,7 @@
 //! - [`progress`]: the terminal progress bar.
 //! - [`logging`]: journal or stderr logging with version and stage on every record.
 //! - [`signals`]: SIGTERM/SIGINT as a flag polled at safe points.
+//! - [`proc`]: whether another process is alive, and since when.
 //! - [`clock`]: RFC 3339 timestamps.
 //! - [`sign`]: minisign signatures checked against the keys directory.
 //! - [`inhibit`]: print-job inhibitors checked before install and rollback switch software.
@@ -52,6 +53,7 @@ pub mod integrity;
 pub mod lock;
 pub mod logging;
 pub mod manifest;
+pub mod proc;
 pub mod progress;
 pub mod remote;
 pub mod report;

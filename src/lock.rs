@@ -7,9 +7,8 @@
 //! most its `--lock-wait`, and answers `BUSY` at once, naming the operation and since when, to
 //! a long one. This is apt's lock timeout, with the holder's own word on how long it will be.
 
-use crate::clock;
 use crate::error::{ErrorCode, OtaError};
-use crate::fsutil;
+use crate::{clock, fsutil, proc};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -64,6 +63,10 @@ impl Purpose {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub pid: u32,
+    /// The holder's start time (clock ticks since boot, `/proc/PID/stat`): a pid reused by a
+    /// later process is not the holder. 0 when unknown.
+    #[serde(default)]
+    pub start: u64,
     pub command: String,
     pub activity: String,
     pub long: bool,
@@ -84,22 +87,28 @@ impl Holder {
 }
 
 /// The holder record of the lock file in `state_dir`, if one is there, parses, and names a
-/// live process (a record left by a process that died, or not yet written, is no word).
+/// live process that is the one that wrote it (a record left by a process that died, or not
+/// yet written, is no word). Only the record's bytes are read, whatever follows them.
 pub fn holder(state_dir: &Path) -> Option<Holder> {
-    let bytes = std::fs::read(state_dir.join(LOCK_FILE)).ok()?;
+    let file = File::open(state_dir.join(LOCK_FILE)).ok()?;
+    let mut bytes = Vec::with_capacity(RECORD_LEN);
+    io::Read::read_to_end(&mut io::Read::take(file, RECORD_LEN as u64), &mut bytes).ok()?;
     let text = std::str::from_utf8(&bytes).ok()?.trim();
     let h: Holder = serde_json::from_str(text).ok()?;
-    alive(h.pid).then_some(h)
+    let same = h.start == 0 || proc::start_time(h.pid) == Some(h.start);
+    (proc::alive(h.pid) && same).then_some(h)
 }
 
-fn alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+/// Whether some process holds the lock in `state_dir` now (a shared lock is refused while an
+/// exclusive one is held). A record alone proves nothing: its writer may have been killed.
+pub fn held(state_dir: &Path) -> bool {
+    let Ok(file) = File::open(state_dir.join(LOCK_FILE)) else {
         return false;
     };
-    // SAFETY: signal 0 only checks that the process exists.
-    pid > 0
-        && (unsafe { libc::kill(pid, 0) } == 0
-            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+    match fs2::FileExt::try_lock_shared(&file) {
+        Ok(()) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EWOULDBLOCK),
+    }
 }
 
 /// Proof that this process is the one writer. Dropping it blanks the holder record and closes
@@ -135,13 +144,7 @@ impl StateLock {
             }
             if !said {
                 said = true;
-                log::warn!(
-                    "waiting up to {} for {} to release the lock",
-                    crate::cli::format_duration(wait),
-                    held.as_ref()
-                        .map(Holder::describe)
-                        .unwrap_or_else(|| "another tope-ota".into())
-                );
+                say_wait(wait, held.as_ref());
             }
             std::thread::sleep(POLL);
         }
@@ -155,6 +158,7 @@ impl StateLock {
         wait: Duration,
     ) -> Result<StateLock> {
         let start = Instant::now();
+        let mut said = false;
         loop {
             let held = match Self::try_once(state_dir, purpose)? {
                 Try::Taken(l) => return Ok(l),
@@ -162,6 +166,10 @@ impl StateLock {
             };
             if let Some(refusal) = refusal(state_dir, held.as_ref(), start.elapsed(), wait) {
                 return Err(refusal.into());
+            }
+            if !said {
+                said = true;
+                say_wait(wait, held.as_ref());
             }
             tokio::time::sleep(POLL).await;
         }
@@ -196,6 +204,10 @@ impl StateLock {
     }
 
     fn taken(file: File, dir: &Path, purpose: &Purpose) -> StateLock {
+        // Whatever a crash or a hand left past the record goes, so the record alone is read.
+        if let Err(e) = file.set_len(RECORD_LEN as u64) {
+            log::debug!("truncating the lock file in {}: {e}", dir.display());
+        }
         let lock = StateLock {
             file: Some(file),
             dir: dir.to_path_buf(),
@@ -209,14 +221,16 @@ impl StateLock {
     /// so, and from then on others get `BUSY` at once). Best effort: the record informs
     /// waiters, it guards nothing.
     pub fn announce(&self, purpose: &Purpose) {
+        let pid = std::process::id();
         let h = Holder {
-            pid: std::process::id(),
+            pid,
+            start: proc::start_time(pid).unwrap_or(0),
             command: if purpose.command.is_empty() {
                 self.command.clone()
             } else {
                 purpose.command.clone()
             },
-            activity: purpose.activity.chars().take(200).collect(),
+            activity: capped(&purpose.activity, 200),
             long: purpose.long,
             since: clock::now_rfc3339(),
         };
@@ -254,6 +268,24 @@ impl Drop for StateLock {
         // checks the pid too, but a blank record is plainer.
         self.write_record(&mut Vec::new());
     }
+}
+
+fn say_wait(wait: Duration, held: Option<&Holder>) {
+    log::warn!(
+        "waiting up to {} for {} to release the lock",
+        crate::cli::format_duration(wait),
+        held.map(Holder::describe)
+            .unwrap_or_else(|| "another tope-ota".into())
+    );
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary: the record must fit its bytes.
+fn capped(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// `BUSY` for a writer that found the lock held by `held`, once `waited`; `None` to wait on.
@@ -345,6 +377,16 @@ mod tests {
         .unwrap();
         let h = holder(dir.path()).expect("a record");
         assert_eq!(h.pid, std::process::id());
+        assert!(held(dir.path()));
+        // Not this process any more once its start time differs (a reused pid).
+        let mut other = h.clone();
+        other.start += 1;
+        std::fs::write(
+            dir.path().join(LOCK_FILE),
+            serde_json::to_vec(&other).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(holder(dir.path()), None);
         assert_eq!((h.command.as_str(), h.long), ("heal", false));
         lock.announce(&Purpose::long("", "a download of 1.3.0"));
         let h = holder(dir.path()).expect("a record");
@@ -355,6 +397,18 @@ mod tests {
         assert_eq!(len, RECORD_LEN as u64);
         drop(lock);
         assert_eq!(holder(dir.path()), None);
+        assert!(!held(dir.path()));
+        // Garbage past the record is cut when the lock is taken next.
+        std::fs::write(dir.path().join(LOCK_FILE), vec![b'x'; 4000]).unwrap();
+        let lock = StateLock::acquire(
+            dir.path(),
+            &Purpose::long("rollback", "é".repeat(300)),
+            Duration::ZERO,
+        )
+        .unwrap();
+        let h = holder(dir.path()).expect("a record");
+        assert!(h.activity.len() <= 200 && h.activity.starts_with('é'));
+        drop(lock);
     }
 
     #[test]
@@ -362,6 +416,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rec = Holder {
             pid: i32::MAX as u32,
+            start: 0,
             command: "download".into(),
             activity: "a download of 1.0.0".into(),
             long: true,

@@ -495,19 +495,28 @@ pub fn set_step(op: &mut Operation, step: &str, progress: u8, message: String) -
 /// each checked first. A `current` that resolves is left alone even if it changed (that is
 /// logged): switching software under a running print is not heal's to decide. Returns what it
 /// did.
-pub fn repair_current(root: &Path, mgr: &Manager) -> Option<String> {
+/// Whether [`repair_current`] has a `current` to repair: one that points nowhere, or none
+/// where `previous` or `factory` could take its place.
+pub fn current_needs_repair(root: &Path) -> bool {
     if !root.is_dir() {
+        return false;
+    }
+    let links = Links::read(root);
+    if links.current.is_some() {
+        return false;
+    }
+    let exists = fs::symlink_metadata(root.join(CURRENT)).is_ok();
+    exists || links.previous.is_some() || links.factory.is_some()
+}
+
+pub fn repair_current(root: &Path, mgr: &Manager) -> Option<String> {
+    if !current_needs_repair(root) {
+        if let Some(c) = Links::read(root).current.as_deref() {
+            integrity::check_target(root, c);
+        }
         return None;
     }
     let links = Links::read(root);
-    if let Some(c) = links.current.as_deref() {
-        integrity::check_target(root, c);
-        return None;
-    }
-    let exists = fs::symlink_metadata(root.join(CURRENT)).is_ok();
-    if !exists && links.previous.is_none() && links.factory.is_none() {
-        return None;
-    }
     let what = "current points nowhere";
     let running = links
         .previous

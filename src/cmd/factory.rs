@@ -149,6 +149,14 @@ fn shares_inodes(dir: &Path) -> Result<bool> {
 
 /// Re-make a factory made the old way (a link to an installed snapshot whose inodes other
 /// snapshots share) as a private copy, once. Returns what it did.
+/// Whether [`remake_if_shared`] would copy: a factory made the old way (a link to an installed
+/// snapshot, not a private `~factory` dir).
+pub fn needs_remake(root: &Path) -> bool {
+    Links::read(root)
+        .factory
+        .is_some_and(|f| !snapshot::is_factory_dir(&f))
+}
+
 pub fn remake_if_shared(root: &Path) -> Result<Option<String>> {
     let links = Links::read(root);
     let Some(f) = links.factory.clone() else {

@@ -218,6 +218,7 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
             }
         }
         Stage::Failed => {
+            op.hold(&Purpose::long("", "cleaning up after a failure"));
             let n = remove_downloads(g)?;
             let pruned = match snapshot::prune(root) {
                 Ok(p) => p.len(),
@@ -243,8 +244,15 @@ fn heal(g: &Global, args: &HealArgs, op: &mut Operation) -> Result<Output> {
         }
         Stage::Idle | Stage::Success => {}
     }
+    // What acts on the device says so: others get BUSY at once rather than wait it out.
+    if transition::current_needs_repair(root) {
+        op.hold(&Purpose::long("", "repairing current"));
+    }
     if let Some(fixed) = transition::repair_current(root, &mgr) {
         did.push(fixed);
+    }
+    if super::factory::needs_remake(root) {
+        op.hold(&Purpose::long("", "re-making the factory snapshot"));
     }
     match super::factory::remake_if_shared(root) {
         Ok(Some(what)) => did.push(what),

@@ -108,6 +108,15 @@ impl Operation {
             self.state.stage_seq = self.state.stage_seq.wrapping_add(1);
             self.last_key = Some(key);
         }
+        // A stage at rest ends the operation's long part: from the moment its callback can
+        // reach device-api (which may then ask for the next operation at once), a writer waits
+        // for what is left of this one instead of getting BUSY.
+        if matches!(
+            self.state.stage,
+            Stage::Idle | Stage::ToInstall | Stage::Success | Stage::Failed
+        ) {
+            self.hold(&Purpose::brief("", "finishing"));
+        }
         self.state
             .save(self.lock.as_ref().expect("held until the operation ends"))?;
         self.reporter.observe(&self.state);
@@ -182,6 +191,44 @@ impl Drop for Operation {
 
 /// How long a writer waits for a brief holder of the lock (`--lock-wait`).
 pub fn lock_wait(g: &Global) -> std::time::Duration {
-    g.lock_wait
-        .or("--lock-wait", std::time::Duration::from_secs(5))
+    g.lock_wait.or(
+        "--lock-wait (TOPE_OTA_LOCK_WAIT)",
+        std::time::Duration::from_secs(5),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_stage_at_rest_turns_the_lock_record_brief() {
+        let dir = tempfile::tempdir().unwrap();
+        let cli = Cli::parse_from([
+            "tope-ota",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+            "--report-url",
+            "",
+            "heal",
+        ]);
+        let mut op =
+            Operation::begin(&cli.global, &Purpose::long("heal", "a download of 1.2.0")).unwrap();
+        let record = || crate::lock::holder(dir.path()).expect("a record");
+        op.state.stage = Stage::Downloading;
+        op.commit().unwrap();
+        assert!(record().long);
+        // The download verified: device-api may ask for the install from now on.
+        op.state.stage = Stage::ToInstall;
+        op.commit().unwrap();
+        let h = record();
+        assert!(!h.long, "{h:?}");
+        assert_eq!(
+            (h.command.as_str(), h.activity.as_str()),
+            ("heal", "finishing")
+        );
+        op.finish();
+        assert!(crate::lock::holder(dir.path()).is_none());
+    }
 }

@@ -54,6 +54,8 @@ struct Ctx {
     download: Mutex<Option<(Package, Arc<AtomicBool>)>>,
     /// The last /progress body, valid while state.json keeps its inode, size and mtime.
     progress_cache: Mutex<Option<(StateKey, Bytes)>>,
+    /// `--lock-wait`, read once at start.
+    lock_wait: Duration,
 }
 
 /// The open connections. Each is *incomplete* while its request head or body is still arriving
@@ -397,13 +399,18 @@ async fn start_child(
         "serve",
         format!("starting `tope-ota {}` for device-api", args[0]),
     );
-    let lock = StateLock::acquire_async(
-        &ctx.global.state_dir,
-        &purpose,
-        super::lock_wait(&ctx.global),
-    )
-    .await
-    .map_err(|e| coded(&crate::error::classify(&e)))?;
+    // At most MAX_LOCK_WAITERS requests wait at once; the others try once: a flood of POSTs
+    // cannot keep every connection slot busy for a whole --lock-wait.
+    let waiter = LockWaiter::new();
+    let wait = if waiter.ahead < MAX_LOCK_WAITERS {
+        ctx.lock_wait
+    } else {
+        Duration::ZERO
+    };
+    let lock = StateLock::acquire_async(&ctx.global.state_dir, &purpose, wait)
+        .await
+        .map_err(|e| coded(&crate::error::classify(&e)))?;
+    drop(waiter);
     let file = lock.into_file();
     let fd = file.as_raw_fd();
     let g = &ctx.global;
@@ -491,6 +498,29 @@ async fn start_child(
         CHILDREN.fetch_sub(1, Ordering::SeqCst);
     });
     Ok(running)
+}
+
+/// POSTs that may wait for the lock at the same time.
+const MAX_LOCK_WAITERS: usize = 2;
+static LOCK_WAITERS: AtomicUsize = AtomicUsize::new(0);
+
+/// One POST waiting for the lock, counted while it lives; `ahead` were waiting before it.
+struct LockWaiter {
+    ahead: usize,
+}
+
+impl LockWaiter {
+    fn new() -> LockWaiter {
+        LockWaiter {
+            ahead: LOCK_WAITERS.fetch_add(1, Ordering::SeqCst),
+        }
+    }
+}
+
+impl Drop for LockWaiter {
+    fn drop(&mut self) {
+        LOCK_WAITERS.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Most time a POST waits for its child's first state write (see [`taken_over`]).
@@ -761,6 +791,7 @@ fn same_download(ctx: &Ctx, pkg: &Package) -> Option<&'static str> {
         && matches!(s.stage, Stage::Downloading | Stage::Verifying)
         && crate::lock::holder(&ctx.global.state_dir)
             .is_some_and(|h| h.long && h.activity == super::download::activity(&pkg.version))
+        && crate::lock::held(&ctx.global.state_dir)
     {
         return Some("it is being downloaded");
     }
@@ -1047,6 +1078,7 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         loopback_names: read_loopback_names(),
         download: Mutex::new(None),
         progress_cache: Mutex::new(None),
+        lock_wait: super::lock_wait(g),
     });
     deliver_pending_callback(g);
     rt.block_on(serve(ctx, addr))?;
@@ -1173,6 +1205,7 @@ pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> (Vec
         loopback_names: loopback_names("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"),
         download: Mutex::new(None),
         progress_cache: Mutex::new(None),
+        lock_wait: super::lock_wait(g),
     });
     rt.block_on(async move {
         let (client, server) = tokio::io::duplex(64 * 1024);

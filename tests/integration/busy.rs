@@ -282,3 +282,105 @@ fn a_command_started_while_heal_resends_a_callback_to_a_slow_device_api_runs_aft
         assert!(s < d, "heal's stage after the download's: {stages:?}");
     }
 }
+
+/// The holder record in `env`'s state.lock, as JSON (Null when absent or torn).
+fn record(env: &Env) -> Value {
+    std::fs::read(env.state_dir.join("state.lock"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(String::from_utf8_lossy(&b).trim().as_bytes()).ok())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn heal_that_repairs_current_says_so_and_others_are_busy_at_once() {
+    let mut d = crate::install::Device::with_factory();
+    let root = d.root().to_path_buf();
+    std::fs::remove_file(root.join("current")).unwrap();
+    std::os::unix::fs::symlink("v9.9.9", root.join("current")).unwrap();
+    // The repair's first start waits at a gate, as a slow service would.
+    let gate = d.sc.dir.join("go");
+    d.sc.on(
+        "start",
+        &format!("while [ ! -e {} ]; do sleep 0.02; done", gate.display()),
+    );
+    d.env.set("TOPE_OTA_LOCK_WAIT", "10min");
+    let heal = d.env.spawn(&["heal"]);
+    let until = Instant::now() + Duration::from_secs(60);
+    while record(&d.env)["activity"] != "repairing current" {
+        assert!(
+            Instant::now() < until,
+            "no record of the repair: {}",
+            record(&d.env)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut tech = Watched::spawn(&d.env, &["rollback"]);
+    assert_eq!(tech.exit_within(60), 75, "{}", tech.stderr());
+    assert!(
+        tech.stderr()
+            .contains("BUSY: repairing current is in flight: since "),
+        "{}",
+        tech.stderr()
+    );
+    std::fs::write(&gate, b"").unwrap();
+    let heal = Run::from(heal.wait_with_output().unwrap());
+    heal.expect(0);
+    assert!(
+        heal.stdout.contains("current points nowhere"),
+        "{}",
+        heal.stdout
+    );
+}
+
+#[test]
+fn the_api_lets_two_requests_wait_for_the_lock_and_refuses_more_at_once() {
+    let mut env = Env::new();
+    env.set("TOPE_OTA_LOCK_WAIT", "10min");
+    let p = pkg(64 * 1024, 35);
+    let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
+    let serve = Server::start_logged(&env);
+    let holder = Holder::take(&env, "heal", "housekeeping", false);
+    let body = json!({
+        "version": "1.2.0",
+        "package_url": srv.url("pkg.zip"),
+        "package_name": "pkg.zip",
+        "package_size": p.bytes.len(),
+        "package_md5": p.md5,
+    })
+    .to_string();
+    let post = |body: String| {
+        let addr = serve.addr.clone();
+        std::thread::spawn(move || call(&addr, "POST", "/api/v1.0/download", Some(&body)))
+    };
+    let first = post(body.clone());
+    let second = post(body.clone());
+    let until = Instant::now() + Duration::from_secs(60);
+    while serve
+        .log()
+        .matches("waiting up to 600s for housekeeping")
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < until,
+            "the POSTs do not wait:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, third) = call(&serve.addr, "POST", "/api/v1.0/download", Some(&body));
+    assert_eq!(status, 409, "{third}");
+    assert!(
+        third["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("BUSY: another tope-ota holds"),
+        "{third}"
+    );
+    drop(holder);
+    for t in [first, second] {
+        let (status, answer) = t.join().unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    env.wait_state(60, "toInstall", |s| s["stage"] == "toInstall");
+}
