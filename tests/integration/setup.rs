@@ -29,6 +29,13 @@ const TOOLS: [(&str, &str); 15] = [
     ("python3", "python3"),
 ];
 
+/// Programs `tests/setup-cross.sh` installs, which the armhf checks run themselves
+/// (`support::armhf_bin`), and their Debian packages.
+const CROSS: [(&str, &str); 2] = [
+    ("cargo", "cargo-web"),
+    ("qemu-arm-static", "qemu-user-static"),
+];
+
 /// Programs the tests may call without tests/setup.sh: in every Debian base system
 /// (coreutils, util-linux's mount, dash, bash), or only in the ignored benchmarks (curl).
 const ESSENTIAL: [&str; 10] = [
@@ -152,7 +159,15 @@ fn setup_covers_every_tool_the_tests_call_and_the_commands_run_it() {
             "tests/setup.sh does not install {tool} ({package})"
         );
     }
-    // Every program a test runs by name is installed by tests/setup.sh or essential.
+    let cross = std::fs::read_to_string(repo().join("tests/setup-cross.sh")).unwrap();
+    for (tool, package) in CROSS {
+        assert!(
+            cross.contains(package),
+            "tests/setup-cross.sh does not install {tool} ({package})"
+        );
+    }
+    // Every program a test runs by name is installed by tests/setup.sh, tests/setup-cross.sh,
+    // or essential.
     let mut called = BTreeSet::new();
     let files = ["tests/integration", "tests/vm"]
         .iter()
@@ -169,7 +184,7 @@ fn setup_covers_every_tool_the_tests_call_and_the_commands_run_it() {
     }
     for prog in &called {
         assert!(
-            TOOLS.iter().any(|t| t.0 == prog) || ESSENTIAL.contains(&prog.as_str()),
+            TOOLS.iter().chain(&CROSS).any(|t| t.0 == prog) || ESSENTIAL.contains(&prog.as_str()),
             "a test calls {prog}, which tests/setup.sh does not install"
         );
     }
