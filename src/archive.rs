@@ -40,7 +40,8 @@ impl Limits {
         let d = Limits::default();
         let get = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
         Limits {
-            max_entries: get("TOPE_OTA_MAX_ENTRIES").map_or(d.max_entries, |v| v as usize),
+            max_entries: get("TOPE_OTA_MAX_ENTRIES")
+                .map_or(d.max_entries, |v| usize::try_from(v).unwrap_or(usize::MAX)),
             max_total: get("TOPE_OTA_MAX_UNPACKED").unwrap_or(d.max_total),
             max_ratio: get("TOPE_OTA_MAX_RATIO").unwrap_or(d.max_ratio),
             ratio_floor: d.ratio_floor,

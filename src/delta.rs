@@ -514,8 +514,11 @@ pub fn regenerate_local_header(e: &Entry) -> Vec<u8> {
     h.extend_from_slice(&e.mod_time.to_le_bytes());
     h.extend_from_slice(&e.mod_date.to_le_bytes());
     h.extend_from_slice(&e.crc32.to_le_bytes());
-    h.extend_from_slice(&(e.compressed_size as u32).to_le_bytes());
-    h.extend_from_slice(&(e.uncompressed_size as u32).to_le_bytes());
+    // A size past 32 bits is 0xFFFFFFFF here (its value is in the ZIP64 extra field), as the
+    // zip crate writes it; `as u32` would keep its low bits.
+    let low = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    h.extend_from_slice(&low(e.compressed_size).to_le_bytes());
+    h.extend_from_slice(&low(e.uncompressed_size).to_le_bytes());
     h.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
     h.extend_from_slice(&(e.extra.len() as u16).to_le_bytes());
     h.extend_from_slice(&e.name);
