@@ -80,6 +80,14 @@ impl std::error::Error for ZipDirError {}
 
 type R<T> = Result<T, ZipDirError>;
 
+/// `n` as an index or count in memory: on a 32-bit device a number past `usize` cannot be one,
+/// and `as usize` would keep its low bits (another place in the bytes read).
+fn index(n: u64, what: &str) -> R<usize> {
+    usize::try_from(n).map_err(|_| {
+        ZipDirError::TooLarge(format!("{what} {n} is past what this device can address"))
+    })
+}
+
 fn u16_at(b: &[u8], i: usize) -> u16 {
     u16::from_le_bytes([b[i], b[i + 1]])
 }
@@ -193,7 +201,7 @@ pub fn parse_tail(tail: &[u8], len: u64, limits: &Limits) -> R<Tail> {
             comment_len,
         });
     }
-    let rec = &tail[(rec_at - tail_start) as usize..pos - LOCATOR_LEN];
+    let rec = &tail[index(rec_at - tail_start, "the ZIP64 record's offset")?..pos - LOCATOR_LEN];
     parse_zip64_record(rec, rec_at, len, comment_len, limits).map(Tail::End)
 }
 
@@ -343,10 +351,11 @@ pub fn parse_directory(cd: &[u8], end: &End, limits: &Limits) -> R<Directory> {
             end.cd_size
         )));
     }
-    let cd = &cd[..end.cd_size as usize];
-    let mut entries = Vec::with_capacity(end.entries as usize);
+    let cd = &cd[..index(end.cd_size, "the central directory's size")?];
+    let count = index(end.entries, "the number of entries")?;
+    let mut entries = Vec::with_capacity(count);
     let mut p = 0usize;
-    for index in 0..end.entries as usize {
+    for index in 0..count {
         if cd.len() - p < CDH_LEN {
             return Err(ZipDirError::Truncated(format!(
                 "the central directory ends inside entry {index} of {}",
@@ -535,8 +544,8 @@ where
         }
     };
     let cd = if end.cd_start >= tail_start {
-        let from = (end.cd_start - tail_start) as usize;
-        tail[from..from + end.cd_size as usize].to_vec()
+        let from = index(end.cd_start - tail_start, "the central directory's offset")?;
+        tail[from..from + index(end.cd_size, "the central directory's size")?].to_vec()
     } else {
         read(end.cd_start, end.end_start)?
     };
