@@ -65,6 +65,10 @@ fn transient<T>(why: impl Into<String>) -> Result<T> {
 /// The most ranges asked for in one request (its Range header stays under 2 KiB).
 pub const MAX_RANGES_PER_REQUEST: usize = 64;
 
+/// A pause between reads longer than this (a regeneration) ends a stream for the steady rate:
+/// what the server sent meanwhile filled the socket's buffers and comes at once.
+const READ_PAUSE: Duration = Duration::from_millis(250);
+
 /// The longest header line of a multipart answer, and the most lines before a part's data.
 const MAX_PART_LINE: usize = 1024;
 const MAX_PART_LINES: usize = 16;
@@ -78,6 +82,10 @@ pub struct LinkStats {
     /// Bytes of first ranges read at once after their request, and the time they took.
     pub sampled: u64,
     pub sample_time: Duration,
+    /// Every range's reads, for the steady rate of long ranges (a read after a pause, when
+    /// the answer waited in the socket, starts it again), and the last steady rate it gave.
+    pub window: crate::rate::RateWindow,
+    pub steady: Option<f64>,
 }
 
 impl LinkStats {
@@ -86,10 +94,13 @@ impl LinkStats {
         (self.requests > 0).then(|| self.latency / self.requests as u32)
     }
 
-    /// Bytes per second the link delivered, once 64 KiB were sampled.
+    /// Bytes per second the link delivers: the last steady rate of a long range, else the
+    /// first ranges' average once 64 KiB were sampled.
     pub fn rate(&self) -> Option<f64> {
-        (self.sampled >= 64 * 1024)
-            .then(|| self.sampled as f64 / self.sample_time.as_secs_f64().max(1e-6))
+        self.steady.or_else(|| {
+            (self.sampled >= 64 * 1024)
+                .then(|| self.sampled as f64 / self.sample_time.as_secs_f64().max(1e-6))
+        })
     }
 }
 
@@ -120,6 +131,8 @@ pub struct Batch {
     /// The first part is being read (right after the request, in reads with only checkpoints
     /// between them): it samples the link.
     fresh: bool,
+    /// Parts asked for.
+    asked: usize,
 }
 
 impl Batch {
@@ -131,6 +144,7 @@ impl Batch {
         Batch {
             reader: BufReader::new(reader),
             boundary,
+            asked: queue.len(),
             queue,
             open: None,
             fresh: true,
@@ -417,6 +431,19 @@ impl Remote {
         }
         let len = end - start;
         let t = Instant::now();
+        // A new answer's first bytes may have waited in the socket (or come in the server's
+        // burst); so may bytes after a long pause (a regeneration). A short pause (a
+        // checkpoint) is in the window: its bytes came at the link's rate meanwhile.
+        let fresh_answer = batch.fresh && !begun && batch.queue.len() + 1 == batch.asked;
+        if fresh_answer
+            || self
+                .link
+                .window
+                .last()
+                .is_none_or(|l| t.duration_since(l) > READ_PAUSE)
+        {
+            self.link.window.restart(t);
+        }
         let mut body = (&mut batch.reader).take(len);
         let mut buf = vec![0u8; 64 * 1024];
         let mut got = 0u64;
@@ -435,6 +462,12 @@ impl Remote {
                 return Err(anyhow::Error::from(e).context("write the range"));
             }
             got += n as u64;
+            if self.sampling {
+                self.link.window.add(Instant::now(), n as u64);
+                if let Some(r) = self.link.window.steady() {
+                    self.link.steady = Some(r);
+                }
+            }
         }
         self.received += got;
         if got != len {
