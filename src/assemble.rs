@@ -16,7 +16,7 @@ use crate::manifest::{Manifest, MANIFEST};
 use crate::remote::{
     Batch, Changed, Remote, Transient, Unavailable, MAX_RANGES_PER_REQUEST, PROBE_TAIL,
 };
-use crate::switch::{pinned_regen_rate, Prospect};
+use crate::switch::{pinned_regen_rate, Known, Prospect};
 use crate::zipdir::{Directory, Limits};
 use anyhow::Result;
 use std::collections::HashMap;
@@ -253,6 +253,8 @@ pub struct Job<'a> {
     pub switched: bool,
     /// Switches are left: `auto` may hand over to a whole download (and give its prospect).
     pub may_switch: bool,
+    /// The package's directory and candidates as an earlier try read them this run.
+    pub known: Option<&'a Known>,
 }
 
 /// The durable prefix of a partial to go on from, and the validator it was fetched under.
@@ -476,18 +478,38 @@ fn try_delta(
         mode,
         switched,
         may_switch,
+        known,
     } = *job;
     if !current.is_dir() {
         log::info!("no delta: no current version at {}", current.display());
         return Ok(None);
     }
-    let (mut remote, tail) = Remote::probe(url, size, PROBE_TAIL, tuning)?;
-    let found = remote
-        .directory(&tail, &delta_limits())
-        .and_then(|dir| read_manifest(&mut remote, &dir).map(|m| (dir, m)));
-    sink.account(remote.received, 0);
-    let (dir, manifest) = found?;
-    let cands = delta::candidates(&dir, &manifest);
+    // Known: one byte proves the server still serves it under the same strong ETag.
+    let tail_len = if known.is_some() { 1 } else { PROBE_TAIL };
+    let (mut remote, tail) = Remote::probe(url, size, tail_len, tuning)?;
+    let (dir, cands) = match known {
+        Some(k) if k.etag == remote.etag => {
+            sink.account(remote.received, 0);
+            (k.dir.clone(), k.cands.clone())
+        }
+        Some(k) => {
+            sink.account(remote.received, 0);
+            return Err(Changed(format!(
+                "the package changed on the server (ETag {}, was {})",
+                remote.etag, k.etag
+            ))
+            .into());
+        }
+        None => {
+            let found = remote
+                .directory(&tail, &delta_limits())
+                .and_then(|dir| read_manifest(&mut remote, &dir).map(|m| (dir, m)));
+            sink.account(remote.received, 0);
+            let (dir, manifest) = found?;
+            let cands = delta::candidates(&dir, &manifest);
+            (dir, cands)
+        }
+    };
     let mut offset = resume.offset;
     if offset > 0 && resume.validator.as_deref() != Some(&remote.etag) {
         if !resume
@@ -518,7 +540,8 @@ fn try_delta(
     if mode == Mode::Bytes {
         // The probe, directory and manifest are spent: the rest is compared.
         let c = by_stat.cost(offset, 1.0, 1.0, 1.0, false);
-        let delta_bytes = c.delta_bytes + by_stat.overhead.0.saturating_sub(remote.received);
+        // The calibration entry is still to come.
+        let delta_bytes = c.delta_bytes + by_stat.overhead.0;
         if delta_bytes >= c.whole_bytes {
             log::info!(
                 "no delta: as a delta the rest would fetch about {delta_bytes} bytes, whole {}: whole is fewer bytes",
@@ -624,6 +647,7 @@ fn try_delta(
     let mut a = Assembler {
         out,
         remote,
+        cands,
         dir,
         pieces: plan.pieces,
         current,
@@ -684,6 +708,8 @@ fn cannot_win(
 struct Assembler<'a> {
     out: Assembly,
     remote: Remote,
+    /// The directory's candidates, for a prospect if it hands over.
+    cands: Vec<Candidate>,
     dir: Directory,
     pieces: Vec<Piece>,
     current: &'a Path,
@@ -799,7 +825,8 @@ impl Assembler<'_> {
                             "no delta from {} of {size} bytes on: {why}; downloading the rest whole, watching the link",
                             self.out.len
                         );
-                        let mut p = Prospect::of_plan(&self.dir, &self.pieces, &self.remote);
+                        let mut p =
+                            Prospect::of_plan(&self.dir, &self.cands, &self.pieces, &self.remote);
                         p.deflate = Some(self.deflate_rate());
                         p.handback = true;
                         *prospect = Some(p);

@@ -257,7 +257,7 @@ pub(crate) fn reopen_partial(
 }
 
 /// The HTTP agent of every package request: statuses as answers, the tuning's timeouts.
-pub(crate) fn agent(tuning: &Tuning) -> ureq::Agent {
+pub fn agent(tuning: &Tuning) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(tuning.connect_timeout))
@@ -272,7 +272,18 @@ pub(crate) fn agent(tuning: &Tuning) -> ureq::Agent {
 /// Fetch `req` into `part`, retrying transient failures with exponential backoff, each retry
 /// resuming from the bytes on disk.
 pub fn fetch(part: &Path, req: Request, tuning: &Tuning, sink: &mut dyn Sink) -> Result<Outcome> {
-    let agent = agent(tuning);
+    fetch_over(agent(tuning), part, req, tuning, sink)
+}
+
+/// [`fetch`] over `agent`'s connections (those a delta left open: no new handshake, and a
+/// link that paces each connection goes on where it was).
+pub fn fetch_over(
+    agent: ureq::Agent,
+    part: &Path,
+    req: Request,
+    tuning: &Tuning,
+    sink: &mut dyn Sink,
+) -> Result<Outcome> {
     let mut p = open_partial(part, req.offset, req.size, req.sha256)?;
     let mut validator = req.validator.clone();
     let mut failures = 0u32;

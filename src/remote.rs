@@ -260,6 +260,11 @@ impl Remote {
         Ok((remote, bytes))
     }
 
+    /// The agent (and its kept-alive connections) the requests went over.
+    pub fn agent(&self) -> ureq::Agent {
+        self.agent.clone()
+    }
+
     fn check_content_range(&self, got: Option<&str>, start: u64, end: u64) -> Result<()> {
         let want = format!("bytes {start}-{}/{}", end - 1, self.size);
         match got {

@@ -6,7 +6,7 @@
 
 use crate::delta::{self, Candidate, LocalFile, Piece};
 use crate::rate::RateWindow;
-use crate::remote::{Remote, MAX_RANGES_PER_REQUEST, PROBE_TAIL};
+use crate::remote::{Remote, MAX_RANGES_PER_REQUEST};
 use crate::zipdir::Directory;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,8 +59,8 @@ struct Run {
 pub struct Prospect {
     size: u64,
     runs: Vec<Run>,
-    /// Bytes and requests a switch spends before it assembles: the probe, the directory past
-    /// it, the manifest, the calibration entry.
+    /// Bytes and requests a switch spends before it assembles: a probe of one byte (the
+    /// directory and manifest are [`Known`]) and the calibration entry.
     pub overhead: (u64, u64),
     rtt: f64,
     per_request: usize,
@@ -70,6 +70,18 @@ pub struct Prospect {
     pub deflate: Option<f64>,
     /// Made by an assembly that handed over: the watcher waits [`MIN_BETWEEN`] first.
     pub handback: bool,
+    /// The package as the delta read it, and the agent it read it over.
+    pub known: Option<Known>,
+    pub agent: Option<ureq::Agent>,
+}
+
+/// A package's directory and candidates as read under its strong ETag: a switch to a delta
+/// of the same ETag reads neither again (one byte probed to check the ETag).
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub etag: String,
+    pub dir: Directory,
+    pub cands: Vec<Candidate>,
 }
 
 /// Expected seconds and bytes of the rest from some byte on, as a delta and whole.
@@ -123,11 +135,19 @@ impl Prospect {
         let mut p = Prospect::new(dir, remote, entries);
         p.overhead.0 += calibration;
         p.sample = sample;
+        if let Some(k) = p.known.as_mut() {
+            k.cands = cands.to_vec();
+        }
         p
     }
 
-    /// From an assembly's plan: its reused pieces.
-    pub fn of_plan(dir: &Directory, pieces: &[Piece], remote: &Remote) -> Prospect {
+    /// From an assembly's plan (`cands` its candidates): its reused pieces.
+    pub fn of_plan(
+        dir: &Directory,
+        cands: &[Candidate],
+        pieces: &[Piece],
+        remote: &Remote,
+    ) -> Prospect {
         let entries = pieces
             .iter()
             .filter_map(|p| match p {
@@ -139,7 +159,11 @@ impl Prospect {
                 _ => None,
             })
             .collect();
-        Prospect::new(dir, remote, entries)
+        let mut p = Prospect::new(dir, remote, entries);
+        if let Some(k) = p.known.as_mut() {
+            k.cands = cands.to_vec();
+        }
+        p
     }
 
     fn new(dir: &Directory, remote: &Remote, entries: Vec<(u64, u64, u64, u16)>) -> Prospect {
@@ -163,20 +187,12 @@ impl Prospect {
             }
         }
         runs.retain(|r| r.end - r.start >= MERGE_GAP);
-        let manifest = dir
-            .entries
-            .iter()
-            .find(|e| e.name == crate::manifest::MANIFEST.as_bytes())
-            .map(|e| {
-                let (a, b) = crate::assemble::extent(dir, e.index);
-                b - a
-            })
-            .unwrap_or(0);
-        let cd_past_tail = dir.end.cd_size.saturating_sub(PROBE_TAIL / 2);
         Prospect {
             size: remote.size,
             runs,
-            overhead: (PROBE_TAIL + cd_past_tail + manifest, 4),
+            // The switch probes one byte (the directory and manifest are known) and fetches
+            // the calibration entry (added by the caller).
+            overhead: (1, 2),
             rtt: remote.link.rtt().unwrap_or_default().as_secs_f64(),
             per_request: if remote.multi == Some(false) {
                 1
@@ -186,6 +202,12 @@ impl Prospect {
             sample: None,
             deflate: pinned_regen_rate(),
             handback: false,
+            known: Some(Known {
+                etag: remote.etag.clone(),
+                dir: dir.clone(),
+                cands: Vec::new(),
+            }),
+            agent: Some(remote.agent()),
         }
     }
 
@@ -289,6 +311,11 @@ impl Watcher {
         self.started = (now, pos);
     }
 
+    /// The prospect, to go on with after a switch.
+    pub fn into_prospect(self) -> Prospect {
+        self.prospect
+    }
+
     /// The download has `pos` bytes; true when the rest should come as a delta.
     pub fn received(&mut self, pos: u64) -> bool {
         let now = Instant::now();
@@ -318,7 +345,7 @@ impl Watcher {
         let (t0, p0) = self.started;
         let since = (pos - p0) as f64 / now.duration_since(t0).as_secs_f64().max(1e-6);
         self.why = Some(format!(
-            "switching to a delta at {pos} of {} bytes: the link's steady rate is {}/s (this response's average {}/s, its first burst included); deflating {}/s, the rest takes ~{:.2} s as a delta (~{} to fetch with the switch's probe, directory, manifest and calibration, if current's files of the entries' sizes hold them), ~{:.2} s whole",
+            "switching to a delta at {pos} of {} bytes: the link's steady rate is {}/s (this response's average {}/s, its first burst included); deflating {}/s, the rest takes ~{:.2} s as a delta (~{} to fetch with the switch's probe and calibration, if current's files of the entries' sizes hold them), ~{:.2} s whole",
             self.prospect.size,
             crate::clock::human_bytes(link as u64),
             crate::clock::human_bytes(since as u64),

@@ -258,8 +258,9 @@ fn obtain(
     let mut resume = resume.clone();
     let mut switches = 0u32;
     let mut switched = false;
+    let mut known: Option<crate::switch::Known> = None;
     loop {
-        let mut prospect = None;
+        let mut prospect: Option<crate::switch::Prospect> = None;
         let may_switch = mode == delta::Mode::Auto && switches < crate::switch::MAX_SWITCHES;
         if mode != delta::Mode::Never {
             let current = g.versions_dir.join(crate::snapshot::CURRENT);
@@ -273,6 +274,7 @@ fn obtain(
                 mode,
                 switched,
                 may_switch,
+                known: known.as_ref(),
             };
             let got = delta::delta_download(&job, tuning, sink, &mut prospect)?;
             if let Some((outcome, _)) = got {
@@ -286,6 +288,11 @@ fn obtain(
                 switches += 1;
             }
         }
+        // The whole download goes on over the delta's connection, when it left one.
+        let agent = prospect
+            .as_mut()
+            .and_then(|p| p.agent.take())
+            .unwrap_or_else(|| fetch::agent(tuning));
         sink.watch = prospect
             .filter(|_| switches < crate::switch::MAX_SWITCHES)
             .map(crate::switch::Watcher::new);
@@ -296,12 +303,16 @@ fn obtain(
             validator: resume.validator.clone(),
             sha256: pkg.package_sha256.is_some(),
         };
-        let fetched = fetch::fetch(part, req, tuning, sink);
-        let why = sink.watch.take().and_then(|w| w.why);
+        let fetched = fetch::fetch_over(agent, part, req, tuning, sink);
+        let (why, p) = match sink.watch.take() {
+            Some(mut w) => (w.why.take(), Some(w.into_prospect())),
+            None => (None, None),
+        };
         let outcome = fetched?;
         let (Outcome::Stopped { durable }, Some(why)) = (&outcome, why) else {
             return Ok(outcome);
         };
+        known = p.and_then(|p| p.known);
         if sink.stop_requested() {
             return Ok(outcome);
         }
