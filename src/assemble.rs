@@ -536,8 +536,9 @@ fn try_delta(
     };
     let validator = Some(remote.etag.clone());
     let accounted_before_prefix = remote.received;
-    let by_stat = Prospect::by_stat(&dir, &cands, current, &remote);
-    if mode == Mode::Bytes {
+    let by_stat = matches!(mode, Mode::Auto | Mode::Bytes)
+        .then(|| Prospect::by_stat(&dir, &cands, current, &remote));
+    if let (Mode::Bytes, Some(by_stat)) = (mode, &by_stat) {
         // The probe, directory and manifest are spent: the rest is compared.
         let c = by_stat.cost(offset, 1.0, 1.0, 1.0, false);
         // The calibration entry is still to come.
@@ -568,9 +569,14 @@ fn try_delta(
         sink.account(remote.received - accounted_before_prefix, 0);
         sink.checkpoint(out.len, validator.as_deref())?;
         if let Some(why) = cannot_win(&dir, &cands, current, out.len, size, &remote) {
-            if may_switch {
+            if let (true, Some(mut p)) = (may_switch, by_stat) {
                 log::info!("no delta for now: {why}; downloading whole, watching the link");
-                *prospect = Some(by_stat);
+                p.known = Some(Known {
+                    etag: remote.etag.clone(),
+                    dir,
+                    cands,
+                });
+                *prospect = Some(p);
             } else {
                 log::info!("no delta: {why}; downloading the rest whole");
             }

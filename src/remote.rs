@@ -65,8 +65,8 @@ fn transient<T>(why: impl Into<String>) -> Result<T> {
 /// The most ranges asked for in one request (its Range header stays under 2 KiB).
 pub const MAX_RANGES_PER_REQUEST: usize = 64;
 
-/// A pause between reads longer than this (a regeneration) ends a stream for the steady rate:
-/// what the server sent meanwhile filled the socket's buffers and comes at once.
+/// A pause inside a part longer than this (a slow checkpoint) ends a stream for the steady
+/// rate: what the server sent meanwhile may have filled the socket's buffers.
 const READ_PAUSE: Duration = Duration::from_millis(250);
 
 /// The longest header line of a multipart answer, and the most lines before a part's data.
@@ -131,8 +131,6 @@ pub struct Batch {
     /// The first part is being read (right after the request, in reads with only checkpoints
     /// between them): it samples the link.
     fresh: bool,
-    /// Parts asked for.
-    asked: usize,
 }
 
 impl Batch {
@@ -144,7 +142,6 @@ impl Batch {
         Batch {
             reader: BufReader::new(reader),
             boundary,
-            asked: queue.len(),
             queue,
             open: None,
             fresh: true,
@@ -436,11 +433,11 @@ impl Remote {
         }
         let len = end - start;
         let t = Instant::now();
-        // A new answer's first bytes may have waited in the socket (or come in the server's
-        // burst); so may bytes after a long pause (a regeneration). A short pause (a
-        // checkpoint) is in the window: its bytes came at the link's rate meanwhile.
-        let fresh_answer = batch.fresh && !begun && batch.queue.len() + 1 == batch.asked;
-        if fresh_answer
+        // Only the reads of one part, in calls with no more than a checkpoint between them, are
+        // one stream: a part's first bytes waited in the socket while the parts before were
+        // regenerated (or came in the server's burst), and the time spent regenerating is no
+        // time of the link's.
+        if !begun
             || self
                 .link
                 .window

@@ -132,12 +132,9 @@ impl Prospect {
                 b - a
             })
             .unwrap_or(0);
-        let mut p = Prospect::new(dir, remote, entries);
+        let mut p = Prospect::new(remote, entries);
         p.overhead.0 += calibration;
         p.sample = sample;
-        if let Some(k) = p.known.as_mut() {
-            k.cands = cands.to_vec();
-        }
         p
     }
 
@@ -159,14 +156,16 @@ impl Prospect {
                 _ => None,
             })
             .collect();
-        let mut p = Prospect::new(dir, remote, entries);
-        if let Some(k) = p.known.as_mut() {
-            k.cands = cands.to_vec();
-        }
+        let mut p = Prospect::new(remote, entries);
+        p.known = Some(Known {
+            etag: remote.etag.clone(),
+            dir: dir.clone(),
+            cands: cands.to_vec(),
+        });
         p
     }
 
-    fn new(dir: &Directory, remote: &Remote, entries: Vec<(u64, u64, u64, u16)>) -> Prospect {
+    fn new(remote: &Remote, entries: Vec<(u64, u64, u64, u16)>) -> Prospect {
         let mut runs: Vec<Run> = Vec::new();
         for (a, b, file, method) in entries {
             let (deflated, stored) = if method == 8 { (file, 0) } else { (0, file) };
@@ -202,11 +201,7 @@ impl Prospect {
             sample: None,
             deflate: pinned_regen_rate(),
             handback: false,
-            known: Some(Known {
-                etag: remote.etag.clone(),
-                dir: dir.clone(),
-                cands: Vec::new(),
-            }),
+            known: None,
             agent: Some(remote.agent()),
         }
     }
@@ -360,3 +355,52 @@ impl Watcher {
 
 /// How often the watcher looks at the rate.
 const CHECK_EVERY: Duration = Duration::from_millis(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prospect(runs: Vec<Run>) -> Prospect {
+        Prospect {
+            size: 1_000_000,
+            runs,
+            overhead: (50_000, 2),
+            rtt: 0.05,
+            per_request: MAX_RANGES_PER_REQUEST,
+            sample: None,
+            deflate: None,
+            handback: false,
+            known: None,
+            agent: None,
+        }
+    }
+
+    #[test]
+    fn the_cost_counts_what_is_left_and_the_switch() {
+        // 800 KB reusable in one run (1.6 MB of files deflated), from 100 KB on.
+        let p = prospect(vec![Run {
+            start: 100_000,
+            end: 900_000,
+            deflated: 1_600_000,
+            stored: 0,
+        }]);
+        let c = p.cost(0, 1e6, 16e6, 200e6, false);
+        assert_eq!(c.whole_bytes, 1_000_000);
+        assert_eq!(c.delta_bytes, 200_000 + 2 * PART_OVERHEAD);
+        // 0.2 s of ranges, one request, 0.1 s of deflate.
+        assert!((c.delta_s - (0.2002 + 0.05 + 0.1)).abs() < 1e-3, "{c:?}");
+        assert!((c.whole_s - 1.0).abs() < 1e-9);
+        // Half way into the run: half of it is left to regenerate; a switch pays its overhead.
+        let c = p.cost(500_000, 1e6, 16e6, 200e6, true);
+        assert_eq!(c.whole_bytes, 500_000);
+        assert_eq!(c.delta_bytes, 100_000 + 2 * PART_OVERHEAD + 50_000);
+        assert!(
+            (c.delta_s - (0.1502 + 3.0 * 0.05 + 0.05)).abs() < 1e-3,
+            "{c:?}"
+        );
+        // Past the run nothing is saved.
+        assert!(!p.saves_anything(900_000));
+        let c = p.cost(950_000, 1e6, 16e6, 200e6, false);
+        assert!(c.delta_bytes >= c.whole_bytes);
+    }
+}

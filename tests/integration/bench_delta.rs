@@ -24,7 +24,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -281,6 +281,10 @@ struct Relay {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     max_open: Arc<AtomicUsize>,
+    /// Bytes the link delivered to the device (headers included). What nginx sent may be more:
+    /// a response the device ends early (a switch to a delta) leaves bytes in the socket
+    /// buffers between nginx and the link that never cross it.
+    delivered: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -292,7 +296,8 @@ impl Relay {
         let open = Arc::new(AtomicUsize::new(0));
         // When the link is free again.
         let link = Arc::new(Mutex::new(Instant::now()));
-        let (conns, max) = (connections.clone(), max_open.clone());
+        let delivered = Arc::new(AtomicU64::new(0));
+        let (conns, max, total) = (connections.clone(), max_open.clone(), delivered.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -328,7 +333,7 @@ impl Relay {
                 }
                 // Down: server to client at the link's rate.
                 let (mut from, mut to) = (server, client);
-                let (link, open) = (link.clone(), open.clone());
+                let (link, open, total) = (link.clone(), open.clone(), total.clone());
                 thread::spawn(move || {
                     let mut buf = vec![0u8; 16 * 1024];
                     let mut credit = burst;
@@ -342,6 +347,7 @@ impl Relay {
                             if to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
+                            total.fetch_add(n as u64, Ordering::SeqCst);
                             continue;
                         }
                         credit = 0;
@@ -357,6 +363,7 @@ impl Relay {
                         if to.write_all(&buf[..n]).is_err() {
                             break;
                         }
+                        total.fetch_add(n as u64, Ordering::SeqCst);
                     }
                     let _ = to.shutdown(std::net::Shutdown::Both);
                     let _ = from.shutdown(std::net::Shutdown::Both);
@@ -368,6 +375,7 @@ impl Relay {
             addr,
             connections,
             max_open,
+            delivered,
         }
     }
 }
@@ -410,6 +418,8 @@ struct Figures {
     refetched: usize,
     /// Connections over the relay (slow link) and the most open at once.
     connections: Option<(usize, usize)>,
+    /// Bytes the relay delivered (what crossed the slow link).
+    link_bytes: Option<u64>,
 }
 
 /// Download `pkg` from `served` into a fresh state dir, with `versions` (whose `current` is the
@@ -486,12 +496,13 @@ fn measure(served: &Path, pkg: &Pkg, versions: &Path, link: Link, ask: Ask) -> F
         refetched: stderr
             .matches("no longer regenerates its entry; fetching it")
             .count(),
-        connections: relay.map(|r| {
+        connections: relay.as_ref().map(|r| {
             (
                 r.connections.load(Ordering::SeqCst),
                 r.max_open.load(Ordering::SeqCst),
             )
         }),
+        link_bytes: relay.map(|r| r.delivered.load(Ordering::SeqCst)),
     }
 }
 
@@ -506,8 +517,11 @@ fn print_run(what: &str, f: &Figures) {
     let conns = f.connections.map_or(String::new(), |(c, m)| {
         format!(", {c} connections ({m} at once)")
     });
+    let over = f.link_bytes.map_or(String::new(), |b| {
+        format!(", over the link {b} bytes ({:.2} MiB)", mib(b))
+    });
     println!(
-        "  {what:<6} {:5} requests ({}{conns}), fetched {:>11} bytes ({:7.2} MiB; bodies {:.2} MiB), wall {:7.2} s, peak RSS {:5.1} MiB, entries reused: {reused}",
+        "  {what:<6} {:5} requests ({}{conns}), nginx sent {:>11} bytes ({:7.2} MiB; bodies {:.2} MiB){over}, wall {:7.2} s, peak RSS {:5.1} MiB, entries reused: {reused}",
         f.requests,
         f.statuses,
         f.sent,
@@ -680,13 +694,18 @@ with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6
     print_log(&burst_auto);
     for (name, f) in [("always", &burst_always), ("auto", &burst_auto)] {
         println!(
-            "  {name}/full: bytes {:.3}x, wall {:.3}x",
-            ratio(f.sent as f64, burst_full.sent as f64),
+            "  {name}/full: bytes over the link {:.3}x, wall {:.3}x",
+            ratio(
+                f.link_bytes.unwrap_or(f.sent) as f64,
+                burst_full.link_bytes.unwrap_or(burst_full.sent) as f64
+            ),
             ratio(f.wall.as_secs_f64(), burst_full.wall.as_secs_f64()),
         );
     }
+    let link = |f: &Figures| f.link_bytes.unwrap_or(f.sent) as f64;
     println!(
-        "  auto/always: bytes {:.3}x, wall {:.3}x",
+        "  auto/always: bytes over the link {:.3}x (nginx sent {:.3}x), wall {:.3}x",
+        ratio(link(&burst_auto), link(&burst_always)),
         ratio(burst_auto.sent as f64, burst_always.sent as f64),
         ratio(
             burst_auto.wall.as_secs_f64(),
@@ -695,10 +714,16 @@ with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6
     );
     println!("budgets:");
     let allowed = changed_compressed + pkg.size / 50;
+    let over = burst_auto.link_bytes.unwrap_or(burst_auto.sent);
     budget(
-        "bytes fetched by auto on the bursting link <= changed entries' compressed size + 2 % of the package",
-        burst_auto.sent <= allowed,
-        format!("{:.2} MiB <= {:.2} MiB", mib(burst_auto.sent), mib(allowed)),
+        "bytes over the link by auto on the bursting link <= changed entries' compressed size + 2 % of the package",
+        over <= allowed,
+        format!(
+            "{:.2} MiB <= {:.2} MiB; nginx sent {:.2} MiB",
+            mib(over),
+            mib(allowed),
+            mib(burst_auto.sent)
+        ),
     );
     let r = ratio(
         burst_auto.wall.as_secs_f64(),
