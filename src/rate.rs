@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// The span a steady rate is measured over: long enough that a few reads of a paced link make
 /// it, short enough that a switch after a burst comes a fraction of a second after the burst.
-pub const WINDOW: Duration = Duration::from_millis(300);
+pub const WINDOW: Duration = Duration::from_millis(200);
 
 /// How far apart the rates of the window's two halves may be for the window to be steady.
 pub const AGREE: f64 = 2.0;
@@ -116,9 +116,10 @@ mod tests {
         t += Duration::from_millis(2);
         w.add(t, 1 << 20);
         assert_eq!(w.steady(), None);
-        feed(&mut w, &mut t, Duration::from_millis(10), 20_000, 20);
+        let steps = (WINDOW.as_millis() / 10) as u32;
+        feed(&mut w, &mut t, Duration::from_millis(10), 20_000, steps - 1);
         assert_eq!(w.steady(), None, "the burst is in the window");
-        feed(&mut w, &mut t, Duration::from_millis(10), 20_000, 12);
+        feed(&mut w, &mut t, Duration::from_millis(10), 20_000, 2);
         let r = w.steady().expect("steady past the burst");
         assert!((r - 2e6).abs() < 0.05e6, "{r}");
     }
@@ -133,7 +134,7 @@ mod tests {
         feed(&mut w, &mut t, Duration::from_millis(10), 40_000, 40);
         assert!((w.steady().unwrap() - 4e6).abs() < 0.1e6);
         // Nothing for a whole half: not steady.
-        t += Duration::from_millis(200);
+        t += WINDOW;
         w.add(t, 0);
         assert_eq!(w.steady(), None);
         // A restart forgets what came before it.
