@@ -575,6 +575,7 @@ fn try_delta(
                     etag: remote.etag.clone(),
                     dir,
                     cands,
+                    proven: None,
                 });
                 *prospect = Some(p);
             } else {
@@ -591,7 +592,13 @@ fn try_delta(
             Stats::default(),
         )))
     };
-    let view = current_view(&dir, &cands, current);
+    // Known from an assembly earlier in this run: its view and calibration hold for the same
+    // ETag and `current` (each file is checked against its CRC-32 again as it is regenerated).
+    let proven = known.and_then(|k| k.proven.clone());
+    let view = match &proven {
+        Some(p) => p.view.clone(),
+        None => current_view(&dir, &cands, current),
+    };
     if sink.stop_requested() {
         return stopped(&out);
     }
@@ -605,13 +612,21 @@ fn try_delta(
     // A resume proves deflate and headers again (one range): its plan must be the one the
     // partial was assembled by, and that plan is a function of these answers.
     let before = remote.received;
-    let calibrated = calibrate(&mut remote, &dir, &cands, &view, current);
+    let calibrated = match proven {
+        Some(p) => Ok((p.opts, p.deflate)),
+        None => calibrate(&mut remote, &dir, &cands, &view, current),
+    };
     sink.account(remote.received - before, 0);
     let (opts, deflate_rate) = calibrated?;
     if sink.stop_requested() {
         return stopped(&out);
     }
     let plan = delta::plan(&dir, &cands, &view, &opts).map_err(|e| Unavailable(e.to_string()))?;
+    let proven = crate::switch::Proven {
+        view,
+        opts,
+        deflate: deflate_rate,
+    };
     let left: u64 = plan
         .pieces
         .iter()
@@ -654,6 +669,7 @@ fn try_delta(
         out,
         remote,
         cands,
+        proven,
         dir,
         pieces: plan.pieces,
         current,
@@ -714,8 +730,10 @@ fn cannot_win(
 struct Assembler<'a> {
     out: Assembly,
     remote: Remote,
-    /// The directory's candidates, for a prospect if it hands over.
+    /// The directory's candidates, the view and the calibration, for a prospect if it hands
+    /// over.
     cands: Vec<Candidate>,
+    proven: crate::switch::Proven,
     dir: Directory,
     pieces: Vec<Piece>,
     current: &'a Path,
@@ -834,7 +852,11 @@ impl Assembler<'_> {
                         let mut p =
                             Prospect::of_plan(&self.dir, &self.cands, &self.pieces, &self.remote);
                         p.deflate = Some(self.deflate_rate());
-                        p.handback = true;
+                        // The first decision is the choice, not a switch back.
+                        p.handback = !first;
+                        if let Some(k) = p.known.as_mut() {
+                            k.proven = Some(self.proven.clone());
+                        }
                         *prospect = Some(p);
                         return Ok(None);
                     }

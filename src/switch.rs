@@ -82,6 +82,17 @@ pub struct Known {
     pub etag: String,
     pub dir: Directory,
     pub cands: Vec<Candidate>,
+    /// What an assembly proved, when one ran.
+    pub proven: Option<Proven>,
+}
+
+/// An assembly's view of `current` and its calibration: a switch back to a delta in the same
+/// run neither reads `current` nor fetches the calibration entry again.
+#[derive(Debug, Clone)]
+pub struct Proven {
+    pub view: HashMap<String, LocalFile>,
+    pub opts: delta::PlanOptions,
+    pub deflate: Option<f64>,
 }
 
 /// Expected seconds and bytes of the rest from some byte on, as a delta and whole.
@@ -161,6 +172,7 @@ impl Prospect {
             etag: remote.etag.clone(),
             dir: dir.clone(),
             cands: cands.to_vec(),
+            proven: None,
         });
         p
     }
