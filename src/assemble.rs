@@ -484,30 +484,23 @@ fn try_delta(
         log::info!("no delta: no current version at {}", current.display());
         return Ok(None);
     }
-    // Known: one byte proves the server still serves it under the same strong ETag.
-    let tail_len = if known.is_some() { 1 } else { PROBE_TAIL };
-    let (mut remote, tail) = Remote::probe(url, size, tail_len, tuning)?;
-    let (dir, cands) = match known {
-        Some(k) if k.etag == remote.etag => {
-            sink.account(remote.received, 0);
-            (k.dir.clone(), k.cands.clone())
-        }
-        Some(k) => {
-            sink.account(remote.received, 0);
-            return Err(Changed(format!(
-                "the package changed on the server (ETag {}, was {})",
-                remote.etag, k.etag
-            ))
-            .into());
-        }
+    // Known: no probe. Every range is asked with If-Match on the ETag it was read under, so a
+    // package changed since answers 412 (the partial is then dropped, as for any change).
+    let (mut remote, dir, cands) = match known {
+        Some(k) => (
+            Remote::known(url, size, &k.etag, tuning),
+            k.dir.clone(),
+            k.cands.clone(),
+        ),
         None => {
+            let (mut remote, tail) = Remote::probe(url, size, PROBE_TAIL, tuning)?;
             let found = remote
                 .directory(&tail, &delta_limits())
                 .and_then(|dir| read_manifest(&mut remote, &dir).map(|m| (dir, m)));
             sink.account(remote.received, 0);
             let (dir, manifest) = found?;
             let cands = delta::candidates(&dir, &manifest);
-            (dir, cands)
+            (remote, dir, cands)
         }
     };
     let mut offset = resume.offset;

@@ -257,6 +257,21 @@ impl Remote {
         Ok((remote, bytes))
     }
 
+    /// The package at `url` as an earlier probe found it, under its strong `etag`, with no
+    /// request: the ranges' If-Match checks it is still that package.
+    pub fn known(url: &str, size: u64, etag: &str, tuning: &Tuning) -> Remote {
+        Remote {
+            agent: crate::fetch::agent(tuning),
+            url: url.to_string(),
+            size,
+            etag: etag.to_string(),
+            received: 0,
+            link: LinkStats::default(),
+            multi: None,
+            sampling: false,
+        }
+    }
+
     /// The agent (and its kept-alive connections) the requests went over.
     pub fn agent(&self) -> ureq::Agent {
         self.agent.clone()

@@ -59,8 +59,8 @@ struct Run {
 pub struct Prospect {
     size: u64,
     runs: Vec<Run>,
-    /// Bytes and requests a switch spends before it assembles: a probe of one byte (the
-    /// directory and manifest are [`Known`]) and the calibration entry.
+    /// Bytes and requests a switch spends before it assembles: the calibration entry (the
+    /// directory and manifest are [`Known`]).
     pub overhead: (u64, u64),
     rtt: f64,
     per_request: usize,
@@ -76,7 +76,7 @@ pub struct Prospect {
 }
 
 /// A package's directory and candidates as read under its strong ETag: a switch to a delta
-/// of the same ETag reads neither again (one byte probed to check the ETag).
+/// reads neither again, nor probes (its ranges' If-Match checks the ETag).
 #[derive(Debug, Clone)]
 pub struct Known {
     pub etag: String,
@@ -201,9 +201,9 @@ impl Prospect {
         Prospect {
             size: remote.size,
             runs,
-            // The switch probes one byte (the directory and manifest are known) and fetches
-            // the calibration entry (added by the caller).
-            overhead: (1, 2),
+            // The switch fetches the calibration entry (added by the caller): the directory
+            // and manifest are known.
+            overhead: (0, 1),
             rtt: remote.link.rtt().unwrap_or_default().as_secs_f64(),
             per_request: if remote.multi == Some(false) {
                 1
@@ -352,7 +352,7 @@ impl Watcher {
         let (t0, p0) = self.started;
         let since = (pos - p0) as f64 / now.duration_since(t0).as_secs_f64().max(1e-6);
         self.why = Some(format!(
-            "switching to a delta at {pos} of {} bytes: the link's steady rate is {}/s (this response's average {}/s, its first burst included); deflating {}/s, the rest takes ~{:.2} s as a delta (~{} to fetch with the switch's probe and calibration, if current's files of the entries' sizes hold them), ~{:.2} s whole",
+            "switching to a delta at {pos} of {} bytes: the link's steady rate is {}/s (this response's average {}/s, its first burst included); deflating {}/s, the rest takes ~{:.2} s as a delta (~{} to fetch with the switch's calibration, if current's files of the entries' sizes hold them), ~{:.2} s whole",
             self.prospect.size,
             crate::clock::human_bytes(link as u64),
             crate::clock::human_bytes(since as u64),
