@@ -239,6 +239,9 @@ pub struct Behaviour {
     pub multi_range: bool,
     /// Every response paced as a token bucket against the wall clock (see [`Pace`]).
     pub pace: Option<Pace>,
+    /// Once the server has sent this many body bytes in all, the package is named by this
+    /// ETag (its bytes unchanged): a package replaced on the server mid-download.
+    pub etag_after: Option<(u64, String)>,
 }
 
 /// A link that bursts and then keeps a rate, as token buckets, cellular links and CDNs do:
@@ -324,6 +327,7 @@ impl Default for Behaviour {
             corrupt_ranges_from: None,
             multi_range: true,
             pace: None,
+            etag_after: None,
         }
     }
 }
@@ -456,7 +460,12 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     let Some((method, path, headers)) = read_head(&mut reader) else {
         return Ok(());
     };
-    let b = s.behaviour.lock().unwrap().clone();
+    let mut b = s.behaviour.lock().unwrap().clone();
+    if let Some((at, etag)) = b.etag_after.clone() {
+        if s.st.lock().unwrap().body_bytes >= at {
+            b.etag = Some(etag);
+        }
+    }
     let total = s.data.len() as u64;
     let record = |status: u16| {
         s.st.lock().unwrap().requests.push(Seen {

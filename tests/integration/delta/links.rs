@@ -343,3 +343,28 @@ fn delta_switch_declines_cleanly_on_servers_that_cannot_serve_it() {
     );
     assert!(figures(&env).1 > 0);
 }
+
+#[test]
+fn delta_switch_to_a_package_replaced_on_the_server_starts_over_whole() {
+    let env = auto_env(REGEN);
+    let p = link_setup(&env, 48, 256 << 10, &[20], None);
+    // A new ETag from shortly after the burst on: the switch's first range fails If-Match.
+    let mut b = paced(1 << 20, SLOW, None);
+    b.etag_after = Some(((1 << 20) + (64 << 10), "\"pkg-etag-2\"".into()));
+    let srv = PkgServer::start(p.bytes.clone(), b);
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    assert!(
+        run.stderr.contains("switching to a delta"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("no delta: the package changed on the server"),
+        "{}",
+        run.stderr
+    );
+    assert!(srv.requests().iter().any(|q| q.status == 412));
+    assert_eq!(figures(&env).1, 0, "nothing regenerated is kept");
+}
