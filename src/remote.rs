@@ -65,6 +65,10 @@ fn transient<T>(why: impl Into<String>) -> Result<T> {
 /// The most ranges asked for in one request (its Range header stays under 2 KiB).
 pub const MAX_RANGES_PER_REQUEST: usize = 64;
 
+/// A pause inside a part longer than this (a slow checkpoint) ends a stream for the steady
+/// rate: what the server sent meanwhile may have filled the socket's buffers.
+const READ_PAUSE: Duration = Duration::from_millis(250);
+
 /// The longest header line of a multipart answer, and the most lines before a part's data.
 const MAX_PART_LINE: usize = 1024;
 const MAX_PART_LINES: usize = 16;
@@ -78,6 +82,10 @@ pub struct LinkStats {
     /// Bytes of first ranges read at once after their request, and the time they took.
     pub sampled: u64,
     pub sample_time: Duration,
+    /// Every range's reads, for the steady rate of long ranges (a read after a pause, when
+    /// the answer waited in the socket, starts it again), and the last steady rate it gave.
+    pub window: crate::rate::RateWindow,
+    pub steady: Option<f64>,
 }
 
 impl LinkStats {
@@ -86,10 +94,13 @@ impl LinkStats {
         (self.requests > 0).then(|| self.latency / self.requests as u32)
     }
 
-    /// Bytes per second the link delivered, once 64 KiB were sampled.
+    /// Bytes per second the link delivers: the last steady rate of a long range, else the
+    /// first ranges' average once 64 KiB were sampled.
     pub fn rate(&self) -> Option<f64> {
-        (self.sampled >= 64 * 1024)
-            .then(|| self.sampled as f64 / self.sample_time.as_secs_f64().max(1e-6))
+        self.steady.or_else(|| {
+            (self.sampled >= 64 * 1024)
+                .then(|| self.sampled as f64 / self.sample_time.as_secs_f64().max(1e-6))
+        })
     }
 }
 
@@ -244,6 +255,26 @@ impl Remote {
         let mut bytes = Vec::new();
         remote.read_next(&mut batch, start, size, &mut bytes)?;
         Ok((remote, bytes))
+    }
+
+    /// The package at `url` as an earlier probe found it, under its strong `etag`, with no
+    /// request: the ranges' If-Match checks it is still that package.
+    pub fn known(url: &str, size: u64, etag: &str, tuning: &Tuning) -> Remote {
+        Remote {
+            agent: crate::fetch::agent(tuning),
+            url: url.to_string(),
+            size,
+            etag: etag.to_string(),
+            received: 0,
+            link: LinkStats::default(),
+            multi: None,
+            sampling: false,
+        }
+    }
+
+    /// The agent (and its kept-alive connections) the requests went over.
+    pub fn agent(&self) -> ureq::Agent {
+        self.agent.clone()
     }
 
     fn check_content_range(&self, got: Option<&str>, start: u64, end: u64) -> Result<()> {
@@ -417,6 +448,19 @@ impl Remote {
         }
         let len = end - start;
         let t = Instant::now();
+        // Only the reads of one part, in calls with no more than a checkpoint between them, are
+        // one stream: a part's first bytes waited in the socket while the parts before were
+        // regenerated (or came in the server's burst), and the time spent regenerating is no
+        // time of the link's.
+        if !begun
+            || self
+                .link
+                .window
+                .last()
+                .is_none_or(|l| t.duration_since(l) > READ_PAUSE)
+        {
+            self.link.window.restart(t);
+        }
         let mut body = (&mut batch.reader).take(len);
         let mut buf = vec![0u8; 64 * 1024];
         let mut got = 0u64;
@@ -435,6 +479,12 @@ impl Remote {
                 return Err(anyhow::Error::from(e).context("write the range"));
             }
             got += n as u64;
+            if self.sampling {
+                self.link.window.add(Instant::now(), n as u64);
+                if let Some(r) = self.link.window.steady() {
+                    self.link.steady = Some(r);
+                }
+            }
         }
         self.received += got;
         if got != len {

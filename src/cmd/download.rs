@@ -150,6 +150,8 @@ struct StateSink<'a> {
     /// Bytes regenerated since the last checkpoint: they count as reused once durable, so a
     /// failure recorded between two checkpoints does not count what a resume regenerates again.
     reused_pending: u64,
+    /// A whole download that may switch to a delta watches the link.
+    watch: Option<crate::switch::Watcher>,
 }
 
 impl StateSink<'_> {
@@ -219,6 +221,16 @@ impl Sink for StateSink<'_> {
     fn discard_uncommitted(&mut self) {
         self.reused_pending = 0;
     }
+
+    fn streaming(&mut self, pos: u64) {
+        if let Some(w) = self.watch.as_mut() {
+            w.streaming(pos);
+        }
+    }
+
+    fn handover(&mut self, received: u64) -> bool {
+        self.watch.as_mut().is_some_and(|w| w.received(received))
+    }
 }
 
 /// Remove the partial and record that nothing of it is left.
@@ -232,7 +244,9 @@ fn drop_partial(op: &mut Operation, part: &Path) -> Result<()> {
 }
 
 /// The package into `part` from `resume` on: by a delta first where `mode` allows, then by a
-/// plain download of what the delta left (all of it when none was possible).
+/// plain download of what the delta left (all of it when none was possible). In `auto` the
+/// two hand over to each other as the link's rate makes the other way pay, at most
+/// [`crate::switch::MAX_SWITCHES`] times, each time from the bytes already durable.
 fn obtain(
     g: &Global,
     pkg: &Package,
@@ -243,34 +257,75 @@ fn obtain(
     sink: &mut StateSink,
 ) -> Result<Outcome> {
     let mut resume = resume.clone();
-    if mode != delta::Mode::Never {
-        let current = g.versions_dir.join(crate::snapshot::CURRENT);
-        let job = delta::Job {
-            part,
+    let mut switches = 0u32;
+    let mut switched = false;
+    let mut known: Option<crate::switch::Known> = None;
+    loop {
+        let mut prospect: Option<crate::switch::Prospect> = None;
+        let may_switch = mode == delta::Mode::Auto && switches < crate::switch::MAX_SWITCHES;
+        if mode != delta::Mode::Never {
+            let current = g.versions_dir.join(crate::snapshot::CURRENT);
+            let job = delta::Job {
+                part,
+                url: &pkg.package_url,
+                size: pkg.package_size,
+                sha256: pkg.package_sha256.is_some(),
+                current: &current,
+                resume,
+                mode,
+                switched,
+                may_switch,
+                known: known.as_ref(),
+            };
+            let got = delta::delta_download(&job, tuning, sink, &mut prospect)?;
+            if let Some((outcome, _)) = got {
+                return Ok(outcome);
+            }
+            resume = delta::Resume {
+                offset: sink.op.state.bytes_downloaded,
+                validator: sink.op.state.resume_validator.clone(),
+            };
+            if prospect.as_ref().is_some_and(|p| p.handback) {
+                switches += 1;
+            }
+        }
+        // The whole download goes on over the delta's connection, when it left one.
+        let agent = prospect
+            .as_mut()
+            .and_then(|p| p.agent.take())
+            .unwrap_or_else(|| fetch::agent(tuning));
+        sink.watch = prospect
+            .filter(|_| switches < crate::switch::MAX_SWITCHES)
+            .map(crate::switch::Watcher::new);
+        let req = fetch::Request {
             url: &pkg.package_url,
             size: pkg.package_size,
+            offset: resume.offset,
+            validator: resume.validator.clone(),
             sha256: pkg.package_sha256.is_some(),
-            current: &current,
-            resume,
-            mode,
         };
-        let got = delta::delta_download(&job, tuning, sink)?;
-        if let Some((outcome, _)) = got {
+        let fetched = fetch::fetch_over(agent, part, req, tuning, sink);
+        let (why, p) = match sink.watch.take() {
+            Some(mut w) => (w.why.take(), Some(w.into_prospect())),
+            None => (None, None),
+        };
+        let outcome = fetched?;
+        let (Outcome::Stopped { durable }, Some(why)) = (&outcome, why) else {
+            return Ok(outcome);
+        };
+        known = p.and_then(|p| p.known);
+        if sink.stop_requested() {
             return Ok(outcome);
         }
+        crate::failpoint::hit("delta-switch");
+        log::info!("{why}");
+        switches += 1;
+        switched = true;
         resume = delta::Resume {
-            offset: sink.op.state.bytes_downloaded,
+            offset: *durable,
             validator: sink.op.state.resume_validator.clone(),
         };
     }
-    let req = fetch::Request {
-        url: &pkg.package_url,
-        size: pkg.package_size,
-        offset: resume.offset,
-        validator: resume.validator,
-        sha256: pkg.package_sha256.is_some(),
-    };
-    fetch::fetch(part, req, tuning, sink)
 }
 
 fn output(op: &Operation, human: String, exit: i32) -> Result<Output> {
@@ -482,6 +537,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
                 size: pkg.package_size,
                 start: (resume.offset, std::time::Instant::now()),
                 reused_pending: 0,
+                watch: None,
             };
             obtain(g, pkg, &f.part, &resume, mode, &tuning, &mut sink)
         };

@@ -4,8 +4,9 @@
 //!
 //! A package of 2,000 files (half compressible text, half random bytes) whose next version
 //! changes 5 % of them, served by a private nginx; tope-ota downloads the new version whole
-//! (`--full`) and as a delta from the old version installed as `current`, on two links: 2 MB/s
-//! with 50 ms added to each request, and loopback unlimited. Requests and bytes are counted in
+//! (`--full`) and as a delta from the old version installed as `current`, on three links: 2 MB/s
+//! with 50 ms added to each request, the same with a 1 MiB burst at the start of each
+//! connection (whole, `always` and `auto` on it), and loopback unlimited. Requests and bytes are counted in
 //! nginx's access log, wall time and peak RSS by [`run_measured`]. Then the same version packed
 //! by Python's zipfile (deflate level 6) and by `zip -9`: how many entries the delta reproduces.
 //! It prints figures, ratios and budgets (`met` / `NOT MET`); it asserts only that the
@@ -23,7 +24,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -273,15 +274,21 @@ impl Drop for Nginx {
 
 /// A TCP relay in front of `upstream` that is a slow link: the server's bytes go on at `rate`
 /// bytes/s over all connections together, and a request goes on `delay` after it arrived when
-/// a response started since the previous one (a request, not each of its packets).
+/// a response started since the previous one (a request, not each of its packets). With a
+/// `burst`, each connection's first `burst` bytes go on at once, as a token bucket per
+/// connection (nginx's `limit_rate_after`, a CDN, a cellular link) gives them.
 struct Relay {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     max_open: Arc<AtomicUsize>,
+    /// Bytes the link delivered to the device (headers included). What nginx sent may be more:
+    /// a response the device ends early (a switch to a delta) leaves bytes in the socket
+    /// buffers between nginx and the link that never cross it.
+    delivered: Arc<AtomicU64>,
 }
 
 impl Relay {
-    fn start(upstream: SocketAddr, rate: u64, delay: Duration) -> Relay {
+    fn start(upstream: SocketAddr, rate: u64, delay: Duration, burst: u64) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -289,7 +296,8 @@ impl Relay {
         let open = Arc::new(AtomicUsize::new(0));
         // When the link is free again.
         let link = Arc::new(Mutex::new(Instant::now()));
-        let (conns, max) = (connections.clone(), max_open.clone());
+        let delivered = Arc::new(AtomicU64::new(0));
+        let (conns, max, total) = (connections.clone(), max_open.clone(), delivered.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -325,14 +333,24 @@ impl Relay {
                 }
                 // Down: server to client at the link's rate.
                 let (mut from, mut to) = (server, client);
-                let (link, open) = (link.clone(), open.clone());
+                let (link, open, total) = (link.clone(), open.clone(), total.clone());
                 thread::spawn(move || {
                     let mut buf = vec![0u8; 16 * 1024];
+                    let mut credit = burst;
                     while let Ok(n) = from.read(&mut buf) {
                         if n == 0 {
                             break;
                         }
                         responded.store(true, Ordering::SeqCst);
+                        if credit >= n as u64 {
+                            credit -= n as u64;
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            total.fetch_add(n as u64, Ordering::SeqCst);
+                            continue;
+                        }
+                        credit = 0;
                         let done = {
                             let mut free = link.lock().unwrap();
                             let start = (*free).max(Instant::now());
@@ -345,6 +363,7 @@ impl Relay {
                         if to.write_all(&buf[..n]).is_err() {
                             break;
                         }
+                        total.fetch_add(n as u64, Ordering::SeqCst);
                     }
                     let _ = to.shutdown(std::net::Shutdown::Both);
                     let _ = from.shutdown(std::net::Shutdown::Both);
@@ -356,6 +375,7 @@ impl Relay {
             addr,
             connections,
             max_open,
+            delivered,
         }
     }
 }
@@ -366,7 +386,20 @@ impl Relay {
 enum Link {
     /// 2 MB/s with 50 ms per request.
     Slow,
+    /// The same, each connection's first [`BURST`] bytes at once.
+    Burst,
     Unlimited,
+}
+
+/// The bursting link's burst per connection.
+const BURST: u64 = 1 << 20;
+
+/// How the download is asked for: `--full`, `TOPE_OTA_DELTA=always`, the default (`auto`).
+#[derive(Clone, Copy, PartialEq)]
+enum Ask {
+    Full,
+    Always,
+    Auto,
 }
 
 struct Figures {
@@ -385,13 +418,19 @@ struct Figures {
     refetched: usize,
     /// Connections over the relay (slow link) and the most open at once.
     connections: Option<(usize, usize)>,
+    /// Bytes the relay delivered (what crossed the slow link).
+    link_bytes: Option<u64>,
 }
 
 /// Download `pkg` from `served` into a fresh state dir, with `versions` (whose `current` is the
 /// old version) as the versions root.
-fn measure(served: &Path, pkg: &Pkg, versions: &Path, link: Link, full: bool) -> Figures {
+fn measure(served: &Path, pkg: &Pkg, versions: &Path, link: Link, ask: Ask) -> Figures {
     let mut nginx = Nginx::start(served, (link == Link::Slow).then_some(RATE));
-    let relay = (link == Link::Slow).then(|| Relay::start(nginx.addr(), RATE, DELAY));
+    let relay = match link {
+        Link::Slow => Some(Relay::start(nginx.addr(), RATE, DELAY, 0)),
+        Link::Burst => Some(Relay::start(nginx.addr(), RATE, DELAY, BURST)),
+        Link::Unlimited => None,
+    };
     let addr = relay.as_ref().map_or(nginx.addr(), |r| r.addr);
     let url = format!("http://{addr}/{}", pkg.name);
     let mut env = Env::new();
@@ -414,8 +453,12 @@ fn measure(served: &Path, pkg: &Pkg, versions: &Path, link: Link, full: bool) ->
         "--md5",
         &pkg.md5,
     ];
-    if full {
-        args.push("--full");
+    match ask {
+        Ask::Full => args.push("--full"),
+        Ask::Always => {
+            env.set("TOPE_OTA_DELTA", "always");
+        }
+        Ask::Auto => {}
     }
     let stderr_path = env.tmp.path().join("stderr.log");
     let mut cmd = env.cmd(&args);
@@ -453,12 +496,13 @@ fn measure(served: &Path, pkg: &Pkg, versions: &Path, link: Link, full: bool) ->
         refetched: stderr
             .matches("no longer regenerates its entry; fetching it")
             .count(),
-        connections: relay.map(|r| {
+        connections: relay.as_ref().map(|r| {
             (
                 r.connections.load(Ordering::SeqCst),
                 r.max_open.load(Ordering::SeqCst),
             )
         }),
+        link_bytes: relay.map(|r| r.delivered.load(Ordering::SeqCst)),
     }
 }
 
@@ -473,8 +517,11 @@ fn print_run(what: &str, f: &Figures) {
     let conns = f.connections.map_or(String::new(), |(c, m)| {
         format!(", {c} connections ({m} at once)")
     });
+    let over = f.link_bytes.map_or(String::new(), |b| {
+        format!(", over the link {b} bytes ({:.2} MiB)", mib(b))
+    });
     println!(
-        "  {what:<6} {:5} requests ({}{conns}), fetched {:>11} bytes ({:7.2} MiB; bodies {:.2} MiB), wall {:7.2} s, peak RSS {:5.1} MiB, entries reused: {reused}",
+        "  {what:<6} {:5} requests ({}{conns}), nginx sent {:>11} bytes ({:7.2} MiB; bodies {:.2} MiB){over}, wall {:7.2} s, peak RSS {:5.1} MiB, entries reused: {reused}",
         f.requests,
         f.statuses,
         f.sent,
@@ -607,12 +654,15 @@ with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6
         mib(changed_compressed)
     );
 
-    let slow_full = measure(&served, &pkg, &versions, Link::Slow, true);
-    let slow_delta = measure(&served, &pkg, &versions, Link::Slow, false);
-    let fast_full = measure(&served, &pkg, &versions, Link::Unlimited, true);
-    let fast_delta = measure(&served, &pkg, &versions, Link::Unlimited, false);
-    let zipfile = measure(&served, &zipfile_pkg, &versions, Link::Slow, false);
-    let zip9 = measure(&served, &zip9_pkg, &versions, Link::Slow, false);
+    let slow_full = measure(&served, &pkg, &versions, Link::Slow, Ask::Full);
+    let slow_delta = measure(&served, &pkg, &versions, Link::Slow, Ask::Auto);
+    let fast_full = measure(&served, &pkg, &versions, Link::Unlimited, Ask::Full);
+    let fast_delta = measure(&served, &pkg, &versions, Link::Unlimited, Ask::Auto);
+    let burst_full = measure(&served, &pkg, &versions, Link::Burst, Ask::Full);
+    let burst_always = measure(&served, &pkg, &versions, Link::Burst, Ask::Always);
+    let burst_auto = measure(&served, &pkg, &versions, Link::Burst, Ask::Auto);
+    let zipfile = measure(&served, &zipfile_pkg, &versions, Link::Slow, Ask::Auto);
+    let zip9 = measure(&served, &zip9_pkg, &versions, Link::Slow, Ask::Auto);
 
     let ratio = |a: f64, b: f64| a / b;
     for (name, full, delta) in [
@@ -636,8 +686,58 @@ with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6
             ratio(delta.rss_kib as f64, full.rss_kib as f64),
         );
     }
+    println!("link 1 MiB burst per connection, then 2 MB/s + 50 ms per request (relay):");
+    print_run("full", &burst_full);
+    print_run("always", &burst_always);
+    print_log(&burst_always);
+    print_run("auto", &burst_auto);
+    print_log(&burst_auto);
+    for (name, f) in [("always", &burst_always), ("auto", &burst_auto)] {
+        println!(
+            "  {name}/full: bytes over the link {:.3}x, wall {:.3}x",
+            ratio(
+                f.link_bytes.unwrap_or(f.sent) as f64,
+                burst_full.link_bytes.unwrap_or(burst_full.sent) as f64
+            ),
+            ratio(f.wall.as_secs_f64(), burst_full.wall.as_secs_f64()),
+        );
+    }
+    let link = |f: &Figures| f.link_bytes.unwrap_or(f.sent) as f64;
+    println!(
+        "  auto/always: bytes over the link {:.3}x (nginx sent {:.3}x), wall {:.3}x",
+        ratio(link(&burst_auto), link(&burst_always)),
+        ratio(burst_auto.sent as f64, burst_always.sent as f64),
+        ratio(
+            burst_auto.wall.as_secs_f64(),
+            burst_always.wall.as_secs_f64()
+        ),
+    );
     println!("budgets:");
     let allowed = changed_compressed + pkg.size / 50;
+    let over = burst_auto.link_bytes.unwrap_or(burst_auto.sent);
+    budget(
+        "bytes over the link by auto on the bursting link <= changed entries' compressed size + 2 % of the package",
+        over <= allowed,
+        format!(
+            "{:.2} MiB <= {:.2} MiB; nginx sent {:.2} MiB",
+            mib(over),
+            mib(allowed),
+            mib(burst_auto.sent)
+        ),
+    );
+    let r = ratio(
+        burst_auto.wall.as_secs_f64(),
+        burst_always.wall.as_secs_f64(),
+    );
+    budget(
+        "wall of auto on the bursting link <= 1.1x always's",
+        r <= 1.1,
+        format!(
+            "{:.2} s / {:.2} s = {r:.3}x",
+            burst_auto.wall.as_secs_f64(),
+            burst_always.wall.as_secs_f64()
+        ),
+    );
     budget(
         "bytes fetched by the delta at 2 MB/s + 50 ms <= changed entries' compressed size + 2 % of the package",
         slow_delta.sent <= allowed,
@@ -674,6 +774,9 @@ with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6
         ("delta 2 MB/s", &slow_delta),
         ("full unlimited", &fast_full),
         ("delta unlimited", &fast_delta),
+        ("full burst", &burst_full),
+        ("always burst", &burst_always),
+        ("auto burst", &burst_auto),
         ("delta zipfile", &zipfile),
         ("delta zip -9", &zip9),
     ];

@@ -308,6 +308,75 @@ pub struct Behaviour {
     /// Answer requests for several ranges with `multipart/byteranges`, as nginx does; when
     /// false, with the whole file (200), as S3 does.
     pub multi_range: bool,
+    /// Every response paced as a token bucket against the wall clock (see [`Pace`]).
+    pub pace: Option<Pace>,
+    /// Once the server has sent this many body bytes in all, the package is named by this
+    /// ETag (its bytes unchanged): a package replaced on the server mid-download.
+    pub etag_after: Option<(u64, String)>,
+}
+
+/// A link that bursts and then keeps a rate, as token buckets, cellular links and CDNs do:
+/// each response's first `burst` bytes at once, then `rate` bytes per second (0: unpaced);
+/// from when the server has sent `then.0` body bytes in all, `then.1` bytes per second.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pace {
+    pub burst: u64,
+    pub rate: u64,
+    pub then: Option<(u64, u64)>,
+}
+
+/// One response's token bucket.
+struct Pacer {
+    pace: Option<Pace>,
+    /// Since when at `rate`, and the bytes allowed at that instant.
+    from: Instant,
+    credit: u64,
+    rate: u64,
+    sent: u64,
+}
+
+impl Pacer {
+    fn new(pace: Option<Pace>) -> Pacer {
+        Pacer {
+            pace,
+            from: Instant::now(),
+            credit: pace.map_or(0, |p| p.burst),
+            rate: pace.map_or(0, |p| p.rate),
+            sent: 0,
+        }
+    }
+
+    /// The chunk size to write in.
+    fn chunk(&self, default: usize) -> usize {
+        if self.pace.is_some() {
+            16 * 1024
+        } else {
+            default
+        }
+    }
+
+    /// Wait until `n` more bytes may go.
+    fn wait(&mut self, n: usize, s: &Shared) {
+        let Some(p) = self.pace else { return };
+        if let Some((at, rate)) = p.then {
+            if rate != self.rate && s.st.lock().unwrap().body_bytes >= at {
+                // From here on the new rate, with no new burst.
+                self.credit = self.sent;
+                self.from = Instant::now();
+                self.rate = rate;
+            }
+        }
+        self.sent += n as u64;
+        if self.rate == 0 || self.sent <= self.credit {
+            return;
+        }
+        let due = self.from
+            + Duration::from_secs_f64((self.sent - self.credit) as f64 / self.rate as f64);
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+    }
 }
 
 impl Default for Behaviour {
@@ -328,6 +397,8 @@ impl Default for Behaviour {
             ignore_if_range: false,
             corrupt_ranges_from: None,
             multi_range: true,
+            pace: None,
+            etag_after: None,
         }
     }
 }
@@ -460,7 +531,12 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     let Some((method, path, headers)) = read_head(&mut reader) else {
         return Ok(());
     };
-    let b = s.behaviour.lock().unwrap().clone();
+    let mut b = s.behaviour.lock().unwrap().clone();
+    if let Some((at, etag)) = b.etag_after.clone() {
+        if s.st.lock().unwrap().body_bytes >= at {
+            b.etag = Some(etag);
+        }
+    }
     let total = s.data.len() as u64;
     let record = |status: u16| {
         s.st.lock().unwrap().requests.push(Seen {
@@ -615,7 +691,8 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     }
     let mut pos = start;
     let end = start + body.len() as u64;
-    let chunk = b.throttle.map(|t| t.0).unwrap_or(64 * 1024);
+    let mut pacer = Pacer::new(b.pace);
+    let chunk = pacer.chunk(b.throttle.map(|t| t.0).unwrap_or(64 * 1024));
     while pos < end {
         // Cut points: the next offset where something happens.
         let mut next = (pos + chunk as u64).min(end);
@@ -628,6 +705,7 @@ fn serve_pkg(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             }
         }
         let slice = &body[(pos - start) as usize..(next - start) as usize];
+        pacer.wait(slice.len(), s);
         if chunked {
             write!(out, "{:x}\r\n", slice.len())?;
             out.write_all(slice)?;
@@ -728,8 +806,10 @@ fn serve_multipart(
     } else {
         &body[..]
     };
-    let chunk = b.throttle.map(|t| t.0).unwrap_or(64 * 1024);
+    let mut pacer = Pacer::new(b.pace);
+    let chunk = pacer.chunk(b.throttle.map(|t| t.0).unwrap_or(64 * 1024));
     for slice in send.chunks(chunk) {
+        pacer.wait(slice.len(), s);
         out.write_all(slice)?;
         s.st.lock().unwrap().body_bytes += slice.len() as u64;
         if let Some((_, pause)) = b.throttle {
