@@ -16,6 +16,8 @@ pub fn now_rfc3339() -> String {
 }
 
 // Howard Hinnant's days_from_civil / civil_from_days: exact for the proleptic Gregorian calendar.
+// Day 1..=31 and month 1..=12 by construction.
+#[allow(clippy::cast_possible_truncation)]
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
@@ -53,6 +55,8 @@ pub fn format_rfc3339(secs: i64) -> String {
 }
 
 /// Parse an RFC 3339 timestamp (`Z` or `±HH:MM` offset, optional fraction) to Unix seconds.
+// Month and day are two digits each (at most 99).
+#[allow(clippy::cast_possible_truncation)]
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
@@ -94,6 +98,13 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         _ => return None,
     };
     Some(days_from_civil(y, mo as u32, d as u32) * 86_400 + h * 3600 + mi * 60 + se - offset)
+}
+
+/// [`human_bytes`] of a measured figure such as a rate: a float's `as` saturates past u64 and
+/// gives 0 for NaN and negatives, which is what a figure for people wants.
+#[allow(clippy::cast_possible_truncation)]
+pub fn human_rate(x: f64) -> String {
+    human_bytes(x as u64)
 }
 
 /// Bytes in decimal units with one decimal: `47.2 MB`.

@@ -147,6 +147,7 @@ pub fn regenerate_entry(file: &[u8], method: Method) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
     use super::*;
     use std::io::Read;
@@ -504,7 +505,9 @@ fn extents(dir: &Directory) -> Result<Vec<(usize, u64, u64)>, ZipDirError> {
     Ok(out)
 }
 
-/// The local header `pack` writes for `e`: the directory's fields, name and extra field.
+/// The local header `pack` writes for `e`: the directory's fields, name and extra field (their
+/// lengths come from the directory's 16-bit fields, so they fit).
+#[allow(clippy::cast_possible_truncation)]
 pub fn regenerate_local_header(e: &Entry) -> Vec<u8> {
     let mut h = Vec::with_capacity(LOCAL_HEADER_LEN as usize + e.name.len() + e.extra.len());
     h.extend_from_slice(&LOCAL_SIG.to_le_bytes());
@@ -750,6 +753,7 @@ pub fn remaining_cost(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod plan_tests {
     use super::tests::{sample_bytes, sample_tree};
     use super::*;

@@ -246,7 +246,7 @@ pub(crate) fn reopen_partial(
     let mut left = keep;
     file.seek(SeekFrom::Start(0))?;
     while left > 0 {
-        let want = left.min(BUF_SIZE as u64) as usize;
+        let want = usize::try_from(left).map_or(BUF_SIZE, |l| l.min(BUF_SIZE));
         file.read_exact(&mut buf[..want])
             .with_context(|| format!("re-read {}", path.display()))?;
         hasher.update(&buf[..want]);
@@ -551,9 +551,10 @@ fn attempt(
 
 /// The first byte count at which the progress reaches the next multiple of 5 %.
 fn next_step(len: u64, size: u64) -> u64 {
-    let (len, size) = (len as u128, size.max(1) as u128);
+    let (len, size) = (u128::from(len), u128::from(size.max(1)));
     let q = len * 20 / size;
-    ((q + 1) * size).div_ceil(20) as u64
+    // At most size when len < size, and (q + 1) / 20 of a u64 otherwise: it fits, or saturates.
+    u64::try_from(((q + 1) * size).div_ceil(20)).unwrap_or(u64::MAX)
 }
 
 /// Progress in percent (0–100) of `len` bytes out of `size`.
@@ -693,7 +694,8 @@ fn stream(
                 break Ended::Eof; // the writer failed; its event says why
             };
             // Never read past the next checkpoint, so every 5 % step is persisted and reported.
-            let want = (next_checkpoint - received).min(BUF_SIZE as u64) as usize;
+            let want =
+                usize::try_from(next_checkpoint - received).map_or(BUF_SIZE, |w| w.min(BUF_SIZE));
             let mut filled = 0;
             let mut end = None;
             let fill_start = Instant::now();

@@ -707,7 +707,7 @@ pub fn delta_plan(data: &[u8]) {
     };
     let Ok(dir) = zipdir::read_directory(len, &limits, |a, b| {
         Ok(data
-            .get(a as usize..b as usize)
+            .get(usize::try_from(a).unwrap_or(usize::MAX)..usize::try_from(b).unwrap_or(usize::MAX))
             .map(<[u8]>::to_vec)
             .unwrap_or_default())
     }) else {

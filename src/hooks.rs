@@ -336,7 +336,8 @@ pub fn run_in(
             };
             // SAFETY: poll(2) on one pollfd we own.
             unsafe {
-                libc::poll(&mut pfd, 1, wait.as_millis().max(1) as i32);
+                let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
+                libc::poll(&mut pfd, 1, ms);
             }
         } else {
             std::thread::sleep(wait);

@@ -35,6 +35,10 @@
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 //! - [`fuzz`]: the fuzz targets, each parser with the property it checks (`fuzz/`).
 
+// Every narrowing cast is looked at: on armhf `usize` is 32 bits, and a size, offset or count
+// from a package, a server or state.json must never keep only its low bits.
+#![deny(clippy::cast_possible_truncation)]
+
 pub mod archive;
 pub mod assemble;
 pub mod cli;

@@ -59,6 +59,8 @@ impl RateWindow {
     }
 
     /// Bytes received by `t`, assuming the bytes between two samples came evenly.
+    // A fraction of a u64 difference: it fits (and `as` saturates in any case).
+    #[allow(clippy::cast_possible_truncation)]
     fn at(&self, t: Instant) -> u64 {
         let mut prev = self.samples[0];
         for &s in &self.samples {
@@ -96,6 +98,7 @@ impl RateWindow {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -91,7 +91,7 @@ pub struct LinkStats {
 impl LinkStats {
     /// The mean time a request costs before its first byte.
     pub fn rtt(&self) -> Option<Duration> {
-        (self.requests > 0).then(|| self.latency / self.requests as u32)
+        (self.requests > 0).then(|| self.latency / u32::try_from(self.requests).unwrap_or(u32::MAX))
     }
 
     /// Bytes per second the link delivers: the last steady rate of a long range, else the
@@ -520,7 +520,8 @@ impl Remote {
                 end - start
             ));
         }
-        let mut v = Vec::with_capacity((end - start) as usize);
+        // Under MAX_IN_MEMORY (checked above), so it fits a usize on every device.
+        let mut v = Vec::with_capacity(usize::try_from(end - start).unwrap_or(0));
         self.copy_range(start, end, &mut v)?;
         Ok(v)
     }
@@ -532,7 +533,10 @@ impl Remote {
         let tail_start = self.size - tail.len() as u64;
         let r = zipdir::read_directory(self.size, limits, |a, b| {
             if a >= tail_start {
-                return Ok(tail[(a - tail_start) as usize..(b - tail_start) as usize].to_vec());
+                // Offsets inside the tail, which is in memory: they fit a usize, or the
+                // directory reader asked past the package, which the slice refuses.
+                let at = |x: u64| usize::try_from(x - tail_start).unwrap_or(usize::MAX);
+                return Ok(tail[at(a)..at(b)].to_vec());
             }
             self.get(a, b)
         });

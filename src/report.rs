@@ -36,7 +36,7 @@ pub const FLUSH_DEADLINE: Duration = Duration::from_millis(2000);
 /// The most time [`Reporter::finish`] takes: the flush deadline, then a POST in flight ending
 /// (a stopped sender starts none).
 pub const FINISH_BOUND: Duration =
-    Duration::from_millis(FLUSH_DEADLINE.as_millis() as u64 + 500 + 200);
+    Duration::from_millis(FLUSH_DEADLINE.as_secs() * 1000 + 500 + 200);
 /// The last stage device-api received, in the state dir.
 pub const DELIVERED_FILE: &str = "callback.json";
 /// The lock of whoever posts callbacks, in the state dir (see [`callback_lock`]).

@@ -354,9 +354,9 @@ impl Watcher {
         self.why = Some(format!(
             "switching to a delta at {pos} of {} bytes: the link's steady rate is {}/s (this response's average {}/s, its first burst included); deflating {}/s, the rest takes ~{:.2} s as a delta (~{} to fetch with the switch's calibration, if current's files of the entries' sizes hold them), ~{:.2} s whole",
             self.prospect.size,
-            crate::clock::human_bytes(link as u64),
-            crate::clock::human_bytes(since as u64),
-            crate::clock::human_bytes(deflate as u64),
+            crate::clock::human_rate(link),
+            crate::clock::human_rate(since),
+            crate::clock::human_rate(deflate),
             c.delta_s,
             crate::clock::human_bytes(c.delta_bytes),
             c.whole_s,

@@ -154,12 +154,18 @@ struct StateSink<'a> {
     watch: Option<crate::switch::Watcher>,
 }
 
+/// Bytes per second, for people: a float's `as` saturates.
+#[allow(clippy::cast_possible_truncation)]
+fn speed_of(bytes: u64, secs: f64) -> u64 {
+    (bytes as f64 / secs) as u64
+}
+
 impl StateSink<'_> {
     /// `Downloading 47.2 MB / 104.9 MB at 2.1 MB/s, 27 s left`, and the figures behind it.
     fn figures(&self, done: u64) -> (u64, Option<u64>, String) {
         let secs = self.start.1.elapsed().as_secs_f64();
         let speed = if secs > 0.05 {
-            (done.saturating_sub(self.start.0) as f64 / secs) as u64
+            speed_of(done.saturating_sub(self.start.0), secs)
         } else {
             0
         };

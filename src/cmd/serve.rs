@@ -648,6 +648,8 @@ fn first_time_unknown(route: &str, names: &str) -> WarnOnce {
 /// `package_size` as the old model took it: an integer, a decimal string (`"104857600"`) or a
 /// number with no fraction (`104857600.0`). Anything else (a fraction, a sign, spaces, an
 /// exponent in a string, a boolean, over 2^53 as a float) is refused.
+// The float is checked whole and within 2^53 before it is cast.
+#[allow(clippy::cast_possible_truncation)]
 fn lax_size(v: &Value) -> Result<u64, String> {
     /// Floats are exact up to 2^53: above it `1e17` and `1e17 + 1` are the same number.
     const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
