@@ -697,7 +697,7 @@ fn cannot_win(
     size: u64,
     remote: &Remote,
 ) -> Option<String> {
-    let rate = remote.link.rate()?;
+    let rate = crate::switch::pinned_prefix_rate().or_else(|| remote.link.rate())?;
     let rest = size.saturating_sub(pos) as f64 / rate;
     let mut best = rest;
     for c in cands {
@@ -823,7 +823,9 @@ impl Assembler<'_> {
             // assembly has measured since. A switch back to whole needs a clear margin, and,
             // after the first decision, a steady rate: a new answer's first bytes may come in
             // the server's burst, which the rest whole would not see.
-            let first = decided.is_none() && !job.switched;
+            // A resume (after a kill, a power cut, a stop) is not fresh: its first answer's
+            // bytes may be a burst too, and no prefix measured the link before it.
+            let first = decided.is_none() && !job.switched && job.resume.offset == 0;
             if mode == Mode::Auto
                 && job.may_switch
                 && decided.is_none_or(|t| t.elapsed() >= DECIDE_AGAIN)

@@ -28,6 +28,23 @@ pub const PART_OVERHEAD: u64 = 100;
 /// Reused runs shorter than this are fetched (the plan merges ranges closer than 16 KiB).
 const MERGE_GAP: u64 = 16 * 1024;
 
+/// Tests only (failpoints builds): the rate the first bytes of a fresh download are taken to
+/// have come at (`TOPE_OTA_TEST_PREFIX_RATE`), as a burst that always looks fast, whatever the
+/// loaded machine reads them at; the steady rate is still measured.
+pub fn pinned_prefix_rate() -> Option<f64> {
+    #[cfg(feature = "failpoints")]
+    {
+        std::env::var("TOPE_OTA_TEST_PREFIX_RATE")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|r| r.is_finite() && *r > 0.0)
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        None
+    }
+}
+
 /// What the decision's tests pin the regeneration rate to (`TOPE_OTA_TEST_DEFLATE_RATE`, file
 /// bytes per second, deflate and copies alike), so that no outcome depends on how busy the
 /// machine is; never in a device build.
@@ -128,7 +145,11 @@ impl Prospect {
                     },
                 );
                 let end = crate::assemble::extent(dir, c.entry).1;
-                entries.push((end - e.compressed_size, end, e.uncompressed_size, e.method));
+                // A directory whose sizes overlap the next entry is refused by the plan later;
+                // here it just counts for nothing.
+                if let Some(start) = end.checked_sub(e.compressed_size) {
+                    entries.push((start, end, e.uncompressed_size, e.method));
+                }
             }
         }
         entries.sort_unstable();

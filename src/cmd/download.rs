@@ -319,7 +319,12 @@ fn obtain(
         let (Outcome::Stopped { durable }, Some(why)) = (&outcome, why) else {
             return Ok(outcome);
         };
-        known = p.and_then(|p| p.known);
+        // What was read of the package holds only while the partial was fetched under the same
+        // ETag: a whole download that started over on a changed package makes the delta probe
+        // afresh (and keep the partial) instead of dropping it for the old ETag's sake.
+        known = p
+            .and_then(|p| p.known)
+            .filter(|k| sink.op.state.resume_validator.as_deref() == Some(k.etag.as_str()));
         if sink.stop_requested() {
             return Ok(outcome);
         }

@@ -96,6 +96,15 @@ fn auto_env(rate: u64) -> Env {
     env
 }
 
+/// An `auto` sandbox as [`auto_env`], on a link whose first bytes (the 64–512 KiB the first
+/// decision is taken on) always look like a burst, 1 GB/s, however fast the loaded machine reads
+/// them: the decision after them is the steady rate's, which the server paces.
+fn burst_env(rate: u64) -> Env {
+    let mut env = auto_env(rate);
+    env.set("TOPE_OTA_TEST_PREFIX_RATE", "1000000000");
+    env
+}
+
 fn paced(burst: u64, rate: u64, then: Option<(u64, u64)>) -> Behaviour {
     Behaviour {
         pace: Some(Pace { burst, rate, then }),
@@ -120,7 +129,7 @@ const REGEN: u64 = 3_000_000;
 #[test]
 fn delta_auto_switches_to_a_delta_after_a_burst_of_any_size() {
     for burst in [256 << 10, 1 << 20, 8 << 20] {
-        let env = auto_env(REGEN);
+        let env = burst_env(REGEN);
         // 48 deflated blobs of 256 KiB (12 MiB), 2 changed (512 KiB). Deflated, so that a
         // decision made on the burst's rate (against this debug build's real deflate rate)
         // downloads the package whole, as the issue found.
@@ -154,7 +163,7 @@ fn delta_auto_switches_to_a_delta_after_a_burst_of_any_size() {
 
 #[test]
 fn delta_auto_switches_when_the_rate_drops_mid_download() {
-    let env = auto_env(REGEN);
+    let env = burst_env(REGEN);
     let p = link_package(&env, 48, 256 << 10, &[40], None, true);
     // Loopback for the first 4 MiB the server sends, then 1.5 MB/s.
     let srv = PkgServer::start(p.bytes.clone(), paced(0, 0, Some((4 << 20, SLOW))));
@@ -261,7 +270,7 @@ fn delta_auto_on_a_fast_link_stays_whole_and_a_slow_link_uses_a_delta() {
 #[test]
 fn delta_killed_at_the_switch_resumes_to_the_package() {
     use sha2::Digest;
-    let mut env = auto_env(REGEN);
+    let mut env = burst_env(REGEN);
     let p = link_setup(&env, 48, 256 << 10, &[20, 40], None);
     let sha = sha2::Sha256::digest(&p.bytes)
         .iter()
@@ -296,7 +305,7 @@ fn delta_killed_at_the_switch_resumes_to_the_package() {
     );
     // And by heal, killed at the switch again on a fresh download.
     let env2 = {
-        let mut e = auto_env(REGEN);
+        let mut e = burst_env(REGEN);
         e.set("TOPE_OTA_FAILPOINT", "delta-switch");
         e
     };
@@ -329,7 +338,7 @@ fn delta_switch_declines_cleanly_on_servers_that_cannot_serve_it() {
         assert_eq!(figures(&env).1, 0);
     }
     // No multi-range answers (S3): the switch comes, and the delta asks one range at a time.
-    let env = auto_env(REGEN);
+    let env = burst_env(REGEN);
     let p = link_setup(&env, 48, 256 << 10, &[20, 40], None);
     let mut b = paced(1 << 20, SLOW, None);
     b.multi_range = false;
@@ -346,7 +355,7 @@ fn delta_switch_declines_cleanly_on_servers_that_cannot_serve_it() {
 
 #[test]
 fn delta_switch_to_a_package_replaced_on_the_server_starts_over_whole() {
-    let env = auto_env(REGEN);
+    let env = burst_env(REGEN);
     let p = link_setup(&env, 48, 256 << 10, &[20], None);
     // A new ETag from shortly after the burst on: the switch's first range fails If-Match.
     let mut b = paced(1 << 20, SLOW, None);
@@ -367,4 +376,63 @@ fn delta_switch_to_a_package_replaced_on_the_server_starts_over_whole() {
     );
     assert!(srv.requests().iter().any(|q| q.status == 412));
     assert_eq!(figures(&env).1, 0, "nothing regenerated is kept");
+}
+
+/// The package changes on the server after the directory was read and before the whole
+/// download's request: the whole download starts over under the new ETag, and the switch that
+/// follows reads the new package's directory and keeps that partial (found by a review: it
+/// dropped the partial for the old ETag's sake and fetched the package whole again).
+#[test]
+fn delta_switch_after_the_whole_download_started_over_keeps_its_partial() {
+    let env = burst_env(REGEN);
+    let p = link_setup(&env, 48, 256 << 10, &[20], None);
+    let mut b = paced(1 << 20, SLOW, None);
+    // After the probe and manifest (~20 KB), before the whole download's request.
+    b.etag_after = Some((60 << 10, "\"pkg-etag-2\"".into()));
+    let srv = PkgServer::start(p.bytes.clone(), b);
+    let run = download_v(&env, &srv, &p);
+    assert_downloaded(&env, &run, &p);
+    assert!(
+        run.stderr.contains("switching to a delta"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("starting over"),
+        "the partial was dropped: {}",
+        run.stderr
+    );
+    let (fetched, reused) = figures(&env);
+    assert!(reused > 0, "{}", run.stderr);
+    assert!(
+        fetched < p.bytes.len() as u64 / 2,
+        "{fetched} of {}\n{}",
+        p.bytes.len(),
+        run.stderr
+    );
+}
+
+/// A directory whose entry claims more compressed bytes than lie before the next entry: the
+/// switch's estimate counts it for nothing (found by a review: an arithmetic overflow panic in a
+/// debug build), and the download ends with the package.
+#[test]
+fn delta_switch_estimate_survives_a_directory_with_overlapping_sizes() {
+    let env = burst_env(REGEN);
+    let mut p = link_setup(&env, 48, 256 << 10, &[20], None);
+    let b = &mut p.bytes;
+    let name = b"bin/b000.bin";
+    let at = (0..b.len() - 46)
+        .find(|&i| {
+            b[i..i + 4] == [0x50, 0x4b, 0x01, 0x02] && {
+                let nl = usize::from(u16::from_le_bytes([b[i + 28], b[i + 29]]));
+                &b[i + 46..i + 46 + nl] == name
+            }
+        })
+        .expect("the entry's directory record");
+    b[at + 20..at + 24].copy_from_slice(&400_000u32.to_le_bytes());
+    p.md5 = md5_hex(&p.bytes);
+    let srv = PkgServer::start(p.bytes.clone(), paced(1 << 20, SLOW, None));
+    let run = download_v(&env, &srv, &p);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_downloaded(&env, &run, &p);
 }
