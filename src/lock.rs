@@ -121,6 +121,40 @@ pub struct StateLock {
     command: String,
 }
 
+/// A writer waiting for the lock, whether it blocks its thread or not.
+struct Waiting {
+    start: Instant,
+    wait: Duration,
+    said: bool,
+}
+
+impl Waiting {
+    fn new(wait: Duration) -> Waiting {
+        Waiting {
+            start: Instant::now(),
+            wait,
+            said: false,
+        }
+    }
+
+    /// One try: the lock, `BUSY` (the holder's record says so, or the wait is over), or `None`
+    /// to try again after [`POLL`]; the first wait is announced.
+    fn step(&mut self, state_dir: &Path, purpose: &Purpose) -> Result<Option<StateLock>> {
+        let held = match StateLock::try_once(state_dir, purpose)? {
+            Try::Taken(l) => return Ok(Some(l)),
+            Try::Held(h) => h,
+        };
+        if let Some(r) = refusal(state_dir, held.as_ref(), self.start.elapsed(), self.wait) {
+            return Err(r.into());
+        }
+        if !self.said {
+            self.said = true;
+            say_wait(self.wait, held.as_ref());
+        }
+        Ok(None)
+    }
+}
+
 /// One try at the lock: the lock, or who holds it (`None` when it says nothing usable).
 enum Try {
     Taken(StateLock),
@@ -132,19 +166,10 @@ impl StateLock {
     /// once if that one says it is in a long operation; otherwise wait for it, at most `wait`,
     /// then `BUSY`.
     pub fn acquire(state_dir: &Path, purpose: &Purpose, wait: Duration) -> Result<StateLock> {
-        let start = Instant::now();
-        let mut said = false;
+        let mut w = Waiting::new(wait);
         loop {
-            let held = match Self::try_once(state_dir, purpose)? {
-                Try::Taken(l) => return Ok(l),
-                Try::Held(h) => h,
-            };
-            if let Some(refusal) = refusal(state_dir, held.as_ref(), start.elapsed(), wait) {
-                return Err(refusal.into());
-            }
-            if !said {
-                said = true;
-                say_wait(wait, held.as_ref());
+            if let Some(l) = w.step(state_dir, purpose)? {
+                return Ok(l);
             }
             std::thread::sleep(POLL);
         }
@@ -157,19 +182,10 @@ impl StateLock {
         purpose: &Purpose,
         wait: Duration,
     ) -> Result<StateLock> {
-        let start = Instant::now();
-        let mut said = false;
+        let mut w = Waiting::new(wait);
         loop {
-            let held = match Self::try_once(state_dir, purpose)? {
-                Try::Taken(l) => return Ok(l),
-                Try::Held(h) => h,
-            };
-            if let Some(refusal) = refusal(state_dir, held.as_ref(), start.elapsed(), wait) {
-                return Err(refusal.into());
-            }
-            if !said {
-                said = true;
-                say_wait(wait, held.as_ref());
+            if let Some(l) = w.step(state_dir, purpose)? {
+                return Ok(l);
             }
             tokio::time::sleep(POLL).await;
         }

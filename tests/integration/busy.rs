@@ -203,14 +203,7 @@ fn the_api_waits_for_a_brief_holder_then_starts_the_operation() {
     let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
     let serve = Server::start(&env);
     let holder = Holder::take(&env, "heal", "housekeeping", false);
-    let body = json!({
-        "version": "1.2.0",
-        "package_url": srv.url("pkg.zip"),
-        "package_name": "pkg.zip",
-        "package_size": p.bytes.len(),
-        "package_md5": p.md5,
-    })
-    .to_string();
+    let body = api_body(&srv, &p);
     let addr = serve.addr.clone();
     let post = std::thread::spawn(move || call(&addr, "POST", "/api/v1.0/download", Some(&body)));
     // The POST waits: it has not answered while the holder holds the lock.
@@ -224,6 +217,18 @@ fn the_api_waits_for_a_brief_holder_then_starts_the_operation() {
     let (status, answer) = post.join().unwrap();
     assert_eq!(status, 200, "{answer}");
     env.wait_state(60, "toInstall", |s| s["stage"] == "toInstall");
+}
+
+/// The API's download body for `p` on `srv`, as version 1.2.0.
+fn api_body(srv: &PkgServer, p: &crate::download::Pkg) -> String {
+    json!({
+        "version": "1.2.0",
+        "package_url": srv.url("pkg.zip"),
+        "package_name": "pkg.zip",
+        "package_size": p.bytes.len(),
+        "package_md5": p.md5,
+    })
+    .to_string()
 }
 
 /// state.json at `success` with a callback device-api did not receive (callback.json records an
@@ -340,14 +345,7 @@ fn the_api_lets_two_requests_wait_for_the_lock_and_refuses_more_at_once() {
     let srv = PkgServer::start(p.bytes.clone(), Behaviour::default());
     let serve = Server::start_logged(&env);
     let holder = Holder::take(&env, "heal", "housekeeping", false);
-    let body = json!({
-        "version": "1.2.0",
-        "package_url": srv.url("pkg.zip"),
-        "package_name": "pkg.zip",
-        "package_size": p.bytes.len(),
-        "package_md5": p.md5,
-    })
-    .to_string();
+    let body = api_body(&srv, &p);
     let post = |body: String| {
         let addr = serve.addr.clone();
         std::thread::spawn(move || call(&addr, "POST", "/api/v1.0/download", Some(&body)))
