@@ -8,10 +8,19 @@
 #
 #   deploy/build-debs.sh                 # all three
 #   deploy/build-debs.sh arm64 armhf     # only these
+#   deploy/build-debs.sh --features F arm64   # with cargo features (the box's broken build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-archs=("$@")
+features=()
+archs=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --features) [ $# -ge 2 ] || { echo "build-debs.sh: --features needs a value" >&2; exit 2; }
+            features=(--features "$2"); shift 2 ;;
+        *) archs+=("$1"); shift ;;
+    esac
+done
 [ ${#archs[@]} -gt 0 ] || archs=(amd64 arm64 armhf)
 max=$((6 * 1024 * 1024))
 
@@ -36,7 +45,7 @@ cargo_deb="$(command -v cargo-deb || echo "$HOME/.cargo/bin/cargo-deb")"
 for a in "${archs[@]}"; do
     t="$(triple "$a")"
     if [ "$a" = amd64 ]; then
-        cargo build --release --locked --target "$t"
+        cargo build --release --locked --target "$t" "${features[@]}"
     else
         g="$(gnu "$a")"
         env_t="$(echo "$t" | tr 'a-z-' 'A-Z_')"
@@ -44,9 +53,9 @@ for a in "${archs[@]}"; do
         env PATH=/usr/bin:/bin RUSTC=/usr/bin/rustc \
             "CARGO_TARGET_${env_t}_LINKER=$g-gcc" \
             "CC_${t//-/_}=$g-gcc" "AR_${t//-/_}=$g-ar" \
-            /usr/bin/cargo build --release --locked --target "$t"
+            /usr/bin/cargo build --release --locked --target "$t" "${features[@]}"
     fi
-    bin="target/$t/release/tope-ota"
+    bin="${CARGO_TARGET_DIR:-target}/$t/release/tope-ota"
     size=$(stat -c %s "$bin")
     if [ "$size" -gt "$max" ]; then
         echo "build-debs.sh: $bin is $size bytes, over the 6 MiB budget" >&2

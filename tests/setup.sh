@@ -13,8 +13,12 @@
 #   - script (bsdutils): the progress-bar test on a pseudo-terminal
 #   - mmdebstrap, mkfs.ext4 (e2fsprogs): the box's Debian image (tests/vm/image.sh)
 #   - socat: the box's relay to its package server
-#   - qemu-img (qemu-utils), qemu-system-x86_64 (qemu-system-x86, both from <codename>-backports: the machine's qemu-utils
-#     comes from there and the release's own qemu-system-x86 would remove it)
+#   - qemu-img (qemu-utils), qemu-system-x86_64 (qemu-system-x86), qemu-system-aarch64 and
+#     qemu-system-arm (qemu-system-arm), qemu-aarch64-static (qemu-user-static): the boxes, all
+#     from <codename>-backports (the machine's qemu-utils comes from there and the release's
+#     own 7.2 would remove it, and cannot save a machine to a file)
+#   - arch-test (arch-test): mmdebstrap's check that the ARM images' binaries run (binfmt)
+#   - the ARM boards' cross builds: deploy/build-debs.sh installs them (tests/setup-cross.sh)
 #   - cargo deb (crates.io cargo-deb): the box installs the real .deb
 set -euo pipefail
 
@@ -42,6 +46,9 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v socat >/dev/null 2>&1 || need+=(socat)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v qemu-system-aarch64 >/dev/null 2>&1 || need+=(qemu-system-arm)
+command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
+command -v arch-test >/dev/null 2>&1 || need+=(arch-test)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ ${#need[@]} -eq 0 ] && exit 0
 
@@ -59,7 +66,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "tests/setup.sh: installing ${need[*]}" >&2
 backports=()
-if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
+if [[ " ${need[*]} " == *" qemu-"* ]]; then
     # shellcheck disable=SC1091
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
     if [ -n "$codename" ] && [ ! -e /etc/apt/sources.list.d/tope-ota-backports.sources ]; then

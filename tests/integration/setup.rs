@@ -11,7 +11,7 @@ fn repo() -> PathBuf {
 }
 
 /// The tools tests/setup.sh installs, and their Debian packages.
-const TOOLS: [(&str, &str); 15] = [
+const TOOLS: [(&str, &str); 18] = [
     ("minisign", "minisign"),
     ("strace", "strace"),
     ("shellcheck", "shellcheck"),
@@ -26,6 +26,9 @@ const TOOLS: [(&str, &str); 15] = [
     ("socat", "socat"),
     ("qemu-img", "qemu-utils"),
     ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-system-aarch64", "qemu-system-arm"),
+    ("qemu-aarch64-static", "qemu-user-static"),
+    ("arch-test", "arch-test"),
     ("python3", "python3"),
 ];
 
@@ -117,6 +120,8 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
             "mkfs.ext4",
             "qemu-img",
             "qemu-system-x86_64",
+            "qemu-system-aarch64",
+            "qemu-aarch64-static",
         ],
     );
     let (code, out, err) = run_setup(&bin);
@@ -143,6 +148,7 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
         "python3",
         "nginx-light",
         "zip",
+        "arch-test",
     ]
     .into();
     assert_eq!(installed, want, "{log}");

@@ -2,7 +2,9 @@
 //! real units of the printer's (stand-in) software, real reboots and real power cuts.
 //!
 //! Every scenario resumes the pristine device (booted once, saved) on a fresh qcow2 overlay;
-//! only reboots and power cuts boot. One box at a time: TCG uses both cores.
+//! only reboots and power cuts boot. One box at a time: TCG uses both cores. Each scenario runs
+//! on each board it is listed for at the bottom (`amd64::`, `arm64::`, `armhf::`), so
+//! `cargo test --test vm arm64::` runs one board.
 //! See README "The device in a box".
 
 #[path = "../integration/support.rs"]
@@ -13,7 +15,7 @@ mod qemu;
 mod shelf;
 
 use device::{Catalog, Release, FACTORY_VERSION, UNITS};
-use qemu::{artifacts, Launch, Vm};
+use qemu::{artifacts, Arch, Launch, Vm};
 use serde_json::Value;
 use shelf::{Package, Shelf};
 use std::sync::{Mutex, MutexGuard};
@@ -52,9 +54,9 @@ impl Drop for Box {
 }
 
 impl Box {
-    fn pristine() -> Box {
+    fn pristine(arch: Arch) -> Box {
         let one = ONE_BOX.lock().unwrap_or_else(|e| e.into_inner());
-        let a = artifacts();
+        let a = artifacts(arch);
         let machine = std::fs::File::create(qemu::cache_root().join("box.lock")).unwrap();
         fs2::FileExt::lock_exclusive(&machine).unwrap();
         let shelf = Shelf::start();
@@ -73,6 +75,7 @@ impl Box {
             .unwrap();
         assert!(st.success());
         let mut vm = Vm::start(Launch {
+            arch,
             dir,
             disk,
             base: a.base.clone(),
@@ -181,9 +184,8 @@ fn curl_json(vm: &mut Vm, args: &str) -> Value {
 
 // ---------------------------------------------------------------- scenarios
 
-#[test]
-fn boot_units_are_active_and_serve_is_sandboxed() {
-    let mut b = Box::pristine();
+fn boot_units_are_active_and_serve_is_sandboxed(arch: Arch) {
+    let mut b = Box::pristine(arch);
     let out = b.vm.sh_ok(
         "systemctl is-active tope-ota-heal.timer tope-ota-serve.service; systemctl is-enabled tope-ota-heal.timer tope-ota-serve.service",
         30,
@@ -226,9 +228,8 @@ fn boot_units_are_active_and_serve_is_sandboxed() {
     b.assert_intact();
 }
 
-#[test]
-fn device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox() {
-    let mut b = Box::pristine();
+fn device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox(arch: Arch) {
+    let mut b = Box::pristine(arch);
     let r = Release::new("1.1.0");
     let p = b.publish(&r);
     let before = device::running(&mut b.vm);
@@ -346,9 +347,8 @@ fn host_get(port: u16, path: &str) -> String {
     out
 }
 
-#[test]
-fn a_service_that_fails_to_start_rolls_back_with_real_systemd() {
-    let mut b = Box::pristine();
+fn a_service_that_fails_to_start_rolls_back_with_real_systemd(arch: Arch) {
+    let mut b = Box::pristine(arch);
     let mut r = Release::new("1.2.0");
     r.broken = true;
     let (code, out) = b.install(&r);
@@ -360,9 +360,8 @@ fn a_service_that_fails_to_start_rolls_back_with_real_systemd() {
     b.assert_intact();
 }
 
-#[test]
-fn a_reboot_package_reboots_and_heal_at_boot_commits_it() {
-    let mut b = Box::pristine();
+fn a_reboot_package_reboots_and_heal_at_boot_commits_it(arch: Arch) {
+    let mut b = Box::pristine(arch);
     let mut r = Release::new("1.3.0");
     r.reboot = true;
     let p = b.publish(&r);
@@ -378,9 +377,8 @@ fn a_reboot_package_reboots_and_heal_at_boot_commits_it() {
     b.assert_intact();
 }
 
-#[test]
-fn technician_man_page_completion_and_status() {
-    let mut b = Box::pristine();
+fn technician_man_page_completion_and_status(arch: Arch) {
+    let mut b = Box::pristine(arch);
     let man =
         b.vm.sh_ok("MANPAGER=cat MANWIDTH=80 man tope-ota 2>&1 | head -20", 60);
     assert!(man.contains("tope-ota"), "{man}");
@@ -409,6 +407,76 @@ printf "%s\n" "${COMPREPLY[@]}"'"#,
     }
     let js: Value = serde_json::from_str(&b.vm.sh_ok("tope-ota --json status", 30)).unwrap();
     assert_eq!(js["stage"], "idle", "{js}");
+}
+
+/// A technician's update and rollback on the device, with the heal timer firing through its
+/// unit meanwhile: on armhf the proof that the units' `SystemCallArchitectures=native` and
+/// seccomp filter let the 32-bit binary run (serve answers, heal exits 0).
+///
+/// The clock is set past 2038 first (a 32-bit `time_t` ends on 2038-01-19): the times tope-ota
+/// writes must be the guest's real ones.
+fn a_technician_installs_and_rolls_back_through_the_units(arch: Arch) {
+    let mut b = Box::pristine(arch);
+    // 2040-11-02, 64-bit time on the guest's own kernel and libc.
+    b.vm.sh_ok("date -s @2235300000 >/dev/null && date -u +%Y", 30);
+    let r = Release::new("1.1.0");
+    let (code, out) = b.install(&r);
+    assert_eq!(code, 0, "{out}");
+    let s = device::state(&mut b.vm);
+    assert_eq!(
+        (&s["stage"], &s["version"]),
+        (&"success".into(), &"1.1.0".into()),
+        "{s}"
+    );
+    b.assert_runs("1.1.0");
+    b.assert_intact();
+    let stamps = b.vm.sh_ok(
+        "grep -o '\"[a-z_]*_at\": *\"[^\"]*\"' /var/lib/tope-ota/state.json",
+        30,
+    );
+    assert!(
+        stamps.lines().count() > 0 && stamps.lines().all(|l| l.contains("\"2040-11-")),
+        "state.json's times after 2038: {stamps}"
+    );
+    let e = b.vm.sh("tope-ota --json rollback", 300);
+    assert_eq!(e.code, 0, "{}{}", e.out, e.err);
+    let link = b.vm.sh_ok("readlink /opt/tope/versions/current", 30);
+    assert_eq!(link.trim(), "v1.0.0");
+    b.assert_runs(FACTORY_VERSION);
+    b.assert_intact();
+    // The timer's heals ran under the unit's sandbox and succeeded; serve answers through it.
+    let heal_start = b.vm.sh_ok(
+        "systemctl show -p ExecMainStartTimestampMonotonic --value tope-ota-heal.service",
+        30,
+    );
+    let before: u64 = heal_start.trim().parse().unwrap_or(0);
+    let until = Instant::now() + Duration::from_secs(120 * arch.slowness());
+    let result = loop {
+        let e = b.vm.sh_ok(
+            "systemctl show -p ExecMainStartTimestampMonotonic -p Result -p ExecMainStatus --value tope-ota-heal.service; systemctl is-active tope-ota-heal.service || true",
+            30,
+        );
+        let l: Vec<&str> = e.lines().collect();
+        let started: u64 = l.first().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        if started > before && l.get(3).is_some_and(|s| *s != "activating") {
+            break e;
+        }
+        assert!(Instant::now() < until, "the heal timer fired no heal: {e}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let l: Vec<&str> = result.lines().collect();
+    assert_eq!(
+        l.get(1..3),
+        Some(&["success", "0"][..]),
+        "heal under its unit: {result}"
+    );
+    let body = curl_json(&mut b.vm, "http://127.0.0.1:12315/api/v1.0/progress");
+    assert!(
+        body["data"]["stage"].is_string(),
+        "serve under its unit: {body}"
+    );
+    let sys = b.vm.sh_ok("uname -m; tope-ota --version", 30);
+    println!("box: {}: {}", arch.name(), sys.replace('\n', "; "));
 }
 
 // ---------------------------------------------------------------- power cuts
@@ -459,9 +527,9 @@ fn stage_step(s: &Value) -> String {
 
 /// One power cut: set up, start `op`, cut at a random instant, boot, let the timer's heal run,
 /// check the invariants, then show that a later update still works.
-fn one_cut(op: Op, rng: &mut Rng) -> Cut {
+fn one_cut(arch: Arch, op: Op, rng: &mut Rng) -> Cut {
     let t0 = Instant::now();
-    let mut b = Box::pristine();
+    let mut b = Box::pristine(arch);
     let v11 = Release {
         payload: 3 << 20,
         ..Release::new("1.1.0")
@@ -491,7 +559,7 @@ fn one_cut(op: Op, rng: &mut Rng) -> Cut {
             ("tope-ota heal".to_string(), 3000)
         }
     };
-    let planned = rng.ms(window);
+    let planned = rng.ms(window * arch.slowness());
     let boot = b.vm.boot_id();
     let op_pid = b.vm.spawn_sh(&format!("{cmd} >/dev/null 2>&1"));
     let started = Instant::now();
@@ -543,16 +611,22 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// `TOPE_OTA_POWER_CUTS` cuts (5 by default) with seed `TOPE_OTA_POWER_CUT_SEED`. With
 /// `TOPE_OTA_BOX_FEATURES=break-snapshot-sync` (tests/vm/power-cuts.sh --broken) the device runs a
 /// build that does not sync a new snapshot, and the cuts must find violations.
-#[test]
-fn power_cuts() {
-    let n = env_u64("TOPE_OTA_POWER_CUTS", 5);
+fn power_cuts(arch: Arch) {
+    // In the test command: five on the x86 board, one of each operation on an ARM one (a cut
+    // there takes about three times as long); tests/vm/power-cuts.sh runs many.
+    let n = env_u64(
+        "TOPE_OTA_POWER_CUTS",
+        if arch == Arch::Amd64 { 5 } else { 4 },
+    );
     let seed = env_u64("TOPE_OTA_POWER_CUT_SEED", 20261123);
     let broken = std::env::var("TOPE_OTA_BOX_FEATURES").is_ok_and(|f| !f.is_empty());
     let mut rng = Rng(seed | 1);
-    let a = artifacts();
+    let a = artifacts(arch);
     println!(
-        "box: accelerator {}, cold boot to the guest agent {:.1} s",
-        a.accel.name, a.boot_secs
+        "box: {} board, accelerator {}, cold boot to the guest agent {:.1} s",
+        a.arch.name(),
+        a.accel.name,
+        a.boot_secs
     );
     let ops = [Op::Download, Op::Install, Op::Rollback, Op::Heal];
     let mut cuts = Vec::new();
@@ -563,7 +637,7 @@ fn power_cuts() {
         // A harness failure (a hung agent, a boot that never came) is reported apart from
         // invariant violations, and the run goes on.
         let c = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            one_cut(op, &mut rng)
+            one_cut(arch, op, &mut rng)
         })) {
             Ok(c) => c,
             Err(e) => {
@@ -595,7 +669,8 @@ fn power_cuts() {
     }
     let bad = cuts.iter().filter(|c| !c.violations.is_empty()).count();
     println!(
-        "power cuts: {n} (seed {seed}), {bad} with violations, {:.1} s per cut, {:.0} s in all{}",
+        "power cuts on {}: {n} (seed {seed}), {bad} with violations, {:.1} s per cut, {:.0} s in all{}",
+        arch.name(),
         t.elapsed().as_secs_f64() / n.max(1) as f64,
         t.elapsed().as_secs_f64(),
         if broken { " [broken build]" } else { "" }
@@ -627,3 +702,158 @@ fn power_cuts() {
         assert_eq!(bad, 0, "power cuts broke invariants");
     }
 }
+
+// ---------------------------------------------------------------- figures in the guest
+
+/// Runs a command in the guest and prints its wall time and the peak RSS of it and its children.
+const MEASURE_PY: &str = r#"import json, resource, subprocess, sys, time
+t = time.monotonic()
+r = subprocess.run(["sh", "-c", sys.argv[1]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+secs = time.monotonic() - t
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"code": r.returncode, "secs": secs, "maxrss_kib": ru.ru_maxrss, "err": r.stderr.decode(errors="replace")[-500:]}))
+"#;
+
+fn measure(vm: &mut Vm, script: &str) -> (f64, u64) {
+    let out = vm.sh_ok(
+        &format!(
+            "python3 /root/measure.py '{}'",
+            script.replace('\'', r"'\''")
+        ),
+        1800,
+    );
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["code"], 0, "`{script}` in the guest: {v}");
+    (
+        v["secs"].as_f64().unwrap(),
+        v["maxrss_kib"].as_u64().unwrap(),
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The download and install benchmarks inside the guest, against the guest's own tools on the
+/// same package: `curl` + `md5sum` + `sync` for a download, `unzip` + `sync` for an install.
+/// Ratios, since TCG makes every absolute figure slow; peak RSS of tope-ota and of the baseline.
+/// `TOPE_OTA_GUEST_BENCH_MIB` (default 32) sets the package's payload, `..._RUNS` (3) the runs.
+fn figures_in_the_guest(arch: Arch) {
+    let mib = env_u64("TOPE_OTA_GUEST_BENCH_MIB", 32) as usize;
+    let runs = env_u64("TOPE_OTA_GUEST_BENCH_RUNS", 3);
+    let mut b = Box::pristine(arch);
+    b.vm.put("/root/measure.py", MEASURE_PY.as_bytes());
+    let (mut dl, mut dl_base, mut inst, mut inst_base) = (vec![], vec![], vec![], vec![]);
+    let (mut rss_dl, mut rss_inst, mut rss_base) = (0, 0, 0);
+    let mut size = 0;
+    for i in 0..runs {
+        let r = Release {
+            payload: mib << 20,
+            ..Release::new(&format!("1.{}.0", i + 1))
+        };
+        let p = b.publish(&r);
+        size = p.size;
+        let get = format!(
+            "rm -rf /var/tmp/bench && mkdir /var/tmp/bench && curl -sf -o /var/tmp/bench/p.zip {} && md5sum /var/tmp/bench/p.zip >/dev/null && sync",
+            p.url()
+        );
+        let (t, rss) = measure(&mut b.vm, &get);
+        dl_base.push(t);
+        rss_base = rss_base.max(rss);
+        let (t, rss) = measure(&mut b.vm, &format!("sync && {}", p.download_cmd()));
+        dl.push(t);
+        rss_dl = rss_dl.max(rss);
+        let (t, rss) = measure(
+            &mut b.vm,
+            "sync && unzip -q -o /var/tmp/bench/p.zip -d /var/tmp/bench/x && sync",
+        );
+        inst_base.push(t);
+        rss_base = rss_base.max(rss);
+        let (t, rss) = measure(&mut b.vm, "sync && tope-ota install");
+        inst.push(t);
+        rss_inst = rss_inst.max(rss);
+        b.assert_runs(&r.version);
+    }
+    b.assert_intact();
+    let (d, db, n, nb) = (median(dl), median(dl_base), median(inst), median(inst_base));
+    println!(
+        "figures on {} ({} B package, {mib} MiB payload, median of {runs}): \
+         download {d:.2} s vs curl+md5sum+sync {db:.2} s = {:.2}x; \
+         install {n:.2} s vs unzip+sync {nb:.2} s = {:.2}x (install restarts the three units); \
+         peak RSS download {} KiB, install {} KiB, baselines {} KiB",
+        arch.name(),
+        size,
+        d / db,
+        n / nb,
+        rss_dl,
+        rss_inst,
+        rss_base
+    );
+}
+
+mod figures {
+    #[test]
+    #[ignore = "benchmark in the guest: cargo test --release --features failpoints --test vm figures -- --ignored --nocapture"]
+    fn amd64() {
+        super::figures_in_the_guest(super::Arch::Amd64)
+    }
+
+    #[test]
+    #[ignore = "benchmark in the guest: cargo test --release --features failpoints --test vm figures -- --ignored --nocapture"]
+    fn arm64() {
+        super::figures_in_the_guest(super::Arch::Arm64)
+    }
+}
+
+// ---------------------------------------------------------------- the boards
+
+/// `mod BOARD { #[test] fn SCENARIO() }` for each scenario named.
+macro_rules! board {
+    ($board:ident, $arch:ident, [$($scenario:ident),* $(,)?]) => {
+        mod $board {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::$scenario(super::Arch::$arch)
+                }
+            )*
+        }
+    };
+}
+
+board!(
+    amd64,
+    Amd64,
+    [
+        boot_units_are_active_and_serve_is_sandboxed,
+        device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox,
+        a_service_that_fails_to_start_rolls_back_with_real_systemd,
+        a_reboot_package_reboots_and_heal_at_boot_commits_it,
+        technician_man_page_completion_and_status,
+        power_cuts,
+    ]
+);
+
+board!(
+    arm64,
+    Arm64,
+    [
+        boot_units_are_active_and_serve_is_sandboxed,
+        device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox,
+        a_service_that_fails_to_start_rolls_back_with_real_systemd,
+        a_reboot_package_reboots_and_heal_at_boot_commits_it,
+        technician_man_page_completion_and_status,
+        power_cuts,
+    ]
+);
+
+// The 32-bit board: booted, its units up, an update and a rollback through them.
+board!(
+    armhf,
+    Armhf,
+    [
+        boot_units_are_active_and_serve_is_sandboxed,
+        a_technician_installs_and_rolls_back_through_the_units,
+    ]
+);

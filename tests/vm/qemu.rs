@@ -48,16 +48,86 @@ fn need(tool: &str, why: &str) {
     );
 }
 
-// ---------------------------------------------------------------- accelerator
+// ---------------------------------------------------------------- architecture
+
+/// The device's processor. amd64 is the x86 board; arm64 and armhf are the printers' ARM boards,
+/// emulated by TCG (`-M virt`) with Debian's own kernel for the architecture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+    Armhf,
+}
+
+impl Arch {
+    /// Debian's name, as image.sh, build-debs.sh and dpkg take it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+            Arch::Armhf => "armhf",
+        }
+    }
+
+    fn qemu(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "qemu-system-x86_64",
+            Arch::Arm64 => "qemu-system-aarch64",
+            Arch::Armhf => "qemu-system-arm",
+        }
+    }
+
+    fn qemu_package(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "package qemu-system-x86 from bookworm-backports",
+            Arch::Arm64 | Arch::Armhf => "package qemu-system-arm from bookworm-backports",
+        }
+    }
+
+    fn console(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "ttyS0",
+            // -M virt's PL011
+            Arch::Arm64 | Arch::Armhf => "ttyAMA0",
+        }
+    }
+
+    /// How many times longer than amd64's an operation takes in this guest under TCG (the
+    /// power cuts' windows stretch by it, so cuts land inside the operation, not after it).
+    pub fn slowness(self) -> u64 {
+        match self {
+            Arch::Amd64 => 1,
+            Arch::Arm64 | Arch::Armhf => 3,
+        }
+    }
+}
 
 pub struct Accel {
     pub name: &'static str,
     args: Vec<&'static str>,
 }
 
-/// KVM only where it is real hardware virtualisation: under `kvm_pvm` (a nested software
-/// hypervisor) a stock kernel runs far slower than TCG (VM-NOTES.md).
-pub fn accel() -> Accel {
+/// KVM only for the host's own architecture and where it is real hardware virtualisation:
+/// under `kvm_pvm` (a nested software hypervisor) a stock kernel runs far slower than TCG
+/// (VM-NOTES.md). The ARM boards are always TCG on this x86 machine.
+pub fn accel(arch: Arch) -> Accel {
+    match arch {
+        Arch::Amd64 => {}
+        // A Cortex-A72, the core of the common printer boards (a Raspberry Pi 4's); `max`
+        // would add pointer authentication, which TCG emulates slowly.
+        Arch::Arm64 => {
+            return Accel {
+                name: "tcg",
+                args: vec!["-machine", "virt,accel=tcg", "-cpu", "cortex-a72"],
+            }
+        }
+        Arch::Armhf => {
+            return Accel {
+                name: "tcg",
+                args: vec!["-machine", "virt,accel=tcg", "-cpu", "cortex-a15"],
+            }
+        }
+    }
     let forced = std::env::var("TOPE_OTA_BOX_ACCEL").ok();
     let kvm_usable = Path::new("/dev/kvm").exists()
         && !Path::new("/sys/module/kvm_pvm").exists()
@@ -79,12 +149,14 @@ pub fn accel() -> Accel {
                 "q35,accel=kvm",
                 "-cpu",
                 "host,-arch-capabilities",
+                "-vga",
+                "none",
             ],
         }
     } else {
         Accel {
             name: "tcg",
-            args: vec!["-machine", "q35,accel=tcg", "-cpu", "max"],
+            args: vec!["-machine", "q35,accel=tcg", "-cpu", "max", "-vga", "none"],
         }
     }
 }
@@ -94,20 +166,18 @@ pub fn accel() -> Accel {
 /// What every box starts from: the base image, the .deb, and the pristine device (a disk layer
 /// and the RAM of it booted, saved together).
 pub struct Artifacts {
+    pub arch: Arch,
     pub accel: Accel,
     pub base: PathBuf,
     pub pristine: PathBuf,
     pub boot_secs: f64,
 }
 
-static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+static ARTIFACTS: [OnceLock<Artifacts>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
 
-pub fn artifacts() -> &'static Artifacts {
-    ARTIFACTS.get_or_init(|| {
-        need(
-            "qemu-system-x86_64",
-            "package qemu-system-x86 from bookworm-backports",
-        );
+pub fn artifacts(arch: Arch) -> &'static Artifacts {
+    ARTIFACTS[arch as usize].get_or_init(|| {
+        need(arch.qemu(), arch.qemu_package());
         need("qemu-img", "package qemu-utils");
         need("mmdebstrap", "package mmdebstrap");
         need("mkfs.ext4", "package e2fsprogs");
@@ -115,11 +185,14 @@ pub fn artifacts() -> &'static Artifacts {
             "socat",
             "package socat: the guest's one path to the package server",
         );
-        let accel = accel();
+        let accel = accel(arch);
         eprintln!(
-            "box: accelerator {} ({})",
+            "box: {} board, accelerator {} ({})",
+            arch.name(),
             accel.name,
-            if accel.name == "tcg" {
+            if arch != Arch::Amd64 {
+                "an emulated ARM board"
+            } else if accel.name == "tcg" {
                 "no usable hardware KVM here"
             } else {
                 "hardware KVM"
@@ -129,11 +202,12 @@ pub fn artifacts() -> &'static Artifacts {
         fs::create_dir_all(&cache).unwrap();
         let lock = fs::File::create(cache.join("lock")).unwrap();
         fs2::FileExt::lock_exclusive(&lock).unwrap();
-        let base = base_image(&cache);
+        let base = base_image(&cache, arch);
         let features = std::env::var("TOPE_OTA_BOX_FEATURES").ok();
-        let deb = build_deb(features.as_deref().filter(|f| !f.is_empty()));
-        let (pristine, boot_secs) = pristine_device(&cache, &base, &deb, &accel);
+        let deb = build_deb(arch, features.as_deref().filter(|f| !f.is_empty()));
+        let (pristine, boot_secs) = pristine_device(&cache, &base, &deb, arch, &accel);
         Artifacts {
+            arch,
             accel,
             base,
             pristine,
@@ -143,8 +217,9 @@ pub fn artifacts() -> &'static Artifacts {
 }
 
 /// The Debian image, built by image.sh and cached outside the clone, keyed by its inputs.
-fn base_image(cache: &Path) -> PathBuf {
+fn base_image(cache: &Path, arch: Arch) -> PathBuf {
     let mut h = Sha256::new();
+    h.update(arch.name());
     let dir = vm_dir();
     let mut inputs = vec![dir.join("image.sh"), dir.join("customize.sh")];
     let mut device: Vec<PathBuf> = fs::read_dir(dir.join("device"))
@@ -158,18 +233,20 @@ fn base_image(cache: &Path) -> PathBuf {
         h.update(fs::read(p).unwrap());
     }
     let key = hex(&h.finalize()[..8]);
-    let out = cache.join(format!("base-{key}"));
+    let out = cache.join(format!("base-{}-{key}", arch.name()));
     if out.join("base.img").exists() {
         return out;
     }
     let t = Instant::now();
     eprintln!(
-        "box: building the base image (mmdebstrap) into {}",
+        "box: building the {} base image (mmdebstrap) into {}",
+        arch.name(),
         out.display()
     );
     let st = Command::new("bash")
         .arg(dir.join("image.sh"))
         .arg(&out)
+        .arg(arch.name())
         .status()
         .unwrap();
     assert!(st.success(), "tests/vm/image.sh failed: {st}");
@@ -177,13 +254,40 @@ fn base_image(cache: &Path) -> PathBuf {
     out
 }
 
-/// The real .deb, by `cargo deb` (a release build of this tree).
-fn build_deb(features: Option<&str>) -> PathBuf {
+/// The real .deb, by `cargo deb` (a release build of this tree); an ARM board's by
+/// `deploy/build-debs.sh`, the same cross build a release uses.
+fn build_deb(arch: Arch, features: Option<&str>) -> PathBuf {
     need(
         "cargo-deb",
         "cargo install cargo-deb --locked (tests/setup.sh does it)",
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if arch != Arch::Amd64 {
+        let mut cmd = Command::new("bash");
+        cmd.arg(root.join("deploy/build-debs.sh"));
+        if let Some(f) = features {
+            cmd.args(["--features", f])
+                .env("CARGO_TARGET_DIR", root.join("target/box-features"));
+        }
+        cmd.arg(arch.name());
+        let t = Instant::now();
+        let o = cmd.output().unwrap();
+        assert!(
+            o.status.success(),
+            "deploy/build-debs.sh {} failed:\n{}",
+            arch.name(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        let deb = out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{}: ", arch.name())))
+            .and_then(|l| l.split(" (").next())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("build-debs.sh printed no .deb: {out}"));
+        eprintln!("box: {} built in {:.0?}", deb.display(), t.elapsed());
+        return deb;
+    }
     let out = root.join("target/box");
     fs::create_dir_all(&out).unwrap();
     let mut cmd = Command::new(env!("CARGO"));
@@ -211,11 +315,8 @@ fn build_deb(features: Option<&str>) -> PathBuf {
     deb
 }
 
-fn qemu_version() -> String {
-    let o = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .unwrap();
+fn qemu_version(arch: Arch) -> String {
+    let o = Command::new(arch.qemu()).arg("--version").output().unwrap();
     String::from_utf8_lossy(&o.stdout)
         .lines()
         .next()
@@ -227,17 +328,23 @@ fn qemu_version() -> String {
 /// factory made; then the running machine (RAM and devices) saved beside its disk layer, so
 /// every scenario resumes a booted device in about a second. Cached by image, .deb, QEMU and
 /// accelerator: the saved RAM belongs with exactly this disk chain.
-fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (PathBuf, f64) {
+fn pristine_device(
+    cache: &Path,
+    base: &Path,
+    deb: &Path,
+    arch: Arch,
+    accel: &Accel,
+) -> (PathBuf, f64) {
     let mut h = Sha256::new();
     h.update(base.file_name().unwrap().as_encoded_bytes());
     h.update(fs::read(deb).unwrap());
-    h.update(qemu_version());
+    h.update(qemu_version(arch));
     h.update(accel.name);
     h.update(PRISTINE_RECIPE);
     // How QEMU is started and the pristine device made live in this file.
     h.update(include_str!("qemu.rs"));
     let key = hex(&h.finalize()[..8]);
-    let out = cache.join(format!("pristine-{key}"));
+    let out = cache.join(format!("pristine-{}-{key}", arch.name()));
     if out.join("state.bin").exists() {
         let _ = fs::write(out.join("last-used"), b"");
         let boot = fs::read_to_string(out.join("boot-secs"))
@@ -263,8 +370,9 @@ fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (Pat
     qemu_img_overlay(&base.join("base.img"), "raw", &disk);
 
     let t = Instant::now();
-    eprintln!("box: making the pristine device");
+    eprintln!("box: making the {} pristine device", arch.name());
     let mut vm = Vm::start(Launch {
+        arch,
         dir: tmp.clone(),
         disk: disk.clone(),
         base: base.to_path_buf(),
@@ -272,7 +380,7 @@ fn pristine_device(cache: &Path, base: &Path, deb: &Path, accel: &Accel) -> (Pat
         shelf_port: 9, // nothing listens: the pristine device downloads nothing
         keep: true,
     });
-    let boot = vm.wait_agent(Duration::from_secs(300));
+    let boot = vm.wait_agent(Duration::from_secs(300 * arch.slowness()));
     eprintln!("box: cold boot to the guest agent: {boot:.1?}");
     vm.put("/root/tope-ota.deb", &fs::read(deb).unwrap());
     let t_dpkg = Instant::now();
@@ -332,6 +440,7 @@ fn qemu_img_overlay(backing: &Path, fmt: &str, out: &Path) {
 // ---------------------------------------------------------------- one running QEMU
 
 pub struct Launch {
+    pub arch: Arch,
     pub dir: PathBuf,
     pub disk: PathBuf,
     pub base: PathBuf,
@@ -383,23 +492,24 @@ impl Vm {
 
     fn spawn(&mut self) {
         let l = &self.launch;
-        let accel = &accel();
+        let accel = &accel(l.arch);
         let _ = fs::remove_file(l.dir.join("qga.sock"));
         let _ = fs::remove_file(l.dir.join("qmp.sock"));
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(l.arch.qemu());
         cmd.args(&accel.args)
             .args(["-smp", "2", "-m", MEMORY_MIB])
-            .args(["-display", "none", "-vga", "none", "-monitor", "none"])
+            .args(["-display", "none", "-monitor", "none"])
             .arg("-kernel")
             .arg(l.base.join("vmlinuz"))
             .arg("-initrd")
             .arg(l.base.join("initrd.img"))
             // commit=300: ext4 writes back on its own only every 5 minutes, so a power cut
             // loses whatever tope-ota did not fsync.
-            .args([
-                "-append",
-                "console=ttyS0 root=LABEL=vmroot rw rootflags=commit=300 panic=-1",
-            ])
+            .arg("-append")
+            .arg(format!(
+                "console={} root=LABEL=vmroot rw rootflags=commit=300 panic=-1",
+                l.arch.console()
+            ))
             .arg("-drive")
             .arg(format!(
                 "file={},if=virtio,format=qcow2,cache=writeback",
@@ -445,7 +555,10 @@ impl Vm {
                 Ok(())
             });
         }
-        self.child = Some(cmd.spawn().expect("start qemu-system-x86_64"));
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", l.arch.qemu())),
+        );
         self.agent = None;
     }
 
