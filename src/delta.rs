@@ -1210,4 +1210,140 @@ mod plan_tests {
         d.entries[4].local_header_offset = a;
         assert!(plan(&d, &s.cands, &s.view, &proven()).is_err());
     }
+
+    /// The central directory and end records of a ZIP64 package of stored entries
+    /// `(name, size, crc)` laid out one after the other from offset 0, each behind a local header
+    /// with a 20-byte ZIP64 extra field: the package's length, the directory's offset, and the
+    /// tail (the bytes from the directory on). The entries' data is never read.
+    fn zip64_tail(entries: &[(&str, u64, u32)]) -> (u64, u64, Vec<u8>) {
+        let mut at = 0u64;
+        let mut cd = Vec::new();
+        for (name, size, crc) in entries {
+            cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+            cd.extend_from_slice(&[45, 3, 45, 0, 0, 0, 0, 0, 0, 0, 0x21, 0]);
+            cd.extend_from_slice(&crc.to_le_bytes());
+            cd.extend_from_slice(&[0xFF; 8]);
+            cd.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            cd.extend_from_slice(&28u16.to_le_bytes());
+            cd.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0xa4, 0x81]);
+            cd.extend_from_slice(&[0xFF; 4]);
+            cd.extend_from_slice(name.as_bytes());
+            cd.extend_from_slice(&[1, 0, 24, 0]);
+            cd.extend_from_slice(&size.to_le_bytes());
+            cd.extend_from_slice(&size.to_le_bytes());
+            cd.extend_from_slice(&at.to_le_bytes());
+            at += 30 + name.len() as u64 + 20 + size;
+        }
+        let cd_start = at;
+        let mut tail = cd.clone();
+        let n = entries.len() as u64;
+        let rec_at = cd_start + cd.len() as u64;
+        tail.extend_from_slice(&0x0606_4b50u32.to_le_bytes());
+        tail.extend_from_slice(&44u64.to_le_bytes());
+        tail.extend_from_slice(&[45, 3, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        tail.extend_from_slice(&n.to_le_bytes());
+        tail.extend_from_slice(&n.to_le_bytes());
+        tail.extend_from_slice(&(cd.len() as u64).to_le_bytes());
+        tail.extend_from_slice(&cd_start.to_le_bytes());
+        tail.extend_from_slice(&0x0706_4b50u32.to_le_bytes());
+        tail.extend_from_slice(&0u32.to_le_bytes());
+        tail.extend_from_slice(&rec_at.to_le_bytes());
+        tail.extend_from_slice(&1u32.to_le_bytes());
+        tail.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+        tail.extend_from_slice(&[0, 0, 0, 0]);
+        tail.extend_from_slice(&[0xFF; 12]);
+        tail.extend_from_slice(&0u16.to_le_bytes());
+        (cd_start + tail.len() as u64, cd_start, tail)
+    }
+
+    /// A package past 4 GiB as a 32-bit device meets it (this test runs on the armhf build too,
+    /// tests/integration/arm32.rs): its directory read by ranges that start past 4 GiB, and a
+    /// plan whose every piece keeps its 64-bit offsets, with a reused entry longer than 4 GiB.
+    #[test]
+    fn a_package_past_4_gib_is_read_and_planned_in_64_bits() {
+        const GIB: u64 = 1 << 30;
+        let (a, b, c) = (4 * GIB + 10, 100, 2 * GIB + 3);
+        let entries = [
+            ("bin/a", a, 0xaaaa_0001),
+            ("bin/b", b, 0xbbbb_0002),
+            ("share/c", c, 0xcccc_0003),
+        ];
+        let (len, cd_start, tail) = zip64_tail(&entries);
+        let tail_start = len - tail.len() as u64;
+        assert!(cd_start > 6 * GIB);
+        let mut reads = Vec::new();
+        // The entries' data (never read for the directory, but inside a short tail's span)
+        // is zeros.
+        let dir = crate::zipdir::read_directory(len, &Limits::default(), |s, e| {
+            reads.push((s, e));
+            assert!(e <= len, "read {s}-{e} of {len}");
+            Ok((s..e)
+                .map(|i| i.checked_sub(tail_start).map_or(0, |k| tail[k as usize]))
+                .collect())
+        })
+        .unwrap();
+        // One read: the end records' 98 bytes and 8 KiB before them, which hold the directory.
+        assert_eq!(reads, [(len - 8290, len)]);
+        assert!(len - 8290 > 4 * GIB);
+        // Local headers: 30 bytes, the name, a 20-byte ZIP64 field.
+        let (b_at, c_at) = (55 + a, 55 + a + 55 + b);
+        let offsets: Vec<u64> = dir.entries.iter().map(|e| e.local_header_offset).collect();
+        assert_eq!(offsets, [0, b_at, c_at]);
+        let cands = candidates(&dir, &manifest());
+        let current: HashMap<String, LocalFile> = [
+            (
+                "bin/a",
+                LocalFile {
+                    size: a,
+                    crc32: 0xaaaa_0001,
+                },
+            ),
+            (
+                "usr/share/c",
+                LocalFile {
+                    size: c,
+                    crc32: 0xcccc_0003,
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(p, f)| (p.to_string(), f))
+        .collect();
+        let opts = PlanOptions {
+            deflate_proven: false,
+            headers_proven: true,
+            merge_gap: 0,
+        };
+        let p = plan(&dir, &cands, &current, &opts).unwrap();
+        assert_eq!(
+            p.pieces,
+            vec![
+                // ZIP64 headers are fetched, never regenerated.
+                Piece::Fetch { start: 0, end: 55 },
+                Piece::Reuse {
+                    entry: 0,
+                    local: "bin/a".into(),
+                    start: 55,
+                    end: b_at
+                },
+                Piece::Fetch {
+                    start: b_at,
+                    end: c_at + 57
+                },
+                Piece::Reuse {
+                    entry: 2,
+                    local: "usr/share/c".into(),
+                    start: c_at + 57,
+                    end: cd_start
+                },
+                Piece::Fetch {
+                    start: cd_start,
+                    end: len
+                },
+            ]
+        );
+        assert_eq!(p.reuse_bytes, a + c);
+        assert_eq!(p.fetch_bytes, 55 + 55 + b + 57 + (len - cd_start));
+        assert_eq!(p.fetch_ranges, 3);
+    }
 }

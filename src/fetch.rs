@@ -828,6 +828,13 @@ mod tests {
         );
         assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, 0, None)));
         assert_eq!(parse_content_range("items 0-1/2"), None);
+        // Past 4 GiB (a resume of a big package on a 32-bit device; run on armhf too).
+        assert_eq!(
+            parse_content_range("bytes 4294967396-6442450951/6442450952"),
+            Some((4_294_967_396, 6_442_450_951, Some(6_442_450_952)))
+        );
+        // Past 64 bits is no range, not a wrapped one.
+        assert_eq!(parse_content_range("bytes 0-18446744073709551616/*"), None);
     }
 
     #[test]

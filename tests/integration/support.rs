@@ -195,33 +195,9 @@ pub fn armhf_bin() -> PathBuf {
     static ARMHF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ARMHF
         .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let st = Command::new("bash")
-                .arg(root.join("tests/setup-cross.sh"))
-                .arg("armhf")
-                .status()
-                .expect("bash runs tests/setup-cross.sh");
-            assert!(st.success(), "tests/setup-cross.sh armhf failed");
-            let triple = "armv7-unknown-linux-gnueabihf";
-            let target = root.join("target/cross");
-            let out = Command::new("/usr/bin/cargo")
-                .current_dir(root)
-                // Debian's cargo and rustc only: the machine's rustup toolchain has no std
-                // for the target.
-                .env("PATH", "/usr/bin:/bin")
-                .env("RUSTC", "/usr/bin/rustc")
-                .env("CARGO_TARGET_DIR", &target)
-                .env(
-                    "CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER",
-                    "arm-linux-gnueabihf-gcc",
-                )
-                .env(
-                    "CC_armv7_unknown_linux_gnueabihf",
-                    "arm-linux-gnueabihf-gcc",
-                )
-                .env("AR_armv7_unknown_linux_gnueabihf", "arm-linux-gnueabihf-ar")
+            let out = armhf_cargo()
                 .args(["build", "--locked", "--features", "failpoints", "--bin"])
-                .args(["tope-ota", "--target", triple])
+                .args(["tope-ota", "--target", ARMHF_TRIPLE])
                 .output()
                 .expect("/usr/bin/cargo runs");
             assert!(
@@ -229,9 +205,61 @@ pub fn armhf_bin() -> PathBuf {
                 "the armhf build failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            target.join(triple).join("debug/tope-ota")
+            armhf_target().join(ARMHF_TRIPLE).join("debug/tope-ota")
         })
         .clone()
+}
+
+/// The library's unit tests built for armhf (`cargo test --lib --no-run`): the test binary.
+pub fn armhf_unit_tests() -> PathBuf {
+    let out = armhf_cargo()
+        .args(["test", "--locked", "--features", "failpoints", "--lib", "--no-run"])
+        .args(["--message-format=json", "--target", ARMHF_TRIPLE])
+        .output()
+        .expect("/usr/bin/cargo runs");
+    assert!(
+        out.status.success(),
+        "the armhf unit-test build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .expect("cargo named no unit-test binary")
+}
+
+const ARMHF_TRIPLE: &str = "armv7-unknown-linux-gnueabihf";
+
+fn armhf_target() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cross")
+}
+
+/// Debian's cargo and rustc for armhf, after `tests/setup-cross.sh armhf` (the machine's rustup
+/// toolchain has no std for the target), in a target dir of their own.
+fn armhf_cargo() -> Command {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let st = Command::new("bash")
+        .arg(root.join("tests/setup-cross.sh"))
+        .arg("armhf")
+        .status()
+        .expect("bash runs tests/setup-cross.sh");
+    assert!(st.success(), "tests/setup-cross.sh armhf failed");
+    let mut cmd = Command::new("/usr/bin/cargo");
+    cmd.current_dir(root)
+        .env("PATH", "/usr/bin:/bin")
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("CARGO_TARGET_DIR", armhf_target())
+        .env(
+            "CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER",
+            "arm-linux-gnueabihf-gcc",
+        )
+        .env(
+            "CC_armv7_unknown_linux_gnueabihf",
+            "arm-linux-gnueabihf-gcc",
+        )
+        .env("AR_armv7_unknown_linux_gnueabihf", "arm-linux-gnueabihf-ar");
+    cmd
 }
 
 /// A finished run of the binary.
