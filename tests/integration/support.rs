@@ -213,7 +213,14 @@ pub fn armhf_bin() -> PathBuf {
 /// The library's unit tests built for armhf (`cargo test --lib --no-run`): the test binary.
 pub fn armhf_unit_tests() -> PathBuf {
     let out = armhf_cargo()
-        .args(["test", "--locked", "--features", "failpoints", "--lib", "--no-run"])
+        .args([
+            "test",
+            "--locked",
+            "--features",
+            "failpoints",
+            "--lib",
+            "--no-run",
+        ])
         .args(["--message-format=json", "--target", ARMHF_TRIPLE])
         .output()
         .expect("/usr/bin/cargo runs");

@@ -2,9 +2,11 @@
 # Build the box's base image: a small Debian bookworm with systemd, the cloud kernel, the guest
 # agent and the printer's stand-in software at /opt/tope/versions/v1.0.0 (current). tope-ota is
 # not in it: the box installs its .deb with dpkg -i in the booted image, as a device image gets it.
-# No root mounts: mmdebstrap into a directory, then mkfs.ext4 -d.
+# No loop mounts: mmdebstrap into a directory, then mkfs.ext4 -d (mmdebstrap --mode=root mounts
+# /proc, /sys and /dev, the host's /dev/shm among them, inside the root while it runs: a build
+# killed mid-way is unmounted before it is removed, never removed across a mount).
 # A foreign architecture (arm64, armhf) runs its maintainer scripts under qemu-user through
-# binfmt_misc, which this script mounts and registers from qemu-user-static's binfmt.d entry
+# binfmt_misc, which this script mounts and registers from qemu-user-binfmt's binfmt.d entry
 # when the host has not (a container often has neither); without binfmt_misc it fails and says so.
 #   tests/vm/image.sh OUT_DIR [ARCH]     -> OUT_DIR/{base.img,vmlinuz,initrd.img}; ARCH amd64 (default), arm64, armhf
 set -euo pipefail
@@ -30,21 +32,34 @@ binfmt() {
     fi
     [ -e "$misc/$q" ] && return 0
     local conf="/usr/lib/binfmt.d/$q.conf"
-    [ -e "$conf" ] || { echo "image.sh: $conf is missing (package qemu-user-static from bookworm-backports)" >&2; exit 1; }
+    [ -e "$conf" ] || { echo "image.sh: $conf is missing (package qemu-user-binfmt, with qemu-user-static from bookworm-backports)" >&2; exit 1; }
     grep '^:' "$conf" > "$misc/register" || { echo "image.sh: registering $q with binfmt_misc failed" >&2; exit 1; }
 }
 case "$arch" in
     arm64) binfmt qemu-aarch64 ;;
     armhf) binfmt qemu-arm ;;
 esac
+# Unmount what mmdebstrap left mounted under a build directory, deepest first, then remove it
+# without crossing into another filesystem.
+sweep() {
+    local d="$1" m
+    findmnt -rn -o TARGET | awk -v p="$d/" 'index($0, p) == 1' | sort -r | while read -r m; do
+        umount -l "$m" || true
+    done
+    rm -rf --one-file-system "$d"
+}
 mkdir -p "$out"
+for stale in "$out"/.tope-ota-image.*; do
+    if [ -e "$stale" ]; then sweep "$stale"; fi
+done
 work="$(mktemp -d "$out/.tope-ota-image.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+trap 'sweep "$work"' EXIT
 root="$work/root"
 
 packages=systemd,systemd-sysv,udev,dbus,python3,curl,$kernel,initramfs-tools,qemu-guest-agent,iproute2,procps,man-db,bash-completion,less,socat,unzip
 
 mmdebstrap --mode=root --variant=minbase --architectures="$arch" --include="$packages" \
+    --setup-hook="$here/setup-hook.sh \"\$1\"" \
     --customize-hook="$here/customize.sh \"\$1\" \"$here/device\"" \
     bookworm "$root" http://deb.debian.org/debian
 

@@ -221,7 +221,11 @@ fn base_image(cache: &Path, arch: Arch) -> PathBuf {
     let mut h = Sha256::new();
     h.update(arch.name());
     let dir = vm_dir();
-    let mut inputs = vec![dir.join("image.sh"), dir.join("customize.sh")];
+    let mut inputs = vec![
+        dir.join("image.sh"),
+        dir.join("setup-hook.sh"),
+        dir.join("customize.sh"),
+    ];
     let mut device: Vec<PathBuf> = fs::read_dir(dir.join("device"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -243,12 +247,32 @@ fn base_image(cache: &Path, arch: Arch) -> PathBuf {
         arch.name(),
         out.display()
     );
-    let st = Command::new("bash")
+    // Bounded: a maintainer script hung under qemu-user would hang the whole test command.
+    // Its own process group, so a timeout ends mmdebstrap and its children too (image.sh's
+    // trap then unmounts and removes the half-built root).
+    let bound = Duration::from_secs(3600);
+    let mut child = Command::new("bash")
         .arg(dir.join("image.sh"))
         .arg(&out)
         .arg(arch.name())
-        .status()
+        .process_group(0)
+        .spawn()
         .unwrap();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > bound {
+            // SAFETY: the group of the child just started, which has not been reaped.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
+            let _ = child.wait();
+            panic!(
+                "tests/vm/image.sh {} did not finish within {bound:?}",
+                arch.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert!(st.success(), "tests/vm/image.sh failed: {st}");
     eprintln!("box: base image built in {:.0?}", t.elapsed());
     out
@@ -458,6 +482,9 @@ pub struct Vm {
     pub api_port: u16,
     agent: Option<BufReader<UnixStream>>,
     sync_id: u64,
+    /// A power cut is on its way (a timer's SIGKILL): QEMU's end is an error of the guest
+    /// calls, not a failure of the box.
+    cut_armed: bool,
 }
 
 fn free_port() -> u16 {
@@ -485,6 +512,7 @@ impl Vm {
             api_port,
             agent: None,
             sync_id: 0,
+            cut_armed: false,
         };
         vm.spawn();
         vm
@@ -562,6 +590,11 @@ impl Vm {
         self.agent = None;
     }
 
+    /// QEMU's pid, while it runs: a power cut at an exact instant is a SIGKILL from a timer.
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Power cut: SIGKILL QEMU. The guest's page cache is gone; what it flushed is on disk.
     pub fn power_cut(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -569,6 +602,7 @@ impl Vm {
             let _ = c.wait();
         }
         self.agent = None;
+        self.cut_armed = false;
     }
 
     /// Power back on: a cold boot from the same disk.
@@ -578,9 +612,12 @@ impl Vm {
         self.spawn();
     }
 
-    fn check_alive(&mut self) {
+    fn check_alive(&mut self) -> Result<(), String> {
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
+                if self.cut_armed {
+                    return Err(format!("the power was cut ({st})"));
+                }
                 panic!(
                     "qemu exited ({st}):\n{}\nconsole tail:\n{}",
                     fs::read_to_string(self.launch.dir.join("qemu.log")).unwrap_or_default(),
@@ -588,6 +625,13 @@ impl Vm {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// A power cut is coming from elsewhere (a timer's SIGKILL of [`Vm::qemu_pid`]); until
+    /// [`Vm::power_cut`], the guest's calls fail instead of the box panicking.
+    pub fn arm_cut(&mut self) {
+        self.cut_armed = true;
     }
 
     pub fn console_tail(&self, lines: usize) -> String {
@@ -605,7 +649,7 @@ impl Vm {
             match UnixStream::connect(&path) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() < until => {
-                    self.check_alive();
+                    self.check_alive().unwrap_or_else(|e| panic!("qmp: {e}"));
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -707,7 +751,7 @@ impl Vm {
     fn agent_connect(&mut self, deadline: Instant) -> Result<(), String> {
         let path = self.launch.dir.join("qga.sock");
         loop {
-            self.check_alive();
+            self.check_alive()?;
             if let Ok(s) = UnixStream::connect(&path) {
                 s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 let mut w = s.try_clone().unwrap();
