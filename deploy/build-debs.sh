@@ -8,7 +8,9 @@
 #
 #   deploy/build-debs.sh                 # all three
 #   deploy/build-debs.sh arm64 armhf     # only these
-#   deploy/build-debs.sh --features F arm64   # with cargo features (the box's broken build)
+#   deploy/build-debs.sh --features F arm64   # with cargo features (the box's broken build): built
+#                                             # in target/features-F unless CARGO_TARGET_DIR is set, so
+#                                             # a release's binaries and .debs are never such a build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +42,10 @@ gnu() {
     esac
 }
 
+if [ ${#features[@]} -gt 0 ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
+    CARGO_TARGET_DIR="$PWD/target/features-${features[1]//[^A-Za-z0-9_-]/_}"
+    export CARGO_TARGET_DIR
+fi
 bash tests/setup-cross.sh "${archs[@]}"
 cargo_deb="$(command -v cargo-deb || echo "$HOME/.cargo/bin/cargo-deb")"
 for a in "${archs[@]}"; do
@@ -61,6 +67,6 @@ for a in "${archs[@]}"; do
         echo "build-debs.sh: $bin is $size bytes, over the 6 MiB budget" >&2
         exit 1
     fi
-    deb="$("$cargo_deb" --locked --no-build --target "$t" 2>/dev/null | tail -n 1)"
+    deb="$("$cargo_deb" --locked --no-build --target "$t" | tail -n 1)"
     echo "$a: $deb (binary $size bytes: $(file -b "$bin" | cut -d, -f1-2))"
 done

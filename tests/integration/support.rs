@@ -246,12 +246,16 @@ fn armhf_target() -> PathBuf {
 /// toolchain has no std for the target), in a target dir of their own.
 fn armhf_cargo() -> Command {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let st = Command::new("bash")
-        .arg(root.join("tests/setup-cross.sh"))
-        .arg("armhf")
-        .status()
-        .expect("bash runs tests/setup-cross.sh");
-    assert!(st.success(), "tests/setup-cross.sh armhf failed");
+    // Once per run: two apt-get runs at a time would fight over dpkg's lock.
+    static SETUP: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    SETUP.get_or_init(|| {
+        let st = Command::new("bash")
+            .arg(root.join("tests/setup-cross.sh"))
+            .arg("armhf")
+            .status()
+            .expect("bash runs tests/setup-cross.sh");
+        assert!(st.success(), "tests/setup-cross.sh armhf failed");
+    });
     let mut cmd = Command::new("/usr/bin/cargo");
     cmd.current_dir(root)
         .env("PATH", "/usr/bin:/bin")

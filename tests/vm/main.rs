@@ -883,31 +883,26 @@ macro_rules! board {
     };
 }
 
-board!(
-    amd64,
-    Amd64,
-    [
-        boot_units_are_active_and_serve_is_sandboxed,
-        device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox,
-        a_service_that_fails_to_start_rolls_back_with_real_systemd,
-        a_reboot_package_reboots_and_heal_at_boot_commits_it,
-        technician_man_page_completion_and_status,
-        power_cuts,
-    ]
-);
+/// Every scenario: the x86 board and the 64-bit ARM board run the same list.
+macro_rules! every_scenario {
+    ($board:ident, $arch:ident) => {
+        board!(
+            $board,
+            $arch,
+            [
+                boot_units_are_active_and_serve_is_sandboxed,
+                device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox,
+                a_service_that_fails_to_start_rolls_back_with_real_systemd,
+                a_reboot_package_reboots_and_heal_at_boot_commits_it,
+                technician_man_page_completion_and_status,
+                power_cuts,
+            ]
+        );
+    };
+}
 
-board!(
-    arm64,
-    Arm64,
-    [
-        boot_units_are_active_and_serve_is_sandboxed,
-        device_api_flow_over_http_restarts_real_units_and_runs_ota_gui_outside_the_sandbox,
-        a_service_that_fails_to_start_rolls_back_with_real_systemd,
-        a_reboot_package_reboots_and_heal_at_boot_commits_it,
-        technician_man_page_completion_and_status,
-        power_cuts,
-    ]
-);
+every_scenario!(amd64, Amd64);
+every_scenario!(arm64, Arm64);
 
 // The 32-bit board: booted, its units up, an update and a rollback through them.
 board!(
