@@ -673,7 +673,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// build that does not sync a new snapshot, and the cuts must find violations.
 fn power_cuts(arch: Arch) {
     // In the test command: five on the x86 board, three on an ARM one (a download, an install
-    // and a rollback: a cut there takes about three times as long); tests/vm/power-cuts.sh runs
+    // and a rollback: a cut there takes about twice as long); tests/vm/power-cuts.sh runs
     // many.
     let n = env_u64(
         "TOPE_OTA_POWER_CUTS",
