@@ -243,13 +243,15 @@ pub fn running(vm: &mut Vm) -> BTreeMap<String, (String, String, i64, i64)> {
 }
 
 /// Violations of SPEC 9a on the device as it is now (after a heal). `factory_dir` is the
-/// factory snapshot's dir name on the pristine device.
-pub fn violations(vm: &mut Vm, cat: &Catalog, factory_dir: &str) -> Vec<String> {
+/// factory snapshot's dir name on the pristine device. `had_state`: state.json was on disk,
+/// durably, before the fault, so losing it is a violation; a device that never ran an
+/// operation has none (the pristine device), and a cut before the first write leaves it so.
+pub fn violations(vm: &mut Vm, cat: &Catalog, factory_dir: &str, had_state: bool) -> Vec<String> {
     quiet(vm);
     let mut v = Vec::new();
     let st = vm.sh("cat /var/lib/tope-ota/state.json", 30);
     let state: Option<Value> = serde_json::from_str(&st.out).ok();
-    if st.code != 0 && !cat.is_empty() {
+    if st.code != 0 && had_state {
         v.push(format!("state.json is missing: {}", st.err.trim()));
     } else if st.code == 0 && state.is_none() {
         v.push(format!("state.json does not parse: {:?}", st.out));

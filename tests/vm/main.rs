@@ -124,7 +124,8 @@ impl Box {
     }
 
     fn assert_intact(&mut self) {
-        let v = device::violations(&mut self.vm, &self.catalog, FACTORY_DIR);
+        let had_state = !self.catalog.is_empty();
+        let v = device::violations(&mut self.vm, &self.catalog, FACTORY_DIR, had_state);
         assert!(v.is_empty(), "invariants violated:\n{}", v.join("\n"));
     }
 
@@ -605,6 +606,8 @@ fn one_cut(arch: Arch, op: Op, rng: &mut Rng) -> Cut {
         Op::Download | Op::Heal => window + 500 * (arch.slowness() - 1),
     };
     let planned = rng.ms(window);
+    // What the operation starts from (fsynced by the set-up's own tope-ota commands, if any).
+    let had_state = b.vm.sh("test -e /var/lib/tope-ota/state.json", 30).code == 0;
     let boot = b.vm.boot_id();
     let op_pid = b.vm.spawn_sh(&format!("{cmd} >/dev/null 2>&1"));
     // The cut comes from a timer at the planned instant: an agent call in the watch loop below
@@ -639,14 +642,14 @@ fn one_cut(arch: Arch, op: Op, rng: &mut Rng) -> Cut {
     b.vm.power_on();
     b.wait_boot_and_heal(&boot);
     let after = stage_step(&device::state(&mut b.vm));
-    let mut violations = device::violations(&mut b.vm, &b.catalog, FACTORY_DIR);
+    let mut violations = device::violations(&mut b.vm, &b.catalog, FACTORY_DIR, had_state);
     // A later update still works.
     let later = Release::new("2.0.0");
     let (code, out) = b.install(&later);
     if code != 0 {
         violations.push(format!("a later install failed: {out}"));
     } else {
-        violations.extend(device::violations(&mut b.vm, &b.catalog, FACTORY_DIR));
+        violations.extend(device::violations(&mut b.vm, &b.catalog, FACTORY_DIR, true));
     }
     Cut {
         op,
