@@ -195,15 +195,16 @@ pub fn armhf_bin() -> PathBuf {
     static ARMHF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ARMHF
         .get_or_init(|| {
-            let out = armhf_cargo()
-                .args(["build", "--locked", "--features", "failpoints", "--bin"])
-                .args(["tope-ota", "--target", ARMHF_TRIPLE])
-                .output()
-                .expect("/usr/bin/cargo runs");
-            assert!(
-                out.status.success(),
-                "the armhf build failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
+            armhf_cargo(
+                &[
+                    "build",
+                    "--locked",
+                    "--features",
+                    "failpoints",
+                    "--bin",
+                    "tope-ota",
+                ],
+                "the armhf build",
             );
             armhf_target().join(ARMHF_TRIPLE).join("debug/tope-ota")
         })
@@ -212,25 +213,19 @@ pub fn armhf_bin() -> PathBuf {
 
 /// The library's unit tests built for armhf (`cargo test --lib --no-run`): the test binary.
 pub fn armhf_unit_tests() -> PathBuf {
-    let out = armhf_cargo()
-        .args([
+    let out = armhf_cargo(
+        &[
             "test",
             "--locked",
             "--features",
             "failpoints",
             "--lib",
             "--no-run",
-        ])
-        .args(["--message-format=json", "--target", ARMHF_TRIPLE])
-        .output()
-        .expect("/usr/bin/cargo runs");
-    assert!(
-        out.status.success(),
-        "the armhf unit-test build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--message-format=json",
+        ],
+        "the armhf unit-test build",
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    out.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
         .expect("cargo named no unit-test binary")
@@ -242,9 +237,10 @@ fn armhf_target() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cross")
 }
 
-/// Debian's cargo and rustc for armhf, after `tests/setup-cross.sh armhf` (the machine's rustup
-/// toolchain has no std for the target), in a target dir of their own.
-fn armhf_cargo() -> Command {
+/// `cargo ARGS --target armv7-…` by Debian's cargo and rustc, after `tests/setup-cross.sh armhf`
+/// (the machine's rustup toolchain has no std for the target), in a target dir of their own:
+/// its stdout; a failure fails the test with cargo's stderr.
+fn armhf_cargo(args: &[&str], what: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // Once per run: two apt-get runs at a time would fight over dpkg's lock.
     static SETUP: std::sync::OnceLock<()> = std::sync::OnceLock::new();
@@ -269,8 +265,16 @@ fn armhf_cargo() -> Command {
             "CC_armv7_unknown_linux_gnueabihf",
             "arm-linux-gnueabihf-gcc",
         )
-        .env("AR_armv7_unknown_linux_gnueabihf", "arm-linux-gnueabihf-ar");
-    cmd
+        .env("AR_armv7_unknown_linux_gnueabihf", "arm-linux-gnueabihf-ar")
+        .args(args)
+        .args(["--target", ARMHF_TRIPLE]);
+    let out = cmd.output().expect("/usr/bin/cargo runs");
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A finished run of the binary.
