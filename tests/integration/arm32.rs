@@ -226,6 +226,157 @@ fn armhf_installs_a_zip64_package_whose_entries_lie_past_4_gib() {
     }
 }
 
+/// A file served by ranges only, as a CDN serves a package too big to answer whole here: each
+/// request's `Range` is recorded; a GET without one is refused (500) so a client that lost its
+/// offset fails at once instead of streaming 4 GiB.
+struct RangeFileServer {
+    url: String,
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RangeFileServer {
+    fn start(path: &Path, etag: &'static str) -> RangeFileServer {
+        use std::io::{BufRead, BufReader, Read};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/big.zip", listener.local_addr().unwrap());
+        let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ranges.clone();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let (mut range, mut method) = (None, String::new());
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    let l = line.trim_end().to_string();
+                    line.clear();
+                    if method.is_empty() {
+                        method = l.split(' ').next().unwrap_or("").to_string();
+                        continue;
+                    }
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = l.split_once(':') {
+                        if k.eq_ignore_ascii_case("range") {
+                            range = Some(v.trim().to_string());
+                        }
+                    }
+                }
+                let size = std::fs::metadata(&path).unwrap().len();
+                seen.lock().unwrap().push(range.clone().unwrap_or_default());
+                let span = range
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split_once('-'))
+                    .and_then(|(a, b)| {
+                        let a: u64 = a.parse().ok()?;
+                        let b: u64 = if b.is_empty() {
+                            size - 1
+                        } else {
+                            b.parse().ok()?
+                        };
+                        (a <= b && b < size).then_some((a, b))
+                    });
+                let Some((a, b)) = span else {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 500 Ranges only\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                };
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/{size}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n",
+                    b - a + 1
+                );
+                let _ = conn.write_all(head.as_bytes());
+                if method == "GET" {
+                    let mut f = std::fs::File::open(&path).unwrap();
+                    f.seek(SeekFrom::Start(a)).unwrap();
+                    let _ = std::io::copy(&mut f.take(b - a + 1), &mut conn);
+                }
+            }
+        });
+        RangeFileServer { url, ranges }
+    }
+}
+
+/// A download cut past 4 GiB resumes with a 64-bit `Range` (4 GiB + 100 in 32 bits is 100): the
+/// partial's 4 GiB are re-hashed, only the tail is fetched, and the package verifies.
+#[test]
+fn armhf_resumes_a_download_past_4_gib_with_a_64_bit_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("big.zip");
+    let manifest = json!({"version": "2.0.0", "modules": [
+        {"name": "api", "src": "bin/device-api", "dst": "bin/device-api",
+         "process_name": "device-api", "restart_order": 1}]})
+    .to_string();
+    sparse_zip64(
+        &pkg,
+        4 * GIB + 512,
+        &[
+            ("manifest.json", manifest.as_bytes(), 0o644),
+            ("bin/device-api", b"#!/bin/sh\necho big\n", 0o755),
+        ],
+    );
+    let size = std::fs::metadata(&pkg).unwrap().len();
+    // coreutils' md5sum: the test's own (debug) MD5 would take minutes over 4 GiB.
+    let out = std::process::Command::new("md5sum")
+        .arg(&pkg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "md5sum: {out:?}");
+    let md5 = String::from_utf8(out.stdout).unwrap()[..32].to_string();
+    let etag = "\"big-1\"";
+    let srv = RangeFileServer::start(&pkg, etag);
+    let done = 4 * GIB + 100;
+    for (arch, env) in both() {
+        let downloads = env.downloads();
+        std::fs::create_dir_all(&downloads).unwrap();
+        // The durable prefix of the interrupted download: the package's first bytes are its hole.
+        let part = std::fs::File::create(downloads.join("big.zip.part")).unwrap();
+        part.set_len(done).unwrap();
+        drop(part);
+        std::fs::write(
+            env.state_dir.join("state.json"),
+            json!({
+                "stage": "downloading", "progress": 99, "message": "cut",
+                "version": "2.0.0", "package_url": srv.url, "package_name": "big.zip",
+                "package_size": size, "package_md5": md5,
+                "bytes_downloaded": done, "bytes_done": done, "bytes_total": size,
+                "bytes_fetched": done, "resume_validator": etag,
+                "progressed_at": tope_ota::clock::now_rfc3339(),
+            })
+            .to_string(),
+        )
+        .unwrap();
+        srv.ranges.lock().unwrap().clear();
+        let size_arg = size.to_string();
+        let run = env.run(&[
+            "download",
+            "--version",
+            "2.0.0",
+            "--url",
+            &srv.url,
+            "--name",
+            "big.zip",
+            "--size",
+            &size_arg,
+            "--md5",
+            &md5,
+            "--full",
+        ]);
+        assert_eq!(run.code, 0, "{arch}: {}", run.stderr);
+        let ranges = srv.ranges.lock().unwrap().clone();
+        assert_eq!(ranges, [format!("bytes={done}-")], "{arch}: {}", run.stderr);
+        let s = env.state();
+        assert_eq!(s["stage"], "toInstall", "{arch}: {s}");
+        assert_eq!(s["bytes_downloaded"], size, "{arch}: {s}");
+        let got = std::fs::metadata(downloads.join("big.zip")).unwrap().len();
+        assert_eq!(got, size, "{arch}");
+    }
+}
+
 /// The library's own unit tests, built for armhf and run by qemu-arm: every pure computation of
 /// sizes and offsets with a 32-bit `usize` (among them a package past 4 GiB whose directory is
 /// read by ranges and planned as a delta, and a `Content-Range` past 4 GiB).
