@@ -352,6 +352,7 @@ fn armhf_resumes_a_download_past_4_gib_with_a_64_bit_range() {
         .unwrap();
         srv.ranges.lock().unwrap().clear();
         let size_arg = size.to_string();
+        let t = std::time::Instant::now();
         let run = env.run(&[
             "download",
             "--version",
@@ -367,6 +368,7 @@ fn armhf_resumes_a_download_past_4_gib_with_a_64_bit_range() {
             "--full",
         ]);
         assert_eq!(run.code, 0, "{arch}: {}", run.stderr);
+        eprintln!("{arch}: the resume past 4 GiB took {:.1?}", t.elapsed());
         let ranges = srv.ranges.lock().unwrap().clone();
         assert_eq!(ranges, [format!("bytes={done}-")], "{arch}: {}", run.stderr);
         let s = env.state();

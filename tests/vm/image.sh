@@ -7,7 +7,9 @@
 # killed mid-way is unmounted before it is removed, never removed across a mount).
 # A foreign architecture (arm64, armhf) runs its maintainer scripts under qemu-user through
 # binfmt_misc, which this script mounts and registers from qemu-user-binfmt's binfmt.d entry
-# when the host has not (a container often has neither); without binfmt_misc it fails and says so.
+# when the host has not (a container often has neither). Where binfmt_misc cannot be had, or
+# with TOPE_OTA_IMAGE_STAGE=guest, the packages are only extracted here and configured inside
+# the guest itself, booted under TCG (second-stage.sh).
 #   tests/vm/image.sh OUT_DIR [ARCH]     -> OUT_DIR/{base.img,vmlinuz,initrd.img}; ARCH amd64 (default), arm64, armhf
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -21,24 +23,38 @@ case "$arch" in
     *) echo "image.sh: unknown architecture $arch (amd64, arm64, armhf)" >&2; exit 2 ;;
 esac
 
+stage="${TOPE_OTA_IMAGE_STAGE:-host}"
+case "$stage" in host | guest) ;; *) echo "image.sh: TOPE_OTA_IMAGE_STAGE is host or guest, not $stage" >&2; exit 2 ;; esac
+if [ "$arch" = amd64 ] && [ "$stage" = guest ]; then
+    echo "image.sh: amd64 is the host's own architecture: no second stage" >&2
+    exit 2
+fi
+# Fails (and says why) when this host cannot run the image's binaries through binfmt_misc.
 binfmt() {
     local q="$1" misc=/proc/sys/fs/binfmt_misc
     [ -e "$misc/$q" ] && return 0
     if [ ! -e "$misc/register" ]; then
         mount -t binfmt_misc binfmt_misc "$misc" 2>/dev/null || {
-            echo "image.sh: binfmt_misc cannot be mounted here: a foreign $arch image needs it (mmdebstrap runs the image's maintainer scripts under qemu-user)" >&2
-            exit 1
+            echo "image.sh: binfmt_misc cannot be mounted here" >&2
+            return 1
         }
     fi
     [ -e "$misc/$q" ] && return 0
     local conf="/usr/lib/binfmt.d/$q.conf"
-    [ -e "$conf" ] || { echo "image.sh: $conf is missing (package qemu-user-binfmt, with qemu-user-static from bookworm-backports)" >&2; exit 1; }
-    grep '^:' "$conf" > "$misc/register" || { echo "image.sh: registering $q with binfmt_misc failed" >&2; exit 1; }
+    [ -e "$conf" ] || { echo "image.sh: $conf is missing (package qemu-user-binfmt, with qemu-user-static from bookworm-backports)" >&2; return 1; }
+    grep '^:' "$conf" > "$misc/register" 2>/dev/null || { echo "image.sh: registering $q with binfmt_misc failed" >&2; return 1; }
 }
-case "$arch" in
-    arm64) binfmt qemu-aarch64 ;;
-    armhf) binfmt qemu-arm ;;
-esac
+if [ "$stage" = host ]; then
+    ok=0
+    case "$arch" in
+        arm64) binfmt qemu-aarch64 || ok=$? ;;
+        armhf) binfmt qemu-arm || ok=$? ;;
+    esac
+    if [ "$ok" -ne 0 ]; then
+        echo "image.sh: no qemu-user for $arch here: configuring the image inside the guest instead" >&2
+        stage=guest
+    fi
+fi
 # Unmount what mmdebstrap left mounted under a build directory, deepest first, then remove it
 # without crossing into another filesystem.
 sweep() {
@@ -58,12 +74,15 @@ root="$work/root"
 
 packages=systemd,systemd-sysv,udev,dbus,python3,curl,$kernel,initramfs-tools,qemu-guest-agent,iproute2,procps,man-db,bash-completion,less,socat,unzip
 
-mmdebstrap --mode=root --variant=minbase --architectures="$arch" --include="$packages" \
-    --setup-hook="$here/setup-hook.sh \"\$1\"" \
-    --customize-hook="$here/customize.sh \"\$1\" \"$here/device\"" \
-    bookworm "$root" http://deb.debian.org/debian
-
-cp "$root"/boot/vmlinuz-* "$work/vmlinuz"
-cp "$root"/boot/initrd.img-* "$work/initrd.img"
-mkfs.ext4 -q -L vmroot -d "$root" "$work/base.img" 2G
+if [ "$stage" = guest ]; then
+    bash "$here/second-stage.sh" "$work" "$arch" "$packages"
+else
+    mmdebstrap --mode=root --variant=minbase --architectures="$arch" --include="$packages" \
+        --setup-hook="$here/setup-hook.sh \"\$1\"" \
+        --customize-hook="$here/customize.sh \"\$1\" \"$here/device\"" \
+        bookworm "$root" http://deb.debian.org/debian
+    cp "$root"/boot/vmlinuz-* "$work/vmlinuz"
+    cp "$root"/boot/initrd.img-* "$work/initrd.img"
+    mkfs.ext4 -q -L vmroot -d "$root" "$work/base.img" 2G
+fi
 mv "$work/vmlinuz" "$work/initrd.img" "$work/base.img" "$out/"

@@ -425,6 +425,74 @@ fn unit_props(vm: &mut Vm, unit: &str, props: &[&str]) -> BTreeMap<String, Strin
         .collect()
 }
 
+/// An image whose packages were configured inside the guest (image.sh's way where the host has
+/// no binfmt_misc for qemu-user, `TOPE_OTA_IMAGE_STAGE=guest`) is a device like the others: every
+/// package configured, no unit failed, the .deb installed by dpkg -i, the printer's units running
+/// from `current`, and a heal started by the timer succeeding under its unit.
+fn an_image_configured_inside_the_guest_becomes_a_device(arch: Arch) {
+    let _one = ONE_BOX.lock().unwrap_or_else(|e| e.into_inner());
+    let (base, deb) = qemu::guest_stage_image(arch);
+    let machine = std::fs::File::create(qemu::cache_root().join("box.lock")).unwrap();
+    fs2::FileExt::lock_exclusive(&machine).unwrap();
+    let t = Instant::now();
+    let mut vm = qemu::guest_stage_device(arch, base, &deb);
+    let audit = vm.sh("dpkg --audit", 120);
+    assert!(
+        audit.code == 0 && audit.out.trim().is_empty(),
+        "packages left unconfigured by the guest stage:\n{}{}",
+        audit.out,
+        audit.err
+    );
+    let failed = vm.sh_ok("systemctl --failed --no-legend --plain", 60);
+    assert!(failed.trim().is_empty(), "failed units: {failed}");
+    let out = vm.sh_ok(
+        "readlink /opt/tope/versions/current; dpkg-query -W -f '${Version}\\n' tope-ota",
+        60,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"v1.0.0"), "{out}");
+    assert_eq!(
+        lines.get(1).copied(),
+        Some(env!("CARGO_PKG_VERSION"))
+            .map(|v| format!("{v}-1"))
+            .as_deref(),
+        "{out}"
+    );
+    let props = [
+        "ExecMainStartTimestampMonotonic",
+        "ExecMainExitTimestampMonotonic",
+        "ExecMainStatus",
+        "Result",
+    ];
+    let mono = |m: &BTreeMap<String, String>, k: &str| -> u64 {
+        m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let until = Instant::now() + Duration::from_secs(120 * arch.slowness());
+    let heal = loop {
+        let m = unit_props(&mut vm, "tope-ota-heal.service", &props);
+        let started = mono(&m, "ExecMainStartTimestampMonotonic");
+        if started > 0 && mono(&m, "ExecMainExitTimestampMonotonic") > started {
+            break m;
+        }
+        assert!(
+            Instant::now() < until,
+            "the heal timer fired no heal: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        (heal["Result"].as_str(), heal["ExecMainStatus"].as_str()),
+        ("success", "0"),
+        "heal under its unit: {heal:?}"
+    );
+    let status = vm.sh_ok("tope-ota status", 60);
+    assert!(status.contains("1.0.0"), "{status}");
+    println!(
+        "box: the guest-stage image became a device in {:.0?}",
+        t.elapsed()
+    );
+}
+
 /// A technician's update and rollback on the device, with the heal timer firing through its
 /// unit meanwhile: on armhf the proof that the units' `SystemCallArchitectures=native` and
 /// seccomp filter let the 32-bit binary run (a heal started by the timer after the rollback
@@ -886,9 +954,9 @@ macro_rules! board {
     };
 }
 
-/// Every scenario: the x86 board and the 64-bit ARM board run the same list.
+/// Every scenario: the x86 board and the 64-bit ARM board run the same list, and a board's own.
 macro_rules! every_scenario {
-    ($board:ident, $arch:ident) => {
+    ($board:ident, $arch:ident, [$($own:ident),* $(,)?]) => {
         board!(
             $board,
             $arch,
@@ -899,13 +967,19 @@ macro_rules! every_scenario {
                 a_reboot_package_reboots_and_heal_at_boot_commits_it,
                 technician_man_page_completion_and_status,
                 power_cuts,
+                $($own,)*
             ]
         );
     };
 }
 
-every_scenario!(amd64, Amd64);
-every_scenario!(arm64, Arm64);
+every_scenario!(amd64, Amd64, []);
+// A foreign image made without binfmt_misc: proven on the 64-bit ARM board.
+every_scenario!(
+    arm64,
+    Arm64,
+    [an_image_configured_inside_the_guest_becomes_a_device]
+);
 
 // The 32-bit board: booted, its units up, an update and a rollback through them.
 board!(

@@ -205,7 +205,7 @@ pub fn artifacts(arch: Arch) -> &'static Artifacts {
         fs::create_dir_all(&cache).unwrap();
         let lock = fs::File::create(cache.join("lock")).unwrap();
         fs2::FileExt::lock_exclusive(&lock).unwrap();
-        let base = base_image(&cache, arch);
+        let base = base_image(&cache, arch, Stage::Host);
         let features = std::env::var("TOPE_OTA_BOX_FEATURES").ok();
         let deb = build_deb(arch, features.as_deref().filter(|f| !f.is_empty()));
         let (pristine, boot_secs) = pristine_device(&cache, &base, &deb, arch, &accel);
@@ -219,8 +219,25 @@ pub fn artifacts(arch: Arch) -> &'static Artifacts {
     })
 }
 
+/// Where a foreign image's packages are configured: on the host under qemu-user (binfmt_misc),
+/// or inside the guest itself (image.sh's way where the host has no binfmt_misc).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stage {
+    Host,
+    Guest,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Host => "host",
+            Stage::Guest => "guest",
+        }
+    }
+}
+
 /// The Debian image, built by image.sh and cached outside the clone, keyed by its inputs.
-fn base_image(cache: &Path, arch: Arch) -> PathBuf {
+fn base_image(cache: &Path, arch: Arch, stage: Stage) -> PathBuf {
     let mut h = Sha256::new();
     h.update(arch.name());
     let dir = vm_dir();
@@ -229,6 +246,11 @@ fn base_image(cache: &Path, arch: Arch) -> PathBuf {
         dir.join("setup-hook.sh"),
         dir.join("customize.sh"),
     ];
+    if stage == Stage::Guest {
+        h.update(stage.name());
+        inputs.push(dir.join("second-stage.sh"));
+        inputs.push(dir.join("guest-stage.sh"));
+    }
     let mut device: Vec<PathBuf> = fs::read_dir(dir.join("device"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -240,14 +262,19 @@ fn base_image(cache: &Path, arch: Arch) -> PathBuf {
         h.update(fs::read(p).unwrap());
     }
     let key = hex(&h.finalize()[..8]);
-    let out = cache.join(format!("base-{}-{key}", arch.name()));
+    let prefix = match stage {
+        Stage::Host => "base",
+        Stage::Guest => "base-guest-stage",
+    };
+    let out = cache.join(format!("{prefix}-{}-{key}", arch.name()));
     if out.join("base.img").exists() {
         return out;
     }
     let t = Instant::now();
     eprintln!(
-        "box: building the {} base image (mmdebstrap) into {}",
+        "box: building the {} base image (mmdebstrap, configured on the {}) into {}",
         arch.name(),
+        stage.name(),
         out.display()
     );
     // Bounded: a maintainer script hung under qemu-user would hang the whole test command.
@@ -258,6 +285,7 @@ fn base_image(cache: &Path, arch: Arch) -> PathBuf {
         .arg(dir.join("image.sh"))
         .arg(&out)
         .arg(arch.name())
+        .env("TOPE_OTA_IMAGE_STAGE", stage.name())
         .process_group(0)
         .spawn()
         .unwrap();
@@ -407,6 +435,29 @@ fn pristine_device(
         shelf_port: 9, // nothing listens: the pristine device downloads nothing
         keep: true,
     });
+    let boot = make_device(&mut vm, deb, arch);
+    vm.sh_ok("sync", 60);
+    vm.save(&tmp.join("state.bin"));
+    drop(vm);
+    fs::set_permissions(&disk, fs::Permissions::from_mode(0o444)).unwrap();
+    fs::write(
+        tmp.join("boot-secs"),
+        format!("{:.1}\n", boot.as_secs_f64()),
+    )
+    .unwrap();
+    for f in ["qga.sock", "qmp.sock"] {
+        let _ = fs::remove_file(tmp.join(f));
+    }
+    fs::write(tmp.join("last-used"), b"").unwrap();
+    fs::rename(&tmp, &out).unwrap();
+    eprintln!("box: pristine device ready in {:.0?}", t.elapsed());
+    (out, boot.as_secs_f64())
+}
+
+/// A cold-booted image made into a device as a printer's image is: the .deb installed with
+/// dpkg -i, the heal timer shortened for tests, the factory created, every unit up. The time of
+/// the cold boot to the guest agent.
+fn make_device(vm: &mut Vm, deb: &Path, arch: Arch) -> Duration {
     let boot = vm.wait_agent(Duration::from_secs(300 * arch.slowness()));
     eprintln!("box: cold boot to the guest agent: {boot:.1?}");
     vm.put("/root/tope-ota.deb", &fs::read(deb).unwrap());
@@ -435,22 +486,47 @@ fn pristine_device(
         ],
         120,
     );
-    vm.sh_ok("sync", 60);
-    vm.save(&tmp.join("state.bin"));
-    drop(vm);
-    fs::set_permissions(&disk, fs::Permissions::from_mode(0o444)).unwrap();
-    fs::write(
-        tmp.join("boot-secs"),
-        format!("{:.1}\n", boot.as_secs_f64()),
-    )
-    .unwrap();
-    for f in ["qga.sock", "qmp.sock"] {
-        let _ = fs::remove_file(tmp.join(f));
-    }
-    fs::write(tmp.join("last-used"), b"").unwrap();
-    fs::rename(&tmp, &out).unwrap();
-    eprintln!("box: pristine device ready in {:.0?}", t.elapsed());
-    (out, boot.as_secs_f64())
+    boot
+}
+
+/// The image whose packages were configured inside the guest (image.sh's way where the host
+/// has no binfmt_misc) and the board's .deb: built before the box is taken, as [`artifacts`].
+pub fn guest_stage_image(arch: Arch) -> (PathBuf, PathBuf) {
+    need(arch.qemu(), arch.qemu_package());
+    need("qemu-img", "package qemu-utils");
+    need("mmdebstrap", "package mmdebstrap");
+    need("cpio", "package cpio: the guest stage's initramfs");
+    need("modprobe", "package kmod: the guest stage's modules");
+    let cache = cache_root();
+    fs::create_dir_all(&cache).unwrap();
+    let lock = fs::File::create(cache.join("lock")).unwrap();
+    fs2::FileExt::lock_exclusive(&lock).unwrap();
+    let base = base_image(&cache, arch, Stage::Guest);
+    (base, build_deb(arch, None))
+}
+
+/// A device made from [`guest_stage_image`] as the pristine device is made, cold-booted from a
+/// fresh overlay and left running.
+pub fn guest_stage_device(arch: Arch, base: PathBuf, deb: &Path) -> Vm {
+    let dir = tempfile::Builder::new()
+        .prefix("tope-box.")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let disk = dir.join("run.qcow2");
+    qemu_img_overlay(&base.join("base.img"), "raw", &disk);
+    let mut vm = Vm::start(Launch {
+        arch,
+        dir,
+        disk,
+        base,
+        incoming: None,
+        shelf_port: 9,
+        keep: false,
+    });
+    let boot = make_device(&mut vm, deb, arch);
+    eprintln!("box: the guest-stage image booted to its agent in {boot:.1?} and is a device");
+    vm
 }
 
 fn qemu_img_overlay(backing: &Path, fmt: &str, out: &Path) {

@@ -1,0 +1,35 @@
+#!/bin/sh
+# The second stage of second-stage.sh, inside the booted guest (chroot into the image, which
+# the initramfs mounted): configure the extracted packages as mmdebstrap would have, essential
+# ones first, then run the same customize.sh as image.sh. No service starts meanwhile.
+set -eu
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true LC_ALL=C
+s=/second-stage
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+chmod 755 /usr/sbin/policy-rc.d
+echo "second-stage: dpkg --install of $(wc -l < $s/essential) essential packages"
+# shellcheck disable=SC2046
+dpkg --install --force-depends $(cat $s/essential)
+# The others as apt would order them is more than dpkg alone does: a Pre-Depends on a package
+# of the same batch that is not configured yet refuses the unpack, so the batch runs again for
+# what is left, as long as each pass installs more (a chain of n Pre-Depends takes n passes).
+pass=1
+while :; do
+    echo "second-stage: dpkg --install of $(wc -l < $s/others) others, pass $pass"
+    before="$(dpkg-query -W -f '${Package} ${db:Status-Abbrev}\n' | grep -c ' ii' || true)"
+    # shellcheck disable=SC2046
+    if dpkg --install --skip-same-version $(cat $s/others); then break; fi
+    dpkg --configure -a || true
+    after="$(dpkg-query -W -f '${Package} ${db:Status-Abbrev}\n' | grep -c ' ii' || true)"
+    [ "$after" -gt "$before" ] || { echo "second-stage: pass $pass installed nothing more ($after installed)"; exit 1; }
+    pass=$((pass + 1))
+done
+dpkg --configure -a
+[ -z "$(dpkg --audit)" ] || { dpkg --audit; exit 1; }
+dpkg --purge busybox-static
+bash $s/customize.sh / $s/device
+rm -f /usr/sbin/policy-rc.d
+rm -rf $s
+# What mmdebstrap's cleanup leaves: no package lists, no downloaded .debs.
+rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
+echo "second-stage: done"
