@@ -18,8 +18,9 @@
 #     from <codename>-backports (the machine's qemu-utils comes from there and the release's
 #     own 7.2 would remove it, and cannot save a machine to a file)
 #   - arch-test (arch-test): mmdebstrap's check that the ARM images' binaries run (binfmt)
-#   - cpio (cpio), modprobe (kmod): the ARM images' second stage inside the guest, where the
-#     host has no binfmt_misc (tests/vm/second-stage.sh builds its initramfs)
+#   - cpio (cpio), modprobe (kmod), xz (xz-utils), zstd (zstd): the ARM images' second stage
+#     inside the guest, where the host has no binfmt_misc (tests/vm/second-stage.sh builds its
+#     initramfs, with the kernel's modules uncompressed)
 #   - the ARM boards' cross builds: deploy/build-debs.sh installs them (tests/setup-cross.sh)
 #   - cargo deb (crates.io cargo-deb): the box installs the real .deb
 set -euo pipefail
@@ -52,7 +53,10 @@ command -v qemu-system-aarch64 >/dev/null 2>&1 || need+=(qemu-system-arm)
 command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
 command -v arch-test >/dev/null 2>&1 || need+=(arch-test)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
-command -v modprobe >/dev/null 2>&1 || need+=(kmod)
+command -v xz >/dev/null 2>&1 || need+=(xz-utils)
+command -v zstd >/dev/null 2>&1 || need+=(zstd)
+# /usr/sbin is not on a user's PATH: asked of dpkg, so the script stays silent when it is there.
+dpkg-query -W -f '${Status}' kmod 2>/dev/null | grep -q 'ok installed' || need+=(kmod)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -7,12 +7,21 @@
 # killed mid-way is unmounted before it is removed, never removed across a mount).
 # A foreign architecture (arm64, armhf) runs its maintainer scripts under qemu-user through
 # binfmt_misc, which this script mounts and registers from qemu-user-binfmt's binfmt.d entry
-# when the host has not (a container often has neither). Where binfmt_misc cannot be had, or
-# with TOPE_OTA_IMAGE_STAGE=guest, the packages are only extracted here and configured inside
-# the guest itself, booted under TCG (second-stage.sh).
+# when the host has not (a container often has neither). Where binfmt_misc cannot be had the
+# packages are only extracted here and configured inside the guest itself, booted under TCG
+# (second-stage.sh). TOPE_OTA_IMAGE_STAGE says which: host (fails where binfmt_misc cannot be
+# had), guest, or auto (the default: host where it can be had, else guest). The box decides
+# with --probe and passes host or guest, so its cache keys the image by how it was made.
 #   tests/vm/image.sh OUT_DIR [ARCH]     -> OUT_DIR/{base.img,vmlinuz,initrd.img}; ARCH amd64 (default), arm64, armhf
+#   tests/vm/image.sh --probe ARCH       prints the stage auto takes here: host or guest
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+probe=
+if [ "${1:-}" = --probe ]; then
+    probe=1
+    shift
+    set -- "" "$@"
+fi
 out="$1"
 arch="${2:-amd64}"
 case "$arch" in
@@ -23,8 +32,8 @@ case "$arch" in
     *) echo "image.sh: unknown architecture $arch (amd64, arm64, armhf)" >&2; exit 2 ;;
 esac
 
-stage="${TOPE_OTA_IMAGE_STAGE:-host}"
-case "$stage" in host | guest) ;; *) echo "image.sh: TOPE_OTA_IMAGE_STAGE is host or guest, not $stage" >&2; exit 2 ;; esac
+stage="${TOPE_OTA_IMAGE_STAGE:-auto}"
+case "$stage" in auto | host | guest) ;; *) echo "image.sh: TOPE_OTA_IMAGE_STAGE is auto, host or guest, not $stage" >&2; exit 2 ;; esac
 if [ "$arch" = amd64 ] && [ "$stage" = guest ]; then
     echo "image.sh: amd64 is the host's own architecture: no second stage" >&2
     exit 2
@@ -44,16 +53,26 @@ binfmt() {
     [ -e "$conf" ] || { echo "image.sh: $conf is missing (package qemu-user-binfmt, with qemu-user-static from bookworm-backports)" >&2; return 1; }
     grep '^:' "$conf" > "$misc/register" 2>/dev/null || { echo "image.sh: registering $q with binfmt_misc failed" >&2; return 1; }
 }
-if [ "$stage" = host ]; then
+if [ "$stage" != guest ]; then
     ok=0
     case "$arch" in
         arm64) binfmt qemu-aarch64 || ok=$? ;;
         armhf) binfmt qemu-arm || ok=$? ;;
     esac
-    if [ "$ok" -ne 0 ]; then
-        echo "image.sh: no qemu-user for $arch here: configuring the image inside the guest instead" >&2
-        stage=guest
+    if [ "$ok" -ne 0 ] && [ "$stage" = host ]; then
+        echo "image.sh: TOPE_OTA_IMAGE_STAGE=host, and qemu-user cannot run $arch binaries here" >&2
+        exit 1
     fi
+    if [ "$ok" -ne 0 ]; then
+        echo "image.sh: no qemu-user for $arch here: the image is configured inside the guest" >&2
+        stage=guest
+    else
+        stage=host
+    fi
+fi
+if [ -n "$probe" ]; then
+    echo "$stage"
+    exit 0
 fi
 # Unmount what mmdebstrap left mounted under a build directory, deepest first, then remove it
 # without crossing into another filesystem.
@@ -85,4 +104,5 @@ else
     cp "$root"/boot/initrd.img-* "$work/initrd.img"
     mkfs.ext4 -q -L vmroot -d "$root" "$work/base.img" 2G
 fi
+sync "$work/vmlinuz" "$work/initrd.img" "$work/base.img"
 mv "$work/vmlinuz" "$work/initrd.img" "$work/base.img" "$out/"

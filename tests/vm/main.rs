@@ -432,10 +432,36 @@ fn unit_props(vm: &mut Vm, unit: &str, props: &[&str]) -> BTreeMap<String, Strin
 fn an_image_configured_inside_the_guest_becomes_a_device(arch: Arch) {
     let _one = ONE_BOX.lock().unwrap_or_else(|e| e.into_inner());
     let (base, deb) = qemu::guest_stage_image(arch);
+    let usual = qemu::usual_image_packages(arch);
     let machine = std::fs::File::create(qemu::cache_root().join("box.lock")).unwrap();
     fs2::FileExt::lock_exclusive(&machine).unwrap();
     let t = Instant::now();
     let mut vm = qemu::guest_stage_device(arch, base, &deb);
+    assert_eq!(
+        vm.sh_ok("cat /etc/tope-box-stage", 30).trim(),
+        "guest",
+        "this image was not made by the guest stage"
+    );
+    // The same packages as the usual image, but for the tool that merged /usr (usrmerge
+    // there, the merged-/usr hook's usr-is-merged here) and tope-ota, installed since.
+    let status = vm.sh_ok("cat /var/lib/dpkg/status", 60);
+    let skip = ["usrmerge", "usr-is-merged", "tope-ota"];
+    let here: std::collections::BTreeSet<String> = qemu::installed_packages(&status)
+        .into_iter()
+        .filter(|p| !skip.contains(&p.as_str()))
+        .collect();
+    let usual: std::collections::BTreeSet<String> = usual
+        .into_iter()
+        .filter(|p| !skip.contains(&p.as_str()))
+        .collect();
+    assert_eq!(
+        (
+            here.difference(&usual).collect::<Vec<_>>(),
+            usual.difference(&here).collect::<Vec<_>>()
+        ),
+        (vec![], vec![]),
+        "packages only in the guest-stage image, only in the usual one"
+    );
     let audit = vm.sh("dpkg --audit", 120);
     assert!(
         audit.code == 0 && audit.out.trim().is_empty(),

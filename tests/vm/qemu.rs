@@ -205,7 +205,7 @@ pub fn artifacts(arch: Arch) -> &'static Artifacts {
         fs::create_dir_all(&cache).unwrap();
         let lock = fs::File::create(cache.join("lock")).unwrap();
         fs2::FileExt::lock_exclusive(&lock).unwrap();
-        let base = base_image(&cache, arch, Stage::Host);
+        let base = base_image(&cache, arch, Stage::of(arch));
         let features = std::env::var("TOPE_OTA_BOX_FEATURES").ok();
         let deb = build_deb(arch, features.as_deref().filter(|f| !f.is_empty()));
         let (pristine, boot_secs) = pristine_device(&cache, &base, &deb, arch, &accel);
@@ -232,6 +232,41 @@ impl Stage {
         match self {
             Stage::Host => "host",
             Stage::Guest => "guest",
+        }
+    }
+
+    /// How this machine makes the board's image: `TOPE_OTA_IMAGE_STAGE` (host or guest), else
+    /// as image.sh's probe finds it (host where qemu-user runs the board's binaries). Decided
+    /// here so the image is cached under the way it was made.
+    pub fn of(arch: Arch) -> Stage {
+        let chosen = std::env::var("TOPE_OTA_IMAGE_STAGE").unwrap_or_default();
+        let found = match chosen.as_str() {
+            "host" | "guest" => chosen,
+            "" | "auto" => {
+                let o = Command::new("bash")
+                    .arg(vm_dir().join("image.sh"))
+                    .args(["--probe", arch.name()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    o.status.success(),
+                    "tests/vm/image.sh --probe {}: {}",
+                    arch.name(),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                String::from_utf8_lossy(&o.stdout).trim().to_string()
+            }
+            other => panic!("TOPE_OTA_IMAGE_STAGE is auto, host or guest, not {other:?}"),
+        };
+        match found.as_str() {
+            "guest" => {
+                eprintln!(
+                    "box: the {} image is configured inside the guest here (no qemu-user)",
+                    arch.name()
+                );
+                Stage::Guest
+            }
+            _ => Stage::Host,
         }
     }
 }
@@ -280,7 +315,11 @@ fn base_image(cache: &Path, arch: Arch, stage: Stage) -> PathBuf {
     // Bounded: a maintainer script hung under qemu-user would hang the whole test command.
     // Its own process group, so a timeout ends mmdebstrap and its children too (image.sh's
     // trap then unmounts and removes the half-built root).
-    let bound = Duration::from_secs(3600);
+    let bound = Duration::from_secs(match stage {
+        Stage::Host => 3600,
+        // The download and extraction, then up to 3000 s of QEMU configuring it.
+        Stage::Guest => 5400,
+    });
     let mut child = Command::new("bash")
         .arg(dir.join("image.sh"))
         .arg(&out)
@@ -492,6 +531,7 @@ fn make_device(vm: &mut Vm, deb: &Path, arch: Arch) -> Duration {
 /// The image whose packages were configured inside the guest (image.sh's way where the host
 /// has no binfmt_misc) and the board's .deb: built before the box is taken, as [`artifacts`].
 pub fn guest_stage_image(arch: Arch) -> (PathBuf, PathBuf) {
+    need("xz", "package xz-utils: compressed kernel modules");
     need(arch.qemu(), arch.qemu_package());
     need("qemu-img", "package qemu-utils");
     need("mmdebstrap", "package mmdebstrap");
@@ -503,6 +543,36 @@ pub fn guest_stage_image(arch: Arch) -> (PathBuf, PathBuf) {
     fs2::FileExt::lock_exclusive(&lock).unwrap();
     let base = base_image(&cache, arch, Stage::Guest);
     (base, build_deb(arch, None))
+}
+
+/// The packages installed in the board's usual image (made as [`artifacts`] makes it), read
+/// from its dpkg status without booting it.
+pub fn usual_image_packages(arch: Arch) -> std::collections::BTreeSet<String> {
+    need("debugfs", "package e2fsprogs");
+    let cache = cache_root();
+    let base = {
+        let lock = fs::File::create(cache.join("lock")).unwrap();
+        fs2::FileExt::lock_exclusive(&lock).unwrap();
+        base_image(&cache, arch, Stage::of(arch))
+    };
+    let o = Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /var/lib/dpkg/status")
+        .arg(base.join("base.img"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "debugfs of {}", base.display());
+    installed_packages(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// The names of the installed packages in a dpkg status file.
+pub fn installed_packages(status: &str) -> std::collections::BTreeSet<String> {
+    status
+        .split("\n\n")
+        .filter(|p| p.lines().any(|l| l == "Status: install ok installed"))
+        .filter_map(|p| p.lines().find_map(|l| l.strip_prefix("Package: ")))
+        .map(str::to_string)
+        .collect()
 }
 
 /// A device made from [`guest_stage_image`] as the pristine device is made, cold-booted from a

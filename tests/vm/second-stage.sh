@@ -30,18 +30,20 @@ case "$arch" in
     armhf) qemu=(qemu-system-arm -machine 'virt,accel=tcg' -cpu cortex-a15) ;;
     *) echo "second-stage.sh: $arch is not a foreign board here (arm64, armhf)" >&2; exit 2 ;;
 esac
-for tool in cpio modprobe depmod debugfs "${qemu[0]}"; do
+for tool in cpio modprobe depmod debugfs e2fsck timeout "${qemu[0]}"; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "second-stage.sh: $tool is missing (tests/setup.sh installs it)" >&2
         exit 1
     }
 done
 
-# Extract only: nothing of the image runs on the host. merged-/usr as the normal build has it
-# (mmdebstrap's own hooks); the real usr-is-merged replaces the hook's stand-in in the guest.
+# Extract only: nothing of the image runs on the host. The package set of image.sh's minbase
+# (Essential:yes and Priority:required, with their dependencies) and its packages; merged-/usr
+# as the normal build has it (mmdebstrap's own hooks; the real usr-is-merged replaces the
+# hook's stand-in in the guest, where the normal build has usrmerge doing the same).
 mmdebstrap --mode=root --variant=extract --architectures="$arch" --skip=check/qemu \
     --hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr \
-    --include='?essential' --include="apt,usr-is-merged,busybox-static,$packages" \
+    --include='?or(?essential,?priority(required))' --include="usr-is-merged,busybox-static,$packages" \
     --setup-hook="$here/setup-hook.sh \"\$1\"" \
     --extract-hook="$here/second-stage.sh --extract-hook \"\$1\"" \
     bookworm "$root" http://deb.debian.org/debian
@@ -58,9 +60,14 @@ cp "$here/guest-stage.sh" "$here/customize.sh" "$stage/"
 cp -r "$here/device" "$stage/device"
 
 # The initramfs: busybox and the modules that reach an ext4 root on virtio-blk over PCI, in
-# the order modprobe resolves them from the image's own modules.
-kver="$(ls "$root/lib/modules")"
-[ "$(echo "$kver" | wc -l)" -eq 1 ] || { echo "second-stage.sh: not one kernel in the image: $kver" >&2; exit 1; }
+# the order modprobe resolves them from the image's own modules (uncompressed: busybox's insmod
+# takes plain .ko files).
+kvers=("$root"/lib/modules/*/)
+if [ ${#kvers[@]} -ne 1 ] || [ ! -d "${kvers[0]}" ]; then
+    echo "second-stage.sh: not one kernel in the image: ${kvers[*]}" >&2
+    exit 1
+fi
+kver="$(basename "${kvers[0]}")"
 depmod -b "$root" "$kver"
 init="$work/initramfs"
 mkdir -p "$init/bin" "$init/modules" "$init/dev" "$init/proc" "$init/sys" "$init/root"
@@ -68,14 +75,27 @@ cp "$root/bin/busybox" "$init/bin/busybox"
 mknod -m 600 "$init/dev/console" c 5 1
 # One module a call: modprobe takes further names as the first one's parameters.
 for m in virtio_pci virtio_blk ext4 crc32c_generic; do
-    modprobe -d "$root" -S "$kver" --show-depends "$m"
-done | awk '$1 == "insmod" && !seen[$2]++ { print $2 }' > "$work/modules.list"
+    modprobe -d "$root" -S "$kver" --show-depends "$m" || {
+        echo "second-stage.sh: modprobe finds no $m for $kver" >&2
+        exit 1
+    }
+done > "$work/modules.deps"
+grep -Eq '(^builtin virtio_blk|/virtio_blk\.ko)' "$work/modules.deps" || {
+    echo "second-stage.sh: no virtio_blk for $kver" >&2
+    exit 1
+}
 n=0
-while read -r path; do
+awk '$1 == "insmod" && !seen[$2]++ { print $2 }' "$work/modules.deps" | while read -r path; do
     n=$((n + 1))
-    cp "$path" "$init/modules/$(printf %02d "$n")-${path##*/}"
-done < "$work/modules.list"
-grep -q /virtio_blk "$work/modules.list" || { echo "second-stage.sh: no virtio_blk module in $kver" >&2; exit 1; }
+    name="$(printf %02d "$n")-$(basename "$path")"
+    case "$path" in
+        *.ko) cp "$path" "$init/modules/$name" ;;
+        *.ko.xz) xz -dc "$path" > "$init/modules/${name%.xz}" ;;
+        *.ko.zst) zstd -qdc "$path" > "$init/modules/${name%.zst}" ;;
+        *.ko.gz) gzip -dc "$path" > "$init/modules/${name%.gz}" ;;
+        *) echo "second-stage.sh: cannot load $path" >&2; exit 1 ;;
+    esac
+done
 cat > "$init/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -96,6 +116,8 @@ if mount -t ext4 /dev/vda /root; then
     chroot /root /bin/sh /second-stage/guest-stage.sh
     rc=$?
     umount /root/run /root/sys /root/proc /root/dev
+    # What dpkg deleted (the .debs) goes back to the image file's holes.
+    fstrim /root || true
     umount /root || rc=1
 fi
 sync
@@ -108,23 +130,31 @@ chmod 755 "$init/init"
 mkfs.ext4 -q -L vmroot -d "$root" "$work/base.img" 2G
 log="$work/second-stage.log"
 out_log="$(dirname "$work")/second-stage-$arch-failed.log"
-echo "second-stage.sh: configuring the $arch image inside the guest (TCG; console in $log)" >&2
-timeout 3000 "${qemu[@]}" -smp 2 -m 1024 -display none -monitor none -no-reboot \
-    -serial "file:$log" \
-    -kernel "$(ls "$root"/boot/vmlinuz-*)" -initrd "$work/stage-initrd.img" \
-    -append "console=ttyAMA0 panic=-1" \
-    -drive "file=$work/base.img,if=none,format=raw,id=d" -device virtio-blk-pci,drive=d ||
-    { echo "second-stage.sh: QEMU failed or timed out" >&2; tail -40 "$log" >&2; exit 1; }
-grep -q '^second-stage: exit 0' "$log" || {
-    echo "second-stage.sh: the guest stage failed; its console is kept in $out_log, the last lines:" >&2
-    cp "$log" "$out_log"
-    tail -60 "$log" | tr -d '\r' >&2
+rm -f "$out_log"
+failed() {
+    echo "second-stage.sh: $1; the console is kept in $out_log, its last lines:" >&2
+    cp "$log" "$out_log" 2>/dev/null || true
+    tail -60 "$log" 2>/dev/null | tr -d '\r' >&2
     exit 1
 }
-fsck="$(e2fsck -fn "$work/base.img" 2>&1)" || { echo "second-stage.sh: the image is not clean after the guest stage: $fsck" >&2; exit 1; }
-debugfs -R "dump /boot/vmlinuz-$kver $work/vmlinuz" "$work/base.img" 2>/dev/null
-debugfs -R "dump /boot/initrd.img-$kver $work/initrd.img" "$work/base.img" 2>/dev/null
-if [ ! -s "$work/vmlinuz" ] || [ ! -s "$work/initrd.img" ]; then
-    echo "second-stage.sh: the guest made no /boot/initrd.img-$kver" >&2
-    exit 1
+echo "second-stage.sh: configuring the $arch image inside the guest (TCG; console in $log)" >&2
+# --foreground: timeout stays in this process group, so the caller's kill of the group ends
+# QEMU too instead of leaving it on a deleted image.
+timeout --foreground 3000 "${qemu[@]}" -smp 2 -m 1024 -display none -monitor none -no-reboot \
+    -nic none -serial "file:$log" \
+    -kernel "$root/boot/vmlinuz-$kver" -initrd "$work/stage-initrd.img" \
+    -append "console=ttyAMA0 panic=-1" \
+    -drive "file=$work/base.img,if=none,format=raw,id=d,discard=unmap" -device virtio-blk-pci,drive=d ||
+    failed "QEMU failed or timed out"
+grep -q '^second-stage: exit 0' "$log" || failed "the guest stage failed"
+fsck="$(e2fsck -fn "$work/base.img" 2>&1)" || failed "the image is not clean after the guest stage: $fsck"
+# The kernel is the one extracted here; the initramfs is the one dpkg made in the guest, read
+# out of the image and checked against the size the image records for it.
+cp "$root/boot/vmlinuz-$kver" "$work/vmlinuz"
+initrd="/boot/initrd.img-$kver"
+want="$(debugfs -R "stat $initrd" "$work/base.img" 2>/dev/null | sed -n 's/.*Size: \([0-9]*\).*/\1/p' | head -1)"
+debugfs -R "dump $initrd $work/initrd.img" "$work/base.img" 2>/dev/null
+got="$(stat -c %s "$work/initrd.img" 2>/dev/null || echo 0)"
+if [ -z "$want" ] || [ "$want" -eq 0 ] || [ "$got" != "$want" ]; then
+    failed "the guest made no whole $initrd (image says ${want:-nothing}, read $got bytes)"
 fi
