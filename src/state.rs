@@ -19,6 +19,19 @@ pub const STATE_FILE: &str = "state.json";
 /// Sub-directory of the state dir holding partial and verified packages.
 pub const DOWNLOADS_DIR: &str = "downloads";
 
+/// The schema of state.json this build reads and writes. 1 is the core schema, frozen: every
+/// version can read it and roll back from it, so a later build keeps writing 1 and only adds
+/// fields (unknown fields are ignored, missing ones take defaults). A build that must change
+/// what a field means, or write a stage or an error code an older build does not know, writes a
+/// higher number; an older build then refuses to act on the file (`SCHEMA_TOO_NEW`) and leaves
+/// it as it is, instead of misreading it or moving it aside as corrupt. A file without the
+/// field (written before schemas existed) is schema 1.
+pub const SCHEMA: u64 = 1;
+
+fn core_schema() -> u64 {
+    1
+}
+
 /// The stage of the operation in flight; serialized as the old API spelled it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -60,6 +73,9 @@ impl fmt::Display for Stage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub struct State {
+    /// See [`SCHEMA`]; every save writes this build's.
+    #[serde(default = "core_schema")]
+    pub schema: u64,
     pub stage: Stage,
     pub progress: u8,
     pub message: String,
@@ -180,6 +196,7 @@ impl State {
 
     /// Write this state atomically and durably; only a lock holder can.
     pub fn save(&mut self, lock: &StateLock) -> Result<()> {
+        self.schema = SCHEMA;
         self.updated_at = Some(clock::now_rfc3339());
         let mut bytes = serde_json::to_vec_pretty(self).context("encode state")?;
         bytes.push(b'\n');
@@ -201,7 +218,38 @@ pub enum ReadOutcome {
     Corrupt(String),
 }
 
-/// Read state.json without a lock. Safe against concurrent writers: renames are atomic.
+/// The schema a JSON record declares, read before anything else of it: `None` when it is not a
+/// JSON object at all (then it is whatever the full parse says), the core schema when the field
+/// is missing. A schema that is not a whole number reads as too new: it is not this build's.
+pub fn declared_schema(bytes: &[u8]) -> Option<u64> {
+    // An object only: serde's derived structs would also take a JSON array.
+    let head: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes).ok()?;
+    Some(match head.get("schema") {
+        None => core_schema(),
+        Some(v) => v.as_u64().unwrap_or(u64::MAX),
+    })
+}
+
+/// `SCHEMA_TOO_NEW` for a record at `path` of schema `found` when this build reads `max`.
+pub fn too_new(path: &Path, found: u64, max: u64) -> anyhow::Error {
+    let shown = if found == u64::MAX {
+        "an unknown schema".to_string()
+    } else {
+        format!("schema {found}")
+    };
+    crate::error::OtaError::new(
+        ErrorCode::SchemaTooNew,
+        format!(
+            "{} has {shown}; tope-ota {} reads schema {max} at most, so it leaves the file as it is (the newer tope-ota that wrote it must act on it)",
+            path.display(),
+            env!("CARGO_PKG_VERSION"),
+        ),
+    )
+    .into()
+}
+
+/// Read state.json without a lock. Safe against concurrent writers: renames are atomic. A
+/// state.json of a newer schema is `SCHEMA_TOO_NEW`, for readers and writers alike.
 pub fn read(state_dir: &Path) -> Result<ReadOutcome> {
     let path = state_path(state_dir);
     let bytes = match fs::read(&path) {
@@ -209,6 +257,9 @@ pub fn read(state_dir: &Path) -> Result<ReadOutcome> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Missing),
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
+    if let Some(found) = declared_schema(&bytes).filter(|&n| n > SCHEMA) {
+        return Err(too_new(&path, found, SCHEMA));
+    }
     Ok(match serde_json::from_slice::<State>(&bytes) {
         Ok(s) => ReadOutcome::Ok(Box::new(s)),
         Err(e) => ReadOutcome::Corrupt(e.to_string()),
@@ -266,6 +317,53 @@ mod tests {
         let s: State = serde_json::from_str(r#"{"stage":"failed","future":1}"#).unwrap();
         assert_eq!(s.stage, Stage::Failed);
         assert_eq!(s.progress, 0);
+    }
+
+    #[test]
+    fn schema_is_declared_or_core() {
+        assert_eq!(declared_schema(br#"{"stage":"idle"}"#), Some(1));
+        assert_eq!(declared_schema(br#"{"schema":2,"stage":"??"}"#), Some(2));
+        assert_eq!(declared_schema(br#"{"schema":"2"}"#), Some(u64::MAX));
+        assert_eq!(declared_schema(br#"{"schema":1e30}"#), Some(u64::MAX));
+        assert_eq!(declared_schema(b"{not json"), None);
+        assert_eq!(declared_schema(b"[1]"), None);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = br#"{"schema":2,"stage":"swapping","error":"NEW_CODE"}"#;
+        fs::write(dir.path().join(STATE_FILE), newer).unwrap();
+        let e = read(dir.path()).unwrap_err();
+        assert_eq!(crate::error::classify(&e).code, ErrorCode::SchemaTooNew);
+        let purpose = crate::lock::Purpose::brief("test", "loading the state");
+        let lock = StateLock::acquire(dir.path(), &purpose, std::time::Duration::ZERO).unwrap();
+        let e = load_for_write(&lock).unwrap_err();
+        assert_eq!(crate::error::classify(&e).code, ErrorCode::SchemaTooNew);
+        assert_eq!(fs::read(dir.path().join(STATE_FILE)).unwrap(), newer);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "nothing moved aside"
+        );
+    }
+
+    #[test]
+    fn the_core_schema_is_written_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let purpose = crate::lock::Purpose::brief("test", "saving the state");
+        let lock = StateLock::acquire(dir.path(), &purpose, std::time::Duration::ZERO).unwrap();
+        let mut s = State::default();
+        s.save(&lock).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(v["schema"], 1);
+        // A file from before schemas: schema 1.
+        fs::write(dir.path().join(STATE_FILE), br#"{"stage":"failed"}"#).unwrap();
+        let ReadOutcome::Ok(s) = read(dir.path()).unwrap() else {
+            panic!("reads")
+        };
+        assert_eq!((s.schema, s.stage), (1, Stage::Failed));
     }
 
     #[test]
