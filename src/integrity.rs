@@ -52,7 +52,7 @@ pub struct Entry {
 impl Default for Record {
     fn default() -> Record {
         Record {
-            schema: SCHEMA,
+            schema: crate::state::Schema(SCHEMA),
             mutable: Vec::new(),
             entries: BTreeMap::new(),
         }
@@ -70,15 +70,11 @@ fn is_zero_i(v: &i64) -> bool {
 /// [`crate::state::SCHEMA`]). A record without the field is schema 1.
 pub const SCHEMA: u64 = 1;
 
-fn core_schema() -> u64 {
-    1
-}
-
 /// A snapshot's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    #[serde(default = "core_schema")]
-    pub schema: u64,
+    #[serde(default)]
+    pub schema: crate::state::Schema,
     /// Paths (files or directories) that hold the version's changing data: not recorded.
     #[serde(default)]
     pub mutable: Vec<String>,
@@ -271,7 +267,7 @@ pub fn build(dir: &Path, mutable: &[String], reuse: Option<(&Path, &Record)>) ->
         Ok(())
     })?;
     Ok(Record {
-        schema: SCHEMA,
+        schema: crate::state::Schema(SCHEMA),
         mutable: mutable.to_vec(),
         entries,
     })
@@ -300,7 +296,7 @@ pub fn find(dir: &Path) -> Result<Found> {
     let path = dir.join(META_DIR).join(FILES);
     match fs::read(&path) {
         Ok(b) => {
-            if let Some(n) = crate::state::declared_schema(&b).filter(|&n| n > SCHEMA) {
+            if let Some(n) = crate::state::declared_schema(&b).newer_than(SCHEMA) {
                 return Ok(Found::Newer(n));
             }
             serde_json::from_slice(&b)
@@ -312,21 +308,19 @@ pub fn find(dir: &Path) -> Result<Found> {
     }
 }
 
-/// The record of the snapshot at `dir`, for reusing its hashes; None when it has none or one of
-/// a newer schema (logged: the files are hashed afresh, nothing is taken from a record this build
-/// cannot read).
+/// The record of the snapshot at `dir`, for what it says (its data paths, its modes, its
+/// hashes); None when it has none. One of a newer schema is `SCHEMA_TOO_NEW`: what it says about
+/// the version's data cannot be read, and guessing would lose data.
 pub fn read(dir: &Path) -> Result<Option<Record>> {
-    Ok(match find(dir)? {
-        Found::Record(r) => Some(r),
-        Found::Missing => None,
-        Found::Newer(n) => {
-            log::warn!(
-                "{}: its record has schema {n}, newer than this tope-ota reads ({SCHEMA}); not used",
-                dir.display()
-            );
-            None
-        }
-    })
+    match find(dir)? {
+        Found::Record(r) => Ok(Some(r)),
+        Found::Missing => Ok(None),
+        Found::Newer(n) => Err(crate::state::too_new(
+            &dir.join(META_DIR).join(FILES),
+            n,
+            SCHEMA,
+        )),
+    }
 }
 
 /// How hard to look.
@@ -528,9 +522,16 @@ mod tests {
         std::fs::write(meta.join(FILES), br#"{"schema":2,"entries":"elsewhere"}"#).unwrap();
         assert_eq!(check(d.path(), Depth::Full, false), Status::NewerRecord(2));
         assert!(Status::NewerRecord(2).usable());
-        assert!(read(d.path()).unwrap().is_none());
+        let e = read(d.path()).unwrap_err();
+        assert_eq!(
+            crate::error::classify(&e).code,
+            crate::error::ErrorCode::SchemaTooNew
+        );
         // One from before schemas: schema 1.
         std::fs::write(meta.join(FILES), br#"{"entries":{}}"#).unwrap();
-        assert_eq!(read(d.path()).unwrap().unwrap().schema, 1);
+        assert_eq!(
+            read(d.path()).unwrap().unwrap().schema,
+            crate::state::Schema(1)
+        );
     }
 }

@@ -89,8 +89,7 @@ pub fn read_delivered(state_dir: &Path) -> Delivered {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Delivered::Missing,
         Err(_) => Delivered::Unreadable,
         Ok(bytes) => {
-            if let Some(n) = crate::state::declared_schema(&bytes).filter(|&n| n > DELIVERED_SCHEMA)
-            {
+            if let Some(n) = crate::state::declared_schema(&bytes).newer_than(DELIVERED_SCHEMA) {
                 log::warn!(
                     "{DELIVERED_FILE} has schema {n}, newer than this tope-ota reads ({DELIVERED_SCHEMA}): taken as nothing delivered"
                 );

@@ -23,13 +23,57 @@ pub const DOWNLOADS_DIR: &str = "downloads";
 /// version can read it and roll back from it, so a later build keeps writing 1 and only adds
 /// fields (unknown fields are ignored, missing ones take defaults). A build that must change
 /// what a field means, or write a stage or an error code an older build does not know, writes a
-/// higher number; an older build then refuses to act on the file (`SCHEMA_TOO_NEW`) and leaves
-/// it as it is, instead of misreading it or moving it aside as corrupt. A file without the
-/// field (written before schemas existed) is schema 1.
+/// higher number; an older build (from this one on) then refuses to act on the file
+/// (`SCHEMA_TOO_NEW`) and leaves it as it is, instead of misreading it or moving it aside as
+/// corrupt. A file without the field (written before schemas existed) is schema 1.
 pub const SCHEMA: u64 = 1;
 
-fn core_schema() -> u64 {
-    1
+/// A record's `schema`: [`SCHEMA`] by default, so a record without one is the core schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Schema(pub u64);
+
+impl Default for Schema {
+    fn default() -> Schema {
+        Schema(SCHEMA)
+    }
+}
+
+/// What a JSON record declares about its schema, read before anything else of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// Not one JSON object with at most one whole-number `schema` (an array, garbage, a
+    /// duplicated or non-integer `schema`): corrupt, whatever else it holds.
+    Malformed,
+    /// The schema, the core one when the field is missing.
+    Schema(u64),
+}
+
+impl Declared {
+    /// The declared schema when it is newer than `max`.
+    pub fn newer_than(self, max: u64) -> Option<u64> {
+        match self {
+            Declared::Schema(n) if n > max => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// Read only the `schema` of a JSON record, skipping the rest without building it.
+pub fn declared_schema(bytes: &[u8]) -> Declared {
+    #[derive(Deserialize)]
+    struct Head {
+        schema: Option<u64>,
+    }
+    // An object only: serde's derived structs would also take a JSON array.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Declared::Malformed;
+    }
+    match serde_json::from_slice::<Head>(bytes) {
+        Ok(h) => Declared::Schema(h.schema.unwrap_or(SCHEMA)),
+        Err(_) => Declared::Malformed,
+    }
 }
 
 /// The stage of the operation in flight; serialized as the old API spelled it.
@@ -74,8 +118,7 @@ impl fmt::Display for Stage {
 #[serde(default)]
 pub struct State {
     /// See [`SCHEMA`]; every save writes this build's.
-    #[serde(default = "core_schema")]
-    pub schema: u64,
+    pub schema: Schema,
     pub stage: Stage,
     pub progress: u8,
     pub message: String,
@@ -196,7 +239,7 @@ impl State {
 
     /// Write this state atomically and durably; only a lock holder can.
     pub fn save(&mut self, lock: &StateLock) -> Result<()> {
-        self.schema = SCHEMA;
+        self.schema = Schema(SCHEMA);
         self.updated_at = Some(clock::now_rfc3339());
         let mut bytes = serde_json::to_vec_pretty(self).context("encode state")?;
         bytes.push(b'\n');
@@ -218,29 +261,14 @@ pub enum ReadOutcome {
     Corrupt(String),
 }
 
-/// The schema a JSON record declares, read before anything else of it: `None` when it is not a
-/// JSON object at all (then it is whatever the full parse says), the core schema when the field
-/// is missing. A schema that is not a whole number reads as too new: it is not this build's.
-pub fn declared_schema(bytes: &[u8]) -> Option<u64> {
-    // An object only: serde's derived structs would also take a JSON array.
-    let head: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes).ok()?;
-    Some(match head.get("schema") {
-        None => core_schema(),
-        Some(v) => v.as_u64().unwrap_or(u64::MAX),
-    })
-}
-
 /// `SCHEMA_TOO_NEW` for a record at `path` of schema `found` when this build reads `max`.
 pub fn too_new(path: &Path, found: u64, max: u64) -> anyhow::Error {
-    let shown = if found == u64::MAX {
-        "an unknown schema".to_string()
-    } else {
-        format!("schema {found}")
-    };
     crate::error::OtaError::new(
         ErrorCode::SchemaTooNew,
         format!(
-            "{} has {shown}; tope-ota {} reads schema {max} at most, so it leaves the file as it is (the newer tope-ota that wrote it must act on it)",
+            "{} has schema {found}; tope-ota {} reads schema {max} at most and leaves it as it is: \
+             run the newer tope-ota that wrote it, or move the file aside to let this one act \
+             (losing what it records)",
             path.display(),
             env!("CARGO_PKG_VERSION"),
         ),
@@ -257,8 +285,16 @@ pub fn read(state_dir: &Path) -> Result<ReadOutcome> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Missing),
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
-    if let Some(found) = declared_schema(&bytes).filter(|&n| n > SCHEMA) {
-        return Err(too_new(&path, found, SCHEMA));
+    match declared_schema(&bytes) {
+        Declared::Schema(n) if n > SCHEMA => return Err(too_new(&path, n, SCHEMA)),
+        Declared::Schema(_) => {}
+        Declared::Malformed => {
+            let why = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Err(e) => e.to_string(),
+                Ok(_) => "not one JSON object with a whole-number schema".to_string(),
+            };
+            return Ok(ReadOutcome::Corrupt(why));
+        }
     }
     Ok(match serde_json::from_slice::<State>(&bytes) {
         Ok(s) => ReadOutcome::Ok(Box::new(s)),
@@ -321,12 +357,45 @@ mod tests {
 
     #[test]
     fn schema_is_declared_or_core() {
-        assert_eq!(declared_schema(br#"{"stage":"idle"}"#), Some(1));
-        assert_eq!(declared_schema(br#"{"schema":2,"stage":"??"}"#), Some(2));
-        assert_eq!(declared_schema(br#"{"schema":"2"}"#), Some(u64::MAX));
-        assert_eq!(declared_schema(br#"{"schema":1e30}"#), Some(u64::MAX));
-        assert_eq!(declared_schema(b"{not json"), None);
-        assert_eq!(declared_schema(b"[1]"), None);
+        use Declared::*;
+        assert_eq!(declared_schema(br#"{"stage":"idle"}"#), Schema(1));
+        assert_eq!(declared_schema(br#" {"schema":2,"stage":"??"}"#), Schema(2));
+        for bad in [
+            &br#"{"schema":"2"}"#[..],
+            br#"{"schema":1e30}"#,
+            br#"{"schema":-1}"#,
+            br#"{"schema":1.5}"#,
+            br#"{"schema":1,"schema":2}"#,
+            b"{not json",
+            b"[2,\"installing\"]",
+            b"",
+        ] {
+            assert_eq!(
+                declared_schema(bad),
+                Malformed,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn an_array_or_a_bad_schema_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [
+            &b"[2,\"installing\"]"[..],
+            br#"{"schema":"x","stage":"idle"}"#,
+        ] {
+            fs::write(dir.path().join(STATE_FILE), bad).unwrap();
+            assert!(matches!(read(dir.path()).unwrap(), ReadOutcome::Corrupt(_)));
+        }
+        // Schema 1 with a stage this build does not know: corrupt, as it always was.
+        fs::write(
+            dir.path().join(STATE_FILE),
+            br#"{"schema":1,"stage":"swapping"}"#,
+        )
+        .unwrap();
+        assert!(matches!(read(dir.path()).unwrap(), ReadOutcome::Corrupt(_)));
     }
 
     #[test]
@@ -363,7 +432,8 @@ mod tests {
         let ReadOutcome::Ok(s) = read(dir.path()).unwrap() else {
             panic!("reads")
         };
-        assert_eq!((s.schema, s.stage), (1, Stage::Failed));
+        assert_eq!((s.schema, s.stage), (Schema(1), Stage::Failed));
+        assert_eq!(State::default().schema, Schema(1));
     }
 
     #[test]

@@ -26,6 +26,7 @@ fn every_command_refuses_a_newer_state_and_leaves_it_untouched() {
         &["heal"],
         &["install"],
         &["rollback"],
+        &["factory"],
         &[
             "download",
             "--version",
@@ -115,20 +116,27 @@ fn serve_answers_schema_too_new_and_starts_nothing() {
 #[test]
 fn files_from_before_schemas_read_as_schema_1_and_are_written_as_1() {
     let d = Device::with_v1();
-    // An older build's state and callback record: no schema field at all.
+    // An older build's state and snapshot record: no schema field at all.
     std::fs::write(
         d.env.state_dir.join("state.json"),
         br#"{"stage":"failed","error":"MD5_MISMATCH","message":"old","version":"1.1.0"}"#,
     )
     .unwrap();
-    std::fs::write(
-        d.env.state_dir.join("callback.json"),
-        br#"{"stage":"failed","error":"MD5_MISMATCH","version":"1.1.0"}"#,
-    )
-    .unwrap();
+    let rec = d.root().join("v1.0.0/.tope-ota/files.json");
+    let mut old: Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    assert_eq!(old["schema"], 1, "this build writes schema 1");
+    old.as_object_mut().unwrap().remove("schema");
+    std::fs::write(&rec, old.to_string()).unwrap();
     let st = d.env.run(&["--json", "status"]);
     st.expect(0);
     assert_eq!(st.json()["error"], "MD5_MISMATCH");
+    let v = d.env.run(&["verify"]);
+    v.expect(0);
+    assert!(
+        v.stdout.contains("v1.0.0 (current): intact"),
+        "{}",
+        v.stdout
+    );
     d.env.run(&["heal"]).expect(0);
     let s = d.env.state();
     assert_eq!(
@@ -136,15 +144,26 @@ fn files_from_before_schemas_read_as_schema_1_and_are_written_as_1() {
         (json!(1), json!("idle")),
         "{s}"
     );
-    let rec: Value = serde_json::from_slice(
-        &std::fs::read(d.root().join("v1.0.0/.tope-ota/files.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(rec["schema"], 1);
 }
 
 #[test]
-fn a_snapshot_record_of_a_newer_schema_is_not_compared_and_not_reused() {
+fn a_schema_1_state_with_an_unknown_stage_is_still_corrupt() {
+    let d = Device::with_v1();
+    let odd = br#"{"schema":1,"stage":"swapping"}"#;
+    std::fs::write(d.env.state_dir.join("state.json"), odd).unwrap();
+    d.env.run(&["heal"]).expect(0);
+    assert_eq!(d.env.state()["stage"], "idle");
+    let aside: Vec<Vec<u8>> = std::fs::read_dir(&d.env.state_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    assert_eq!(aside, vec![odd.to_vec()]);
+}
+
+#[test]
+fn a_snapshot_record_of_a_newer_schema_is_not_compared_and_not_guessed_at() {
     let mut d = Device::with_v1();
     let rec = d.root().join("v1.0.0/.tope-ota/files.json");
     let newer =
@@ -160,20 +179,22 @@ fn a_snapshot_record_of_a_newer_schema_is_not_compared_and_not_reused() {
         "{}",
         human.stdout
     );
-    // An install mirrors from it all the same, hashing its files afresh.
+    // Which of current's paths are data cannot be read from it: an install refuses rather than
+    // guess, and changes nothing.
+    d.sc.clear();
     let p = d.pack("1.1.0", &v1_files(), &full_manifest("1.1.0"));
     let run = d.deliver("1.1.0", p);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    assert_eq!(d.link("current").as_deref(), Some("v1.1.0"));
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("SCHEMA_TOO_NEW"), "{}", run.stderr);
+    assert_eq!(d.link("current").as_deref(), Some("v1.0.0"));
     assert_eq!(
         std::fs::read(&rec).unwrap(),
         newer,
         "the newer record was rewritten"
     );
-    let v = d.env.run(&["verify", "1.1.0"]);
     assert!(
-        v.stdout.contains("v1.1.0 (current): intact"),
-        "{}",
-        v.stdout
+        !d.sc.calls().iter().any(|c| c.contains("stop")),
+        "services stopped: {:?}",
+        d.sc.calls()
     );
 }
