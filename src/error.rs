@@ -75,6 +75,7 @@ codes! {
     Inhibited => "INHIBITED", 409, EXIT_INHIBITED;
     DowngradeRefused => "DOWNGRADE_REFUSED", 400, EXIT_FAILED;
     HealthCheckFailed => "HEALTH_CHECK_FAILED", 500, EXIT_FAILED;
+    SchemaTooNew => "SCHEMA_TOO_NEW", 500, EXIT_FAILED;
 }
 
 impl ErrorCode {
@@ -111,6 +112,9 @@ impl ErrorCode {
             ErrorCode::DowngradeRefused => "the version is lower than the current one",
             ErrorCode::HealthCheckFailed => {
                 "a health check did not pass within its deadline; the device rolled back"
+            }
+            ErrorCode::SchemaTooNew => {
+                "state.json was written by a newer tope-ota in a schema this one does not read; it is left untouched"
             }
         }
     }

@@ -49,6 +49,16 @@ pub struct Entry {
     pub mtime_ns: i64,
 }
 
+impl Default for Record {
+    fn default() -> Record {
+        Record {
+            schema: crate::state::Schema(SCHEMA),
+            mutable: Vec::new(),
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -56,9 +66,15 @@ fn is_zero_i(v: &i64) -> bool {
     *v == 0
 }
 
+/// The schema of the records this build reads and writes; frozen at 1 as state.json's is (see
+/// [`crate::state::SCHEMA`]). A record without the field is schema 1.
+pub const SCHEMA: u64 = 1;
+
 /// A snapshot's record.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    #[serde(default)]
+    pub schema: crate::state::Schema,
     /// Paths (files or directories) that hold the version's changing data: not recorded.
     #[serde(default)]
     pub mutable: Vec<String>,
@@ -91,6 +107,9 @@ pub enum Status {
     Changed(Vec<Change>),
     /// No record (a snapshot made before records existed, or outside tope-ota).
     Unrecorded,
+    /// A record of a newer schema than this build reads (a newer tope-ota built the snapshot):
+    /// not compared, so neither intact nor changed, and usable as unrecorded is.
+    NewerRecord(u64),
 }
 
 impl Status {
@@ -104,6 +123,9 @@ impl Status {
         match self {
             Status::Intact => "intact".into(),
             Status::Unrecorded => "no record to compare with".into(),
+            Status::NewerRecord(n) => format!(
+                "a record of schema {n}, newer than this tope-ota reads ({SCHEMA}): not compared"
+            ),
             Status::Changed(c) => {
                 let shown: Vec<String> = c.iter().take(5).map(|c| c.to_string()).collect();
                 let more = c.len().saturating_sub(5);
@@ -245,6 +267,7 @@ pub fn build(dir: &Path, mutable: &[String], reuse: Option<(&Path, &Record)>) ->
         Ok(())
     })?;
     Ok(Record {
+        schema: crate::state::Schema(SCHEMA),
         mutable: mutable.to_vec(),
         entries,
     })
@@ -257,16 +280,46 @@ pub fn write(dir: &Path, rec: &Record) -> Result<()> {
     fsutil::write_atomic(&meta.join(FILES), &bytes)
 }
 
-/// The record of the snapshot at `dir`; None when it has none. A record that does not parse is
-/// an error: it cannot vouch for anything.
-pub fn read(dir: &Path) -> Result<Option<Record>> {
+/// What a snapshot's record file holds.
+#[derive(Debug)]
+pub enum Found {
+    Record(Record),
+    /// None (a snapshot made before records existed, or outside tope-ota).
+    Missing,
+    /// A record of this newer schema: this build cannot read it and does not try.
+    Newer(u64),
+}
+
+/// The record of the snapshot at `dir`. A record that does not parse is an error: it cannot
+/// vouch for anything.
+pub fn find(dir: &Path) -> Result<Found> {
     let path = dir.join(META_DIR).join(FILES);
     match fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .with_context(|| format!("{} does not parse", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Ok(b) => {
+            if let Some(n) = crate::state::declared_schema(&b).newer_than(SCHEMA) {
+                return Ok(Found::Newer(n));
+            }
+            serde_json::from_slice(&b)
+                .map(Found::Record)
+                .with_context(|| format!("{} does not parse", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Found::Missing),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// The record of the snapshot at `dir`, for what it says (its data paths, its modes, its
+/// hashes); None when it has none. One of a newer schema is `SCHEMA_TOO_NEW`: what it says about
+/// the version's data cannot be read, and guessing would lose data.
+pub fn read(dir: &Path) -> Result<Option<Record>> {
+    match find(dir)? {
+        Found::Record(r) => Ok(Some(r)),
+        Found::Missing => Ok(None),
+        Found::Newer(n) => Err(crate::state::too_new(
+            &dir.join(META_DIR).join(FILES),
+            n,
+            SCHEMA,
+        )),
     }
 }
 
@@ -282,9 +335,10 @@ pub enum Depth {
 /// Compare the snapshot at `dir` with its record. `ignore_write_bits` for the factory copy,
 /// which is made read-only after it is recorded.
 pub fn check(dir: &Path, depth: Depth, ignore_write_bits: bool) -> Status {
-    let rec = match read(dir) {
-        Ok(Some(r)) => r,
-        Ok(None) => return Status::Unrecorded,
+    let rec = match find(dir) {
+        Ok(Found::Record(r)) => r,
+        Ok(Found::Missing) => return Status::Unrecorded,
+        Ok(Found::Newer(n)) => return Status::NewerRecord(n),
         Err(e) => {
             return Status::Changed(vec![Change {
                 path: format!("{META_DIR}/{FILES}"),
@@ -463,5 +517,21 @@ mod tests {
         let d = tree();
         assert_eq!(check(d.path(), Depth::Quick, false), Status::Unrecorded);
         assert!(Status::Unrecorded.usable());
+        // A newer tope-ota's record: not read, not compared, usable.
+        let meta = crate::snapshot::meta_dir(d.path()).unwrap();
+        std::fs::write(meta.join(FILES), br#"{"schema":2,"entries":"elsewhere"}"#).unwrap();
+        assert_eq!(check(d.path(), Depth::Full, false), Status::NewerRecord(2));
+        assert!(Status::NewerRecord(2).usable());
+        let e = read(d.path()).unwrap_err();
+        assert_eq!(
+            crate::error::classify(&e).code,
+            crate::error::ErrorCode::SchemaTooNew
+        );
+        // One from before schemas: schema 1.
+        std::fs::write(meta.join(FILES), br#"{"entries":{}}"#).unwrap();
+        assert_eq!(
+            read(d.path()).unwrap().unwrap().schema,
+            crate::state::Schema(1)
+        );
     }
 }

@@ -39,6 +39,10 @@ pub const FINISH_BOUND: Duration =
     Duration::from_millis(FLUSH_DEADLINE.as_secs() * 1000 + 500 + 200);
 /// The last stage device-api received, in the state dir.
 pub const DELIVERED_FILE: &str = "callback.json";
+/// The schema of `callback.json` this build reads and writes; frozen at 1 as state.json's is
+/// (see [`crate::state::SCHEMA`]). A record of a newer schema is not read: nothing is known to
+/// be delivered, so the state is sent again (device-api may get a stage twice, never none).
+pub const DELIVERED_SCHEMA: u64 = 1;
 /// The lock of whoever posts callbacks, in the state dir (see [`callback_lock`]).
 pub const CALLBACK_LOCK: &str = "callback.lock";
 
@@ -84,17 +88,30 @@ pub fn read_delivered(state_dir: &Path) -> Delivered {
     match std::fs::read(delivered_path(state_dir)) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Delivered::Missing,
         Err(_) => Delivered::Unreadable,
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(k) => Delivered::Key(k),
-            Err(_) => Delivered::Unreadable,
-        },
+        Ok(bytes) => {
+            if let Some(n) = crate::state::declared_schema(&bytes).newer_than(DELIVERED_SCHEMA) {
+                log::warn!(
+                    "{DELIVERED_FILE} has schema {n}, newer than this tope-ota reads ({DELIVERED_SCHEMA}): taken as nothing delivered"
+                );
+                return Delivered::Unreadable;
+            }
+            match serde_json::from_slice(&bytes) {
+                Ok(k) => Delivered::Key(k),
+                Err(_) => Delivered::Unreadable,
+            }
+        }
     }
 }
 
 /// Record `key` as delivered; false (logged) when the record could not be written durably, so
 /// the caller does not take it as written.
 fn write_delivered(path: &Path, key: &StageKey) -> bool {
-    let result = serde_json::to_vec(key)
+    let result = serde_json::to_value(key)
+        .map(|mut v| {
+            v["schema"] = DELIVERED_SCHEMA.into();
+            v
+        })
+        .and_then(|v| serde_json::to_vec(&v))
         .map_err(anyhow::Error::from)
         .and_then(|b| crate::fsutil::replace_small_file(path, &b));
     match result {
@@ -519,6 +536,22 @@ mod tests {
             at_finish,
             "a callback was posted after finish returned"
         );
+    }
+
+    #[test]
+    fn a_record_of_a_newer_schema_is_not_a_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DELIVERED_FILE);
+        write_delivered(&path, &StageKey::of(&State::default()));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["schema"], 1, "{v}");
+        // Parses as a key of this build, but its schema says it may mean something else.
+        std::fs::write(
+            &path,
+            br#"{"schema":2,"stage":"idle","error":null,"version":null,"seq":0}"#,
+        )
+        .unwrap();
+        assert_eq!(read_delivered(dir.path()), Delivered::Unreadable);
     }
 
     #[test]

@@ -19,6 +19,63 @@ pub const STATE_FILE: &str = "state.json";
 /// Sub-directory of the state dir holding partial and verified packages.
 pub const DOWNLOADS_DIR: &str = "downloads";
 
+/// The schema of state.json this build reads and writes. 1 is the core schema, frozen: every
+/// version can read it and roll back from it, so a later build keeps writing 1 and only adds
+/// fields (unknown fields are ignored, missing ones take defaults). A build that must change
+/// what a field means, or write a stage or an error code an older build does not know, writes a
+/// higher number; an older build (from this one on) then refuses to act on the file
+/// (`SCHEMA_TOO_NEW`) and leaves it as it is, instead of misreading it or moving it aside as
+/// corrupt. A file without the field (written before schemas existed) is schema 1.
+pub const SCHEMA: u64 = 1;
+
+/// A record's `schema`: [`SCHEMA`] by default, so a record without one is the core schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Schema(pub u64);
+
+impl Default for Schema {
+    fn default() -> Schema {
+        Schema(SCHEMA)
+    }
+}
+
+/// What a JSON record declares about its schema, read before anything else of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// Not one JSON object with at most one whole-number `schema` (an array, garbage, a
+    /// duplicated or non-integer `schema`): corrupt, whatever else it holds.
+    Malformed,
+    /// The schema, the core one when the field is missing.
+    Schema(u64),
+}
+
+impl Declared {
+    /// The declared schema when it is newer than `max`.
+    pub fn newer_than(self, max: u64) -> Option<u64> {
+        match self {
+            Declared::Schema(n) if n > max => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// Read only the `schema` of a JSON record, skipping the rest without building it.
+pub fn declared_schema(bytes: &[u8]) -> Declared {
+    #[derive(Deserialize)]
+    struct Head {
+        schema: Option<u64>,
+    }
+    // An object only: serde's derived structs would also take a JSON array.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Declared::Malformed;
+    }
+    match serde_json::from_slice::<Head>(bytes) {
+        Ok(h) => Declared::Schema(h.schema.unwrap_or(SCHEMA)),
+        Err(_) => Declared::Malformed,
+    }
+}
+
 /// The stage of the operation in flight; serialized as the old API spelled it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -60,6 +117,8 @@ impl fmt::Display for Stage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub struct State {
+    /// See [`SCHEMA`]; every save writes this build's.
+    pub schema: Schema,
     pub stage: Stage,
     pub progress: u8,
     pub message: String,
@@ -180,6 +239,7 @@ impl State {
 
     /// Write this state atomically and durably; only a lock holder can.
     pub fn save(&mut self, lock: &StateLock) -> Result<()> {
+        self.schema = Schema(SCHEMA);
         self.updated_at = Some(clock::now_rfc3339());
         let mut bytes = serde_json::to_vec_pretty(self).context("encode state")?;
         bytes.push(b'\n');
@@ -201,7 +261,23 @@ pub enum ReadOutcome {
     Corrupt(String),
 }
 
-/// Read state.json without a lock. Safe against concurrent writers: renames are atomic.
+/// `SCHEMA_TOO_NEW` for a record at `path` of schema `found` when this build reads `max`.
+pub fn too_new(path: &Path, found: u64, max: u64) -> anyhow::Error {
+    crate::error::OtaError::new(
+        ErrorCode::SchemaTooNew,
+        format!(
+            "{} has schema {found}; tope-ota {} reads schema {max} at most and leaves it as it is: \
+             run the newer tope-ota that wrote it, or move the file aside to let this one act \
+             (losing what it records)",
+            path.display(),
+            env!("CARGO_PKG_VERSION"),
+        ),
+    )
+    .into()
+}
+
+/// Read state.json without a lock. Safe against concurrent writers: renames are atomic. A
+/// state.json of a newer schema is `SCHEMA_TOO_NEW`, for readers and writers alike.
 pub fn read(state_dir: &Path) -> Result<ReadOutcome> {
     let path = state_path(state_dir);
     let bytes = match fs::read(&path) {
@@ -209,6 +285,17 @@ pub fn read(state_dir: &Path) -> Result<ReadOutcome> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Missing),
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
+    match declared_schema(&bytes) {
+        Declared::Schema(n) if n > SCHEMA => return Err(too_new(&path, n, SCHEMA)),
+        Declared::Schema(_) => {}
+        Declared::Malformed => {
+            let why = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Err(e) => e.to_string(),
+                Ok(_) => "not one JSON object with a whole-number schema".to_string(),
+            };
+            return Ok(ReadOutcome::Corrupt(why));
+        }
+    }
     Ok(match serde_json::from_slice::<State>(&bytes) {
         Ok(s) => ReadOutcome::Ok(Box::new(s)),
         Err(e) => ReadOutcome::Corrupt(e.to_string()),
@@ -266,6 +353,87 @@ mod tests {
         let s: State = serde_json::from_str(r#"{"stage":"failed","future":1}"#).unwrap();
         assert_eq!(s.stage, Stage::Failed);
         assert_eq!(s.progress, 0);
+    }
+
+    #[test]
+    fn schema_is_declared_or_core() {
+        use Declared::*;
+        assert_eq!(declared_schema(br#"{"stage":"idle"}"#), Schema(1));
+        assert_eq!(declared_schema(br#" {"schema":2,"stage":"??"}"#), Schema(2));
+        for bad in [
+            &br#"{"schema":"2"}"#[..],
+            br#"{"schema":1e30}"#,
+            br#"{"schema":-1}"#,
+            br#"{"schema":1.5}"#,
+            br#"{"schema":1,"schema":2}"#,
+            b"{not json",
+            b"[2,\"installing\"]",
+            b"",
+        ] {
+            assert_eq!(
+                declared_schema(bad),
+                Malformed,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn an_array_or_a_bad_schema_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [
+            &b"[2,\"installing\"]"[..],
+            br#"{"schema":"x","stage":"idle"}"#,
+        ] {
+            fs::write(dir.path().join(STATE_FILE), bad).unwrap();
+            assert!(matches!(read(dir.path()).unwrap(), ReadOutcome::Corrupt(_)));
+        }
+        // Schema 1 with a stage this build does not know: corrupt, as it always was.
+        fs::write(
+            dir.path().join(STATE_FILE),
+            br#"{"schema":1,"stage":"swapping"}"#,
+        )
+        .unwrap();
+        assert!(matches!(read(dir.path()).unwrap(), ReadOutcome::Corrupt(_)));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = br#"{"schema":2,"stage":"swapping","error":"NEW_CODE"}"#;
+        fs::write(dir.path().join(STATE_FILE), newer).unwrap();
+        let e = read(dir.path()).unwrap_err();
+        assert_eq!(crate::error::classify(&e).code, ErrorCode::SchemaTooNew);
+        let purpose = crate::lock::Purpose::brief("test", "loading the state");
+        let lock = StateLock::acquire(dir.path(), &purpose, std::time::Duration::ZERO).unwrap();
+        let e = load_for_write(&lock).unwrap_err();
+        assert_eq!(crate::error::classify(&e).code, ErrorCode::SchemaTooNew);
+        assert_eq!(fs::read(dir.path().join(STATE_FILE)).unwrap(), newer);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "nothing moved aside"
+        );
+    }
+
+    #[test]
+    fn the_core_schema_is_written_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let purpose = crate::lock::Purpose::brief("test", "saving the state");
+        let lock = StateLock::acquire(dir.path(), &purpose, std::time::Duration::ZERO).unwrap();
+        let mut s = State::default();
+        s.save(&lock).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(v["schema"], 1);
+        // A file from before schemas: schema 1.
+        fs::write(dir.path().join(STATE_FILE), br#"{"stage":"failed"}"#).unwrap();
+        let ReadOutcome::Ok(s) = read(dir.path()).unwrap() else {
+            panic!("reads")
+        };
+        assert_eq!((s.schema, s.stage), (Schema(1), Stage::Failed));
+        assert_eq!(State::default().schema, Schema(1));
     }
 
     #[test]

@@ -300,6 +300,11 @@ fn build(
     if let Some(cur) = current {
         match integrity::read(cur) {
             Ok(r) => reuse = r,
+            // A newer tope-ota's record: which paths are the version's data cannot be read, and
+            // guessing "none" would share them with the new snapshot. Refused, nothing changed.
+            Err(e) if crate::error::classify(&e).code == crate::error::ErrorCode::SchemaTooNew => {
+                return Err(e);
+            }
             Err(e) => log::warn!("{e:#}; every file of the new snapshot is hashed"),
         }
     }

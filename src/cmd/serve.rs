@@ -9,7 +9,7 @@ use super::download::Package;
 use super::install::PACKAGE_TTL_SECS;
 use super::Output;
 use crate::cli::{Global, ServeArgs};
-use crate::error::{ErrorCode, OtaError};
+use crate::error::{self, ErrorCode, OtaError};
 use crate::lock::{Purpose, StateLock, LOCK_FD_ENV};
 use crate::state::{self, ReadOutcome, Stage};
 use crate::{clock, validate};
@@ -373,7 +373,7 @@ fn progress(ctx: &Ctx) -> Resp {
     }
     let body = match super::status::progress_data(&ctx.global) {
         Ok(d) => Bytes::from(json!({"code": 200, "msg": "success", "data": d}).to_string()),
-        Err(e) => return envelope(500, format!("INTERNAL: {e:#}"), Value::Null),
+        Err(e) => return coded(&error::classify(&e)),
     };
     if let (Some(k), Ok(mut cache)) = (key, ctx.progress_cache.lock()) {
         *cache = Some((k, body.clone()));
@@ -940,9 +940,13 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
 
 /// 409 BUSY while state.json shows an install in flight (running, or interrupted and waiting
 /// for heal), as the CLI answers. An interrupted download is not: the same request resumes it.
+/// A state.json of a newer schema answers `SCHEMA_TOO_NEW` here, before any child is started.
 fn in_flight(ctx: &Ctx) -> Option<Resp> {
     let s = match state::read(&ctx.global.state_dir) {
         Ok(ReadOutcome::Ok(s)) => *s,
+        Err(e) if error::classify(&e).code == ErrorCode::SchemaTooNew => {
+            return Some(coded(&error::classify(&e)))
+        }
         _ => return None,
     };
     matches!(s.stage, Stage::Installing | Stage::Rebooting).then(|| {

@@ -71,6 +71,7 @@ pub fn run(g: &Global, args: &VerifyArgs) -> Result<Output> {
         let (status, changes) = match &st {
             Status::Intact => ("intact", Vec::new()),
             Status::Unrecorded => ("unrecorded", Vec::new()),
+            Status::NewerRecord(_) => ("newer-record", Vec::new()),
             Status::Changed(c) => {
                 changed += 1;
                 ("changed", c.clone())

@@ -13,6 +13,7 @@ mod heal;
 mod health;
 mod install;
 mod openapi;
+mod schema;
 mod serve;
 mod setup;
 mod status;
