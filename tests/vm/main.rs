@@ -144,7 +144,10 @@ impl Box {
         }
     }
 
-    /// Wait for a new boot and for the heal that its timer starts to have run.
+    /// Wait for a new boot, for the heal that its timer starts to have run, and for the
+    /// network: what the test downloads next needs the DHCP lease, which a boot slowed by a
+    /// second emulator on the cores once had not after a minute (the download's retries ran out:
+    /// "Network is unreachable").
     fn wait_boot_and_heal(&mut self, old_boot: &str) -> (Duration, String) {
         let t = Instant::now();
         let boot = loop {
@@ -175,6 +178,17 @@ impl Box {
                 break;
             }
             assert!(Instant::now() < until, "heal did not run after boot");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let until = Instant::now() + Duration::from_secs(300);
+        while self
+            .vm
+            .sh("ip -4 route show default", 30)
+            .out
+            .trim()
+            .is_empty()
+        {
+            assert!(Instant::now() < until, "no network 300 s after boot");
             std::thread::sleep(Duration::from_millis(500));
         }
         (booted, boot)
