@@ -32,6 +32,11 @@ done
 dpkg --configure -a
 [ -z "$(dpkg --audit)" ] || { dpkg --audit; exit 1; }
 dpkg --purge busybox-static
+# The merged-/usr hook's stand-in (version 1), which usrmerge makes needless, as in image.sh's
+# own build.
+if [ "$(dpkg-query -W -f '${Version}' usr-is-merged 2>/dev/null)" = 1 ]; then
+    dpkg --purge usr-is-merged
+fi
 bash $s/customize.sh / $s/device
 rm -f /usr/sbin/policy-rc.d
 mv /usr/sbin/start-stop-daemon.REAL /usr/sbin/start-stop-daemon

@@ -456,10 +456,9 @@ fn an_image_configured_inside_the_guest_becomes_a_device(arch: Arch) {
         "guest",
         "this image was not made by the guest stage"
     );
-    // The same packages as the usual image, but for the tool that merged /usr (usrmerge
-    // there, the merged-/usr hook's usr-is-merged here) and tope-ota, installed since.
+    // The same packages as the usual image, but for tope-ota, installed since.
     let status = vm.sh_ok("cat /var/lib/dpkg/status", 60);
-    let skip = ["usrmerge", "usr-is-merged", "tope-ota"];
+    let skip = ["tope-ota"];
     let here: std::collections::BTreeSet<String> = qemu::installed_packages(&status)
         .into_iter()
         .filter(|p| !skip.contains(&p.as_str()))

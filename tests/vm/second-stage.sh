@@ -38,12 +38,12 @@ for tool in cpio modprobe depmod debugfs e2fsck timeout "${qemu[0]}"; do
 done
 
 # Extract only: nothing of the image runs on the host. The package set of image.sh's minbase
-# (Essential:yes and Priority:required, with their dependencies) and its packages; merged-/usr
-# as the normal build has it (mmdebstrap's own hooks; the real usr-is-merged replaces the
-# hook's stand-in in the guest, where the normal build has usrmerge doing the same).
+# (Essential:yes and Priority:required, with their dependencies), its packages, and usrmerge
+# as apt picks it there; /usr merged before extracting (mmdebstrap's own hooks: their stand-in
+# usr-is-merged is purged in the guest once usrmerge is installed).
 mmdebstrap --mode=root --variant=extract --architectures="$arch" --skip=check/qemu \
     --hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr \
-    --include='?or(?essential,?priority(required))' --include="usr-is-merged,busybox-static,$packages" \
+    --include='?or(?essential,?priority(required))' --include="usrmerge,busybox-static,$packages" \
     --setup-hook="$here/setup-hook.sh \"\$1\"" \
     --extract-hook="$here/second-stage.sh --extract-hook \"\$1\"" \
     bookworm "$root" http://deb.debian.org/debian
