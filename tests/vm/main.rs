@@ -439,6 +439,50 @@ fn unit_props(vm: &mut Vm, unit: &str, props: &[&str]) -> BTreeMap<String, Strin
         .collect()
 }
 
+/// When the heal unit's last run started (monotonic µs; 0 before the first).
+fn heal_started_at(vm: &mut Vm) -> u64 {
+    unit_props(
+        vm,
+        "tope-ota-heal.service",
+        &["ExecMainStartTimestampMonotonic"],
+    )
+    .get("ExecMainStartTimestampMonotonic")
+    .and_then(|v| v.parse().ok())
+    .unwrap_or(0)
+}
+
+/// Wait for a heal the timer starts after `after` (monotonic µs) to end, and check it ran under
+/// its unit's sandbox and succeeded.
+fn assert_timer_heal_succeeds(vm: &mut Vm, arch: Arch, after: u64) {
+    let props = [
+        "ExecMainStartTimestampMonotonic",
+        "ExecMainExitTimestampMonotonic",
+        "ExecMainStatus",
+        "Result",
+    ];
+    let mono = |m: &BTreeMap<String, String>, k: &str| -> u64 {
+        m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let until = Instant::now() + Duration::from_secs(120 * arch.slowness());
+    let heal = loop {
+        let m = unit_props(vm, "tope-ota-heal.service", &props);
+        let started = mono(&m, "ExecMainStartTimestampMonotonic");
+        if started > after && mono(&m, "ExecMainExitTimestampMonotonic") > started {
+            break m;
+        }
+        assert!(
+            Instant::now() < until,
+            "the heal timer fired no heal: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        (heal["Result"].as_str(), heal["ExecMainStatus"].as_str()),
+        ("success", "0"),
+        "heal under its unit: {heal:?}"
+    );
+}
+
 /// An image whose packages were configured inside the guest (image.sh's way where the host has
 /// no binfmt_misc for qemu-user, `TOPE_OTA_IMAGE_STAGE=guest`) is a device like the others: every
 /// package configured, no unit failed, the .deb installed by dpkg -i, the printer's units running
@@ -497,33 +541,7 @@ fn an_image_configured_inside_the_guest_becomes_a_device(arch: Arch) {
             .as_deref(),
         "{out}"
     );
-    let props = [
-        "ExecMainStartTimestampMonotonic",
-        "ExecMainExitTimestampMonotonic",
-        "ExecMainStatus",
-        "Result",
-    ];
-    let mono = |m: &BTreeMap<String, String>, k: &str| -> u64 {
-        m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    let until = Instant::now() + Duration::from_secs(120 * arch.slowness());
-    let heal = loop {
-        let m = unit_props(&mut vm, "tope-ota-heal.service", &props);
-        let started = mono(&m, "ExecMainStartTimestampMonotonic");
-        if started > 0 && mono(&m, "ExecMainExitTimestampMonotonic") > started {
-            break m;
-        }
-        assert!(
-            Instant::now() < until,
-            "the heal timer fired no heal: {m:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert_eq!(
-        (heal["Result"].as_str(), heal["ExecMainStatus"].as_str()),
-        ("success", "0"),
-        "heal under its unit: {heal:?}"
-    );
+    assert_timer_heal_succeeds(&mut vm, arch, 0);
     let status = vm.sh_ok("tope-ota status", 60);
     assert!(status.contains("1.0.0"), "{status}");
     println!(
@@ -560,37 +578,8 @@ fn a_technician_installs_and_rolls_back_through_the_units(arch: Arch) {
     b.assert_runs(FACTORY_VERSION);
     b.assert_intact();
     // A heal the timer starts after the rollback runs under the unit's sandbox and succeeds.
-    let props = [
-        "ExecMainStartTimestampMonotonic",
-        "ExecMainExitTimestampMonotonic",
-        "ExecMainStatus",
-        "Result",
-    ];
-    let mono = |m: &BTreeMap<String, String>, k: &str| -> u64 {
-        m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    let before = mono(
-        &unit_props(&mut b.vm, "tope-ota-heal.service", &props),
-        "ExecMainStartTimestampMonotonic",
-    );
-    let until = Instant::now() + Duration::from_secs(120 * arch.slowness());
-    let heal = loop {
-        let m = unit_props(&mut b.vm, "tope-ota-heal.service", &props);
-        let started = mono(&m, "ExecMainStartTimestampMonotonic");
-        if started > before && mono(&m, "ExecMainExitTimestampMonotonic") > started {
-            break m;
-        }
-        assert!(
-            Instant::now() < until,
-            "the heal timer fired no heal: {m:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert_eq!(
-        (heal["Result"].as_str(), heal["ExecMainStatus"].as_str()),
-        ("success", "0"),
-        "heal under its unit: {heal:?}"
-    );
+    let before = heal_started_at(&mut b.vm);
+    assert_timer_heal_succeeds(&mut b.vm, arch, before);
     let body = curl_json(&mut b.vm, "http://127.0.0.1:12315/api/v1.0/progress");
     assert!(
         body["data"]["stage"].is_string(),
