@@ -11,7 +11,7 @@
 #   - man (man-db): rendering the man pages
 #   - systemd-analyze (systemd): verifying the units
 #   - script (bsdutils): the progress-bar test on a pseudo-terminal
-#   - mmdebstrap, mkfs.ext4 (e2fsprogs): the box's Debian image (tests/vm/image.sh)
+#   - mmdebstrap, mkfs.ext4 and debugfs (e2fsprogs): the box's Debian image (tests/vm/image.sh)
 #   - socat: the box's relay to its package server
 #   - qemu-img (qemu-utils), qemu-system-x86_64 (qemu-system-x86), qemu-system-aarch64 and
 #     qemu-system-arm (qemu-system-arm), qemu-aarch64-static (qemu-user-static): the boxes, all
@@ -46,6 +46,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v debugfs >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v socat >/dev/null 2>&1 || need+=(socat)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
@@ -55,8 +56,7 @@ command -v arch-test >/dev/null 2>&1 || need+=(arch-test)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v xz >/dev/null 2>&1 || need+=(xz-utils)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
-# /usr/sbin is not on a user's PATH: asked of dpkg, so the script stays silent when it is there.
-dpkg-query -W -f '${Status}' kmod 2>/dev/null | grep -q 'ok installed' || need+=(kmod)
+command -v modprobe >/dev/null 2>&1 || need+=(kmod)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -11,7 +11,7 @@ fn repo() -> PathBuf {
 }
 
 /// The tools tests/setup.sh installs, and their Debian packages.
-const TOOLS: [(&str, &str); 18] = [
+const TOOLS: [(&str, &str); 23] = [
     ("minisign", "minisign"),
     ("strace", "strace"),
     ("shellcheck", "shellcheck"),
@@ -23,12 +23,17 @@ const TOOLS: [(&str, &str); 18] = [
     ("script", "bsdutils"),
     ("mmdebstrap", "mmdebstrap"),
     ("mkfs.ext4", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
     ("socat", "socat"),
     ("qemu-img", "qemu-utils"),
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("qemu-system-aarch64", "qemu-system-arm"),
     ("qemu-aarch64-static", "qemu-user-static"),
     ("arch-test", "arch-test"),
+    ("cpio", "cpio"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+    ("modprobe", "kmod"),
     ("python3", "python3"),
 ];
 
@@ -118,6 +123,7 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
             "script",
             "cargo",
             "mkfs.ext4",
+            "debugfs",
             "qemu-img",
             "qemu-system-x86_64",
             "qemu-system-aarch64",
@@ -149,6 +155,10 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
         "nginx-light",
         "zip",
         "arch-test",
+        "cpio",
+        "xz-utils",
+        "zstd",
+        "kmod",
     ]
     .into();
     assert_eq!(installed, want, "{log}");
