@@ -181,12 +181,29 @@ impl Box {
             std::thread::sleep(Duration::from_millis(500));
         }
         // A route to the package server (on the user-mode subnet; restrict=on gives no
-        // default route), which the lease brings.
+        // default route), which the lease brings. Now and then (1 boot in 50 on arm64, 1 in 5
+        // once on amd64, after a power cut) the guest's networkd holds no lease for minutes:
+        // the guest's own trouble, not tope-ota's (whose next heal would retry), so the
+        // harness says so, shows networkd's view, and restarts it once.
         let server = qemu::PACKAGES_ADDR.split(':').next().unwrap();
-        let until = Instant::now() + Duration::from_secs(300);
-        while self.vm.sh(&format!("ip -4 route get {server}"), 30).code != 0 {
+        let has_route = |vm: &mut Vm| vm.sh(&format!("ip -4 route get {server}"), 30).code == 0;
+        let t = Instant::now();
+        let mut kicked = false;
+        while !has_route(&mut self.vm) {
+            if !kicked && t.elapsed() > Duration::from_secs(60) {
+                let diag = self.vm.sh(
+                    "networkctl --no-pager; ip -4 addr; journalctl -b -u systemd-networkd --no-pager | tail -15",
+                    60,
+                );
+                println!(
+                    "box: no route to {server} 60 s after boot; the guest's network:\n{}{}\nbox: restarting the guest's systemd-networkd (test equipment, not tope-ota)",
+                    diag.out, diag.err
+                );
+                self.vm.sh("systemctl restart systemd-networkd", 60);
+                kicked = true;
+            }
             assert!(
-                Instant::now() < until,
+                t.elapsed() < Duration::from_secs(300),
                 "no route to {server} 300 s after boot"
             );
             std::thread::sleep(Duration::from_millis(500));
