@@ -333,6 +333,7 @@ fn build(
             Vec::new()
         });
     }
+    refuse_unflagged_updater(&manifest, &unpack)?;
     for md in &manifest.modules {
         place(&unpack.join(&md.src), &snap, &md.dst)?;
     }
@@ -393,6 +394,7 @@ fn build(
             }
         }
     }
+    check_updater(&manifest, &snap, &mutable_of)?;
     hooks::write_checks(&snap, &checks)?;
     let data_bytes = data::prepare(current, &snap, &mutable)?;
     let free = fsutil::free_bytes(root)?;
@@ -858,4 +860,49 @@ pub fn install(
         ),
         ..out
     })
+}
+
+/// Only the module that says `"updater": true` places a file at the updater's path (a directory
+/// module's tree holding one is refused: `MANIFEST_INVALID`). Checked in the unpacked package,
+/// before its modules are moved into the snapshot.
+fn refuse_unflagged_updater(manifest: &Manifest, unpack: &Path) -> Result<()> {
+    use crate::manifest::UPDATER_DST;
+    for md in manifest.modules.iter().filter(|m| !m.updater) {
+        let Some(rest) = UPDATER_DST
+            .strip_prefix(md.dst.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            continue;
+        };
+        if fs::symlink_metadata(unpack.join(&md.src).join(rest)).is_ok() {
+            return fail(
+                ErrorCode::ManifestInvalid,
+                format!(
+                    "module {:?} would place {UPDATER_DST:?}, the updater's path, without \"updater\": true",
+                    md.name
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The updater a package carries is one this device runs and is no data path: refused before
+/// anything stops (`MANIFEST_INVALID`, `PACKAGE_INVALID`).
+fn check_updater(
+    manifest: &Manifest,
+    snap: &Path,
+    mutable_of: &dyn Fn(&str) -> Option<String>,
+) -> Result<()> {
+    use crate::manifest::UPDATER_DST;
+    let Some(md) = manifest.updater() else {
+        return Ok(());
+    };
+    if let Some(m) = mutable_of(UPDATER_DST) {
+        return fail(
+            ErrorCode::ManifestInvalid,
+            format!("the updater's path {UPDATER_DST:?} lies within the mutable path {m:?}"),
+        );
+    }
+    crate::updater::check_binary(&snap.join(UPDATER_DST), &md.name)
 }
