@@ -159,6 +159,12 @@ impl Manifest {
         }
         for md in &m.modules {
             let who = format!("module {:?}", md.name);
+            if md.dst.starts_with(&format!("{UPDATER_DST}/")) {
+                return invalid(format!(
+                    "{who}: dst {:?} would make the updater's path {UPDATER_DST:?} a directory",
+                    md.dst
+                ));
+            }
             if !md.updater && md.dst == UPDATER_DST {
                 return invalid(format!(
                     "{who}: dst {UPDATER_DST:?} is the updater's: the module must say \"updater\": true"
@@ -215,6 +221,11 @@ impl Manifest {
             if !is_clean_relative(p) || p.split('/').next() == Some(crate::snapshot::META_DIR) {
                 return invalid(format!(
                     "mutable path {p:?} must be a clean relative path inside the snapshot"
+                ));
+            }
+            if UPDATER_DST == p || UPDATER_DST.starts_with(&format!("{p}/")) {
+                return invalid(format!(
+                    "mutable path {p:?} holds the updater's path {UPDATER_DST:?}: it would be data a service writes"
                 ));
             }
         }

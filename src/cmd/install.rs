@@ -333,7 +333,6 @@ fn build(
             Vec::new()
         });
     }
-    refuse_unflagged_updater(&manifest, &unpack)?;
     for md in &manifest.modules {
         place(&unpack.join(&md.src), &snap, &md.dst)?;
     }
@@ -394,7 +393,7 @@ fn build(
             }
         }
     }
-    check_updater(&manifest, &snap, &mutable_of)?;
+    check_updater(&manifest, &snap, current, &mutable_of)?;
     hooks::write_checks(&snap, &checks)?;
     let data_bytes = data::prepare(current, &snap, &mutable)?;
     let free = fsutil::free_bytes(root)?;
@@ -862,47 +861,64 @@ pub fn install(
     })
 }
 
-/// Only the module that says `"updater": true` places a file at the updater's path (a directory
-/// module's tree holding one is refused: `MANIFEST_INVALID`). Checked in the unpacked package,
-/// before its modules are moved into the snapshot.
-fn refuse_unflagged_updater(manifest: &Manifest, unpack: &Path) -> Result<()> {
-    use crate::manifest::UPDATER_DST;
-    for md in manifest.modules.iter().filter(|m| !m.updater) {
-        let Some(rest) = UPDATER_DST
-            .strip_prefix(md.dst.as_str())
-            .and_then(|r| r.strip_prefix('/'))
-        else {
-            continue;
-        };
-        if fs::symlink_metadata(unpack.join(&md.src).join(rest)).is_ok() {
-            return fail(
-                ErrorCode::ManifestInvalid,
-                format!(
-                    "module {:?} would place {UPDATER_DST:?}, the updater's path, without \"updater\": true",
-                    md.name
-                ),
-            );
-        }
-    }
-    Ok(())
-}
-
-/// The updater a package carries is one this device runs and is no data path: refused before
-/// anything stops (`MANIFEST_INVALID`, `PACKAGE_INVALID`).
+/// The updater's path in the new snapshot, once every module is placed: no data path; a file
+/// there only from the module that says `"updater": true`, checked to be a program this device
+/// runs and recorded (`.tope-ota/updater.json`), or the very file of `current` (mirrored, its
+/// record carried over). Anything else is refused before anything stops (`MANIFEST_INVALID`,
+/// `PACKAGE_INVALID`).
 fn check_updater(
     manifest: &Manifest,
     snap: &Path,
+    current: Option<&Path>,
     mutable_of: &dyn Fn(&str) -> Option<String>,
 ) -> Result<()> {
     use crate::manifest::UPDATER_DST;
-    let Some(md) = manifest.updater() else {
-        return Ok(());
-    };
+    use std::os::unix::fs::MetadataExt;
     if let Some(m) = mutable_of(UPDATER_DST) {
+        let whose = if manifest.mutable.is_some() {
+            "the manifest's"
+        } else {
+            "current's (the manifest names none)"
+        };
         return fail(
             ErrorCode::ManifestInvalid,
-            format!("the updater's path {UPDATER_DST:?} lies within the mutable path {m:?}"),
+            format!(
+                "the updater's path {UPDATER_DST:?} lies within {whose} mutable path {m:?}: it would be data a service writes"
+            ),
         );
     }
-    crate::updater::check_binary(&snap.join(UPDATER_DST), &md.name)
+    let path = snap.join(UPDATER_DST);
+    let bin_is_link =
+        fs::symlink_metadata(snap.join("bin")).is_ok_and(|m| m.file_type().is_symlink());
+    if bin_is_link && fs::metadata(&path).is_ok() {
+        return fail(
+            ErrorCode::ManifestInvalid,
+            format!("bin is a symlink in the new snapshot and {UPDATER_DST:?} resolves through it"),
+        );
+    }
+    if let Some(md) = manifest.updater() {
+        let checked = crate::updater::check_binary(&path, &md.name, &md.src)?;
+        return crate::updater::write_record(snap, &checked);
+    }
+    let Ok(placed) = fs::symlink_metadata(&path) else {
+        return Ok(());
+    };
+    let cur = current.map(|c| c.join(UPDATER_DST));
+    let mirrored = cur
+        .as_ref()
+        .and_then(|c| fs::symlink_metadata(c).ok())
+        .is_some_and(|m| (m.dev(), m.ino()) == (placed.dev(), placed.ino()));
+    if !mirrored {
+        return fail(
+            ErrorCode::ManifestInvalid,
+            format!(
+                "{UPDATER_DST:?} in the new snapshot comes from a module without \"updater\": true (through a directory it places or a symlink)"
+            ),
+        );
+    }
+    // current's own updater, kept: so is what was checked of it (none for a file from before).
+    match current.and_then(crate::updater::read_record) {
+        Some(rec) => crate::updater::write_record(snap, &rec),
+        None => Ok(()),
+    }
 }
