@@ -32,6 +32,7 @@
 //! - [`clock`]: RFC 3339 timestamps.
 //! - [`sign`]: minisign signatures checked against the keys directory.
 //! - [`inhibit`]: print-job inhibitors checked before install and rollback switch software.
+//! - [`updater`]: the tope-ota binary a package can carry, checked to be one this device runs.
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 //! - [`fuzz`]: the fuzz targets, each parser with the property it checks (`fuzz/`).
 
@@ -69,6 +70,7 @@ pub mod snapshot;
 pub mod state;
 pub mod switch;
 pub mod transition;
+pub mod updater;
 pub mod validate;
 pub mod zipdir;
 

@@ -8,6 +8,9 @@ use std::path::{Component, Path};
 
 /// The manifest's file name at the ZIP root.
 pub const MANIFEST: &str = "manifest.json";
+/// Where a package's updater lands in the snapshot: the one module with `"updater": true` has
+/// exactly this `dst`, and no other module may place a file there.
+pub const UPDATER_DST: &str = "bin/tope-ota";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -89,6 +92,14 @@ pub struct Module {
     /// the module works. Retried until the health deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HookCommand>,
+    /// This module is a tope-ota binary for the device (issue #23): it lands at
+    /// [`UPDATER_DST`] in the snapshot like any file; it is not a service.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub updater: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn invalid<T>(detail: String) -> Result<T> {
@@ -125,8 +136,40 @@ impl Manifest {
             return invalid("manifest lists no modules".into());
         }
         let mut dsts: HashSet<&str> = HashSet::new();
+        let updaters: Vec<&Module> = m.modules.iter().filter(|md| md.updater).collect();
+        if updaters.len() > 1 {
+            return invalid(format!(
+                "{} modules say \"updater\": true; a package carries at most one updater",
+                updaters.len()
+            ));
+        }
+        for md in &updaters {
+            let who = format!("module {:?}", md.name);
+            if md.dst != UPDATER_DST {
+                return invalid(format!(
+                    "{who}: an updater's dst must be {UPDATER_DST:?}, not {:?}",
+                    md.dst
+                ));
+            }
+            if md.process_name.is_some() || md.restart_order.is_some() || md.health.is_some() {
+                return invalid(format!(
+                    "{who}: an updater is not a service: no process_name, restart_order or health"
+                ));
+            }
+        }
         for md in &m.modules {
             let who = format!("module {:?}", md.name);
+            if md.dst.starts_with(&format!("{UPDATER_DST}/")) {
+                return invalid(format!(
+                    "{who}: dst {:?} would make the updater's path {UPDATER_DST:?} a directory",
+                    md.dst
+                ));
+            }
+            if !md.updater && md.dst == UPDATER_DST {
+                return invalid(format!(
+                    "{who}: dst {UPDATER_DST:?} is the updater's: the module must say \"updater\": true"
+                ));
+            }
             if md.name.is_empty() {
                 return invalid("a module has an empty name".into());
             }
@@ -180,6 +223,11 @@ impl Manifest {
                     "mutable path {p:?} must be a clean relative path inside the snapshot"
                 ));
             }
+            if UPDATER_DST == p || UPDATER_DST.starts_with(&format!("{p}/")) {
+                return invalid(format!(
+                    "mutable path {p:?} holds the updater's path {UPDATER_DST:?}: it would be data a service writes"
+                ));
+            }
         }
         if m.mutable.as_ref().is_some_and(|v| v.len() > 256) {
             return invalid("more than 256 mutable paths".into());
@@ -206,6 +254,11 @@ impl Manifest {
             }
         }
         Ok(m)
+    }
+
+    /// The module that carries the updater, if any.
+    pub fn updater(&self) -> Option<&Module> {
+        self.modules.iter().find(|m| m.updater)
     }
 
     /// The services to restart, in start order (by `restart_order`, then manifest order;
@@ -243,6 +296,41 @@ mod tests {
             "", "/abs", "a/../b", "./a", "a/./b", "a//b", "a/", "..", "a\\b",
         ] {
             assert!(!is_clean_relative(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_updater_module_is_checked() {
+        let parse = |modules: &str| {
+            Manifest::parse(
+                format!(r#"{{"version":"1","modules":[{modules}]}}"#).as_bytes(),
+                "1",
+                |_| true,
+            )
+            .map_err(|e| crate::error::classify(&e).detail)
+        };
+        let ok = parse(r#"{"name":"u","src":"tope-ota","dst":"bin/tope-ota","updater":true}"#);
+        assert_eq!(ok.unwrap().updater().unwrap().name, "u");
+        for (modules, why) in [
+            (
+                r#"{"name":"u","src":"t","dst":"bin/ota","updater":true}"#,
+                "an updater's dst must be",
+            ),
+            (
+                r#"{"name":"u","src":"t","dst":"bin/tope-ota"}"#,
+                "must say \"updater\": true",
+            ),
+            (
+                r#"{"name":"u","src":"t","dst":"bin/tope-ota","updater":true,"process_name":"x"}"#,
+                "not a service",
+            ),
+            (
+                r#"{"name":"u","src":"t","dst":"bin/tope-ota","updater":true},{"name":"v","src":"t","dst":"bin/tope-ota","updater":true}"#,
+                "at most one updater",
+            ),
+        ] {
+            let e = parse(modules).unwrap_err();
+            assert!(e.contains(why), "{modules}: {e}");
         }
     }
 

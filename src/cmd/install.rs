@@ -393,6 +393,7 @@ fn build(
             }
         }
     }
+    check_updater(&manifest, &snap, current, &mutable_of)?;
     hooks::write_checks(&snap, &checks)?;
     let data_bytes = data::prepare(current, &snap, &mutable)?;
     let free = fsutil::free_bytes(root)?;
@@ -858,4 +859,66 @@ pub fn install(
         ),
         ..out
     })
+}
+
+/// The updater's path in the new snapshot, once every module is placed: no data path; a file
+/// there only from the module that says `"updater": true`, checked to be a program this device
+/// runs and recorded (`.tope-ota/updater.json`), or the very file of `current` (mirrored, its
+/// record carried over). Anything else is refused before anything stops (`MANIFEST_INVALID`,
+/// `PACKAGE_INVALID`).
+fn check_updater(
+    manifest: &Manifest,
+    snap: &Path,
+    current: Option<&Path>,
+    mutable_of: &dyn Fn(&str) -> Option<String>,
+) -> Result<()> {
+    use crate::manifest::UPDATER_DST;
+    use std::os::unix::fs::MetadataExt;
+    if let Some(m) = mutable_of(UPDATER_DST) {
+        let whose = if manifest.mutable.is_some() {
+            "the manifest's"
+        } else {
+            "current's (the manifest names none)"
+        };
+        return fail(
+            ErrorCode::ManifestInvalid,
+            format!(
+                "the updater's path {UPDATER_DST:?} lies within {whose} mutable path {m:?}: it would be data a service writes"
+            ),
+        );
+    }
+    let path = snap.join(UPDATER_DST);
+    let bin_is_link =
+        fs::symlink_metadata(snap.join("bin")).is_ok_and(|m| m.file_type().is_symlink());
+    if bin_is_link && fs::metadata(&path).is_ok() {
+        return fail(
+            ErrorCode::ManifestInvalid,
+            format!("bin is a symlink in the new snapshot and {UPDATER_DST:?} resolves through it"),
+        );
+    }
+    if let Some(md) = manifest.updater() {
+        let checked = crate::updater::check_binary(&path, &md.name, &md.src)?;
+        return crate::updater::write_record(snap, &checked);
+    }
+    let Ok(placed) = fs::symlink_metadata(&path) else {
+        return Ok(());
+    };
+    let cur = current.map(|c| c.join(UPDATER_DST));
+    let mirrored = cur
+        .as_ref()
+        .and_then(|c| fs::symlink_metadata(c).ok())
+        .is_some_and(|m| (m.dev(), m.ino()) == (placed.dev(), placed.ino()));
+    if !mirrored {
+        return fail(
+            ErrorCode::ManifestInvalid,
+            format!(
+                "{UPDATER_DST:?} in the new snapshot comes from a module without \"updater\": true (through a directory it places or a symlink)"
+            ),
+        );
+    }
+    // current's own updater, kept: so is what was checked of it (none for a file from before).
+    match current.and_then(crate::updater::read_record) {
+        Some(rec) => crate::updater::write_record(snap, &rec),
+        None => Ok(()),
+    }
 }

@@ -95,6 +95,7 @@ fn default_manifest(dir: &Path, version: &str) -> Result<Manifest> {
             restart_order: None,
             md5: None,
             health: None,
+            updater: false,
         });
     }
     Ok(Manifest {

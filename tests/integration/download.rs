@@ -1010,14 +1010,6 @@ fn a_changed_file_behind_a_server_ignoring_if_range_restarts_cleanly() {
 
 // ---------------------------------------------------------------- SHA-256 (issue 8)
 
-fn sha256_hex(b: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
-
 #[test]
 fn sha256_good_bad_and_resumed() {
     let p = pkg(2 * MIB, 50);

@@ -17,6 +17,7 @@ mod schema;
 mod serve;
 mod setup;
 mod status;
+mod updater;
 
 mod bench;
 mod bench_delta;
