@@ -60,6 +60,17 @@ impl Device {
 
     /// Write a source dir with `files` and `manifest`, pack it with the real binary.
     pub fn pack(&self, version: &str, files: Files, manifest: &Value) -> Vec<u8> {
+        self.pack_with_links(version, files, manifest, &[])
+    }
+
+    /// [`Device::pack`] with symlinks `(path, target)` added to the source dir.
+    pub fn pack_with_links(
+        &self,
+        version: &str,
+        files: Files,
+        manifest: &Value,
+        links: &[(&str, &str)],
+    ) -> Vec<u8> {
         let dir = self
             .env
             .tmp
@@ -71,6 +82,9 @@ impl Device {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, data).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        for (path, target) in links {
+            std::os::unix::fs::symlink(target, dir.join(path)).unwrap();
         }
         std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
         let out = self.env.tmp.path().join(format!("pkg-{version}.zip"));

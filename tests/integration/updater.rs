@@ -228,7 +228,7 @@ fn only_the_updater_module_places_bin_tope_ota() {
         {"name": "door", "src": "door", "dst": "bin"}
     ]});
     d.sc.clear();
-    let p = pack_with_link(&d, "1.1.0", &linked, &door, "door", "x");
+    let p = d.pack_with_links("1.1.0", &linked, &door, &[("door", "x")]);
     let run = d.deliver("1.1.0", p);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
@@ -258,37 +258,4 @@ fn only_the_updater_module_places_bin_tope_ota() {
         let m = with_updater("1.1.0", module);
         assert_refused(&mut d, "1.1.0", &plain, &m, "MANIFEST_INVALID", why);
     }
-}
-
-/// [`Device::pack`] with a symlink `link -> target` added to the package's directory.
-fn pack_with_link(
-    d: &Device,
-    version: &str,
-    files: Files,
-    manifest: &Value,
-    link: &str,
-    target: &str,
-) -> Vec<u8> {
-    let dir = d.env.tmp.path().join(format!("linked-{version}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    for (path, data, mode) in files {
-        let p = dir.join(path);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, data).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
-    }
-    std::os::unix::fs::symlink(target, dir.join(link)).unwrap();
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-    let out = d.env.tmp.path().join(format!("linked-{version}.zip"));
-    d.env
-        .run(&[
-            "pack",
-            "--version",
-            version,
-            "--out",
-            out.to_str().unwrap(),
-            dir.to_str().unwrap(),
-        ])
-        .expect(0);
-    std::fs::read(out).unwrap()
 }
