@@ -170,6 +170,11 @@ pub fn classify(err: &anyhow::Error) -> OtaError {
     OtaError::new(ErrorCode::Internal, format!("{err:#}"))
 }
 
+/// Whether the first coded error in `err`'s chain has `code`.
+pub fn has_code(err: &anyhow::Error, code: ErrorCode) -> bool {
+    classify(err).code == code
+}
+
 /// True when an I/O error means the filesystem is out of space (or quota).
 pub fn is_disk_full(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))

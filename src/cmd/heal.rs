@@ -288,7 +288,7 @@ fn carried_behind(g: &Global, op: &Operation) -> bool {
     match crate::integrity::read(&root.join(target)) {
         Ok(Some(rec)) => !rec.mutable.is_empty(),
         // A record this build cannot read may name data: assume it does, and go back.
-        Err(e) if crate::error::classify(&e).code == crate::error::ErrorCode::SchemaTooNew => true,
+        Err(e) if crate::error::has_code(&e, crate::error::ErrorCode::SchemaTooNew) => true,
         _ => false,
     }
 }

@@ -302,7 +302,7 @@ fn build(
             Ok(r) => reuse = r,
             // A newer tope-ota's record: which paths are the version's data cannot be read, and
             // guessing "none" would share them with the new snapshot. Refused, nothing changed.
-            Err(e) if crate::error::classify(&e).code == crate::error::ErrorCode::SchemaTooNew => {
+            Err(e) if crate::error::has_code(&e, ErrorCode::SchemaTooNew) => {
                 return Err(e);
             }
             Err(e) => log::warn!("{e:#}; every file of the new snapshot is hashed"),

@@ -944,7 +944,7 @@ async fn start_update(ctx: &Ctx, body: Bytes) -> Resp {
 fn in_flight(ctx: &Ctx) -> Option<Resp> {
     let s = match state::read(&ctx.global.state_dir) {
         Ok(ReadOutcome::Ok(s)) => *s,
-        Err(e) if error::classify(&e).code == ErrorCode::SchemaTooNew => {
+        Err(e) if error::has_code(&e, ErrorCode::SchemaTooNew) => {
             return Some(coded(&error::classify(&e)))
         }
         _ => return None,
