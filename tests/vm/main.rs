@@ -61,11 +61,7 @@ impl Box {
         let machine = std::fs::File::create(qemu::cache_root().join("box.lock")).unwrap();
         fs2::FileExt::lock_exclusive(&machine).unwrap();
         let shelf = Shelf::start();
-        let dir = tempfile::Builder::new()
-            .prefix("tope-box.")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let dir = qemu::run_dir();
         let disk = dir.join("run.qcow2");
         let st = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-b"])

@@ -578,11 +578,7 @@ pub fn installed_packages(status: &str) -> std::collections::BTreeSet<String> {
 /// A device made from [`guest_stage_image`] as the pristine device is made, cold-booted from a
 /// fresh overlay and left running.
 pub fn guest_stage_device(arch: Arch, base: PathBuf, deb: &Path) -> Vm {
-    let dir = tempfile::Builder::new()
-        .prefix("tope-box.")
-        .tempdir()
-        .unwrap()
-        .keep();
+    let dir = run_dir();
     let disk = dir.join("run.qcow2");
     qemu_img_overlay(&base.join("base.img"), "raw", &disk);
     let mut vm = Vm::start(Launch {
@@ -597,6 +593,15 @@ pub fn guest_stage_device(arch: Arch, base: PathBuf, deb: &Path) -> Vm {
     let boot = make_device(&mut vm, deb, arch);
     eprintln!("box: the guest-stage image booted to its agent in {boot:.1?} and is a device");
     vm
+}
+
+/// A fresh directory for one box run (kept on failure by [`Vm`]'s drop, as its evidence).
+pub fn run_dir() -> PathBuf {
+    tempfile::Builder::new()
+        .prefix("tope-box.")
+        .tempdir()
+        .unwrap()
+        .keep()
 }
 
 fn qemu_img_overlay(backing: &Path, fmt: &str, out: &Path) {
