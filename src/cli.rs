@@ -98,6 +98,18 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Parse the process's arguments; `--version` says which updater runs (see
+/// [`crate::dispatch`]).
+pub fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let m = Cli::command()
+        .version(leak(crate::dispatch::version().to_string()))
+        .long_version(leak(crate::dispatch::long_version()))
+        .get_matches();
+    Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+}
+
 /// Over-the-air updater of TOPE devices: download, verify, install and roll back software versions.
 #[derive(Debug, Parser)]
 #[command(name = "tope-ota", version, max_term_width = 100)]
@@ -292,6 +304,17 @@ pub enum Command {
     Factory,
     /// Compare snapshots with what was installed; exit 1 on any difference
     Verify(VerifyArgs),
+    /// Check that this binary can act on this device (an install runs it on a package's updater)
+    #[command(name = "self-test", hide = true)]
+    SelfTest(SelfTestArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SelfTestArgs {
+    /// Finish the install of this version in flight: commit its success (the last step of a new
+    /// updater's trial)
+    #[arg(long, value_name = "V")]
+    pub commit: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -76,6 +76,7 @@ codes! {
     DowngradeRefused => "DOWNGRADE_REFUSED", 400, EXIT_FAILED;
     HealthCheckFailed => "HEALTH_CHECK_FAILED", 500, EXIT_FAILED;
     SchemaTooNew => "SCHEMA_TOO_NEW", 500, EXIT_FAILED;
+    UpdaterFailed => "UPDATER_FAILED", 500, EXIT_FAILED;
 }
 
 impl ErrorCode {
@@ -112,6 +113,9 @@ impl ErrorCode {
             ErrorCode::DowngradeRefused => "the version is lower than the current one",
             ErrorCode::HealthCheckFailed => {
                 "a health check did not pass within its deadline; the device rolled back"
+            }
+            ErrorCode::UpdaterFailed => {
+                "a package's updater failed its self-test or its install's commit; it is marked bad and never runs"
             }
             ErrorCode::SchemaTooNew => {
                 "state.json was written by a newer tope-ota in a schema this one does not read; it is left untouched"

@@ -7,6 +7,10 @@
 //!   as a disk that went bad stays bad. `op` is `fsync`, `rename` or `symlink` (the calls that
 //!   make a change durable or visible), or `write` (a delta's writes to the partial); `N`
 //!   defaults to 1.
+//! - `TOPE_OTA_UPDATER_FAULT=at:how`: a kept updater (one run from `<state-dir>/updater/`,
+//!   never the binary that tries or execs it) fails at [`updater_fault`]`(at)`: `exit` (1),
+//!   `crash` (SIGABRT) or `hang` (sleeps, deaf to SIGTERM). `at` is `self-test`, `commit`,
+//!   `after-commit` or `run` (every command's start).
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
@@ -56,3 +60,41 @@ pub fn fault(op: &str) -> std::io::Result<()> {
 pub fn fault(_op: &str) -> std::io::Result<()> {
     Ok(())
 }
+
+#[cfg(feature = "failpoints")]
+pub fn updater_fault(at: &str) {
+    let Ok(spec) = std::env::var("TOPE_OTA_UPDATER_FAULT") else {
+        return;
+    };
+    let Some((name, how)) = spec.split_once(':') else {
+        return;
+    };
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+    let kept = exe
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == crate::proven::DIR);
+    if name != at || !kept {
+        return;
+    }
+    match how {
+        "exit" => std::process::exit(1),
+        // SAFETY: signals at ourselves; SIG_IGN for SIGTERM so the hang is deaf to it.
+        "crash" => unsafe {
+            libc::abort();
+        },
+        "hang" => {
+            unsafe {
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            }
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn updater_fault(_at: &str) {}

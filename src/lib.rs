@@ -33,6 +33,9 @@
 //! - [`sign`]: minisign signatures checked against the keys directory.
 //! - [`inhibit`]: print-job inhibitors checked before install and rollback switch software.
 //! - [`updater`]: the tope-ota binary a package can carry, checked to be one this device runs.
+//! - [`proven`]: the updaters kept under the state dir: proven, on trial, bad; the run counter.
+//! - [`trial`]: a package's updater tried by an install: its self-test, then its own commit.
+//! - [`dispatch`]: which updater runs: the `.deb` binary execs the proven one when newer.
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 //! - [`fuzz`]: the fuzz targets, each parser with the property it checks (`fuzz/`).
 
@@ -47,6 +50,7 @@ pub mod clock;
 pub mod cmd;
 pub mod data;
 pub mod delta;
+pub mod dispatch;
 pub mod error;
 pub mod failpoint;
 pub mod fetch;
@@ -60,6 +64,7 @@ pub mod logging;
 pub mod manifest;
 pub mod proc;
 pub mod progress;
+pub mod proven;
 pub mod rate;
 pub mod remote;
 pub mod report;
@@ -70,6 +75,7 @@ pub mod snapshot;
 pub mod state;
 pub mod switch;
 pub mod transition;
+pub mod trial;
 pub mod updater;
 pub mod validate;
 pub mod zipdir;

@@ -266,6 +266,11 @@ impl StateLock {
         }
     }
 
+    /// The locked file.
+    pub fn file(&self) -> &File {
+        self.file.as_ref().expect("a held lock has its file")
+    }
+
     /// The state dir this lock guards.
     pub fn dir(&self) -> &Path {
         &self.dir

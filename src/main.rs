@@ -1,9 +1,11 @@
-use clap::Parser;
-use tope_ota::{cli::Cli, cmd, logging, report_failure, signals};
+use tope_ota::{cli, cmd, dispatch, logging, report_failure, signals};
 
 fn main() {
-    let cli = Cli::parse();
+    // First, while there is one thread: this may exec the proven updater instead.
+    dispatch::start();
+    let cli = cli::parse();
     logging::init(cli.global.verbose, cli.global.quiet);
+    dispatch::log_choice();
     signals::install();
     let code = match cmd::run(&cli) {
         Ok(out) => {
@@ -16,5 +18,6 @@ fn main() {
         }
         Err(err) => report_failure(&cli.global, &err),
     };
+    dispatch::finish(code == 0);
     std::process::exit(code);
 }

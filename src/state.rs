@@ -130,6 +130,9 @@ pub struct State {
     pub package_md5: Option<String>,
     pub package_sha256: Option<String>,
     pub package_sig_url: Option<String>,
+    /// The trusted key the package's signature verified against (None: unsigned, or no keys):
+    /// with keys configured, only a signed package's updater is ever run.
+    pub package_signed_by: Option<String>,
     /// Bytes of the partial that are known durable (fsynced before this was written).
     pub bytes_downloaded: u64,
     /// Rich progress of the running step: bytes done of bytes total, the rate this run has
@@ -270,7 +273,7 @@ pub fn too_new(path: &Path, found: u64, max: u64) -> anyhow::Error {
              run the newer tope-ota that wrote it, or move the file aside to let this one act \
              (losing what it records)",
             path.display(),
-            env!("CARGO_PKG_VERSION"),
+            crate::dispatch::version(),
         ),
     )
     .into()

@@ -392,23 +392,42 @@ pub fn forward(
     if installing {
         snapshot::prune_best_effort(root);
     }
-    op.state.stage = Stage::Success;
-    op.state.step = None;
-    op.state.progress = 100;
-    op.state.message = if installing {
-        format!("Installed version {version}")
-    } else {
-        format!(
-            "Rolled back to {version}; previous is now {}",
-            op.state.previous_version.as_deref().unwrap_or("-")
-        )
-    };
-    op.commit()?;
+    // A package's updater on trial commits its own install: that is its proof (see
+    // crate::trial); failing it, the device goes back.
+    match installing
+        .then(|| crate::trial::pending(g, &target))
+        .flatten()
+    {
+        Some(t) => {
+            if let Err(e) = crate::trial::commit(g, op, &t) {
+                return Err(failed(g, op, mgr, e).into());
+            }
+        }
+        None => {
+            mark_success(&mut op.state, installing, &version);
+            op.commit()?;
+        }
+    }
     failpoint::hit("after-success");
     Ok(Output::success(
         format!("{}\n", op.state.message),
         op.state.progress_data(),
     ))
+}
+
+/// The state of a committed success: of the install of `version`, or of a rollback to it.
+pub fn mark_success(state: &mut crate::state::State, installing: bool, version: &str) {
+    state.stage = Stage::Success;
+    state.step = None;
+    state.progress = 100;
+    state.message = if installing {
+        format!("Installed version {version}")
+    } else {
+        format!(
+            "Rolled back to {version}; previous is now {}",
+            state.previous_version.as_deref().unwrap_or("-")
+        )
+    };
 }
 
 /// The health phase of [`forward`]: the target snapshot's own recorded checks, then the

@@ -464,6 +464,7 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
     st.package_md5 = Some(pkg.package_md5.clone());
     st.package_sha256 = pkg.package_sha256.clone();
     st.package_sig_url = pkg.package_sig_url.clone();
+    st.package_signed_by = None;
     st.bytes_downloaded = offset;
     st.delta_off = pkg.full || (resumable && st.delta_off);
     if offset == 0 {
@@ -659,7 +660,10 @@ fn download_steps(g: &Global, pkg: &Package, op: &mut Operation) -> Result<Outpu
         let signed =
             sign::fetch_signature(&sig_url).and_then(|s| sign::verify_file(&f.part, &s, &keys));
         match signed {
-            Ok(key) => log::info!("{} is signed by {key}", pkg.package_name),
+            Ok(key) => {
+                log::info!("{} is signed by {key}", pkg.package_name);
+                op.state.package_signed_by = Some(key);
+            }
             Err(err) => {
                 // A signature that could not be fetched says nothing against the package: keep
                 // it (whole and hash-verified) for the next attempt, as DOWNLOAD_FAILED does.

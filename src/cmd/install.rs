@@ -798,6 +798,16 @@ pub fn install(
             EXIT_SIGTERM,
         ));
     }
+    // The package's updater, if it brings a new one, is tried before anything stops: a bad one
+    // costs the release and nothing else.
+    if let Err(e) = crate::trial::begin(g, op, &target_path, &target, &version) {
+        let err = crate::error::classify(&e);
+        gui.close();
+        fsutil::remove_tree_durable(&target_path)?;
+        fsutil::remove_file_durable(&pkg)?;
+        op.fail(&err)?;
+        return Err(e);
+    }
     // Recorded only now, after the last chance to give the package back unchanged.
     set_step(op, "stop", 50, format!("Stopping {} service(s)", svc.len()))?;
     let mgr = Manager::new(&g.systemctl);

@@ -7,6 +7,7 @@ pub mod heal;
 pub mod install;
 pub mod pack;
 pub mod rollback;
+pub mod selftest;
 pub mod serve;
 pub mod status;
 pub mod verify;
@@ -53,6 +54,7 @@ impl Output {
 
 /// Run the parsed command line.
 pub fn run(cli: &Cli) -> Result<Output> {
+    crate::failpoint::updater_fault("run");
     match &cli.command {
         Command::Download(args) => download::run(&cli.global, args),
         Command::Status => status::run(&cli.global),
@@ -63,6 +65,7 @@ pub fn run(cli: &Cli) -> Result<Output> {
         Command::Pack(args) => pack::run(&cli.global, args),
         Command::Factory => factory::run(&cli.global),
         Command::Verify(args) => verify::run(&cli.global, args),
+        Command::SelfTest(args) => selftest::run(&cli.global, args),
     }
 }
 
@@ -161,6 +164,25 @@ impl Operation {
         let saved = self.commit();
         log::error!(target: logging::OUTCOME_TARGET, "{}", err.message());
         saved
+    }
+
+    /// The locked file's descriptor, for a child that acts under this operation's lock (a
+    /// package's updater on trial; see [`crate::lock::LOCK_FD_ENV`]).
+    pub fn lock_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.lock
+            .as_ref()
+            .expect("held until the operation ends")
+            .file()
+            .as_raw_fd()
+    }
+
+    /// Take the state a child of ours saved under our lock as the operation's own, and report
+    /// it.
+    pub fn adopt_saved(&mut self, state: State) {
+        self.last_key = Some((state.stage, state.error, state.version.clone()));
+        self.state = state;
+        self.reporter.observe(&self.state);
     }
 
     /// Say what the lock is held for from now on (see [`StateLock::announce`]).

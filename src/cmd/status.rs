@@ -94,6 +94,9 @@ pub fn run(g: &Global) -> Result<Output> {
         ),
         Err(e) => writeln!(human, "packages:  refused: {}", e.message()),
     };
+    for l in crate::dispatch::status_lines(g) {
+        let _ = writeln!(human, "{l}");
+    }
     Ok(Output {
         human,
         json: serde_json::to_value(&data)?,

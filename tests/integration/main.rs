@@ -14,6 +14,7 @@ mod health;
 mod install;
 mod openapi;
 mod schema;
+mod selfupdate;
 mod serve;
 mod setup;
 mod status;

@@ -1308,3 +1308,42 @@ pub fn sign(key: &KeyPair, file: &std::path::Path) -> Vec<u8> {
     assert!(out.status.success(), "{out:?}");
     std::fs::read(sig).unwrap()
 }
+
+/// This build of tope-ota as version `version`: its version stamp (`TOPE-OTA-VERSION:` and the
+/// version, NUL padded, in `src/dispatch.rs`) rewritten, the rest byte for byte the same. It is
+/// the same program, so it runs here and acts as this one does; only what it says it is differs
+/// (and so its hash; its debug info is stripped too), which is what the choice of the updater and a self-test look at.
+pub fn updater_build(version: &str) -> &'static [u8] {
+    // Without its debug info (81 MB of the debug build's 101): the same code, a fifth to pack,
+    // download, unpack and hash.
+    static STRIPPED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let mut bin = STRIPPED
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("tope-ota");
+            let st = Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&out)
+                .arg(BIN)
+                .status()
+                .unwrap();
+            assert!(st.success(), "strip {BIN}");
+            std::fs::read(&out).unwrap()
+        })
+        .clone();
+    let stamp = format!("TOPE-OTA-VERSION:{}\0", env!("CARGO_PKG_VERSION"));
+    let at: Vec<usize> = bin
+        .windows(stamp.len())
+        .enumerate()
+        .filter(|(_, w)| *w == stamp.as_bytes())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "the version stamp is in the binary once");
+    let start = at[0] + 17;
+    assert!(version.len() < 64 - 17);
+    let field = &mut bin[start..at[0] + 64];
+    field.fill(0);
+    field[..version.len()].copy_from_slice(version.as_bytes());
+    Box::leak(bin.into_boxed_slice())
+}

@@ -79,7 +79,7 @@ fn assert_refused(
 #[test]
 fn a_package_carries_the_updater_to_bin_tope_ota() {
     let mut d = Device::with_v1();
-    let prog = native_program();
+    let prog = crate::support::updater_build("0.1.1");
     let mut files = v1_files();
     files.push(("tope-ota", prog, 0o755));
     let p = d.pack("1.1.0", &files, &with_updater("1.1.0", updater_module()));

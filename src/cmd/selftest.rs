@@ -1,0 +1,82 @@
+//! `tope-ota self-test` (hidden): what an install runs on a package's updater, from its kept
+//! copy, under the install's lock (see [`crate::trial`]). Without `--commit` it reads
+//! state.json as every command does, takes and releases the lock, and reports its version and
+//! the schema it reads; with `--commit V` it commits the success of the install of `V` in
+//! flight, as the install itself would have.
+
+use super::{Operation, Output};
+use crate::cli::{Global, SelfTestArgs};
+use crate::error::{fail, ErrorCode};
+use crate::lock::{Purpose, StateLock};
+use crate::state::{self, ReadOutcome, Stage};
+use crate::trial::Report;
+use anyhow::Result;
+use std::time::Duration;
+
+pub fn run(g: &Global, args: &SelfTestArgs) -> Result<Output> {
+    crate::failpoint::updater_fault("self-test");
+    // Read without moving anything aside: an updater that cannot parse what the device holds
+    // must fail its test, not reset an install in flight.
+    let stage = match state::read(&g.state_dir)? {
+        ReadOutcome::Missing => Stage::Idle,
+        ReadOutcome::Ok(s) => s.stage,
+        ReadOutcome::Corrupt(why) => {
+            return fail(
+                ErrorCode::Internal,
+                format!("state.json does not parse for this updater: {why}"),
+            )
+        }
+    };
+    let version = crate::dispatch::version().to_string();
+    let Some(v) = &args.commit else {
+        let lock = StateLock::acquire(
+            &g.state_dir,
+            &Purpose::brief("self-test", "testing itself"),
+            Duration::ZERO,
+        )?;
+        drop(lock);
+        let report = Report {
+            version: version.clone(),
+            schema: state::SCHEMA,
+            stage: stage.as_str().to_string(),
+        };
+        return Ok(Output::success(
+            format!(
+                "self-test passed: tope-ota {version} reads state.json (stage {stage}, schema {} at most) and takes the lock\n",
+                state::SCHEMA
+            ),
+            report,
+        ));
+    };
+    let mut op = Operation::begin(g, &Purpose::long("self-test", format!("committing {v}")))?;
+    let target = op.state.target_dir().unwrap_or_default();
+    if op.state.stage != Stage::Installing
+        || op.state.version.as_deref() != Some(v.as_str())
+        || op.state.package_name.is_none()
+    {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!(
+                "no install of {v} is in flight (stage {}, version {})",
+                op.state.stage,
+                op.state.version.as_deref().unwrap_or("-")
+            ),
+        );
+    }
+    // Only the snapshot's own updater commits its install.
+    let own = crate::integrity::sha256_file(std::path::Path::new("/proc/self/exe"))?;
+    let theirs = crate::updater::read_record(&g.versions_dir.join(&target)).map(|c| c.sha256);
+    if theirs.as_deref() != Some(own.as_str()) {
+        return fail(
+            ErrorCode::InvalidRequest,
+            format!("this binary is not the updater of {target}"),
+        );
+    }
+    crate::failpoint::updater_fault("commit");
+    crate::transition::mark_success(&mut op.state, true, v);
+    op.commit()?;
+    crate::failpoint::updater_fault("after-commit");
+    let out = Output::success(format!("{}\n", op.state.message), op.state.progress_data());
+    op.finish();
+    Ok(out)
+}
