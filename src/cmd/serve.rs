@@ -137,6 +137,11 @@ impl Conns {
         }
     }
 
+    /// Whether a connection is answering a whole request.
+    fn any_busy(&self) -> bool {
+        self.lock().open.values().any(|e| e.busy)
+    }
+
     /// Close the incomplete connection that has waited longest; false when every open
     /// connection is busy.
     fn shed_oldest_incomplete(&self) -> bool {
@@ -1078,7 +1083,9 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         .context("start the tokio runtime")?;
     let ctx = Arc::new(Ctx {
         global: g.clone(),
-        exe: std::env::current_exe().context("find our own binary")?,
+        // Our own binary even once its file is gone: a replaced proven updater's copy is
+        // removed while we still run it (until we restart).
+        exe: std::path::PathBuf::from("/proc/self/exe"),
         api_allow_downgrade: args.api_allow_downgrade,
         conns: Conns::default(),
         loopback_names: read_loopback_names(),
@@ -1126,26 +1133,76 @@ fn http1_builder() -> hyper::server::conn::http1::Builder {
     builder
 }
 
+/// The listening socket a restart of ours handed over (`TOPE_OTA_LISTEN_FD`), when it is one
+/// bound to `addr`: connections that arrived during the exec wait in its queue.
+fn inherited_listener(addr: SocketAddr) -> Option<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::env::var(LISTEN_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: read at start, before our runtime's threads exist; nothing else reads it.
+    unsafe { std::env::remove_var(LISTEN_FD_ENV) };
+    // SAFETY: F_GETFD only asks whether the fd number is open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the fd is open, handed to us alone, and owned from here on.
+    let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let local = l.local_addr().ok()?;
+    if local.ip() != addr.ip() || (addr.port() != 0 && local.port() != addr.port()) {
+        log::warn!("the listening socket handed over is on {local}, not {addr}: not used");
+        return None;
+    }
+    l.set_nonblocking(true).ok()?;
+    Some(l)
+}
+
+/// Set by a restart to hand the listening socket to the updater that serves next.
+const LISTEN_FD_ENV: &str = "TOPE_OTA_LISTEN_FD";
+/// How often serve asks whether the updater to run has changed.
+const RESTART_CHECK: Duration = Duration::from_secs(2);
+/// How long a restart waits for the requests being answered.
+const RESTART_DRAIN: Duration = Duration::from_secs(5);
+
 async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listen on {addr}"))?;
+    let handed = inherited_listener(addr);
+    let restarted = handed.is_some();
+    let listener = match handed {
+        Some(l) => tokio::net::TcpListener::from_std(l).context("take the handed-over socket")?,
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?,
+    };
     if !addr.ip().is_loopback() {
         log::warn!("listening on {addr}, which is not loopback");
     }
     log::info!("serving the tope-ota API on {}", listener.local_addr()?);
-    // Tests and scripts learn the port when they ask for port 0.
-    if let Ok(a) = listener.local_addr() {
+    // Tests and scripts learn the port when they ask for port 0; after a restart they know it
+    // (and may no longer read our stdout).
+    if let (Ok(a), false) = (listener.local_addr(), restarted) {
         println!("listening on {a}");
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let builder = Arc::new(http1_builder());
+    // The updater a fresh start would run: when it changes (a new one proven, this one found
+    // bad), we restart into it once idle.
+    let mut planned = crate::dispatch::planned_now(&ctx.global.keys_dir);
+    let mut check = tokio::time::interval(RESTART_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'serve: loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = check.tick() => {
+                let now = crate::dispatch::planned_now(&ctx.global.keys_dir);
+                if now != planned && CHILDREN.load(Ordering::SeqCst) == 0 {
+                    if let Err(e) = restart(&ctx, &listener).await {
+                        log::error!("restarting into the new updater failed, serving on: {e:#}");
+                    }
+                    planned = now;
+                }
+                continue;
+            }
         };
         let (stream, _) = match accepted {
             Ok(s) => s,
@@ -1188,6 +1245,36 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// Exec the entry (the `.deb` binary, which runs the newest proven updater) with our arguments
+/// and the listening socket, once no operation runs and the requests being answered are (for
+/// at most [`RESTART_DRAIN`]); connections that arrive meanwhile wait in the socket's queue.
+/// Returns only when the exec failed.
+async fn restart(ctx: &Ctx, listener: &tokio::net::TcpListener) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let until = std::time::Instant::now() + RESTART_DRAIN;
+    while ctx.conns.any_busy() && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if CHILDREN.load(Ordering::SeqCst) > 0 {
+        anyhow::bail!("an operation started meanwhile");
+    }
+    let fd = listener.as_raw_fd();
+    // SAFETY: fcntl on our own open socket.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("keep the socket across exec");
+    }
+    log::info!(
+        "the updater to run changed: restarting serve with {}",
+        crate::dispatch::running().entry().display()
+    );
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let err = crate::dispatch::reexec(&args, &[(LISTEN_FD_ENV, fd.to_string())]).unwrap_err();
+    // SAFETY: as above.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
+    Err(err)
 }
 
 /// One connection of the service over an in-memory pipe, for the fuzzer and its corpus test:

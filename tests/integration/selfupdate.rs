@@ -250,3 +250,246 @@ fn a_proven_updater_that_keeps_crashing_gives_way_to_the_deb_binary() {
     // The device stays updatable: the next release installs with the .deb binary.
     next_good_release_installs(&mut d, "1.2.0");
 }
+
+/// Download `bytes` signed by `key` (served beside it) and install it.
+fn deliver_signed(d: &mut Device, version: &str, bytes: Vec<u8>, key: &KeyPair) -> Run {
+    let file = d.env.tmp.path().join(format!("{version}.zip"));
+    std::fs::write(&file, &bytes).unwrap();
+    let sig = sign(key, &file);
+    let (md5, size) = (md5_hex(&bytes), bytes.len().to_string());
+    let srv = PkgServer::start(bytes, Behaviour::default());
+    let sig_srv = PkgServer::start(sig, Behaviour::default());
+    let (url, sig_url) = (srv.url("pkg.zip"), sig_srv.url("pkg.zip.minisig"));
+    d.servers.extend([srv, sig_srv]);
+    d.env
+        .run(&[
+            "download",
+            "--version",
+            version,
+            "--url",
+            &url,
+            "--name",
+            "pkg.zip",
+            "--size",
+            &size,
+            "--md5",
+            &md5,
+            "--sig-url",
+            &sig_url,
+        ])
+        .expect(0);
+    d.install()
+}
+
+fn trust(d: &Device, key: &KeyPair) {
+    let dir = std::path::PathBuf::from(&d.env.vars["TOPE_OTA_KEYS_DIR"]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&key.public, dir.join(key.public.file_name().unwrap())).unwrap();
+}
+
+#[test]
+fn with_trusted_keys_only_a_signed_packages_updater_is_ever_run() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keypair(keys.path(), "release");
+    // Downloaded unsigned, then keys configured before the install: installed, never tried.
+    let mut d = Device::with_v1();
+    let bin = updater_build("0.1.1");
+    d.download("1.1.0", release(&d, "1.1.0", bin)).expect(0);
+    trust(&d, &key);
+    let run = d.install();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("not tried: the package is not signed"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(record(&d)["good"], Value::Null);
+    // A signed release's updater is proven, and the key recorded.
+    let bin = updater_build("0.1.2");
+    let pkg = release(&d, "1.2.0", bin);
+    let run = deliver_signed(&mut d, "1.2.0", pkg, &key);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        record(&d)["good"]["signed_by"],
+        "release.pub",
+        "{}",
+        record(&d)
+    );
+    assert!(version_of(&d).starts_with("tope-ota 0.1.2\n"));
+
+    // Proven from an unsigned package while there were no keys: once keys are configured, it no
+    // longer runs, and the reason is shown.
+    let mut d = Device::with_v1();
+    d.deliver("1.1.0", release(&d, "1.1.0", updater_build("0.1.1")))
+        .expect(0);
+    assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
+    trust(&d, &key);
+    let v = version_of(&d);
+    assert!(
+        v.starts_with(&format!("tope-ota {}\n", env!("CARGO_PKG_VERSION")))
+            && v.contains("it came from an unsigned package and trusted keys are configured"),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_proven_updater_whose_file_is_exposed_or_changed_is_not_run() {
+    let mut d = Device::with_v1();
+    let bin = updater_build("0.1.1");
+    let sha = sha256_hex(bin);
+    d.deliver("1.1.0", release(&d, "1.1.0", bin)).expect(0);
+    let kept = d.env.state_dir.join("updater").join(&sha);
+    let own = format!("tope-ota {}\n", env!("CARGO_PKG_VERSION"));
+    // Writable by others (a printer's service could swap it): not run while it is.
+    for (path, mode) in [
+        (&kept, 0o557),
+        (&kept.parent().unwrap().to_path_buf(), 0o777),
+    ] {
+        let was = std::fs::metadata(path).unwrap().permissions().mode();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let v = version_of(&d);
+        assert!(
+            v.starts_with(&own) && v.contains("is writable by its group or others"),
+            "{v}"
+        );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(was)).unwrap();
+        assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
+    }
+    // Changed in place (a bad sector, a hand): its hash no longer matches, it is bad for good.
+    let mut changed = bin.to_vec();
+    let n = changed.len();
+    changed[n - 1] ^= 0xff;
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&kept, &changed).unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let v = version_of(&d);
+    assert!(v.starts_with(&own) && v.contains("is bad now"), "{v}");
+    assert_bad(&d, &sha, "its file has SHA-256");
+}
+
+#[test]
+fn a_newer_deb_binary_wins_over_an_older_proven_updater() {
+    let mut d = Device::with_v1();
+    d.deliver("1.1.0", release(&d, "1.1.0", updater_build("0.1.1")))
+        .expect(0);
+    assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
+    // `dpkg -i` of a 0.2.0 .deb puts a newer binary at the entry point.
+    let deb = d.env.tmp.path().join("usr-bin/tope-ota");
+    std::fs::create_dir_all(deb.parent().unwrap()).unwrap();
+    std::fs::write(&deb, updater_build("0.2.0")).unwrap();
+    std::fs::set_permissions(&deb, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.env.bin = deb.clone();
+    let v = version_of(&d);
+    assert!(
+        v.starts_with(&format!(
+            "tope-ota 0.2.0\nrunning:  0.2.0 {}",
+            deb.display()
+        )) && v.contains("the proven updater 0.1.1")
+            && v.contains("is not newer than this one (0.2.0)"),
+        "{v}"
+    );
+    // A release that still carries 0.1.1 (or anything older than 0.2.0) is not tried again.
+    let run = d.deliver("1.2.0", release(&d, "1.2.0", updater_build("0.1.5")));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("is not newer than 0.2.0"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(record(&d)["good"]["version"], "0.1.1");
+    // A newer one than the .deb is tried and proven by it.
+    let run = d.deliver("1.3.0", release(&d, "1.3.0", updater_build("0.2.1")));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let v = version_of(&d);
+    assert!(
+        v.starts_with("tope-ota 0.2.1\n")
+            && v.contains(&format!("fallback: 0.2.0 {}", deb.display())),
+        "{v}"
+    );
+}
+
+/// One `GET /progress` on a fresh connection: its status, or why it failed.
+fn poll(addr: &str) -> Result<u16, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    s.write_all(b"GET /api/v1.0/progress HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))
+}
+
+#[test]
+fn serve_restarts_into_a_new_updater_without_dropping_a_poll() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut d = Device::with_v1();
+    let srv = crate::serve::Server::start_logged(&d.env);
+    let pid = srv.child.id();
+    let exe = move || std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe(), std::fs::canonicalize(BIN).unwrap());
+    // device-api polls all along, a new connection every 10 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let polls = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let poller = {
+        let (stop, polls, failed, addr) = (
+            stop.clone(),
+            polls.clone(),
+            failed.clone(),
+            srv.addr.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match poll(&addr) {
+                    Ok(200) => {}
+                    other => failed.lock().unwrap().push(format!("{other:?}")),
+                }
+                polls.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        })
+    };
+    let bin = updater_build("0.1.1");
+    let sha = sha256_hex(bin);
+    let run = d.deliver("1.1.0", release(&d, "1.1.0", bin));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let kept = d.env.state_dir.join("updater").join(&sha);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while exe() != kept && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = polls.load(Ordering::SeqCst);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    poller.join().unwrap();
+    assert_eq!(
+        exe(),
+        kept,
+        "serve runs the proven updater, same pid\n{}",
+        srv.log()
+    );
+    assert!(
+        polls.load(Ordering::SeqCst) > before,
+        "polls answered after the restart"
+    );
+    assert_eq!(
+        failed.lock().unwrap().clone(),
+        Vec::<String>::new(),
+        "{}",
+        srv.log()
+    );
+    // The new one serves the API, and runs its operations with itself.
+    let (status, body) = crate::serve::raw(
+        &srv.addr,
+        b"GET /api/v1.0/progress HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("Installed version 1.1.0"), "{body}");
+}
