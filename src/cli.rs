@@ -102,6 +102,15 @@ pub fn format_duration(d: Duration) -> String {
 /// [`crate::dispatch`]).
 pub fn parse() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).and_then(|a| a.to_str()) == Some(crate::dispatch::SELF_TEST) {
+        args.remove(1);
+        let t = SelfTestCli::parse_from(args);
+        return Cli {
+            global: t.global,
+            command: Command::SelfTest(t.args),
+        };
+    }
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let m = Cli::command()
         .version(leak(crate::dispatch::version().to_string()))
@@ -304,9 +313,20 @@ pub enum Command {
     Factory,
     /// Compare snapshots with what was installed; exit 1 on any difference
     Verify(VerifyArgs),
-    /// Check that this binary can act on this device (an install runs it on a package's updater)
-    #[command(name = "self-test", hide = true)]
+    /// `self-test`: what an install runs on a package's updater, never a person; parsed apart
+    /// (see [`parse`]), so it is in no help, man page or completion.
+    #[command(skip)]
     SelfTest(SelfTestArgs),
+}
+
+/// `tope-ota self-test [--commit V]` and the global options.
+#[derive(Debug, Parser)]
+#[command(name = "tope-ota self-test", bin_name = "tope-ota self-test")]
+struct SelfTestCli {
+    #[command(flatten)]
+    global: Global,
+    #[command(flatten)]
+    args: SelfTestArgs,
 }
 
 #[derive(Debug, Clone, Args)]

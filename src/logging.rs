@@ -1,6 +1,7 @@
 //! Logging: records go to the systemd journal when stderr is connected to it (`JOURNAL_STREAM`),
 //! else to stderr. Every record carries the version and stage of the operation in flight, as
-//! journal fields `OTA_VERSION`/`OTA_STAGE` or as a `[version stage]` prefix on stderr.
+//! journal fields `OTA_VERSION`/`OTA_STAGE` or as a `[version stage]` prefix on stderr; in the
+//! journal, `OTA_UPDATER` is the version of the updater that wrote the record.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::io::Write;
@@ -44,7 +45,12 @@ impl Log for OtaLogger {
         let stage = if stage.is_empty() { "-" } else { &stage };
         match &self.journal {
             Some(journal) => {
-                let kvs = [("OTA_VERSION", version), ("OTA_STAGE", stage)];
+                // Which updater wrote the record: the `.deb` binary or a proven one.
+                let kvs = [
+                    ("OTA_VERSION", version),
+                    ("OTA_STAGE", stage),
+                    ("OTA_UPDATER", crate::dispatch::version()),
+                ];
                 let _ = journal.journal_send(
                     &Record::builder()
                         .args(*record.args())

@@ -41,7 +41,6 @@ command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v unzip >/dev/null 2>&1 || need+=(unzip)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v zip >/dev/null 2>&1 || need+=(zip)
-command -v strip >/dev/null 2>&1 || need+=(binutils)
 command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
@@ -59,6 +58,7 @@ command -v xz >/dev/null 2>&1 || need+=(xz-utils)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v modprobe >/dev/null 2>&1 || need+=(kmod)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v strip >/dev/null 2>&1 || need+=(binutils)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -19,6 +19,19 @@ pub fn run(g: &Global, args: &HealArgs) -> Result<Output> {
     let mut op = Operation::begin(g, &Purpose::brief("heal", "housekeeping"))?;
     let result = heal(g, args, &mut op);
     op.finish();
+    // One record per run in the journal, whatever it did: the timer's runs are visible there
+    // (and which updater ran them, in OTA_UPDATER).
+    if let Ok(out) = &result {
+        let did = out.human.trim();
+        log::info!(
+            "{}",
+            if did.is_empty() {
+                "heal: nothing to do"
+            } else {
+                did
+            }
+        );
+    }
     result
 }
 

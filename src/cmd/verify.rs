@@ -89,7 +89,10 @@ pub fn run(g: &Global, args: &VerifyArgs) -> Result<Output> {
             "changes": changes,
         }));
     }
-    let data = json!({ "snapshots": report });
+    let (lines, updaters, bad) = kept_updaters(g);
+    human.push_str(&lines);
+    changed += bad;
+    let data = json!({ "snapshots": report, "updaters": updaters });
     if changed == 0 {
         return Ok(Output::success(human, data));
     }
@@ -97,10 +100,63 @@ pub fn run(g: &Global, args: &VerifyArgs) -> Result<Output> {
         human,
         json: json!({
             "code": 409,
-            "msg": format!("{changed} snapshot(s) changed since they were installed"),
+            "msg": format!("{changed} snapshot(s) or kept updater(s) changed since they were installed"),
             "error": null,
             "data": data,
         }),
         exit: 1,
     })
+}
+
+/// The updaters kept under the state dir (the proven one, one on trial): each file hashed
+/// against its record, and its path checked to be one only root can write. Reported, never
+/// changed (the `.deb` binary marks a changed one bad before it would run it).
+fn kept_updaters(g: &Global) -> (String, Vec<serde_json::Value>, usize) {
+    let rec = match crate::proven::read(&g.state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                format!("updaters: the record cannot be read: {e:#}\n"),
+                Vec::new(),
+                1,
+            )
+        }
+    };
+    let mut human = String::new();
+    let mut out = Vec::new();
+    let mut bad = 0;
+    let kept = rec
+        .good
+        .iter()
+        .map(|k| ("proven", k))
+        .chain(rec.trial.iter().map(|t| ("on trial", &t.kept)));
+    for (role, k) in kept {
+        let path = crate::proven::binary(&g.state_dir, &k.sha256);
+        let status = match crate::integrity::sha256_file(&path) {
+            Ok(h) if h != k.sha256 => format!("changed: SHA-256 {h}"),
+            Ok(_) => match crate::proven::unsafe_path(&path) {
+                Some(why) => format!("unsafe: {why}"),
+                None => "intact".to_string(),
+            },
+            Err(e) => format!("unreadable: {e:#}"),
+        };
+        if status != "intact" {
+            bad += 1;
+        }
+        human.push_str(&format!(
+            "updater {} ({role}, {}): {status}\n",
+            k.version,
+            path.display()
+        ));
+        out.push(json!({
+            "role": role,
+            "version": k.version,
+            "release": k.release,
+            "path": path,
+            "sha256": k.sha256,
+            "signed_by": k.signed_by,
+            "status": status,
+        }));
+    }
+    (human, out, bad)
 }

@@ -340,6 +340,13 @@ fn a_proven_updater_whose_file_is_exposed_or_changed_is_not_run() {
     d.deliver("1.1.0", release(&d, "1.1.0", bin)).expect(0);
     let kept = d.env.state_dir.join("updater").join(&sha);
     let own = format!("tope-ota {}\n", env!("CARGO_PKG_VERSION"));
+    let verify = |want: &str, code: i32| {
+        let v = d.env.run(&["verify"]);
+        assert_eq!(v.code, code, "{}{}", v.stdout, v.stderr);
+        let line = format!("updater 0.1.1 (proven, {}): {want}", kept.display());
+        assert!(v.stdout.contains(&line), "{line:?} in\n{}", v.stdout);
+    };
+    verify("intact", 0);
     // Writable by others (a printer's service could swap it): not run while it is.
     for (path, mode) in [
         (&kept, 0o557),
@@ -352,6 +359,7 @@ fn a_proven_updater_whose_file_is_exposed_or_changed_is_not_run() {
             v.starts_with(&own) && v.contains("is writable by its group or others"),
             "{v}"
         );
+        verify("unsafe: ", 1);
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(was)).unwrap();
         assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
     }
@@ -362,6 +370,7 @@ fn a_proven_updater_whose_file_is_exposed_or_changed_is_not_run() {
     std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(&kept, &changed).unwrap();
     std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // (verify is run by the .deb binary too, which finds the change first: see below.)
     let v = version_of(&d);
     assert!(v.starts_with(&own) && v.contains("is bad now"), "{v}");
     assert_bad(&d, &sha, "its file has SHA-256");

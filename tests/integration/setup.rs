@@ -11,7 +11,7 @@ fn repo() -> PathBuf {
 }
 
 /// The tools tests/setup.sh installs, and their Debian packages.
-const TOOLS: [(&str, &str); 23] = [
+const TOOLS: [(&str, &str); 24] = [
     ("minisign", "minisign"),
     ("strace", "strace"),
     ("shellcheck", "shellcheck"),
@@ -35,6 +35,7 @@ const TOOLS: [(&str, &str); 23] = [
     ("zstd", "zstd"),
     ("modprobe", "kmod"),
     ("python3", "python3"),
+    ("strip", "binutils"),
 ];
 
 /// Programs `tests/setup-cross.sh` installs, which the armhf checks run themselves
@@ -46,8 +47,8 @@ const CROSS: [(&str, &str); 2] = [
 
 /// Programs the tests may call without tests/setup.sh: in every Debian base system
 /// (coreutils, util-linux's mount, dash, bash), or only in the ignored benchmarks (curl).
-const ESSENTIAL: [&str; 10] = [
-    "sh", "bash", "cp", "mount", "umount", "md5sum", "dd", "sync", "curl", "chmod",
+const ESSENTIAL: [&str; 11] = [
+    "sh", "bash", "cp", "mount", "umount", "md5sum", "dd", "sync", "curl", "chmod", "dpkg-deb",
 ];
 
 fn write_exe(path: &Path, body: &str) {
@@ -159,6 +160,7 @@ fn setup_installs_exactly_the_missing_tools_and_is_quiet_otherwise() {
         "xz-utils",
         "zstd",
         "kmod",
+        "binutils",
     ]
     .into();
     assert_eq!(installed, want, "{log}");

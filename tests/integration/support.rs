@@ -1312,7 +1312,8 @@ pub fn sign(key: &KeyPair, file: &std::path::Path) -> Vec<u8> {
 /// This build of tope-ota as version `version`: its version stamp (`TOPE-OTA-VERSION:` and the
 /// version, NUL padded, in `src/dispatch.rs`) rewritten, the rest byte for byte the same. It is
 /// the same program, so it runs here and acts as this one does; only what it says it is differs
-/// (and so its hash; its debug info is stripped too), which is what the choice of the updater and a self-test look at.
+/// (and so its hash; its debug info is stripped too), which is what the choice of the updater
+/// and a self-test look at.
 pub fn updater_build(version: &str) -> &'static [u8] {
     // Without its debug info (81 MB of the debug build's 101): the same code, a fifth to pack,
     // download, unpack and hash.
@@ -1332,6 +1333,12 @@ pub fn updater_build(version: &str) -> &'static [u8] {
             std::fs::read(&out).unwrap()
         })
         .clone();
+    restamp(&mut bin, version);
+    Box::leak(bin.into_boxed_slice())
+}
+
+/// Rewrite the version stamp of the tope-ota build `bin` (of this crate's version) to `version`.
+pub fn restamp(bin: &mut [u8], version: &str) {
     let stamp = format!("TOPE-OTA-VERSION:{}\0", env!("CARGO_PKG_VERSION"));
     let at: Vec<usize> = bin
         .windows(stamp.len())
@@ -1340,10 +1347,8 @@ pub fn updater_build(version: &str) -> &'static [u8] {
         .map(|(i, _)| i)
         .collect();
     assert_eq!(at.len(), 1, "the version stamp is in the binary once");
-    let start = at[0] + 17;
     assert!(version.len() < 64 - 17);
-    let field = &mut bin[start..at[0] + 64];
+    let field = &mut bin[at[0] + 17..at[0] + 64];
     field.fill(0);
     field[..version.len()].copy_from_slice(version.as_bytes());
-    Box::leak(bin.into_boxed_slice())
 }

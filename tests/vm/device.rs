@@ -22,7 +22,25 @@ pub struct Release {
     pub reboot: bool,
     /// Size of share/payload.bin (so a download and an install take a while).
     pub payload: usize,
+    /// A tope-ota build the release carries as its updater (`bin/tope-ota`, issue #23).
+    pub updater: Option<Updater>,
 }
+
+/// An updater build, and the version it says it is.
+#[derive(Clone)]
+pub struct Updater {
+    pub version: String,
+    pub bytes: std::sync::Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Updater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Updater({}, {} bytes)", self.version, self.bytes.len())
+    }
+}
+
+/// Where a release's updater lands in its snapshot.
+pub const UPDATER_DST: &str = "bin/tope-ota";
 
 impl Release {
     pub fn new(version: &str) -> Release {
@@ -31,12 +49,17 @@ impl Release {
             broken: false,
             reboot: false,
             payload: 256 * 1024,
+            updater: None,
         }
     }
 
     /// path in the snapshot -> (bytes, mode)
     pub fn files(&self) -> BTreeMap<String, (Vec<u8>, u32)> {
-        files_of(&self.version, self.broken, Some(self.payload))
+        let mut f = files_of(&self.version, self.broken, Some(self.payload));
+        if let Some(u) = &self.updater {
+            f.insert(UPDATER_DST.to_string(), (u.bytes.to_vec(), 0o755));
+        }
+        f
     }
 
     /// The update package, made by `tope-ota pack`.
@@ -52,7 +75,9 @@ impl Release {
             fs::write(&f, bytes).unwrap();
             fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
             let mut m = json!({"name": name, "src": name, "dst": path});
-            if let Some(unit) = path.strip_prefix("bin/") {
+            if path == UPDATER_DST {
+                m["updater"] = json!(true);
+            } else if let Some(unit) = path.strip_prefix("bin/") {
                 m["process_name"] = json!(format!("{unit}.service"));
                 m["restart_order"] = json!(order(unit));
             }

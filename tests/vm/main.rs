@@ -630,6 +630,146 @@ fn a_technician_installs_and_rolls_back_through_the_units(arch: Arch) {
     }
 }
 
+// ---------------------------------------------------------------- self-update (issue #23)
+
+/// The first line of `tope-ota --version` in the guest: the version of the updater that runs.
+fn running_updater(vm: &mut Vm) -> String {
+    let out = vm.sh_ok("tope-ota --version", 60);
+    out.lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("tope-ota ")
+        .to_string()
+}
+
+/// What serve runs now: its main pid and its binary.
+fn serve_exe(vm: &mut Vm) -> (String, String) {
+    let out = vm.sh_ok(
+        "p=$(systemctl show -p MainPID --value tope-ota-serve.service); echo $p; readlink /proc/$p/exe",
+        30,
+    );
+    let mut l = out.lines();
+    (
+        l.next().unwrap_or("").to_string(),
+        l.next().unwrap_or("").to_string(),
+    )
+}
+
+/// On real systemd, with the real .deb: releases whose updater exits 1, crashes or hangs in its
+/// self-test, or crashes in its commit, leave the device on a running version with the .deb
+/// binary; the next good release, installed through device-api and serve (so under serve's
+/// sandbox), proves its updater, and from then on serve (restarted into it, same pid) and the
+/// heal timer run it; `dpkg -i` of a newer .deb wins over it.
+fn the_updater_updates_itself_and_a_bad_one_never_strands_the_device(arch: Arch) {
+    let mut b = Box::pristine(arch);
+    let deb = env!("CARGO_PKG_VERSION");
+    assert_eq!(running_updater(&mut b.vm), deb);
+    for (version, updater, fault, why) in [
+        ("1.1.0", "0.1.1", "self-test:exit", "its self-test exited 1"),
+        ("1.2.0", "0.1.2", "self-test:crash", "its self-test crashed"),
+        ("1.3.0", "0.1.3", "self-test:hang", "its self-test hung"),
+        (
+            "1.4.0",
+            "0.1.4",
+            "commit:crash",
+            "it did not finish the install's commit",
+        ),
+    ] {
+        let r = with_updater(Release::new(version), arch, updater);
+        let p = b.publish(&r);
+        b.vm.sh_ok(&p.download_cmd(), 300);
+        let e = b.vm.sh(
+            &format!("TOPE_OTA_UPDATER_FAULT={fault} tope-ota --json install"),
+            600,
+        );
+        let out: Value = serde_json::from_str(&e.out).unwrap_or(Value::Null);
+        assert_eq!(e.code, 1, "{fault}: {}{}", e.out, e.err);
+        assert_eq!(out["error"], "UPDATER_FAILED", "{fault}: {out}");
+        assert!(
+            out["msg"].as_str().unwrap_or("").contains(why),
+            "{fault}: {out}"
+        );
+        b.assert_runs(FACTORY_VERSION);
+        b.assert_intact();
+        assert_eq!(running_updater(&mut b.vm), deb, "{fault}");
+    }
+    let st = b.vm.sh_ok("tope-ota status", 60);
+    assert!(st.contains("bad: 0.1.4"), "{st}");
+
+    // The next good release, through device-api and serve.
+    let (serve_pid, serve_bin) = serve_exe(&mut b.vm);
+    assert_eq!(serve_bin, "/usr/bin/tope-ota");
+    let r = with_updater(Release::new("1.5.0"), arch, "0.2.0");
+    let sha = support::sha256_hex(&r.updater.as_ref().unwrap().bytes);
+    let p = b.publish(&r);
+    let body = p.request().replace('\'', "");
+    let resp = curl_json(
+        &mut b.vm,
+        &format!("-X POST -H 'Content-Type: application/json' --data '{body}' http://127.0.0.1:9080/ota/download"),
+    );
+    assert_eq!(resp["code"], 200, "{resp}");
+    b.wait_stage(300, &["toInstall", "failed"]);
+    let resp = curl_json(
+        &mut b.vm,
+        "-X POST -H 'Content-Type: application/json' --data '{\"version\":\"1.5.0\"}' http://127.0.0.1:9080/ota/update",
+    );
+    assert_eq!(resp["code"], 200, "{resp}");
+    let s = b.wait_stage(300 * arch.slowness(), &["success", "failed"]);
+    assert_eq!(s["stage"], "success", "{s}");
+    b.assert_runs("1.5.0");
+    b.assert_intact();
+    assert_eq!(running_updater(&mut b.vm), "0.2.0");
+    let kept = format!("/var/lib/tope-ota/updater/{sha}");
+    // serve restarts into it once idle: the same pid (systemd saw no restart), the new binary.
+    let until = Instant::now() + Duration::from_secs(60 * arch.slowness());
+    let serve = loop {
+        let now = serve_exe(&mut b.vm);
+        if now.1 == kept || Instant::now() > until {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(serve, (serve_pid, kept.clone()), "serve after the proof");
+    let body = curl_json(&mut b.vm, "http://127.0.0.1:12315/api/v1.0/progress");
+    assert_eq!(body["data"]["stage"], "success", "{body}");
+    // The heal timer runs it, under its unit's sandbox: its journal records say so.
+    let before = heal_started_at(&mut b.vm);
+    assert_timer_heal_succeeds(&mut b.vm, arch, before);
+    let who = b.vm.sh_ok(
+        "journalctl -q -u tope-ota-heal.service -o json -n 1 OTA_UPDATER=0.2.0 | head -c 200",
+        60,
+    );
+    assert!(
+        !who.trim().is_empty(),
+        "no heal record by the updater 0.2.0"
+    );
+    let violations = updater_violations(&mut b.vm);
+    assert!(violations.is_empty(), "{violations:?}");
+    // A later release without an updater is installed by it and keeps it.
+    let (code, out) = b.install(&Release::new("1.6.0"));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(running_updater(&mut b.vm), "0.2.0");
+
+    // dpkg -i of a newer .deb: the higher version runs, serve included (restarted by dpkg).
+    let dir = tempfile::tempdir().unwrap();
+    let newer = dir.path().join("tope-ota_0.3.0_newer.deb");
+    qemu::newer_deb(arch, "0.3.0", &newer);
+    b.vm.put("/root/newer.deb", &std::fs::read(&newer).unwrap());
+    b.vm.sh_ok("dpkg -i /root/newer.deb >/dev/null", 600);
+    assert_eq!(running_updater(&mut b.vm), "0.3.0");
+    let v = b.vm.sh_ok("tope-ota --version", 60);
+    assert!(v.contains("is not newer than this one (0.3.0)"), "{v}");
+    let until = Instant::now() + Duration::from_secs(60 * arch.slowness());
+    while serve_exe(&mut b.vm).1 != "/usr/bin/tope-ota" && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(serve_exe(&mut b.vm).1, "/usr/bin/tope-ota");
+    let (code, out) = b.install(&Release::new("1.7.0"));
+    assert_eq!(code, 0, "{out}");
+    b.assert_runs("1.7.0");
+    b.assert_intact();
+}
+
 // ---------------------------------------------------------------- power cuts
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -638,6 +778,8 @@ enum Op {
     Install,
     Rollback,
     Heal,
+    /// An install whose release carries a new updater (tried, then proven by its own commit).
+    SelfUpdate,
 }
 
 struct Rng(u64);
@@ -685,8 +827,18 @@ fn one_cut(arch: Arch, op: Op, rng: &mut Rng) -> Cut {
         payload: 3 << 20,
         ..Release::new("1.1.0")
     };
+    let v11 = if op == Op::SelfUpdate {
+        with_updater(v11, arch, "0.2.0")
+    } else {
+        v11
+    };
     let p11 = b.publish(&v11);
     let (cmd, window) = match op {
+        Op::SelfUpdate => {
+            b.vm.sh_ok(&p11.download_cmd(), 300);
+            // The self-test and the commit by the new updater come on top of an install.
+            ("tope-ota install".to_string(), 8000)
+        }
         Op::Download => {
             b.shelf.set_rate(1 << 20);
             (p11.download_cmd(), 3500)
@@ -713,7 +865,7 @@ fn one_cut(arch: Arch, op: Op, rng: &mut Rng) -> Cut {
     // The install and the rollback are the CPU's: they take about `slowness` times as long on
     // an emulated board. A download and heal's resume are the link's (1 MiB/s), plus a start.
     let window = match op {
-        Op::Install | Op::Rollback => window * arch.slowness(),
+        Op::Install | Op::Rollback | Op::SelfUpdate => window * arch.slowness(),
         Op::Download | Op::Heal => window + 500 * (arch.slowness() - 1),
     };
     let planned = rng.ms(window);
@@ -754,6 +906,7 @@ fn one_cut(arch: Arch, op: Op, rng: &mut Rng) -> Cut {
     b.wait_boot_and_heal(&boot);
     let after = stage_step(&device::state(&mut b.vm));
     let mut violations = device::violations(&mut b.vm, &b.catalog, FACTORY_DIR, had_state);
+    violations.extend(updater_violations(&mut b.vm));
     // A later update still works.
     let later = Release::new("2.0.0");
     let (code, out) = b.install(&later);
@@ -770,6 +923,63 @@ fn one_cut(arch: Arch, op: Op, rng: &mut Rng) -> Cut {
         violations,
         secs: t0.elapsed().as_secs_f64(),
     }
+}
+
+/// The release `r` carrying the board's tope-ota (the fail-point build) as updater `version`.
+fn with_updater(r: Release, arch: Arch, version: &str) -> Release {
+    let mut bytes = qemu::updater_binary(arch).to_vec();
+    support::restamp(&mut bytes, version);
+    Release {
+        updater: Some(device::Updater {
+            version: version.to_string(),
+            bytes: std::sync::Arc::new(bytes),
+        }),
+        ..r
+    }
+}
+
+/// What is wrong with the updater that runs now: it must be a good one, the proven updater
+/// when one is recorded (its kept file intact), the .deb binary otherwise; never one marked bad.
+fn updater_violations(vm: &mut Vm) -> Vec<String> {
+    let mut out = Vec::new();
+    let rec = vm.sh("cat /var/lib/tope-ota/updater/updater.json 2>/dev/null", 30);
+    let rec: Value = serde_json::from_str(&rec.out).unwrap_or(Value::Null);
+    let v = vm.sh("tope-ota --version", 60);
+    if v.code != 0 {
+        return vec![format!("tope-ota --version exits {}: {}", v.code, v.err)];
+    }
+    let running = v
+        .out
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("tope-ota ")
+        .to_string();
+    let deb = env!("CARGO_PKG_VERSION");
+    match rec["good"]["sha256"].as_str() {
+        Some(sha) => {
+            let want = rec["good"]["version"].as_str().unwrap_or("?");
+            if running != want {
+                out.push(format!("the proven updater is {want}, {running} runs"));
+            }
+            let on_disk = vm.sh(&format!("sha256sum /var/lib/tope-ota/updater/{sha}"), 60);
+            if !on_disk.out.starts_with(sha) {
+                out.push(format!(
+                    "the proven updater's kept file is not intact: {}{}",
+                    on_disk.out, on_disk.err
+                ));
+            }
+            if rec["bad"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|x| x["sha256"] == sha))
+            {
+                out.push(format!("the proven updater {sha} is also marked bad"));
+            }
+        }
+        None if running != deb => out.push(format!("no proven updater, yet {running} runs")),
+        None => {}
+    }
+    out
 }
 
 /// `name` as a number, `default` when unset or empty; anything else is a mistake to stop on.
@@ -793,6 +1003,22 @@ fn power_cuts(arch: Arch) {
         "TOPE_OTA_POWER_CUTS",
         if arch == Arch::Amd64 { 5 } else { 3 },
     );
+    run_cuts(
+        arch,
+        &[Op::Download, Op::Install, Op::Rollback, Op::Heal],
+        n,
+    );
+}
+
+/// `TOPE_OTA_SELF_UPDATE_CUTS` cuts (2 by default) during installs of releases that carry a new
+/// updater (issue #23): the usual invariants, and the updater that runs after boot and heal is
+/// a good one. `tests/vm/power-cuts.sh --self-update` runs 20.
+fn self_update_power_cuts(arch: Arch) {
+    let n = env_u64("TOPE_OTA_SELF_UPDATE_CUTS", 2);
+    run_cuts(arch, &[Op::SelfUpdate], n);
+}
+
+fn run_cuts(arch: Arch, ops: &[Op], n: u64) {
     let seed = env_u64("TOPE_OTA_POWER_CUT_SEED", 20261123);
     let broken = std::env::var("TOPE_OTA_BOX_FEATURES").is_ok_and(|f| !f.is_empty());
     let mut rng = Rng(seed | 1);
@@ -803,7 +1029,6 @@ fn power_cuts(arch: Arch) {
         a.accel.name,
         a.boot_secs
     );
-    let ops = [Op::Download, Op::Install, Op::Rollback, Op::Heal];
     let mut cuts = Vec::new();
     let t = Instant::now();
     let mut harness_errors = 0;
@@ -1016,7 +1241,14 @@ macro_rules! every_scenario {
     };
 }
 
-every_scenario!(amd64, Amd64, []);
+every_scenario!(
+    amd64,
+    Amd64,
+    [
+        the_updater_updates_itself_and_a_bad_one_never_strands_the_device,
+        self_update_power_cuts,
+    ]
+);
 // A foreign image made without binfmt_misc: proven on the 64-bit ARM board.
 every_scenario!(
     arm64,

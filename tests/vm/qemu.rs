@@ -382,7 +382,12 @@ fn build_deb(arch: Arch, features: Option<&str>) -> PathBuf {
         eprintln!("box: {} built in {:.0?}", deb.display(), t.elapsed());
         return deb;
     }
-    let out = root.join("target/box");
+    // A features build's .deb apart from the device's, which the pristine device is made of.
+    let out = root.join(if features.is_some() {
+        "target/box-features/deb"
+    } else {
+        "target/box"
+    });
     fs::create_dir_all(&out).unwrap();
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(root)
@@ -407,6 +412,86 @@ fn build_deb(arch: Arch, features: Option<&str>) -> PathBuf {
         .expect("cargo deb printed no .deb path");
     eprintln!("box: {} built in {:.0?}", deb.display(), t.elapsed());
     deb
+}
+
+/// The board's tope-ota built with the fail points (`TOPE_OTA_UPDATER_FAULT`), as a release
+/// carries it for its updater: the `/usr/bin/tope-ota` of that build's .deb, of this crate's
+/// version (the box restamps it, see `support::restamp`).
+pub fn updater_binary(arch: Arch) -> &'static [u8] {
+    static BUILT: [OnceLock<Vec<u8>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    BUILT[arch as usize].get_or_init(|| {
+        let deb = build_deb(arch, Some("failpoints"));
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "dpkg-deb -x {}", deb.display());
+        fs::read(dir.path().join("usr/bin/tope-ota")).unwrap()
+    })
+}
+
+/// The device's .deb of `arch` made a newer one, as a later release of tope-ota would be: its
+/// binary restamped to `version`, its control file's Version and md5sums to match.
+pub fn newer_deb(arch: Arch, version: &str, out: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deb = build_deb(
+        arch,
+        std::env::var("TOPE_OTA_BOX_FEATURES")
+            .ok()
+            .as_deref()
+            .filter(|f| !f.is_empty()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    let run = |cmd: &mut Command| {
+        let o = cmd.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(Command::new("dpkg-deb").arg("-R").arg(&deb).arg(&tree));
+    let bin = tree.join("usr/bin/tope-ota");
+    let mut bytes = fs::read(&bin).unwrap();
+    crate::support::restamp(&mut bytes, version);
+    fs::write(&bin, &bytes).unwrap();
+    let control = tree.join("DEBIAN/control");
+    let text = fs::read_to_string(&control).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("Version: ") {
+                format!("Version: {version}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    fs::write(&control, text).unwrap();
+    let sums = tree.join("DEBIAN/md5sums");
+    if let Ok(text) = fs::read_to_string(&sums) {
+        let md5 = crate::support::md5_hex(&bytes);
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.ends_with(" usr/bin/tope-ota") {
+                    format!("{md5}  usr/bin/tope-ota\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        fs::write(&sums, text).unwrap();
+    }
+    let _ = root;
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-b"])
+        .arg(&tree)
+        .arg(out));
 }
 
 fn qemu_version(arch: Arch) -> String {
