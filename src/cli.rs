@@ -103,9 +103,15 @@ pub fn format_duration(d: Duration) -> String {
 pub fn parse() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // clap exits by itself for --help, --version and a usage error: the run ends in order
+    // first (see crate::dispatch::finish), so a technician's --version is no crash.
+    let exit = |e: clap::Error| -> ! {
+        crate::dispatch::finish(e.exit_code() == 0);
+        e.exit()
+    };
     if args.get(1).and_then(|a| a.to_str()) == Some(crate::dispatch::SELF_TEST) {
         args.remove(1);
-        let t = SelfTestCli::parse_from(args);
+        let t = SelfTestCli::try_parse_from(args).unwrap_or_else(|e| exit(e));
         return Cli {
             global: t.global,
             command: Command::SelfTest(t.args),
@@ -115,8 +121,9 @@ pub fn parse() -> Cli {
     let m = Cli::command()
         .version(leak(crate::dispatch::version().to_string()))
         .long_version(leak(crate::dispatch::long_version()))
-        .get_matches();
-    Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+        .try_get_matches_from(args)
+        .unwrap_or_else(|e| exit(e));
+    Cli::from_arg_matches(&m).unwrap_or_else(|e| exit(e))
 }
 
 /// Over-the-air updater of TOPE devices: download, verify, install and roll back software versions.

@@ -12,9 +12,7 @@
 
 use crate::proven::{self, Kept};
 use anyhow::Result;
-use sha2::{Digest, Sha256};
 use std::ffi::OsString;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -63,22 +61,49 @@ pub fn version() -> &'static str {
     })
 }
 
-/// The numbers of a `major.minor.patch` version (a pre-release suffix after `-` ranks below
-/// the release), or None when it is not one.
-fn parse(v: &str) -> Option<(Vec<u64>, bool)> {
+/// A `major.minor.patch[-pre][+build]` version: its numbers and pre-release identifiers (build
+/// metadata does not order), or None when it is not one.
+fn parse(v: &str) -> Option<(Vec<u64>, Vec<String>)> {
+    let v = v.split_once('+').map_or(v, |(c, _)| c);
     let (core, pre) = match v.split_once('-') {
-        Some((c, _)) => (c, true),
-        None => (v, false),
+        Some((c, p)) if !p.is_empty() => (c, p.split('.').map(str::to_string).collect()),
+        Some(_) => return None,
+        None => (v, Vec::new()),
     };
     let n: Option<Vec<u64>> = core.split('.').map(|p| p.parse().ok()).collect();
     n.filter(|n| n.len() == 3).map(|n| (n, pre))
 }
 
-/// Whether version `a` is newer than `b`; a version that does not parse is never newer.
+/// Semver precedence of two pre-release lists (empty: a release, above any pre-release).
+fn pre_cmp(a: &[String], b: &[String]) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => return Ordering::Equal,
+        (true, false) => return Ordering::Greater,
+        (false, true) => return Ordering::Less,
+        _ => {}
+    }
+    for (x, y) in a.iter().zip(b) {
+        let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(i), Ok(j)) => i.cmp(&j),
+            (Ok(_), Err(_)) => Ordering::Less,
+            (Err(_), Ok(_)) => Ordering::Greater,
+            (Err(_), Err(_)) => x.cmp(y),
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+/// Whether version `a` is newer than `b` (semver precedence). When either does not parse,
+/// neither is newer: the `.deb` binary runs.
 pub fn newer(a: &str, b: &str) -> bool {
     match (parse(a), parse(b)) {
-        (Some((na, pa)), Some((nb, pb))) => na > nb || (na == nb && pb && !pa),
-        (Some(_), None) => true,
+        (Some((na, pa)), Some((nb, pb))) => {
+            na.cmp(&nb).then_with(|| pre_cmp(&pa, &pb)) == std::cmp::Ordering::Greater
+        }
         _ => false,
     }
 }
@@ -131,7 +156,15 @@ pub fn running() -> &'static Running {
 }
 
 fn own_exe() -> PathBuf {
-    std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+    match std::fs::read_link("/proc/self/exe") {
+        // Replaced under us (dpkg -i of a newer .deb): the path now names the new binary,
+        // which is what a restart or a child should run.
+        Ok(p) => match p.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            Some(s) => PathBuf::from(s),
+            None => p,
+        },
+        Err(_) => PathBuf::from("/proc/self/exe"),
+    }
 }
 
 /// The value of a global option before clap parses anything (the proven updater may know
@@ -223,6 +256,13 @@ pub fn log_choice() {
     }
 }
 
+/// A long-running command (serve) has shown it works: its run stops counting as one that may
+/// not finish, so a serve killed later (at a stop timeout, by a power cut) is not held against
+/// the updater.
+pub fn settle() {
+    finish(false);
+}
+
 /// The process ends in order (any exit of `main`): a proven updater removes its run entry.
 pub fn finish(clean: bool) {
     let r = running();
@@ -256,7 +296,10 @@ pub fn keys_configured(keys_dir: &Path) -> bool {
 /// or counting its runs (for serve, which asks every few seconds whether to restart).
 pub fn planned(state_dir: &Path, keys_dir: &Path, own: &str) -> Option<Kept> {
     let good = proven::read(state_dir).ok()?.good?;
-    if !newer(&good.version, own) || (keys_configured(keys_dir) && good.signed_by.is_none()) {
+    if !newer(&good.version, own)
+        || (keys_configured(keys_dir) && good.signed_by.is_none())
+        || proven::unsafe_path(&proven::binary(state_dir, &good.sha256)).is_some()
+    {
         return None;
     }
     Some(good)
@@ -307,7 +350,7 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
         Ok(f) => f,
         Err(e) => return Choice::Own(Some(format!("{short}: open {}: {e}", path.display()))),
     };
-    match sha256_of(&file) {
+    match crate::integrity::sha256_reader(&file) {
         Ok(h) if h == good.sha256 => Choice::Exec(file, good),
         Ok(h) => {
             let why = format!("its file has SHA-256 {h}, not the recorded one");
@@ -324,29 +367,19 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
     }
 }
 
-fn sha256_of(mut f: &std::fs::File) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 128 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Exec the open file `file` (the proven updater) with our arguments; returns only when the
 /// exec failed, with why.
 fn exec(args: &[OsString], state_dir: &Path, file: std::fs::File, kept: &Kept) -> String {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    // The trial counter first: a crash of the exec'd updater must leave a trace.
+    // The trial counter first: a crash of the exec'd updater must leave a trace. A run that
+    // cannot be counted (a full, failing or read-only disk) is not exec'd: a crash loop there
+    // would go unnoticed, so the trusted fallback runs.
     if let Err(e) = proven::begin_run(state_dir, &kept.sha256) {
-        // A state dir we cannot write (a technician without root, a read-only disk): nothing
-        // can be changed then, and the proven updater reads better than we do what it wrote.
-        eprintln!("tope-ota: warning: the run is not counted: {e:#}");
+        return format!(
+            "the proven updater {} ({:.12}…) is not run: its run cannot be counted: {e:#}",
+            kept.version, kept.sha256
+        );
     }
     let me = own_exe();
     let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -480,7 +513,19 @@ mod tests {
         assert!(!newer("1.0.0-rc1", "1.0.0"));
         assert!(!newer("1.0.0", "1.0.0"));
         assert!(!newer("garbage", "0.1.0"));
+        assert!(
+            !newer("0.2.0", "garbage"),
+            "an unparsable .deb version: the .deb runs"
+        );
         assert!(!newer("1.0", "0.1.0"));
+        assert!(newer("1.0.0-rc.2", "1.0.0-rc.1"));
+        assert!(newer("1.0.0-rc.10", "1.0.0-rc.9"));
+        assert!(newer("1.0.0-rc.1", "1.0.0-rc"));
+        assert!(
+            !newer("0.5.0+git1", "0.5.0"),
+            "build metadata does not order"
+        );
+        assert!(newer("0.5.1+git1", "0.5.0"));
         assert_eq!(version(), env!("CARGO_PKG_VERSION"));
     }
 

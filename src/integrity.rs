@@ -156,13 +156,16 @@ pub fn within(path: &str, mutable: &[String]) -> bool {
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    sha256_reader(&f).with_context(|| format!("read {}", path.display()))
+}
+
+/// SHA-256 of what is left to read of an open file, hex.
+pub fn sha256_reader(mut f: &fs::File) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 128 * 1024];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("read {}", path.display()))?;
+        let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }

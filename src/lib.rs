@@ -82,6 +82,7 @@ pub mod zipdir;
 
 use error::OtaError;
 use serde_json::json;
+use std::io::Write;
 
 /// Render a failed command: `error: CODE: detail` on stderr, or with `--json` one object on
 /// stdout; returns the exit code of the code.
@@ -97,8 +98,8 @@ pub fn report_failure(global: &cli::Global, err: &anyhow::Error) -> i32 {
             "error": e.code,
             "data": data,
         });
-        println!("{out}");
+        let _ = writeln!(std::io::stdout(), "{out}");
     }
-    eprintln!("error: {}", e.message());
+    let _ = writeln!(std::io::stderr(), "error: {}", e.message());
     e.code.exit_code()
 }

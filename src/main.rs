@@ -9,15 +9,22 @@ fn main() {
     signals::install();
     let code = match cmd::run(&cli) {
         Ok(out) => {
-            if cli.global.json {
-                println!("{}", out.json);
+            // Not print!: a reader that went away (`status | head -1`) must not turn the end of
+            // a run into a crash.
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            let _ = if cli.global.json {
+                writeln!(stdout, "{}", out.json)
             } else if !cli.global.quiet {
-                print!("{}", out.human);
-            }
+                write!(stdout, "{}", out.human)
+            } else {
+                Ok(())
+            };
+            let _ = stdout.flush();
             out.exit
         }
         Err(err) => report_failure(&cli.global, &err),
     };
-    dispatch::finish(code == 0);
+    dispatch::finish(true);
     std::process::exit(code);
 }

@@ -4,10 +4,12 @@
 //! on this device, which are bad (and why), and which one an install is trying.
 //!
 //! `runs/` is the trial counter of the proven one: the `.deb` binary writes an entry (named by
-//! its pid and start time, holding the hash) durably before it execs the proven updater; the
-//! updater removes its own entry when it ends in order. An entry whose process is gone is a run
-//! that crashed, hung until it was killed, or lost its power: after [`MAX_UNFINISHED`] of them
-//! and no clean run between, the updater is bad and the `.deb` binary runs instead.
+//! its pid and start time, holding the hash and the boot id) durably before it execs the proven
+//! updater; the updater removes its own entry when it ends in order (and serve once it has
+//! served a while). An entry of this boot whose process is gone is a run that crashed or hung
+//! until it was killed: after [`MAX_UNFINISHED`] of them and no run between that ended in
+//! order, the updater is bad and the `.deb` binary runs instead. Entries of an earlier boot are
+//! runs a power cut or a reboot ended: not the updater's doing, and not counted.
 
 use crate::fsutil;
 use crate::state::Schema;
@@ -121,7 +123,21 @@ pub fn update(state_dir: &Path, change: impl FnOnce(&mut Record)) -> Result<Reco
         .open(&lock_path)
         .with_context(|| format!("open {}", lock_path.display()))?;
     fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("lock {}", lock_path.display()))?;
-    let mut rec = read(state_dir)?;
+    let mut rec = match read(state_dir) {
+        Ok(r) => r,
+        Err(e) if crate::error::has_code(&e, crate::error::ErrorCode::SchemaTooNew) => {
+            return Err(e)
+        }
+        Err(e) => {
+            // A record that does not parse trusts nothing: kept for diagnosis, and a fresh one
+            // (nothing proven: the `.deb` binary runs) lets the device go on.
+            let path = d.join(RECORD);
+            let aside = d.join(format!("{RECORD}.corrupt-{}", crate::clock::now_rfc3339()));
+            log::warn!("{e:#}; moved aside to {}", aside.display());
+            fsutil::rename_durable(&path, &aside)?;
+            Record::default()
+        }
+    };
     change(&mut rec);
     rec.schema = Schema(SCHEMA);
     let bytes = serde_json::to_vec_pretty(&rec).context("encode the updater record")?;
@@ -145,6 +161,8 @@ pub fn keep(state_dir: &Path, from: &Path, sha256: &str) -> Result<PathBuf> {
     make_dir(&d)?;
     let to = binary(state_dir, sha256);
     if to.exists() && crate::integrity::sha256_file(&to)? == sha256 {
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o555))
+            .with_context(|| format!("chmod {}", to.display()))?;
         return Ok(to);
     }
     let tmp = fsutil::temp_path(&d, "updater");
@@ -237,10 +255,21 @@ pub fn begin_run(state_dir: &Path, sha256: &str) -> Result<()> {
     let start = crate::proc::start_time(pid).context("read our own start time")?;
     let runs = dir(state_dir).join(RUNS);
     fsutil::ensure_dir(&runs)?;
-    fsutil::write_atomic(&run_entry(state_dir, pid, start), sha256.as_bytes())
+    fsutil::write_atomic(
+        &run_entry(state_dir, pid, start),
+        format!("{sha256} {}", boot_id()).as_bytes(),
+    )
 }
 
-/// This process's run ends in order: its entry goes; after a clean run (exit 0) the entries of
+/// This boot's id (empty when the kernel does not say).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// This process's run ends in order: its entry goes; with `clean` (`main` returned, whatever
+/// the exit code: an honest failure such as `DOWNLOAD_FAILED` is no crash) the entries of
 /// earlier runs that did not finish go too (the counter counts failures in a row). Best effort:
 /// a leftover entry counts one failure too many, never one too few.
 pub fn end_run(state_dir: &Path, clean: bool) {
@@ -258,11 +287,15 @@ pub fn end_run(state_dir: &Path, clean: bool) {
     let _ = fsutil::sync_dir(&runs);
 }
 
-/// How many runs of the updater `sha256` ended without finishing.
+/// How many runs of the updater `sha256` ended without finishing in this boot.
 pub fn unfinished(state_dir: &Path, sha256: &str) -> usize {
+    let boot = boot_id();
     unfinished_entries(&dir(state_dir).join(RUNS))
         .into_iter()
-        .filter(|(_, sha)| sha == sha256)
+        .filter(|(_, rec)| {
+            let mut w = rec.split_whitespace();
+            w.next() == Some(sha256) && w.next().unwrap_or("") == boot
+        })
         .count()
 }
 
@@ -281,11 +314,12 @@ fn unfinished_entries(runs: &Path) -> Vec<(PathBuf, String)> {
         let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
             continue;
         };
-        if crate::proc::alive(pid) && crate::proc::start_time(pid) == Some(start) {
+        let rec = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let this_boot = rec.split_whitespace().nth(1).unwrap_or("") == boot_id();
+        if this_boot && crate::proc::alive(pid) && crate::proc::start_time(pid) == Some(start) {
             continue;
         }
-        let sha = std::fs::read_to_string(e.path()).unwrap_or_default();
-        out.push((e.path(), sha.trim().to_string()));
+        out.push((e.path(), rec.trim().to_string()));
     }
     out
 }
@@ -297,7 +331,13 @@ pub fn unsafe_path(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let mut p = Some(path);
+    // The real chain: a state dir reached through a symlink (/var/lib/tope-ota -> /data/…) is
+    // judged by where it is, and a relative path by its whole ancestry.
+    let real = match std::fs::canonicalize(path) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
+    };
+    let mut p = Some(real.as_path());
     let mut first = true;
     while let Some(at) = p {
         if at.as_os_str().is_empty() {
@@ -339,10 +379,25 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let runs = dir(d.path()).join(RUNS);
         std::fs::create_dir_all(&runs).unwrap();
-        // Two dead runs (no such pid), one of another updater.
-        std::fs::write(runs.join(format!("{}.1", u32::MAX - 1)), "aa").unwrap();
-        std::fs::write(runs.join(format!("{}.2", u32::MAX - 2)), "aa").unwrap();
-        std::fs::write(runs.join(format!("{}.3", u32::MAX - 3)), "bb").unwrap();
+        // Two dead runs of this boot (no such pid), one of another updater, and one of an
+        // earlier boot (a power cut ended it: not counted).
+        let boot = boot_id();
+        std::fs::write(
+            runs.join(format!("{}.1", u32::MAX - 1)),
+            format!("aa {boot}"),
+        )
+        .unwrap();
+        std::fs::write(
+            runs.join(format!("{}.2", u32::MAX - 2)),
+            format!("aa {boot}"),
+        )
+        .unwrap();
+        std::fs::write(
+            runs.join(format!("{}.3", u32::MAX - 3)),
+            format!("bb {boot}"),
+        )
+        .unwrap();
+        std::fs::write(runs.join(format!("{}.4", u32::MAX - 4)), "aa another-boot").unwrap();
         // A live run: ours.
         begin_run(d.path(), "aa").unwrap();
         assert_eq!(unfinished(d.path(), "aa"), 2);

@@ -30,7 +30,8 @@ fn bound() -> Duration {
     {
         return Duration::from_millis(ms);
     }
-    Duration::from_secs(30)
+    // Generous: an eMMC that stalls on fsync under load must not make a good updater look hung.
+    Duration::from_secs(60)
 }
 
 /// What a self-test reports (`tope-ota self-test --json`).
@@ -44,17 +45,54 @@ pub struct Report {
     pub stage: String,
 }
 
-/// Run the updater at `exe` as `self-test ARGS` under the lock of `op`, bounded; its stdout
-/// when it exits 0, otherwise how it failed.
+/// How a run of the updater on trial failed.
+#[derive(Debug)]
+struct Failed {
+    why: String,
+    /// The updater's own doing (it exited non-zero, crashed, hung, answered nonsense), rather
+    /// than the device's (it could not be started, the disk is full, someone stopped it).
+    blame: bool,
+}
+
+impl Failed {
+    fn updater(why: String) -> Failed {
+        Failed { why, blame: true }
+    }
+
+    fn device(why: String) -> Failed {
+        Failed { why, blame: false }
+    }
+}
+
+/// Run the kept updater `sha256` at `path` as `self-test ARGS` under the lock of `op`, bounded,
+/// from the very file descriptor that was hashed (a file swapped after the check never runs);
+/// its stdout when it exits 0.
 fn run(
     g: &Global,
     op: &Operation,
-    exe: &Path,
+    path: &Path,
+    sha256: &str,
     args: &[&str],
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<Vec<u8>, Failed> {
+    use std::os::fd::AsRawFd;
+    if let Some(why) = proven::unsafe_path(path) {
+        return Err(Failed::device(format!("could not be run safely: {why}")));
+    }
+    let file = crate::fsutil::open_regular(path)
+        .map_err(|e| Failed::device(format!("could not be opened: {e}")))?;
+    match crate::integrity::sha256_reader(&file) {
+        Ok(h) if h == sha256 => {}
+        Ok(h) => {
+            return Err(Failed::updater(format!(
+                "its kept file changed (SHA-256 {h:.12}…)"
+            )))
+        }
+        Err(e) => return Err(Failed::device(format!("could not be read: {e:#}"))),
+    }
     let fd = op.lock_fd();
-    let mut cmd = Command::new(exe);
-    cmd.arg(crate::dispatch::SELF_TEST)
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    cmd.arg0(path)
+        .arg(crate::dispatch::SELF_TEST)
         .args(args)
         .arg("--state-dir")
         .arg(&g.state_dir)
@@ -68,7 +106,10 @@ fn run(
         .env(LOCK_FD_ENV, fd.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::inherit())
+        // A technician's Ctrl-C stops us, and we decide; it must not kill the updater on trial
+        // and be taken for its crash.
+        .process_group(0);
     // SAFETY: only fcntl between fork and exec (async-signal-safe): the locked fd survives the
     // exec, so the updater acts under our lock.
     unsafe {
@@ -82,7 +123,8 @@ fn run(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("could not be started: {e}"))?;
+        .map_err(|e| Failed::device(format!("could not be started: {e}")))?;
+    drop(file);
     let mut out = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
@@ -98,20 +140,35 @@ fn run(
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
+                return Err(Failed::updater(format!(
                     "hung: killed after {}",
                     crate::cli::format_duration(bound)
-                ));
+                )));
             }
-            Err(e) => return Err(format!("could not be waited for: {e}")),
+            Err(e) => return Err(Failed::device(format!("could not be waited for: {e}"))),
         }
     };
     let stdout = reader.join().unwrap_or_default();
     match (status.code(), status.signal()) {
         (Some(0), _) => Ok(stdout),
-        (Some(c), _) => Err(format!("exited {c}")),
-        (None, Some(s)) => Err(format!("crashed (signal {s})")),
-        (None, None) => Err("ended in an unknown way".into()),
+        (Some(c), _) => {
+            // A disk that is full fails any updater: the device's doing.
+            let code = serde_json::from_slice::<serde_json::Value>(&stdout)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string));
+            match code.as_deref() {
+                Some(e @ "DISK_FULL") => Err(Failed::device(format!("exited {c} ({e})"))),
+                _ => Err(Failed::updater(format!("exited {c}"))),
+            }
+        }
+        // Stopped from outside (a shutdown, a person): not a crash of its own.
+        (None, Some(s))
+            if [libc::SIGTERM, libc::SIGINT, libc::SIGKILL, libc::SIGHUP].contains(&s) =>
+        {
+            Err(Failed::device(format!("was stopped (signal {s})")))
+        }
+        (None, Some(s)) => Err(Failed::updater(format!("crashed (signal {s})"))),
+        (None, None) => Err(Failed::updater("ended in an unknown way".into())),
     }
 }
 
@@ -128,17 +185,24 @@ pub fn begin(
     target: &str,
     release: &str,
 ) -> Result<()> {
+    let kept = match proven::read(&g.state_dir) {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!("no updater is tried: {e:#}");
+            return Ok(());
+        }
+    };
+    // A trial an earlier install left (it fell back, a power cut) belongs to no install now.
+    if kept.trial.is_some() {
+        if let Err(e) = proven::update(&g.state_dir, |r| r.trial = None) {
+            log::warn!("no updater is tried: {e:#}");
+            return Ok(());
+        }
+    }
     let Some(rec) = crate::updater::read_record(snap) else {
         return Ok(());
     };
     let sha = rec.sha256.clone();
-    let kept = match proven::read(&g.state_dir) {
-        Ok(k) => k,
-        Err(e) => {
-            log::warn!("the package's updater is not tried: {e:#}");
-            return Ok(());
-        }
-    };
     if kept.good.as_ref().is_some_and(|k| k.sha256 == sha) {
         return Ok(());
     }
@@ -158,8 +222,16 @@ pub fn begin(
         return Ok(());
     }
     let running = crate::dispatch::running();
-    let path = proven::keep(&g.state_dir, &snap.join(crate::manifest::UPDATER_DST), &sha)?;
-    let tested = run(g, op, &path, &[]);
+    // Keeping it needs room and a sound disk; without them the release installs with the
+    // updater that runs, and a later one tries again.
+    let path = match proven::keep(&g.state_dir, &snap.join(crate::manifest::UPDATER_DST), &sha) {
+        Ok(p) => p,
+        Err(e) => {
+            log::warn!("the package's updater ({sha:.12}…) is not tried: keeping it: {e:#}");
+            return Ok(());
+        }
+    };
+    let tested = run(g, op, &path, &sha, &[]);
     op.hold(&Purpose::long(
         "install",
         format!("an install of {release}"),
@@ -169,24 +241,30 @@ pub fn begin(
         struct Envelope {
             data: Report,
         }
-        serde_json::from_slice::<Envelope>(&out)
+        let r = serde_json::from_slice::<Envelope>(&out)
             .map(|e| e.data)
-            .map_err(|e| format!("reported what does not parse ({e})"))
-    });
-    let report = match report.and_then(|r| {
+            .map_err(|e| Failed::updater(format!("reported what does not parse ({e})")))?;
         if r.schema < state::SCHEMA {
-            Err(format!(
+            return Err(Failed::updater(format!(
                 "reads state.json of schema {} at most; this device's is {}",
                 r.schema,
                 state::SCHEMA
-            ))
-        } else {
-            Ok(r)
+            )));
         }
-    }) {
+        Ok(r)
+    });
+    let report = match report {
         Ok(r) => r,
-        Err(why) => {
-            let why = format!("its self-test {why}");
+        Err(f) if !f.blame => {
+            log::warn!(
+                "the package's updater ({sha:.12}…) is not tried: its self-test {}",
+                f.why
+            );
+            proven::prune(&g.state_dir, &kept_now(g));
+            return Ok(());
+        }
+        Err(f) => {
+            let why = format!("its self-test {}", f.why);
             proven::mark_bad(&g.state_dir, &sha, None, Some(release), &why)?;
             return crate::error::fail(
                 ErrorCode::UpdaterFailed,
@@ -208,14 +286,14 @@ pub fn begin(
             "the package's updater {} is not newer than {v}: it stays in the snapshot and never runs",
             report.version
         );
-        proven::prune(&g.state_dir, &kept);
+        proven::prune(&g.state_dir, &kept_now(g));
         return Ok(());
     }
     log::info!(
         "the package's updater {} passed its self-test; it finishes the install",
         report.version
     );
-    proven::update(&g.state_dir, |r| {
+    let recorded = proven::update(&g.state_dir, |r| {
         r.trial = Some(Trial {
             kept: Kept {
                 sha256: sha.clone(),
@@ -226,16 +304,32 @@ pub fn begin(
             },
             target: target.to_string(),
         });
-    })?;
+    });
+    if let Err(e) = recorded {
+        log::warn!("the package's updater is not tried: recording its trial: {e:#}");
+    }
     Ok(())
 }
 
-/// The trial that the install in flight to `target` records.
+/// The record as it is now (the default when it cannot be read).
+fn kept_now(g: &Global) -> proven::Record {
+    proven::read(&g.state_dir).unwrap_or_default()
+}
+
+/// The trial that the install in flight to `target` records: for that snapshot's own updater,
+/// and still newer than the updater that runs and the proven one.
 pub fn pending(g: &Global, target: &str) -> Option<Trial> {
-    proven::read(&g.state_dir)
-        .ok()?
-        .trial
-        .filter(|t| t.target == target)
+    let rec = proven::read(&g.state_dir).ok()?;
+    let t = rec.trial?;
+    let theirs = crate::updater::read_record(&g.versions_dir.join(target))?;
+    let running = crate::dispatch::running();
+    let newer = |v: &str| crate::dispatch::newer(&t.kept.version, v);
+    (t.target == target
+        && theirs.sha256 == t.kept.sha256
+        && newer(&running.version)
+        && newer(running.entry_version())
+        && rec.good.as_ref().is_none_or(|k| newer(&k.version)))
+    .then_some(t)
 }
 
 /// Let the updater on trial commit the install's success (`self-test --commit VERSION`) and
@@ -261,20 +355,31 @@ pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<(), OtaEr
             ),
         )
     };
-    match crate::integrity::sha256_file(&path) {
-        Ok(h) if h == k.sha256 => {}
-        Ok(h) => return Err(bad(format!("its kept file changed (SHA-256 {h:.12}…)"))),
-        Err(e) => return Err(bad(format!("its kept file cannot be read: {e:#}"))),
-    }
-    let done = run(g, op, &path, &["--commit", &version]);
+    let done = run(g, op, &path, &k.sha256, &[&format!("--commit={version}")]);
     op.hold(&Purpose::long(
         "install",
         format!("an install of {version}"),
     ));
-    if let Err(why) = done {
-        return Err(bad(format!(
-            "it did not finish the install's commit: it {why}"
-        )));
+    match done {
+        Ok(_) => {}
+        Err(f) if f.blame => {
+            return Err(bad(format!(
+                "it did not finish the install's commit: it {}",
+                f.why
+            )))
+        }
+        Err(f) => {
+            // Not the updater's doing: the install commits as it always did, with the updater
+            // that runs; the new one stays unproven (a later release tries it again).
+            log::warn!(
+                "the updater {} did not commit the install: it {}; committing it ourselves",
+                k.version,
+                f.why
+            );
+            let _ = proven::update(&g.state_dir, |r| r.trial = None);
+            crate::transition::mark_success(&mut op.state, true, &version);
+            return op.commit().map_err(|e| crate::error::classify(&e));
+        }
     }
     let saved = match state::read(&g.state_dir) {
         Ok(ReadOutcome::Ok(s))

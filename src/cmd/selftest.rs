@@ -48,18 +48,31 @@ pub fn run(g: &Global, args: &SelfTestArgs) -> Result<Output> {
             report,
         ));
     };
+    // Only under the lock of the install that runs us: never by hand, over an install that
+    // was interrupted and waits for heal.
+    if std::env::var_os(crate::lock::LOCK_FD_ENV).is_none() {
+        return fail(
+            ErrorCode::InvalidRequest,
+            "self-test --commit runs only under the lock of the install that tries this updater",
+        );
+    }
     let mut op = Operation::begin(g, &Purpose::long("self-test", format!("committing {v}")))?;
     let target = op.state.target_dir().unwrap_or_default();
+    let current = crate::snapshot::link_dir(&g.versions_dir, crate::snapshot::CURRENT);
     if op.state.stage != Stage::Installing
         || op.state.version.as_deref() != Some(v.as_str())
         || op.state.package_name.is_none()
+        || !matches!(op.state.step.as_deref(), Some("verify" | "health"))
+        || current.as_deref() != Some(target.as_str())
     {
         return fail(
             ErrorCode::InvalidRequest,
             format!(
-                "no install of {v} is in flight (stage {}, version {})",
+                "no install of {v} is at its commit (stage {}, step {}, version {}, current {})",
                 op.state.stage,
-                op.state.version.as_deref().unwrap_or("-")
+                op.state.step.as_deref().unwrap_or("-"),
+                op.state.version.as_deref().unwrap_or("-"),
+                current.as_deref().unwrap_or("-")
             ),
         );
     }

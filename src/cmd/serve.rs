@@ -1083,9 +1083,9 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         .context("start the tokio runtime")?;
     let ctx = Arc::new(Ctx {
         global: g.clone(),
-        // Our own binary even once its file is gone: a replaced proven updater's copy is
-        // removed while we still run it (until we restart).
-        exe: std::path::PathBuf::from("/proc/self/exe"),
+        // The entry point (the `.deb` binary), as for every other start: it chooses the
+        // updater, counts its run, and never is a kept copy that a newer proof removes.
+        exe: crate::dispatch::running().entry(),
         api_allow_downgrade: args.api_allow_downgrade,
         conns: Conns::default(),
         loopback_names: read_loopback_names(),
@@ -1144,6 +1144,11 @@ fn inherited_listener(addr: SocketAddr) -> Option<std::net::TcpListener> {
     if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return None;
     }
+    // Close-on-exec again: no child of ours (hooks, the GUI) may hold or accept on it.
+    // SAFETY: fcntl on an open fd.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
     // SAFETY: the fd is open, handed to us alone, and owned from here on.
     let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
     let local = l.local_addr().ok()?;
@@ -1182,7 +1187,14 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // A restart execs us with SIGTERM and SIGINT blocked (so one sent meanwhile waits instead
+    // of being lost): now that they are handled, let them in.
+    signal_mask(libc::SIG_UNBLOCK);
     let builder = Arc::new(http1_builder());
+    // Once serve has served a while, its run of the updater is settled (see dispatch::settle).
+    let settle = tokio::time::sleep(SETTLED_AFTER);
+    tokio::pin!(settle);
+    let mut settled = false;
     // The updater a fresh start would run: when it changes (a new one proven, this one found
     // bad), we restart into it once idle.
     let mut planned = crate::dispatch::planned_now(&ctx.global.keys_dir);
@@ -1193,11 +1205,18 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
             a = listener.accept() => a,
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = &mut settle, if !settled => {
+                settled = true;
+                crate::dispatch::settle();
+                continue;
+            }
             _ = check.tick() => {
                 let now = crate::dispatch::planned_now(&ctx.global.keys_dir);
                 if now != planned && CHILDREN.load(Ordering::SeqCst) == 0 {
-                    if let Err(e) = restart(&ctx, &listener).await {
-                        log::error!("restarting into the new updater failed, serving on: {e:#}");
+                    match restart(&ctx, &listener, &mut term, &mut int).await {
+                        Ok(Restart::Stopped) => break,
+                        Ok(Restart::Abandoned) => {}
+                        Err(e) => log::error!("restarting into the new updater failed, serving on: {e:#}"),
                     }
                     planned = now;
                 }
@@ -1247,23 +1266,64 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// How long serve runs before its run of the updater counts as one that worked.
+const SETTLED_AFTER: Duration = Duration::from_secs(60);
+
+/// Block or unblock SIGTERM and SIGINT for this thread (and what it execs).
+fn signal_mask(how: libc::c_int) {
+    // SAFETY: plain signal-set calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// What became of a restart that did not exec.
+enum Restart {
+    /// A stop was asked for meanwhile: stop instead.
+    Stopped,
+    /// An operation started meanwhile: serve on, and try at the next change.
+    Abandoned,
+}
+
 /// Exec the entry (the `.deb` binary, which runs the newest proven updater) with our arguments
 /// and the listening socket, once no operation runs and the requests being answered are (for
-/// at most [`RESTART_DRAIN`]); connections that arrive meanwhile wait in the socket's queue.
-/// Returns only when the exec failed.
-async fn restart(ctx: &Ctx, listener: &tokio::net::TcpListener) -> Result<()> {
+/// at most [`RESTART_DRAIN`]); connections that arrive meanwhile wait in the socket's queue. A
+/// SIGTERM or SIGINT that comes first stops serve instead; one that comes during the exec
+/// waits, blocked, for the new serve. Returns only when it did not exec.
+async fn restart(
+    ctx: &Ctx,
+    listener: &tokio::net::TcpListener,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Result<Restart> {
     use std::os::fd::AsRawFd;
-    let until = std::time::Instant::now() + RESTART_DRAIN;
-    while ctx.conns.any_busy() && std::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let until = tokio::time::Instant::now() + RESTART_DRAIN;
+    while ctx.conns.any_busy() && tokio::time::Instant::now() < until {
+        tokio::select! {
+            _ = term.recv() => return Ok(Restart::Stopped),
+            _ = int.recv() => return Ok(Restart::Stopped),
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
     }
     if CHILDREN.load(Ordering::SeqCst) > 0 {
-        anyhow::bail!("an operation started meanwhile");
+        return Ok(Restart::Abandoned);
+    }
+    signal_mask(libc::SIG_BLOCK);
+    // A signal another thread took before the block is in the streams: look once more.
+    let pending = futures_now(term.recv()) || futures_now(int.recv());
+    if pending {
+        signal_mask(libc::SIG_UNBLOCK);
+        return Ok(Restart::Stopped);
     }
     let fd = listener.as_raw_fd();
     // SAFETY: fcntl on our own open socket.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+        signal_mask(libc::SIG_UNBLOCK);
         return Err(std::io::Error::last_os_error()).context("keep the socket across exec");
     }
     log::info!(
@@ -1274,7 +1334,16 @@ async fn restart(ctx: &Ctx, listener: &tokio::net::TcpListener) -> Result<()> {
     let err = crate::dispatch::reexec(&args, &[(LISTEN_FD_ENV, fd.to_string())]).unwrap_err();
     // SAFETY: as above.
     unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
+    signal_mask(libc::SIG_UNBLOCK);
     Err(err)
+}
+
+/// Whether a future is ready at once (a signal already received).
+fn futures_now<F: std::future::Future>(f: F) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    f.as_mut().poll(&mut cx).is_ready()
 }
 
 /// One connection of the service over an in-memory pipe, for the fuzzer and its corpus test:

@@ -502,3 +502,80 @@ fn serve_restarts_into_a_new_updater_without_dropping_a_poll() {
     assert_eq!(status, 200);
     assert!(body.contains("Installed version 1.1.0"), "{body}");
 }
+
+#[test]
+fn a_technicians_version_help_typo_or_closed_pipe_is_no_crash_of_the_proven_updater() {
+    let mut d = Device::with_v1();
+    let bin = updater_build("0.1.1");
+    let sha = sha256_hex(bin);
+    d.deliver("1.1.0", release(&d, "1.1.0", bin)).expect(0);
+    // clap exits by itself for these; each must still end its run in order.
+    for args in [
+        &["--version"][..],
+        &["--help"],
+        &["install", "--help"],
+        &["staus"],
+        &["--version"],
+        &["--version"],
+    ] {
+        let r = d.env.run(args);
+        assert!(r.code == 0 || r.code == 2, "{args:?}: {}", r.stderr);
+    }
+    // `tope-ota status | head -c0`: stdout's reader is gone before anything is written.
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    let write_end = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let st = d
+        .env
+        .cmd(&["status"])
+        .stdout(std::process::Stdio::from(write_end))
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(0), "{st:?}");
+    let runs = d.env.state_dir.join("updater/runs");
+    assert_eq!(
+        std::fs::read_dir(&runs).unwrap().count(),
+        0,
+        "every run ended in order"
+    );
+    assert_eq!(record(&d)["good"]["sha256"], sha.as_str(), "{}", record(&d));
+    assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
+    // The commit is only ever run under an install's lock, never by hand.
+    let r = d.env.run(&["self-test", "--commit=1.1.0"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("error: INVALID_REQUEST: self-test --commit runs only under the lock"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_state_dir_where_nothing_may_run_costs_the_updater_its_trial_not_the_release() {
+    // A state dir mounted noexec (a common hardening): the kept copy cannot be started. That is
+    // the device's doing: the release installs with the updater that runs, and the new one is
+    // not marked bad.
+    let fs = Tmpfs::mount_with("size=256m,noexec");
+    let mut d = Device::new();
+    d.env.state_dir = fs.path().join("state");
+    let pkg = d.pack("1.0.0", &v1_files(), &full_manifest("1.0.0"));
+    d.deliver("1.0.0", pkg).expect(0);
+    let bin = updater_build("0.1.1");
+    let run = d.deliver("1.1.0", release(&d, "1.1.0", bin));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("is not tried: its self-test could not be started"),
+        "{}",
+        run.stderr
+    );
+    let rec = record(&d);
+    assert!(
+        rec["good"].is_null() && rec["bad"].as_array().is_none_or(|b| b.is_empty()),
+        "{rec}"
+    );
+    assert_eq!(d.link("current").as_deref(), Some("v1.1.0"));
+    drop(d);
+}
