@@ -332,11 +332,7 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
             "{short} is not run: it came from an unsigned package and trusted keys are configured"
         )));
     }
-    let failed = proven::unfinished(state_dir, &good.sha256);
-    if failed >= proven::MAX_UNFINISHED {
-        let why = format!(
-            "its last {failed} runs ended without finishing (a crash, a hang or a power cut)"
-        );
+    let bad = |why: String| {
         let _ = proven::mark_bad(
             state_dir,
             &good.sha256,
@@ -344,7 +340,13 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
             Some(&good.release),
             &why,
         );
-        return Choice::Own(Some(format!("{short} is bad now: {why}")));
+        Choice::Own(Some(format!("{short} is bad now: {why}")))
+    };
+    let failed = proven::unfinished(state_dir, &good.sha256);
+    if failed >= proven::MAX_UNFINISHED {
+        return bad(format!(
+            "its last {failed} runs ended without finishing (a crash or a hang)"
+        ));
     }
     let file = match crate::fsutil::open_regular(&path) {
         Ok(f) => f,
@@ -352,17 +354,7 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
     };
     match crate::integrity::sha256_reader(&file) {
         Ok(h) if h == good.sha256 => Choice::Exec(file, good),
-        Ok(h) => {
-            let why = format!("its file has SHA-256 {h}, not the recorded one");
-            let _ = proven::mark_bad(
-                state_dir,
-                &good.sha256,
-                Some(&good.version),
-                Some(&good.release),
-                &why,
-            );
-            Choice::Own(Some(format!("{short} is bad now: {why}")))
-        }
+        Ok(h) => bad(format!("its file has SHA-256 {h}, not the recorded one")),
         Err(e) => Choice::Own(Some(format!("{short}: read {}: {e}", path.display()))),
     }
 }

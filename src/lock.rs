@@ -23,6 +23,18 @@ pub const LOCK_FILE: &str = "state.lock";
 /// file description under this fd number (a flock belongs to the description, so the lock passes
 /// with it, with no window for another writer).
 pub const LOCK_FD_ENV: &str = "TOPE_OTA_LOCK_FD";
+/// Called between fork and exec (`pre_exec`) of a child that acts under our lock: clears
+/// close-on-exec on the locked `fd`, so the child owns the lock from its first instruction. Only
+/// fcntl, which is async-signal-safe.
+pub fn keep_across_exec(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor number; failures are returned.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The holder record is written in one `pwrite` of this many bytes at offset 0 (padded with
 /// spaces), never truncated: a reader sees the old or the new record, or a mix it cannot parse
 /// and takes as unknown.

@@ -110,16 +110,9 @@ fn run(
         // A technician's Ctrl-C stops us, and we decide; it must not kill the updater on trial
         // and be taken for its crash.
         .process_group(0);
-    // SAFETY: only fcntl between fork and exec (async-signal-safe): the locked fd survives the
-    // exec, so the updater acts under our lock.
+    // SAFETY: the closure only calls fcntl (see crate::lock::keep_across_exec).
     unsafe {
-        cmd.pre_exec(move || {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || crate::lock::keep_across_exec(fd));
     }
     let mut child = cmd
         .spawn()

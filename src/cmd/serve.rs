@@ -460,16 +460,9 @@ async fn start_child(
         })
         .stdout(std::process::Stdio::null())
         .kill_on_drop(false);
-    // SAFETY: between fork and exec only fcntl, which is async-signal-safe: the locked fd
-    // survives exec so the child owns the lock from its first instruction.
+    // SAFETY: the closure only calls fcntl (see crate::lock::keep_across_exec).
     unsafe {
-        cmd.pre_exec(move || {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || crate::lock::keep_across_exec(fd));
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,

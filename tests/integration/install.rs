@@ -101,12 +101,17 @@ impl Device {
     }
 
     pub fn download(&mut self, version: &str, bytes: Vec<u8>) -> Run {
+        self.download_with(version, bytes, &[])
+    }
+
+    /// [`Device::download`] with more `download` arguments (`--sig-url …`).
+    pub fn download_with(&mut self, version: &str, bytes: Vec<u8>, more: &[&str]) -> Run {
         let md5 = md5_hex(&bytes);
         let size = bytes.len().to_string();
         let srv = PkgServer::start(bytes, Behaviour::default());
         let url = srv.url("pkg.zip");
         self.servers.push(srv);
-        self.env.run(&[
+        let mut args = vec![
             "download",
             "--version",
             version,
@@ -118,7 +123,9 @@ impl Device {
             &size,
             "--md5",
             &md5,
-        ])
+        ];
+        args.extend_from_slice(more);
+        self.env.run(&args)
     }
 
     pub fn install(&self) -> Run {

@@ -255,28 +255,10 @@ fn a_proven_updater_that_keeps_crashing_gives_way_to_the_deb_binary() {
 fn deliver_signed(d: &mut Device, version: &str, bytes: Vec<u8>, key: &KeyPair) -> Run {
     let file = d.env.tmp.path().join(format!("{version}.zip"));
     std::fs::write(&file, &bytes).unwrap();
-    let sig = sign(key, &file);
-    let (md5, size) = (md5_hex(&bytes), bytes.len().to_string());
-    let srv = PkgServer::start(bytes, Behaviour::default());
-    let sig_srv = PkgServer::start(sig, Behaviour::default());
-    let (url, sig_url) = (srv.url("pkg.zip"), sig_srv.url("pkg.zip.minisig"));
-    d.servers.extend([srv, sig_srv]);
-    d.env
-        .run(&[
-            "download",
-            "--version",
-            version,
-            "--url",
-            &url,
-            "--name",
-            "pkg.zip",
-            "--size",
-            &size,
-            "--md5",
-            &md5,
-            "--sig-url",
-            &sig_url,
-        ])
+    let sig_srv = PkgServer::start(sign(key, &file), Behaviour::default());
+    let sig_url = sig_srv.url("pkg.zip.minisig");
+    d.servers.push(sig_srv);
+    d.download_with(version, bytes, &["--sig-url", &sig_url])
         .expect(0);
     d.install()
 }
