@@ -106,7 +106,7 @@ pub fn parse() -> Cli {
     // clap exits by itself for --help, --version and a usage error: the run ends in order
     // first (see crate::dispatch::finish), so a technician's --version is no crash.
     let exit = |e: clap::Error| -> ! {
-        crate::dispatch::finish(e.exit_code() == 0);
+        crate::dispatch::finish(false);
         e.exit()
     };
     if args.get(1).and_then(|a| a.to_str()) == Some(crate::dispatch::SELF_TEST) {

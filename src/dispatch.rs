@@ -189,6 +189,20 @@ fn prescan(args: &[OsString], name: &str, env: &str, default: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(default))
 }
 
+/// The subcommand of `args` as far as it can be told before parsing (the proven updater may
+/// know more), for the run counter; `-` when none is found.
+fn subcommand(args: &[OsString]) -> &str {
+    const KNOWN: [&str; 10] = [
+        "download", "install", "status", "rollback", "heal", "serve", "pack", "factory", "verify",
+        SELF_TEST,
+    ];
+    args.iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .find(|a| KNOWN.contains(a))
+        .unwrap_or("-")
+}
+
 /// The choice, made before anything else: exec the proven updater (this never returns then), or
 /// run ourselves. Call first in `main`, while the process has one thread.
 pub fn start() -> &'static Running {
@@ -256,18 +270,13 @@ pub fn log_choice() {
     }
 }
 
-/// A long-running command (serve) has shown it works: its run stops counting as one that may
-/// not finish, so a serve killed later (at a stop timeout, by a power cut) is not held against
-/// the updater.
-pub fn settle() {
-    finish(false);
-}
-
-/// The process ends in order (any exit of `main`): a proven updater removes its run entry.
+/// The process ends in order: a proven updater removes its run entry; after exit 0 (`clean`)
+/// also the entries of earlier runs of the same subcommand that did not finish.
 pub fn finish(clean: bool) {
     let r = running();
     if r.fallback.is_some() {
-        proven::end_run(&r.state_dir, clean);
+        let args: Vec<OsString> = std::env::args_os().collect();
+        proven::end_run(&r.state_dir, clean.then(|| subcommand(&args)));
     }
 }
 
@@ -367,7 +376,7 @@ fn exec(args: &[OsString], state_dir: &Path, file: std::fs::File, kept: &Kept) -
     // The trial counter first: a crash of the exec'd updater must leave a trace. A run that
     // cannot be counted (a full, failing or read-only disk) is not exec'd: a crash loop there
     // would go unnoticed, so the trusted fallback runs.
-    if let Err(e) = proven::begin_run(state_dir, &kept.sha256) {
+    if let Err(e) = proven::begin_run(state_dir, &kept.sha256, subcommand(args)) {
         return format!(
             "the proven updater {} ({:.12}…) is not run: its run cannot be counted: {e:#}",
             kept.version, kept.sha256
@@ -384,7 +393,7 @@ fn exec(args: &[OsString], state_dir: &Path, file: std::fs::File, kept: &Kept) -
         .env(ENTRY_ENV, &me)
         .env(ENTRY_VERSION_ENV, version())
         .exec();
-    proven::end_run(state_dir, false);
+    proven::end_run(state_dir, None);
     format!(
         "exec of the proven updater {} ({:.12}…) failed: {err}; this one runs",
         kept.version, kept.sha256
@@ -478,7 +487,7 @@ pub fn planned_now(keys_dir: &Path) -> Option<String> {
 pub fn reexec(args: &[OsString], env: &[(&str, String)]) -> Result<std::convert::Infallible> {
     use std::os::unix::process::CommandExt;
     let r = running();
-    finish(true);
+    finish(false);
     let mut cmd = std::process::Command::new(r.entry());
     if let Some(a0) = args.first() {
         cmd.arg0(a0);

@@ -25,6 +25,6 @@ fn main() {
         }
         Err(err) => report_failure(&cli.global, &err),
     };
-    dispatch::finish(true);
+    dispatch::finish(code == 0);
     std::process::exit(code);
 }

@@ -125,9 +125,7 @@ pub fn update(state_dir: &Path, change: impl FnOnce(&mut Record)) -> Result<Reco
     fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("lock {}", lock_path.display()))?;
     let mut rec = match read(state_dir) {
         Ok(r) => r,
-        Err(e) if crate::error::has_code(&e, crate::error::ErrorCode::SchemaTooNew) => {
-            return Err(e)
-        }
+        Err(e) if !e.chain().any(|c| c.is::<serde_json::Error>()) => return Err(e),
         Err(e) => {
             // A record that does not parse trusts nothing: kept for diagnosis, and a fresh one
             // (nothing proven: the `.deb` binary runs) lets the device go on.
@@ -250,14 +248,14 @@ fn run_entry(state_dir: &Path, pid: u32, start: u64) -> PathBuf {
 
 /// Record, durably, that this process is about to exec the updater `sha256` (the pid and the
 /// start time survive the exec, so the updater finds its entry).
-pub fn begin_run(state_dir: &Path, sha256: &str) -> Result<()> {
+pub fn begin_run(state_dir: &Path, sha256: &str, subcommand: &str) -> Result<()> {
     let pid = std::process::id();
     let start = crate::proc::start_time(pid).context("read our own start time")?;
     let runs = dir(state_dir).join(RUNS);
     fsutil::ensure_dir(&runs)?;
     fsutil::write_atomic(
         &run_entry(state_dir, pid, start),
-        format!("{sha256} {}", boot_id()).as_bytes(),
+        format!("{sha256} {} {subcommand}", boot_id()).as_bytes(),
     )
 }
 
@@ -268,20 +266,26 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// This process's run ends in order: its entry goes; with `clean` (`main` returned, whatever
-/// the exit code: an honest failure such as `DOWNLOAD_FAILED` is no crash) the entries of
-/// earlier runs that did not finish go too (the counter counts failures in a row). Best effort:
-/// a leftover entry counts one failure too many, never one too few.
-pub fn end_run(state_dir: &Path, clean: bool) {
+/// This process's run ends in order (an honest failure such as `DOWNLOAD_FAILED` is no crash):
+/// its entry goes; after a run that succeeded (`cleared`: its subcommand) the entries of
+/// earlier runs of the same subcommand that did not finish go too (the counter counts failures
+/// in a row: a heal that works says nothing of a serve or an install that crashes). Best
+/// effort: a leftover entry counts one failure too many, never one too few.
+pub fn end_run(state_dir: &Path, cleared: Option<&str>) {
     let pid = std::process::id();
     let Some(start) = crate::proc::start_time(pid) else {
         return;
     };
     let runs = dir(state_dir).join(RUNS);
     let _ = std::fs::remove_file(run_entry(state_dir, pid, start));
-    if clean {
-        for (path, _) in unfinished_entries(&runs) {
-            let _ = std::fs::remove_file(path);
+    if let Some(sub) = cleared {
+        for (path, rec) in unfinished_entries(&runs) {
+            let mut w = rec.split_whitespace();
+            let (this_boot, of) = (w.nth(1).unwrap_or("") == boot_id(), w.next());
+            // Earlier boots' entries are never counted: gone with any clean run.
+            if !this_boot || of.unwrap_or("-") == sub {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
     let _ = fsutil::sync_dir(&runs);
@@ -294,7 +298,7 @@ pub fn unfinished(state_dir: &Path, sha256: &str) -> usize {
         .into_iter()
         .filter(|(_, rec)| {
             let mut w = rec.split_whitespace();
-            w.next() == Some(sha256) && w.next().unwrap_or("") == boot
+            w.next() == Some(sha256) && w.next().is_none_or(|b| b == boot)
         })
         .count()
 }
@@ -315,7 +319,8 @@ fn unfinished_entries(runs: &Path) -> Vec<(PathBuf, String)> {
             continue;
         };
         let rec = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let this_boot = rec.split_whitespace().nth(1).unwrap_or("") == boot_id();
+        // No boot id (it could not be read): judged as this boot's, by the process alone.
+        let this_boot = rec.split_whitespace().nth(1).is_none_or(|b| b == boot_id());
         if this_boot && crate::proc::alive(pid) && crate::proc::start_time(pid) == Some(start) {
             continue;
         }
@@ -384,7 +389,7 @@ mod tests {
         let boot = boot_id();
         std::fs::write(
             runs.join(format!("{}.1", u32::MAX - 1)),
-            format!("aa {boot}"),
+            format!("aa {boot} heal"),
         )
         .unwrap();
         std::fs::write(
@@ -399,15 +404,30 @@ mod tests {
         .unwrap();
         std::fs::write(runs.join(format!("{}.4", u32::MAX - 4)), "aa another-boot").unwrap();
         // A live run: ours.
-        begin_run(d.path(), "aa").unwrap();
+        begin_run(d.path(), "aa", "heal").unwrap();
         assert_eq!(unfinished(d.path(), "aa"), 2);
         assert_eq!(unfinished(d.path(), "bb"), 1);
-        end_run(d.path(), false);
+        end_run(d.path(), None);
         assert_eq!(unfinished(d.path(), "aa"), 2);
-        begin_run(d.path(), "aa").unwrap();
-        end_run(d.path(), true);
-        assert_eq!(unfinished(d.path(), "aa"), 0);
-        assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0);
+        // A heal that succeeds clears heal's failures, not an install's.
+        std::fs::write(
+            runs.join(format!("{}.5", u32::MAX - 5)),
+            format!("aa {boot} install"),
+        )
+        .unwrap();
+        std::fs::write(
+            runs.join(format!("{}.6", u32::MAX - 6)),
+            format!("aa {boot} heal"),
+        )
+        .unwrap();
+        begin_run(d.path(), "aa", "heal").unwrap();
+        end_run(d.path(), Some("heal"));
+        // Left: .2 (no subcommand recorded) and .5 (an install).
+        assert_eq!(unfinished(d.path(), "aa"), 2);
+        begin_run(d.path(), "aa", "install").unwrap();
+        end_run(d.path(), Some("install"));
+        assert_eq!(unfinished(d.path(), "aa"), 1);
+        assert_eq!(unfinished(d.path(), "bb"), 1);
     }
 
     #[test]

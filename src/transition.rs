@@ -399,7 +399,7 @@ pub fn forward(
         .flatten()
     {
         Some(t) => {
-            if let Err(e) = crate::trial::commit(g, op, &t) {
+            if let Err(e) = crate::trial::commit(g, op, &t)? {
                 return Err(failed(g, op, mgr, e).into());
             }
         }

@@ -106,13 +106,20 @@ fn run(
         .env(LOCK_FD_ENV, fd.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        // A technician's Ctrl-C stops us, and we decide; it must not kill the updater on trial
-        // and be taken for its crash.
-        .process_group(0);
-    // SAFETY: the closure only calls fcntl (see crate::lock::keep_across_exec).
+        .stderr(Stdio::inherit());
+    // SAFETY: between fork and exec only async-signal-safe calls: fcntl (see
+    // crate::lock::keep_across_exec), setsid, prctl. In a session of its own, a terminal's
+    // Ctrl-C, hangup or job control (SIGTTOU with `stty tostop`) never reaches the updater on
+    // trial, and it dies with us: nothing outlives the bound or holds the lock without us.
     unsafe {
-        cmd.pre_exec(move || crate::lock::keep_across_exec(fd));
+        cmd.pre_exec(move || {
+            crate::lock::keep_across_exec(fd)?;
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            Ok(())
+        });
     }
     let mut child = cmd
         .spawn()
@@ -131,6 +138,11 @@ fn run(
             Ok(Some(st)) => break st,
             Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
+                // The whole session it leads: what it started goes too.
+                if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                    // SAFETY: a signal to the process group of our own child.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(Failed::updater(format!(
@@ -154,10 +166,9 @@ fn run(
                 _ => Err(Failed::updater(format!("exited {c}"))),
             }
         }
-        // Stopped from outside (a shutdown, a person): not a crash of its own.
-        (None, Some(s))
-            if [libc::SIGTERM, libc::SIGINT, libc::SIGKILL, libc::SIGHUP].contains(&s) =>
-        {
+        // Stopped with us (a shutdown, a person stopping the install): not a crash of its
+        // own. In its own session nothing else stops it, so any other death is its doing.
+        (None, Some(s)) if crate::signals::stop_requested().is_some() => {
             Err(Failed::device(format!("was stopped (signal {s})")))
         }
         (None, Some(s)) => Err(Failed::updater(format!("crashed (signal {s})"))),
@@ -326,9 +337,11 @@ pub fn pending(g: &Global, target: &str) -> Option<Trial> {
 }
 
 /// Let the updater on trial commit the install's success (`self-test --commit VERSION`) and
-/// prove it good; on any failure it is marked bad and the caller falls back. The success the
-/// updater saved becomes the operation's state.
-pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<(), OtaError> {
+/// prove it good; when it fails (`Ok(Err)`) it is marked bad and the caller falls back. The
+/// success the updater saved becomes the operation's state. `Err`: the updater failed for the
+/// device's reasons and our own save of the success failed too, as a commit without a trial
+/// can (the caller returns it; heal commits later).
+pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<Result<(), OtaError>> {
     let version = op.state.version.clone().unwrap_or_default();
     let k = &trial.kept;
     let path = proven::binary(&g.state_dir, &k.sha256);
@@ -356,10 +369,10 @@ pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<(), OtaEr
     match done {
         Ok(_) => {}
         Err(f) if f.blame => {
-            return Err(bad(format!(
+            return Ok(Err(bad(format!(
                 "it did not finish the install's commit: it {}",
                 f.why
-            )))
+            ))))
         }
         Err(f) => {
             // Not the updater's doing: the install commits as it always did, with the updater
@@ -371,7 +384,9 @@ pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<(), OtaEr
             );
             let _ = proven::update(&g.state_dir, |r| r.trial = None);
             crate::transition::mark_success(&mut op.state, true, &version);
-            return op.commit().map_err(|e| crate::error::classify(&e));
+            // A failing save here is the install's own, as without a trial: heal commits later.
+            op.commit()?;
+            return Ok(Ok(()));
         }
     }
     let saved = match state::read(&g.state_dir) {
@@ -380,8 +395,12 @@ pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<(), OtaEr
         {
             s
         }
-        Ok(_) => return Err(bad("it exited 0 but did not commit the install".into())),
-        Err(e) => return Err(bad(format!("what it committed cannot be read: {e:#}"))),
+        Ok(_) => {
+            return Ok(Err(
+                bad("it exited 0 but did not commit the install".into()),
+            ))
+        }
+        Err(e) => return Ok(Err(bad(format!("what it committed cannot be read: {e:#}")))),
     };
     op.adopt_saved(*saved);
     let proven = proven::update(&g.state_dir, |r| {
@@ -403,5 +422,5 @@ pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<(), OtaEr
         // The install is done; only the proof is lost (the next release tries again).
         Err(e) => log::error!("recording the proven updater failed: {e:#}"),
     }
-    Ok(())
+    Ok(Ok(()))
 }

@@ -1184,10 +1184,7 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     // of being lost): now that they are handled, let them in.
     signal_mask(libc::SIG_UNBLOCK);
     let builder = Arc::new(http1_builder());
-    // Once serve has served a while, its run of the updater is settled (see dispatch::settle).
-    let settle = tokio::time::sleep(SETTLED_AFTER);
-    tokio::pin!(settle);
-    let mut settled = false;
+
     // The updater a fresh start would run: when it changes (a new one proven, this one found
     // bad), we restart into it once idle.
     let mut planned = crate::dispatch::planned_now(&ctx.global.keys_dir);
@@ -1198,11 +1195,6 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
             a = listener.accept() => a,
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = &mut settle, if !settled => {
-                settled = true;
-                crate::dispatch::settle();
-                continue;
-            }
             _ = check.tick() => {
                 let now = crate::dispatch::planned_now(&ctx.global.keys_dir);
                 if now != planned && CHILDREN.load(Ordering::SeqCst) == 0 {
@@ -1259,9 +1251,6 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// How long serve runs before its run of the updater counts as one that worked.
-const SETTLED_AFTER: Duration = Duration::from_secs(60);
-
 /// Block or unblock SIGTERM and SIGINT for this thread (and what it execs).
 fn signal_mask(how: libc::c_int) {
     // SAFETY: plain signal-set calls on a local set.
@@ -1307,7 +1296,10 @@ async fn restart(
     }
     signal_mask(libc::SIG_BLOCK);
     // A signal another thread took before the block is in the streams: look once more.
-    let pending = futures_now(term.recv()) || futures_now(int.recv());
+    // signals::install's flag is set by the handler itself, before tokio's driver has run.
+    let pending = futures_now(term.recv())
+        || futures_now(int.recv())
+        || crate::signals::stop_requested().is_some();
     if pending {
         signal_mask(libc::SIG_UNBLOCK);
         return Ok(Restart::Stopped);
