@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`cli`]: the clap definition, the only source of the CLI, man pages and completions.
 //! - [`cmd`]: one module per subcommand, over the shared writer `Operation`.
+//! - [`operation`]: `Operation`, a writer's lock, state and reporter: the only path that saves state.
+//! - [`output`]: what a command prints when it ends without an error.
 //! - [`state`]: `state.json`, its stages and fields; the only writer of the file.
 //! - [`lock`]: the exclusive flock on `state.lock` that makes a process the one writer.
 //! - [`fetch`]: HTTP streaming into a partial with hashing, resume, retries and timeouts.
@@ -62,6 +64,8 @@ pub mod integrity;
 pub mod lock;
 pub mod logging;
 pub mod manifest;
+pub mod operation;
+pub mod output;
 pub mod proc;
 pub mod progress;
 pub mod proven;

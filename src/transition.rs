@@ -7,8 +7,9 @@
 //! snapshot is complete, its services are started. `ROLLBACK_FAILED` only when no complete
 //! snapshot's services can be started.
 
-use crate::cmd::{Operation, Output};
 use crate::error::{ErrorCode, OtaError};
+use crate::operation::Operation;
+use crate::output::Output;
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links, CURRENT, PREVIOUS};
 use crate::state::{Stage, DOWNLOADS_DIR};

@@ -8,9 +8,9 @@
 //! device back to the version it ran. Either way the updater is marked bad, never tried again.
 
 use crate::cli::Global;
-use crate::cmd::Operation;
 use crate::error::{ErrorCode, OtaError};
 use crate::lock::{Purpose, LOCK_FD_ENV};
+use crate::operation::Operation;
 use crate::proven::{self, Kept, Trial};
 use crate::state::{self, ReadOutcome, Stage};
 use anyhow::Result;
