@@ -33,6 +33,7 @@
 //! - [`proc`]: whether another process is alive, and since when.
 //! - [`clock`]: RFC 3339 timestamps.
 //! - [`sign`]: minisign signatures checked against the keys directory.
+//! - [`gui`]: the install's progress screen, started detached, outside the unit's sandbox.
 //! - [`inhibit`]: print-job inhibitors checked before install and rollback switch software.
 //! - [`updater`]: the tope-ota binary a package can carry, checked to be one this device runs.
 //! - [`proven`]: the updaters kept under the state dir: proven, on trial, bad; the run counter.
@@ -58,6 +59,7 @@ pub mod failpoint;
 pub mod fetch;
 pub mod fsutil;
 pub mod fuzz;
+pub mod gui;
 pub mod hooks;
 pub mod inhibit;
 pub mod integrity;

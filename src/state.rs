@@ -19,6 +19,9 @@ pub const STATE_FILE: &str = "state.json";
 /// Sub-directory of the state dir holding partial and verified packages.
 pub const DOWNLOADS_DIR: &str = "downloads";
 
+/// A verified package may be installed for this long after `verified_at`.
+pub const PACKAGE_TTL_SECS: i64 = 24 * 3600;
+
 /// The schema of state.json this build reads and writes. 1 is the core schema, frozen: every
 /// version can read it and roll back from it, so a later build keeps writing 1 and only adds
 /// fields (unknown fields are ignored, missing ones take defaults). A build that must change

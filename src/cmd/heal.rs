@@ -2,13 +2,14 @@
 //! Quiet and fast when there is nothing to do.
 
 use super::download::{self, Package};
-use super::install::{Gui, PACKAGE_TTL_SECS};
 use super::{Operation, Output};
 use crate::cli::{Global, HealArgs, InstallArgs};
 use crate::error::{ErrorCode, OtaError};
+use crate::gui::Gui;
 use crate::lock::Purpose;
 use crate::services::Manager;
 use crate::snapshot::{self, Links};
+use crate::state::PACKAGE_TTL_SECS;
 use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::transition::{self, Level};
 use crate::{clock, fsutil, inhibit};

@@ -6,11 +6,11 @@
 //! crash of the work. Every response is `{"code","msg","data"}` with the HTTP status = code.
 
 use super::download::Package;
-use super::install::PACKAGE_TTL_SECS;
 use super::Output;
 use crate::cli::{Global, ServeArgs};
 use crate::error::{self, ErrorCode, OtaError};
 use crate::lock::{Purpose, StateLock, LOCK_FD_ENV};
+use crate::state::PACKAGE_TTL_SECS;
 use crate::state::{self, ReadOutcome, Stage};
 use crate::{clock, validate};
 use anyhow::{Context, Result};
