@@ -249,7 +249,9 @@ pub fn start() -> &'static Running {
     } else if args.get(1).and_then(|a| a.to_str()) != Some(SELF_TEST) {
         match choose(&state_dir, &keys_dir, version()) {
             Choice::Own(note) => running.note = note,
-            Choice::Exec(file, kept) => running.note = Some(exec(&args, &state_dir, file, &kept)),
+            Choice::Exec(file, kept) => {
+                running.note = Some(exec(&args, &state_dir, &running.exe, file, &kept))
+            }
         }
     }
     RUNNING.get_or_init(|| running)
@@ -370,7 +372,13 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
 
 /// Exec the open file `file` (the proven updater) with our arguments; returns only when the
 /// exec failed, with why.
-fn exec(args: &[OsString], state_dir: &Path, file: std::fs::File, kept: &Kept) -> String {
+fn exec(
+    args: &[OsString],
+    state_dir: &Path,
+    me: &Path,
+    file: std::fs::File,
+    kept: &Kept,
+) -> String {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     // The trial counter first: a crash of the exec'd updater must leave a trace. A run that
@@ -382,7 +390,6 @@ fn exec(args: &[OsString], state_dir: &Path, file: std::fs::File, kept: &Kept) -
             kept.version, kept.sha256
         );
     }
-    let me = own_exe();
     let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
     let mut cmd = std::process::Command::new(&fd_path);
     if let Some(a0) = args.first() {
@@ -390,7 +397,7 @@ fn exec(args: &[OsString], state_dir: &Path, file: std::fs::File, kept: &Kept) -
     }
     let err = cmd
         .args(args.iter().skip(1))
-        .env(ENTRY_ENV, &me)
+        .env(ENTRY_ENV, me)
         .env(ENTRY_VERSION_ENV, version())
         .exec();
     proven::end_run(state_dir, None);

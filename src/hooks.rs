@@ -242,7 +242,9 @@ impl Drop for Subreaper {
     }
 }
 
-fn kill_group(pid: i32) {
+/// SIGKILL the process group a child of ours leads (it must not be reaped yet), with all it
+/// started.
+pub fn kill_group(pid: i32) {
     // SAFETY: kill(2) on the process group the child leads (it is not reaped yet).
     unsafe {
         libc::kill(-pid, libc::SIGKILL);

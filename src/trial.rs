@@ -140,8 +140,7 @@ fn run(
             Ok(None) => {
                 // The whole session it leads: what it started goes too.
                 if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                    // SAFETY: a signal to the process group of our own child.
-                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    crate::hooks::kill_group(pid);
                 }
                 let _ = child.kill();
                 let _ = child.wait();
