@@ -107,7 +107,9 @@ fn an_updater_that_is_not_newer_stays_in_the_snapshot_and_never_runs() {
 fn faulty(at_how: &str) -> Device {
     let mut d = Device::with_v1();
     d.env.set("TOPE_OTA_UPDATER_FAULT", at_how);
-    d.env.set("TOPE_OTA_UPDATER_TIMEOUT_MS", "3000");
+    // Short enough for the hang cases, long enough that a good self-test or commit of the debug
+    // build is never cut off on two loaded cores.
+    d.env.set("TOPE_OTA_UPDATER_TIMEOUT_MS", "10000");
     d
 }
 
@@ -151,7 +153,7 @@ fn an_updater_that_fails_its_self_test_costs_the_release_and_nothing_else() {
     for (how, why) in [
         ("exit", "its self-test exited 1"),
         ("crash", "its self-test crashed (signal 6)"),
-        ("hang", "its self-test hung: killed after 3s"),
+        ("hang", "its self-test hung: killed after 10s"),
     ] {
         let mut d = faulty(&format!("self-test:{how}"));
         let bin = updater_build("0.1.1");
@@ -190,7 +192,7 @@ fn an_updater_that_fails_its_commit_is_bad_and_the_device_goes_back() {
             "it did not finish the install's commit: it exited 1",
         ),
         ("commit:crash", "it crashed (signal 6)"),
-        ("commit:hang", "it hung: killed after 3s"),
+        ("commit:hang", "it hung: killed after 10s"),
         // It saved the success and then died: not proven either.
         ("after-commit:crash", "it crashed (signal 6)"),
     ] {
