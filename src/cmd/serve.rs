@@ -1183,6 +1183,7 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     // A restart execs us with SIGTERM and SIGINT blocked (so one sent meanwhile waits instead
     // of being lost): now that they are handled, let them in.
     signal_mask(libc::SIG_UNBLOCK);
+    notify_ready();
     let builder = Arc::new(http1_builder());
 
     // The updater a fresh start would run: when it changes (a new one proven, this one found
@@ -1249,6 +1250,32 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// Tell systemd (the unit is `Type=notify`) that a connection would now be accepted, so
+/// `systemctl start`/`restart` of serve, and units ordered after it, wait for the socket and
+/// not only for the fork: device-api's first request after a restart is never refused. Sent
+/// again after a restart of ours (same pid), which systemd takes as a no-op.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|sock| sock.send_to_addr(b"READY=1\nSTATUS=serving the tope-ota API", &addr?));
+    if let Err(e) = sent {
+        log::warn!(
+            "tell systemd that serve is ready ({}): {e}",
+            path.to_string_lossy()
+        );
+    }
 }
 
 /// Block or unblock SIGTERM and SIGINT for this thread (and what it execs).

@@ -183,6 +183,40 @@ fn progress_answers_in_the_envelope() {
     );
 }
 
+/// The unit is `Type=notify`: serve tells systemd READY=1 once its socket accepts, at a
+/// filesystem socket and at an abstract one (`@name`, as systemd may pass).
+#[test]
+fn serve_tells_systemd_it_is_ready_once_it_listens() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let env = Env::new();
+    let path = env.tmp.path().join("notify");
+    let abstract_name = format!("tope-ota-test-notify-{}", std::process::id());
+    for (var, sock) in [
+        (
+            path.display().to_string(),
+            UnixDatagram::bind(&path).unwrap(),
+        ),
+        (
+            format!("@{abstract_name}"),
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+        ),
+    ] {
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let srv = Server::start_with(&env, &[], &[("NOTIFY_SOCKET", &var)]);
+        let mut buf = [0u8; 256];
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification at {var}: {e}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(msg.lines().any(|l| l == "READY=1"), "{var}: {msg:?}");
+        let (status, _) = call(&srv.addr, "GET", "/api/v1.0/progress", None);
+        assert_eq!(status, 200, "{var}");
+    }
+}
+
 #[test]
 fn hostile_and_malformed_requests() {
     let env = Env::new();
