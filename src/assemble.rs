@@ -40,19 +40,6 @@ pub struct Stats {
 /// The largest manifest read into memory.
 const MAX_MANIFEST: u64 = 1 << 20;
 
-/// Entry `i`'s bytes from its local header to the next record.
-pub(crate) fn extent(dir: &Directory, i: usize) -> (u64, u64) {
-    let e = &dir.entries[i];
-    let next = dir
-        .entries
-        .iter()
-        .map(|x| x.local_header_offset)
-        .filter(|&o| o > e.local_header_offset)
-        .min()
-        .unwrap_or(dir.end.cd_start);
-    (e.local_header_offset, next)
-}
-
 /// An entry's data inside its fetched extent (`bytes` from its local header on).
 fn entry_data<'a>(dir: &Directory, i: usize, bytes: &'a [u8]) -> Option<&'a [u8]> {
     if bytes.len() < 30 || bytes[..4] != [0x50, 0x4b, 0x03, 0x04] {
@@ -69,7 +56,7 @@ fn read_manifest(remote: &mut Remote, dir: &Directory) -> Result<Manifest> {
     let Some(e) = dir.entries.iter().find(|e| e.name == MANIFEST.as_bytes()) else {
         return Err(Unavailable("the package has no manifest.json".into()).into());
     };
-    let (a, b) = extent(dir, e.index);
+    let (a, b) = dir.extent(e.index);
     if b - a > MAX_MANIFEST || e.uncompressed_size > MAX_MANIFEST {
         return Err(Unavailable("manifest.json is over 1 MiB".into()).into());
     }
@@ -164,7 +151,7 @@ fn calibrate(
         .find(|x| x.entry == c)
         .expect("a candidate")
         .local;
-    let (a, b) = extent(dir, c);
+    let (a, b) = dir.extent(c);
     let e = &dir.entries[c];
     // The entry's data is at most MAX_CALIBRATION bytes: a longer span (a gap after it) is not
     // worth holding in memory, and proves nothing more.
@@ -377,7 +364,7 @@ fn reuse(
                 overflow: &overflow,
             },
         );
-        delta::copy_chunked(&mut f, &mut r)?;
+        crate::packer::copy_chunked(&mut f, &mut r)?;
         let w = r.finish()?;
         Ok(w.left == 0 && w.skip == 0 && f.hasher.finalize() == crc32)
     })();

@@ -1,38 +1,11 @@
 //! The command-line definition (clap derive), and nothing else: man pages, completions and tests
 //! render from this same definition.
 
+use crate::clock::{format_duration, parse_duration};
 use clap::builder::FalseyValueParser;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// A duration: a number with `ms`, `s`, `m` or `min`, or `h` (systemd's units), or a bare
-/// number of seconds (`500ms`, `60s`, `2m`, `2min`, `1h`, `60`); at most 24 h.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = t.strip_suffix("min") {
-        (n, 60_000)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3_600_000)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (t, 1000)
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (500ms, 60s, 2min, 1h)"))?;
-    let ms = n.saturating_mul(unit_ms);
-    if ms > 24 * 3600 * 1000 {
-        return Err(format!("{s:?} is longer than 24 h"));
-    }
-    Ok(Duration::from_millis(ms))
-}
 
 /// The shortest bound a command may be given (a health check's or a migration's timeout):
 /// below it every run would be killed at once and every install fail, so a smaller setting
@@ -89,19 +62,10 @@ fn duration_setting(s: &str) -> Result<DurationSetting, std::convert::Infallible
     })
 }
 
-/// A duration as [`parse_duration`] reads it back.
-pub fn format_duration(d: Duration) -> String {
-    if d.as_millis() % 1000 == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
 /// Parse the process's arguments; `--version` says which updater runs (see
 /// [`crate::dispatch`]).
 pub fn parse() -> Cli {
-    use clap::{CommandFactory, FromArgMatches};
+    use clap::FromArgMatches;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // clap exits by itself for --help, --version and a usage error: the run ends in order
     // first (see crate::dispatch::finish), so a technician's --version is no crash.
@@ -118,17 +82,92 @@ pub fn parse() -> Cli {
         };
     }
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let m = Cli::command()
-        .version(leak(crate::dispatch::version().to_string()))
+    let m = command()
+        .version(leak(crate::version::version().to_string()))
         .long_version(leak(crate::dispatch::long_version()))
         .try_get_matches_from(args)
         .unwrap_or_else(|e| exit(e));
     Cli::from_arg_matches(&m).unwrap_or_else(|e| exit(e))
 }
 
+/// The command line as it parses and as `--help` and the man pages show it: the global
+/// options under their own heading in `tope-ota --help`, and in each subcommand's help (and
+/// page) folded into one line, so that a technician sees the subcommand's own options first.
+/// The globals are still accepted after the subcommand: each subcommand holds a hidden copy
+/// (clap propagates a global only where no argument of that id exists). Completions render
+/// from [`Cli`] itself, where the globals complete after the subcommand too.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let globals: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .cloned()
+        .collect();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    let shown: Vec<String> = ["json", "quiet", "verbose", "state-dir"]
+        .iter()
+        .map(|l| format!("--{l}"))
+        .collect();
+    let template = format!(
+        "{{before-help}}{{about-with-newline}}\n{{usage-heading}} {{usage}}\n\n{{all-args}}\n\n\
+         {GLOBAL_HEADING}: {} and {} more (`tope-ota --help` lists them){{after-help}}",
+        shown.join(", "),
+        globals.len() - shown.len()
+    );
+    names.iter().fold(cmd, |cmd, name| {
+        cmd.mut_subcommand(name, |sc| {
+            globals
+                .iter()
+                .fold(sc, |sc, a| sc.arg(a.clone().hide(true)))
+                .help_template(template.clone())
+        })
+    })
+}
+
+/// The heading of the options every subcommand takes.
+pub const GLOBAL_HEADING: &str = "Global options";
+
+const DOWNLOAD_EXAMPLES: &str = "\
+Examples:
+  # The package a release announces (all five are needed):
+  tope-ota download --version 1.2.0 --url http://updates.example/tope-1.2.0.zip \\
+      --name tope-1.2.0.zip --size 73400320 --md5 0123456789abcdef0123456789abcdef
+  # The same from device-api's JSON request body, the outcome as JSON:
+  tope-ota download --request body.json --json
+  # Run again after a cut connection: the partial download is re-hashed and resumed.
+
+More: docs/downloads.md (/usr/share/doc/tope-ota/ on a device)";
+
+const INSTALL_EXAMPLES: &str = "\
+Examples:
+  tope-ota install                             # the package downloaded last
+  tope-ota install --version 1.2.0 --wait 600  # wait up to 10 min for a print to end
+  tope-ota install --version 1.1.0 --allow-downgrade
+  tope-ota status                              # how it went, and the installed versions
+
+More: docs/versions.md#install (/usr/share/doc/tope-ota/ on a device)";
+
+const ROLLBACK_EXAMPLES: &str = "\
+Examples:
+  tope-ota rollback                        # back to the previous version
+  tope-ota rollback --to factory           # the version the device shipped with
+  tope-ota rollback --to 1.1.0 --wait 600  # a named version, once no print runs
+
+More: docs/versions.md#rollback (/usr/share/doc/tope-ota/ on a device)";
+
 /// Over-the-air updater of TOPE devices: download, verify, install and roll back software versions.
 #[derive(Debug, Parser)]
-#[command(name = "tope-ota", version, max_term_width = 100)]
+#[command(
+    name = "tope-ota",
+    version,
+    max_term_width = 100,
+    after_help = "Each subcommand: tope-ota help <COMMAND>, man tope-ota-<COMMAND>. More: README.md \
+                  and docs/ (/usr/share/doc/tope-ota/ on a device)"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -138,6 +177,7 @@ pub struct Cli {
 
 /// Options every subcommand takes.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = GLOBAL_HEADING)]
 pub struct Global {
     /// Directory of state.json, its lock and downloads/
     #[arg(
@@ -303,12 +343,15 @@ pub struct Global {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Download and verify an update package, resuming a partial one
+    #[command(after_help = DOWNLOAD_EXAMPLES)]
     Download(DownloadArgs),
     /// Install the downloaded package as a new version snapshot
+    #[command(after_help = INSTALL_EXAMPLES)]
     Install(InstallArgs),
     /// Show the operation in flight and the installed versions
     Status,
     /// Switch back to the previous, the factory or a named version
+    #[command(after_help = ROLLBACK_EXAMPLES)]
     Rollback(RollbackArgs),
     /// Finish or undo whatever an interruption left (run at boot and by a timer)
     Heal(HealArgs),
@@ -458,22 +501,23 @@ mod tests {
     use clap::CommandFactory;
 
     #[test]
+    fn the_run_counter_knows_every_subcommand() {
+        let mut names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        names.push(crate::dispatch::SELF_TEST.to_string());
+        assert_eq!(names, crate::dispatch::SUBCOMMANDS);
+    }
+
+    #[test]
     fn definition_is_consistent() {
         Cli::command().debug_assert();
+        command().debug_assert();
     }
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        for bad in ["", "s", "-1s", "1.5s", "25h", "100000m"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-        for d in [Duration::from_millis(1234), Duration::from_secs(60)] {
-            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
-        }
         let bad = duration_setting("60 seconds").unwrap();
         assert_eq!(bad.or("x", Duration::from_secs(3)), Duration::from_secs(3));
         let good = duration_setting("2s").unwrap();

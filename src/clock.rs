@@ -1,4 +1,5 @@
-//! Wall-clock timestamps as RFC 3339 UTC strings (`2026-11-23T05:38:55Z`), without a date crate.
+//! Wall-clock timestamps as RFC 3339 UTC strings (`2026-11-23T05:38:55Z`), without a date crate,
+//! and durations as settings and messages write them (`500ms`, `60s`, `2min`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,9 +136,60 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// A duration: a number with `ms`, `s`, `m` or `min`, or `h` (systemd's units), or a bare
+/// number of seconds (`500ms`, `60s`, `2m`, `2min`, `1h`, `60`); at most 24 h.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix("min") {
+        (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (500ms, 60s, 2min, 1h)"))?;
+    let ms = n.saturating_mul(unit_ms);
+    if ms > 24 * 3600 * 1000 {
+        return Err(format!("{s:?} is longer than 24 h"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// A duration as [`parse_duration`] reads it back.
+pub fn format_duration(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "-1s", "1.5s", "25h", "100000m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        for d in [Duration::from_millis(1234), Duration::from_secs(60)] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+    }
 
     #[test]
     fn round_trips() {

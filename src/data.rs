@@ -242,7 +242,7 @@ pub fn stage_in(work: &Path, snap: &Path, mutable: &[String]) -> Result<()> {
     let ancestor = |p: &str| mutable.iter().any(|m| m.starts_with(&format!("{p}/")));
     let stray: Vec<String> = all
         .into_iter()
-        .filter(|p| !crate::integrity::within(p, mutable))
+        .filter(|p| !crate::snapshot::within(p, mutable))
         .filter(|p| !(ancestor(p) && fs::symlink_metadata(work.join(p)).is_ok_and(|m| m.is_dir())))
         .collect();
     if !stray.is_empty() {

@@ -8,45 +8,7 @@
 
 use std::io::{self, Write};
 
-/// The deflate level `pack` writes with (zlib's default, also Python zipfile's): with flate2's
-/// zlib-rs backend, fixed by this crate's dependencies, a file's deflated bytes are a function of
-/// the file alone.
-pub const PACK_DEFLATE_LEVEL: u32 = 6;
-
-/// The deflate implementation's output depends on how its input is cut into writes (zlib-rs
-/// compresses 200 KB of text to 15,620 bytes fed at once or in 64 KiB writes, 15,651 in 8 KiB
-/// writes): `pack` and the regeneration both feed it whole writes of this many bytes, the last
-/// one shorter.
-pub const PACK_CHUNK: usize = 64 * 1024;
-
-/// Copy `from` into `to` in writes of exactly [`PACK_CHUNK`] bytes (the last one shorter,
-/// none for an empty input), whatever sizes `from`'s reads return. Returns the bytes copied.
-pub fn copy_chunked<R: io::Read + ?Sized, W: Write + ?Sized>(
-    from: &mut R,
-    to: &mut W,
-) -> io::Result<u64> {
-    let mut buf = vec![0u8; PACK_CHUNK];
-    let mut total = 0u64;
-    loop {
-        let mut n = 0;
-        while n < buf.len() {
-            match from.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Ok(total);
-        }
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-        if n < buf.len() {
-            return Ok(total);
-        }
-    }
-}
+use crate::packer::{PACK_CHUNK, PACK_DEFLATE_LEVEL};
 
 /// The compression methods an entry can be regenerated from (ZIP method numbers 0 and 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,87 +112,9 @@ pub fn regenerate_entry(file: &[u8], method: Method) -> Vec<u8> {
 #[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
     use super::*;
+    use crate::packer::copy_chunked;
+    use crate::packer::tests::{pack_dir, sample_bytes, sample_tree};
     use std::io::Read;
-    use std::path::Path;
-
-    /// Text that deflates well, and bytes that do not, deterministically.
-    pub(crate) fn sample_bytes(seed: u64, len: usize, text: bool) -> Vec<u8> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let mut out = Vec::with_capacity(len);
-        while out.len() < len {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if text {
-                let words = [
-                    "printer ",
-                    "nozzle ",
-                    "bed ",
-                    "extruder ",
-                    "G1 X10 Y20\n",
-                    "temp=210 ",
-                ];
-                out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
-            } else {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        }
-        out.truncate(len);
-        out
-    }
-
-    pub(crate) fn sample_tree(dir: &Path) {
-        std::fs::create_dir_all(dir.join("bin")).unwrap();
-        std::fs::create_dir_all(dir.join("share/doc")).unwrap();
-        std::fs::write(dir.join("bin/app"), sample_bytes(1, 300_000, false)).unwrap();
-        std::fs::write(
-            dir.join("share/doc/readme.txt"),
-            sample_bytes(2, 200_000, true),
-        )
-        .unwrap();
-        std::fs::write(dir.join("share/empty"), b"").unwrap();
-        std::fs::write(dir.join("share/tiny"), b"x").unwrap();
-        std::os::unix::fs::symlink("app", dir.join("bin/app-link")).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join("bin/app"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-    }
-
-    pub(crate) fn pack_dir(dir: &Path) -> Vec<u8> {
-        let manifest = br#"{"version":"1.0.0","modules":[{"name":"all","src":"bin","dst":"bin"}]}"#;
-        crate::cmd::pack::write_package(io::Cursor::new(Vec::new()), manifest, dir)
-            .unwrap()
-            .into_inner()
-    }
-
-    #[test]
-    fn pack_is_reproducible() {
-        let t = tempfile::tempdir().unwrap();
-        let d = t.path().join("tree");
-        sample_tree(&d);
-        let a = pack_dir(&d);
-        // Other mtimes, and files rewritten (new inodes, other directory order on disk).
-        let f = d.join("share/doc/readme.txt");
-        let bytes = std::fs::read(&f).unwrap();
-        std::fs::remove_file(&f).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-        std::fs::write(&f, &bytes).unwrap();
-        std::fs::write(d.join("share/tiny"), b"x").unwrap();
-        let b = pack_dir(&d);
-        assert!(a == b, "two packs of the same directory differ");
-        // A copy of the tree made in another order packs the same.
-        let d2 = t.path().join("tree2");
-        std::fs::create_dir_all(d2.join("share/doc")).unwrap();
-        std::fs::copy(d.join("share/tiny"), d2.join("share/tiny")).unwrap();
-        std::fs::copy(d.join("share/empty"), d2.join("share/empty")).unwrap();
-        std::fs::copy(&f, d2.join("share/doc/readme.txt")).unwrap();
-        std::fs::create_dir_all(d2.join("bin")).unwrap();
-        std::fs::copy(d.join("bin/app"), d2.join("bin/app")).unwrap();
-        std::os::unix::fs::symlink("app", d2.join("bin/app-link")).unwrap();
-        assert!(pack_dir(&d2) == a, "a copy of the tree packs differently");
-    }
 
     /// Every entry's raw bytes in a package, by name, with its method.
     pub(crate) fn raw_entries(zip: &[u8]) -> Vec<(String, u16, Vec<u8>)> {
@@ -755,8 +639,8 @@ pub fn remaining_cost(
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod plan_tests {
-    use super::tests::{sample_bytes, sample_tree};
     use super::*;
+    use crate::packer::tests::{sample_bytes, sample_tree};
     use crate::zipdir::tests::read_all;
     use crate::zipdir::Limits;
     use std::path::Path;
@@ -770,7 +654,7 @@ mod plan_tests {
     }
 
     fn pack(dir: &Path) -> Vec<u8> {
-        crate::cmd::pack::write_package(io::Cursor::new(Vec::new()), MANIFEST_JSON, dir)
+        crate::packer::write_package(io::Cursor::new(Vec::new()), MANIFEST_JSON, dir)
             .unwrap()
             .into_inner()
     }

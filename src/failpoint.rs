@@ -7,10 +7,10 @@
 //!   as a disk that went bad stays bad. `op` is `fsync`, `rename` or `symlink` (the calls that
 //!   make a change durable or visible), or `write` (a delta's writes to the partial); `N`
 //!   defaults to 1.
-//! - `TOPE_OTA_UPDATER_FAULT=at:how`: a kept updater (one run from `<state-dir>/updater/`,
-//!   never the binary that tries or execs it) fails at [`updater_fault`]`(at)`: `exit` (1),
-//!   `crash` (SIGABRT) or `hang` (sleeps, deaf to SIGTERM). `at` is `self-test`, `commit`,
-//!   `after-commit` or `run` (every command's start).
+//! - `TOPE_OTA_UPDATER_FAULT=at:how`: a kept updater (one run from `<state-dir>/updater/`, the
+//!   `kept_dir` its callers name, never the binary that tries or execs it) fails at
+//!   [`updater_fault`]`(at, kept_dir)`: `exit` (1), `crash` (SIGABRT) or `hang` (sleeps, deaf
+//!   to SIGTERM). `at` is `self-test`, `commit`, `after-commit` or `run` (every command's start).
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
@@ -62,7 +62,7 @@ pub fn fault(_op: &str) -> std::io::Result<()> {
 }
 
 #[cfg(feature = "failpoints")]
-pub fn updater_fault(at: &str) {
+pub fn updater_fault(at: &str, kept_dir: &str) {
     let Ok(spec) = std::env::var("TOPE_OTA_UPDATER_FAULT") else {
         return;
     };
@@ -73,7 +73,7 @@ pub fn updater_fault(at: &str) {
     let kept = exe
         .parent()
         .and_then(|p| p.file_name())
-        .is_some_and(|n| n == crate::proven::DIR);
+        .is_some_and(|n| n == kept_dir);
     if name != at || !kept {
         return;
     }
@@ -103,4 +103,4 @@ pub fn updater_fault(at: &str) {
 
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
-pub fn updater_fault(_at: &str) {}
+pub fn updater_fault(_at: &str, _kept_dir: &str) {}

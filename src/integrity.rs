@@ -7,7 +7,7 @@
 //! version's changing data and are not recorded.
 
 use crate::fsutil;
-use crate::snapshot::META_DIR;
+use crate::snapshot::{within, META_DIR};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -142,16 +142,6 @@ impl Status {
             }
         }
     }
-}
-
-/// Whether `path` is one of `mutable` or lies under one.
-pub fn within(path: &str, mutable: &[String]) -> bool {
-    mutable.iter().any(|m| {
-        path == m
-            || path
-                .strip_prefix(m.as_str())
-                .is_some_and(|r| r.starts_with('/'))
-    })
 }
 
 /// SHA-256 of a file, hex.

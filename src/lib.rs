@@ -16,6 +16,7 @@
 //! - [`integrity`]: each snapshot's record of its files, and what changed since.
 //! - [`transition`]: from one snapshot to another once services may be down, with fall-backs.
 //! - [`archive`]: safe ZIP unpacking with caps (our own loop, never `extract()`).
+//! - [`packer`]: the package format `pack` writes, fixed so that delta can regenerate entries.
 //! - [`delta`]: delta downloads: regenerating entries from `current`, planning the ranges.
 //! - [`zipdir`]: a ZIP's central directory from byte slices, with caps (for delta downloads).
 //! - [`remote`]: byte ranges of a package on a static server (probe, If-Match), for deltas.
@@ -39,6 +40,7 @@
 //! - [`proven`]: the updaters kept under the state dir: proven, on trial, bad; the run counter.
 //! - [`trial`]: a package's updater tried by an install: its self-test, then its own commit.
 //! - [`dispatch`]: which updater runs: the `.deb` binary execs the proven one when newer.
+//! - [`version`]: this binary's version stamp, and which of two versions is newer.
 //! - [`failpoint`]: named crash points, compiled in only for the crash-injection tests.
 //! - [`fuzz`]: the fuzz targets, each parser with the property it checks (`fuzz/`).
 
@@ -68,6 +70,7 @@ pub mod logging;
 pub mod manifest;
 pub mod operation;
 pub mod output;
+pub mod packer;
 pub mod proc;
 pub mod progress;
 pub mod proven;
@@ -84,6 +87,7 @@ pub mod transition;
 pub mod trial;
 pub mod updater;
 pub mod validate;
+pub mod version;
 pub mod zipdir;
 
 use error::OtaError;

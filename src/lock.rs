@@ -306,7 +306,7 @@ impl Drop for StateLock {
 fn say_wait(wait: Duration, held: Option<&Holder>) {
     log::warn!(
         "waiting up to {} for {} to release the lock",
-        crate::cli::format_duration(wait),
+        crate::clock::format_duration(wait),
         held.map(Holder::describe)
             .unwrap_or_else(|| "another tope-ota".into())
     );
@@ -360,7 +360,7 @@ fn waited_for(wait: Duration) -> String {
     } else {
         format!(
             "; waited {} (--lock-wait)",
-            crate::cli::format_duration(wait)
+            crate::clock::format_duration(wait)
         )
     }
 }

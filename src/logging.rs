@@ -49,7 +49,7 @@ impl Log for OtaLogger {
                 let kvs = [
                     ("OTA_VERSION", version),
                     ("OTA_STAGE", stage),
-                    ("OTA_UPDATER", crate::dispatch::version()),
+                    ("OTA_UPDATER", crate::version::version()),
                 ];
                 let _ = journal.journal_send(
                     &Record::builder()

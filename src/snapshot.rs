@@ -167,9 +167,9 @@ enum Pick {
 /// under `private` are copied instead of linked (data the old version wrote in place).
 pub fn mirror(src: &Path, dst: &Path, skip: &[String], private: &[String]) -> Result<u64> {
     let pick = |rel: &str| {
-        if crate::integrity::within(rel, skip) {
+        if within(rel, skip) {
             Pick::Skip
-        } else if crate::integrity::within(rel, private) {
+        } else if within(rel, private) {
             Pick::Copy
         } else {
             Pick::Link
@@ -309,6 +309,16 @@ pub fn prune_best_effort(root: &Path) {
         Ok(_) => {}
         Err(e) => log::warn!("removing unused snapshots: {e:#}"),
     }
+}
+
+/// Whether `path` is one of `mutable` or lies under one.
+pub fn within(path: &str, mutable: &[String]) -> bool {
+    mutable.iter().any(|m| {
+        path == m
+            || path
+                .strip_prefix(m.as_str())
+                .is_some_and(|r| r.starts_with('/'))
+    })
 }
 
 #[cfg(test)]

@@ -202,6 +202,21 @@ pub struct ProgressData {
 }
 
 impl State {
+    /// A committed success: of the install of `version`, or of a rollback to it.
+    pub fn mark_success(&mut self, installing: bool, version: &str) {
+        self.stage = Stage::Success;
+        self.step = None;
+        self.progress = 100;
+        self.message = if installing {
+            format!("Installed version {version}")
+        } else {
+            format!(
+                "Rolled back to {version}; previous is now {}",
+                self.previous_version.as_deref().unwrap_or("-")
+            )
+        };
+    }
+
     /// The snapshot dir being switched to (older state files name only the version).
     pub fn target_dir(&self) -> Option<String> {
         self.target
@@ -276,7 +291,7 @@ pub fn too_new(path: &Path, found: u64, max: u64) -> anyhow::Error {
              run the newer tope-ota that wrote it, or move the file aside to let this one act \
              (losing what it records)",
             path.display(),
-            crate::dispatch::version(),
+            crate::version::version(),
         ),
     )
     .into()

@@ -144,7 +144,7 @@ impl Prospect {
                         crc32: e.crc32,
                     },
                 );
-                let end = crate::assemble::extent(dir, c.entry).1;
+                let end = dir.extent(c.entry).1;
                 // A directory whose sizes overlap the next entry is refused by the plan later;
                 // here it just counts for nothing.
                 if let Some(start) = end.checked_sub(e.compressed_size) {
@@ -160,7 +160,7 @@ impl Prospect {
             .map(|c| current.join(&c.local));
         let calibration = delta::calibration_entry(dir, cands, &view)
             .map(|i| {
-                let (a, b) = crate::assemble::extent(dir, i);
+                let (a, b) = dir.extent(i);
                 b - a
             })
             .unwrap_or(0);

@@ -405,7 +405,7 @@ pub fn forward(
             }
         }
         None => {
-            mark_success(&mut op.state, installing, &version);
+            op.state.mark_success(installing, &version);
             op.commit()?;
         }
     }
@@ -414,21 +414,6 @@ pub fn forward(
         format!("{}\n", op.state.message),
         op.state.progress_data(),
     ))
-}
-
-/// The state of a committed success: of the install of `version`, or of a rollback to it.
-pub fn mark_success(state: &mut crate::state::State, installing: bool, version: &str) {
-    state.stage = Stage::Success;
-    state.step = None;
-    state.progress = 100;
-    state.message = if installing {
-        format!("Installed version {version}")
-    } else {
-        format!(
-            "Rolled back to {version}; previous is now {}",
-            state.previous_version.as_deref().unwrap_or("-")
-        )
-    };
 }
 
 /// The health phase of [`forward`]: the target snapshot's own recorded checks, then the

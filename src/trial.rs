@@ -146,7 +146,7 @@ fn run(
                 let _ = child.wait();
                 return Err(Failed::updater(format!(
                     "hung: killed after {}",
-                    crate::cli::format_duration(bound)
+                    crate::clock::format_duration(bound)
                 )));
             }
             Err(e) => return Err(Failed::device(format!("could not be waited for: {e}"))),
@@ -283,7 +283,7 @@ pub fn begin(
     if let Some(v) = newest
         .into_iter()
         .flatten()
-        .find(|v| !crate::dispatch::newer(&report.version, v))
+        .find(|v| !crate::version::newer(&report.version, v))
     {
         log::warn!(
             "the package's updater {} is not newer than {v}: it stays in the snapshot and never runs",
@@ -326,7 +326,7 @@ pub fn pending(g: &Global, target: &str) -> Option<Trial> {
     let t = rec.trial?;
     let theirs = crate::updater::read_record(&g.versions_dir.join(target))?;
     let running = crate::dispatch::running();
-    let newer = |v: &str| crate::dispatch::newer(&t.kept.version, v);
+    let newer = |v: &str| crate::version::newer(&t.kept.version, v);
     (t.target == target
         && theirs.sha256 == t.kept.sha256
         && newer(&running.version)
@@ -382,7 +382,7 @@ pub fn commit(g: &Global, op: &mut Operation, trial: &Trial) -> Result<Result<()
                 f.why
             );
             let _ = proven::update(&g.state_dir, |r| r.trial = None);
-            crate::transition::mark_success(&mut op.state, true, &version);
+            op.state.mark_success(true, &version);
             // A failing save here is the install's own, as without a trial: heal commits later.
             op.commit()?;
             return Ok(Ok(()));

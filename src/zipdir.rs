@@ -341,6 +341,22 @@ pub struct Directory {
     pub entries: Vec<Entry>,
 }
 
+impl Directory {
+    /// Entry `i`'s bytes from its local header to the next record (the next local header, or
+    /// the central directory).
+    pub fn extent(&self, i: usize) -> (u64, u64) {
+        let e = &self.entries[i];
+        let next = self
+            .entries
+            .iter()
+            .map(|x| x.local_header_offset)
+            .filter(|&o| o > e.local_header_offset)
+            .min()
+            .unwrap_or(self.end.cd_start);
+        (e.local_header_offset, next)
+    }
+}
+
 /// The second (or third) step: the directory's bytes `cd` (exactly `end.cd_size` of them, from
 /// `end.cd_start`) into entries.
 pub fn parse_directory(cd: &[u8], end: &End, limits: &Limits) -> R<Directory> {
@@ -612,8 +628,8 @@ pub(crate) mod tests {
 
     pub(crate) fn packed() -> Vec<u8> {
         let t = tempfile::tempdir().unwrap();
-        crate::delta::tests::sample_tree(t.path());
-        crate::delta::tests::pack_dir(t.path())
+        crate::packer::tests::sample_tree(t.path());
+        crate::packer::tests::pack_dir(t.path())
     }
 
     #[test]
@@ -997,7 +1013,7 @@ def dump(path):
         std::fs::create_dir_all(t.path().join("d")).unwrap();
         std::fs::write(t.path().join("d/a"), b"hello hello hello").unwrap();
         std::fs::write(t.path().join("b"), b"").unwrap();
-        let zip = crate::delta::tests::pack_dir(t.path());
+        let zip = crate::packer::tests::pack_dir(t.path());
         let lim = Limits::default();
         let d = read_all(&zip, &lim).unwrap();
         for k in 0..zip.len() {

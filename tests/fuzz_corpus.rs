@@ -82,7 +82,7 @@ fn packed(files: &[(&str, &[u8])]) -> Vec<u8> {
         std::fs::write(p, data).unwrap();
     }
     let manifest = br#"{"version":"1.2.0","modules":[{"name":"bin","src":"bin","dst":"bin","process_name":"printer"}]}"#;
-    tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+    tope_ota::packer::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
         .unwrap()
         .into_inner()
 }

@@ -185,7 +185,7 @@ fn build(
     let mutable_of = |p: &str| {
         mutable
             .iter()
-            .find(|m| integrity::within(p, std::slice::from_ref(*m)))
+            .find(|m| crate::snapshot::within(p, std::slice::from_ref(*m)))
             .cloned()
     };
     for md in &manifest.modules {

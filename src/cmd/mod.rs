@@ -19,7 +19,7 @@ pub use crate::output::Output;
 
 /// Run the parsed command line.
 pub fn run(cli: &Cli) -> Result<Output> {
-    crate::failpoint::updater_fault("run");
+    crate::failpoint::updater_fault("run", crate::proven::DIR);
     match &cli.command {
         Command::Download(args) => download::run(&cli.global, args),
         Command::Status => status::run(&cli.global),

@@ -14,7 +14,7 @@ use anyhow::Result;
 use std::time::Duration;
 
 pub fn run(g: &Global, args: &SelfTestArgs) -> Result<Output> {
-    crate::failpoint::updater_fault("self-test");
+    crate::failpoint::updater_fault("self-test", crate::proven::DIR);
     // Read without moving anything aside: an updater that cannot parse what the device holds
     // must fail its test, not reset an install in flight.
     let stage = match state::read(&g.state_dir)? {
@@ -27,7 +27,7 @@ pub fn run(g: &Global, args: &SelfTestArgs) -> Result<Output> {
             )
         }
     };
-    let version = crate::dispatch::version().to_string();
+    let version = crate::version::version().to_string();
     let Some(v) = &args.commit else {
         let lock = StateLock::acquire(
             &g.state_dir,
@@ -85,10 +85,10 @@ pub fn run(g: &Global, args: &SelfTestArgs) -> Result<Output> {
             format!("this binary is not the updater of {target}"),
         );
     }
-    crate::failpoint::updater_fault("commit");
-    crate::transition::mark_success(&mut op.state, true, v);
+    crate::failpoint::updater_fault("commit", crate::proven::DIR);
+    op.state.mark_success(true, v);
     op.commit()?;
-    crate::failpoint::updater_fault("after-commit");
+    crate::failpoint::updater_fault("after-commit", crate::proven::DIR);
     let out = Output::success(format!("{}\n", op.state.message), op.state.progress_data());
     op.finish();
     Ok(out)

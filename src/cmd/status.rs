@@ -94,7 +94,7 @@ pub fn run(g: &Global) -> Result<Output> {
         ),
         Err(e) => writeln!(human, "packages:  refused: {}", e.message()),
     };
-    for l in crate::dispatch::status_lines(g) {
+    for l in crate::dispatch::status_lines(&g.state_dir) {
         let _ = writeln!(human, "{l}");
     }
     Ok(Output {

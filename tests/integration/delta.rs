@@ -21,7 +21,7 @@ fn delta_package(files: usize) -> Vec<u8> {
         std::fs::write(d.join(name), data(200 + i % 300, i as u64)).unwrap();
     }
     let manifest = br#"{"version":"2.0.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
-    tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+    tope_ota::packer::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
         .unwrap()
         .into_inner()
 }
@@ -190,7 +190,7 @@ fn delta_setup(env: &Env, changed: &[usize]) -> Pkg {
     let t = delta_trees(env, changed);
     let manifest = br#"{"version":"1.2.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
     let bytes =
-        tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+        tope_ota::packer::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
             .unwrap()
             .into_inner();
     let md5 = md5_hex(&bytes);
@@ -1187,7 +1187,7 @@ fn delta_setup_again(env: &Env, changed: &[usize]) -> Pkg {
     }
     let manifest = br#"{"version":"2.1.0","modules":[{"name":"bin","src":"bin","dst":"bin"}]}"#;
     let bytes =
-        tope_ota::cmd::pack::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
+        tope_ota::packer::write_package(std::io::Cursor::new(Vec::new()), manifest, t.path())
             .unwrap()
             .into_inner();
     pkg_of(bytes)

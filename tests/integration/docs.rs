@@ -147,6 +147,32 @@ fn sections(top: bool) -> String {
     r
 }
 
+/// A subcommand's page: its own options above, then the global ones folded as in its
+/// `--help`, then its examples (the `after_help` of the definition).
+fn subcommand_sections(cmd: &clap::Command) -> String {
+    let globals: Vec<String> = Cli::command()
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .filter_map(|a| a.get_long().map(|l| format!("\\fB\\-\\-{}\\fR", esc(l))))
+        .collect();
+    let mut r = format!(
+        ".SH \"GLOBAL OPTIONS\"\nEvery option of \\fBtope\\-ota\\fR(1) is taken before or after the \
+         subcommand: {}.\n",
+        globals.join(", ")
+    );
+    if let Some(after) = cmd.get_after_help() {
+        let text = after.to_string();
+        let examples = text.strip_prefix("Examples:\n").unwrap_or(&text);
+        r.push_str(".SH EXAMPLES\n.nf\n");
+        for l in examples.lines() {
+            r.push_str(&esc(l));
+            r.push('\n');
+        }
+        r.push_str(".fi\n");
+    }
+    r
+}
+
 fn man(cmd: clap::Command, top: bool) -> String {
     let m = clap_mangen::Man::new(cmd.clone())
         .manual("tope-ota")
@@ -161,12 +187,15 @@ fn man(cmd: clap::Command, top: bool) -> String {
         m.render_subcommands_section(&mut out).unwrap();
     }
     let mut s = String::from_utf8(out).unwrap();
+    if !top {
+        s.push_str(&subcommand_sections(&cmd));
+    }
     s.push_str(&sections(top));
     s
 }
 
 fn expected() -> Vec<(PathBuf, String)> {
-    let mut cmd = Cli::command().disable_help_subcommand(true);
+    let mut cmd = tope_ota::cli::command().disable_help_subcommand(true);
     cmd.build();
     let mut out = vec![(root().join("man/tope-ota.1"), man(cmd.clone(), true))];
     for sub in cmd.get_subcommands() {
@@ -254,4 +283,75 @@ fn man_pages_render_with_man() {
             p.display()
         );
     }
+}
+
+/// What a technician reads first in a subcommand's help is its own options; the global ones
+/// are one line that points at `tope-ota --help`, which lists them under their own heading;
+/// download, install and rollback end with examples.
+#[test]
+fn help_puts_a_subcommands_own_options_first_and_folds_the_global_ones() {
+    let env = crate::support::Env::new();
+    let help = |args: &[&str]| {
+        let out = env.cmd(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    let heading = top
+        .find("\nGlobal options:\n")
+        .unwrap_or_else(|| panic!("no heading in:\n{top}"));
+    for flag in ["--state-dir <DIR>", "--json", "--lock-wait <DURATION>"] {
+        let at = top
+            .find(flag)
+            .unwrap_or_else(|| panic!("{flag} in:\n{top}"));
+        assert!(at > heading, "{flag} is not under the heading:\n{top}");
+    }
+    for sub in [
+        "download", "install", "status", "rollback", "heal", "serve", "pack", "factory", "verify",
+    ] {
+        let h = help(&[sub, "--help"]);
+        assert!(
+            !h.contains("--state-dir <DIR>"),
+            "{sub}: globals unfolded:\n{h}"
+        );
+        let folded: Vec<&str> = h
+            .lines()
+            .filter(|l| l.starts_with("Global options:"))
+            .collect();
+        assert_eq!(folded.len(), 1, "{sub}:\n{h}");
+        assert!(
+            folded[0].contains("`tope-ota --help` lists them"),
+            "{}",
+            folded[0]
+        );
+        assert!(folded[0].len() <= 100, "{}", folded[0]);
+        let own = h
+            .find("\nOptions:\n")
+            .unwrap_or_else(|| panic!("{sub}:\n{h}"));
+        assert!(own < h.find("Global options:").unwrap(), "{sub}:\n{h}");
+        let examples = h.find("\nExamples:\n");
+        if ["download", "install", "rollback"].contains(&sub) {
+            let at = examples.unwrap_or_else(|| panic!("{sub} has no examples:\n{h}"));
+            assert!(h[at..].contains(&format!("tope-ota {sub}")), "{sub}:\n{h}");
+            assert!(at > h.find("Global options:").unwrap(), "{sub}:\n{h}");
+        }
+    }
+    // Folded is only how help looks: every global is still taken after the subcommand.
+    use clap::FromArgMatches;
+    let m = tope_ota::cli::command()
+        .try_get_matches_from([
+            "tope-ota",
+            "status",
+            "--json",
+            "--state-dir",
+            "/x",
+            "--lock-wait",
+            "0",
+            "-q",
+        ])
+        .unwrap();
+    let cli = Cli::from_arg_matches(&m).unwrap();
+    assert!(cli.global.json && cli.global.quiet);
+    assert_eq!(cli.global.state_dir, PathBuf::from("/x"));
+    assert_eq!(cli.global.lock_wait.raw, "0");
 }

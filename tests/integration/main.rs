@@ -12,6 +12,8 @@ mod faults;
 mod heal;
 mod health;
 mod install;
+mod layout;
+mod links;
 mod openapi;
 mod schema;
 mod selfupdate;

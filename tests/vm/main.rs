@@ -414,6 +414,18 @@ fn technician_man_page_completion_and_status(arch: Arch) {
         b.vm.sh_ok("MANPAGER=cat MANWIDTH=80 man tope-ota 2>&1 | head -20", 60);
     assert!(man.contains("tope-ota"), "{man}");
     assert!(man.to_lowercase().contains("install"), "{man}");
+    // The README the package ships links into docs/, shipped beside it; the examples of the
+    // subcommand's help point there too.
+    let docs = b.vm.sh_ok(
+        "cd /usr/share/doc/tope-ota && grep -o 'docs/[a-z-]*\\.md' README.md | sort -u | xargs ls && \
+         tope-ota install --help | tail -1",
+        30,
+    );
+    assert!(
+        docs.contains("docs/errors.md") && docs.contains("docs/versions.md"),
+        "{docs}"
+    );
+    assert!(docs.contains("More: docs/versions.md#install"), "{docs}");
     let comp = b.vm.sh_ok(
         r#"bash -c '. /usr/share/bash-completion/bash_completion
 _completion_loader tope-ota
