@@ -21,6 +21,8 @@
 //! - [`zipdir`]: a ZIP's central directory from byte slices, with caps (for delta downloads).
 //! - [`remote`]: byte ranges of a package on a static server (probe, If-Match), for deltas.
 //! - [`assemble`]: a delta download assembled in the partial from ranges and `current`.
+//! - [`rate`]: the link's steady rate, which a first burst of bytes never sets.
+//! - [`switch`]: switching a download between whole and delta as the link shows itself.
 //! - [`manifest`]: `manifest.json` parsing and validation.
 //! - [`services`]: bounded calls to the service manager (`systemctl`).
 //! - [`hooks`]: bounded commands from a snapshot: health checks and migrations.
