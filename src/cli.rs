@@ -108,10 +108,7 @@ pub fn command() -> clap::Command {
         .get_subcommands()
         .map(|s| s.get_name().to_string())
         .collect();
-    let shown: Vec<String> = ["json", "quiet", "verbose", "state-dir"]
-        .iter()
-        .map(|l| format!("--{l}"))
-        .collect();
+    let shown = ["--json", "-q", "-v", "--state-dir"];
     let template = format!(
         "{{before-help}}{{about-with-newline}}\n{{usage-heading}} {{usage}}\n\n{{all-args}}\n\n\
          {GLOBAL_HEADING}: {} and {} more (`tope-ota --help` lists them){{after-help}}",
@@ -120,6 +117,13 @@ pub fn command() -> clap::Command {
     );
     names.iter().fold(cmd, |cmd, name| {
         cmd.mut_subcommand(name, |sc| {
+            // clap writes `[OPTIONS]` for visible options only: a subcommand without its own
+            // says it too, since it takes the global ones.
+            let sc = if sc.get_arguments().any(|a| !a.is_positional()) {
+                sc
+            } else {
+                sc.override_usage(format!("tope-ota {name} [OPTIONS]"))
+            };
             globals
                 .iter()
                 .fold(sc, |sc, a| sc.arg(a.clone().hide(true)))

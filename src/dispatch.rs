@@ -165,7 +165,8 @@ pub fn start() -> &'static Running {
             .map(|g| g.sha256)
             .filter(|s| is_our_file(&proven::binary(&state_dir, s)));
     } else if args.get(1).and_then(|a| a.to_str()) != Some(SELF_TEST) {
-        match choose(&state_dir, &keys_dir, version()) {
+        let serve_under_systemd = subcommand(&args) == "serve" && notify_expected();
+        match choose(&state_dir, &keys_dir, version(), serve_under_systemd) {
             Choice::Own(note) => running.note = note,
             Choice::Exec(file, kept) => {
                 running.note = Some(exec(&args, &state_dir, &running.exe, file, &kept))
@@ -223,9 +224,15 @@ pub fn keys_configured(keys_dir: &Path) -> bool {
 
 /// The proven updater that a `.deb` binary of version `own` would run now, without hashing it
 /// or counting its runs (for serve, which asks every few seconds whether to restart).
-pub fn planned(state_dir: &Path, keys_dir: &Path, own: &str) -> Option<Kept> {
+pub fn planned(
+    state_dir: &Path,
+    keys_dir: &Path,
+    own: &str,
+    serve_under_systemd: bool,
+) -> Option<Kept> {
     let good = proven::read(state_dir).ok()?.good?;
     if !newer(&good.version, own)
+        || (serve_under_systemd && !good.ready_notify)
         || (keys_configured(keys_dir) && good.signed_by.is_none())
         || proven::unsafe_path(&proven::binary(state_dir, &good.sha256)).is_some()
     {
@@ -234,8 +241,14 @@ pub fn planned(state_dir: &Path, keys_dir: &Path, own: &str) -> Option<Kept> {
     Some(good)
 }
 
-/// Decide whether the proven updater runs instead of a `.deb` binary of version `own`.
-pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
+/// Whether systemd waits for READY=1 from this process (a `Type=notify` unit started it).
+fn notify_expected() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
+/// Decide whether the proven updater runs instead of a `.deb` binary of version `own`;
+/// `serve_under_systemd`: for a serve that systemd waits to hear READY=1 from.
+pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str, serve_under_systemd: bool) -> Choice {
     let rec = match proven::read(state_dir) {
         Ok(r) => r,
         Err(e) => return Choice::Own(Some(format!("the updater record: {e:#}"))),
@@ -252,6 +265,11 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str) -> Choice {
     let path = proven::binary(state_dir, &good.sha256);
     if is_our_file(&path) {
         return Choice::Own(None);
+    }
+    if serve_under_systemd && !good.ready_notify {
+        return Choice::Own(Some(format!(
+            "{short} does not tell systemd when serve is ready (the unit is Type=notify): this one serves"
+        )));
     }
     if let Some(why) = proven::unsafe_path(&path) {
         return Choice::Own(Some(format!("{short} is not run: {why}")));
@@ -404,12 +422,12 @@ pub fn long_version() -> String {
 /// again.
 pub fn planned_now(keys_dir: &Path) -> Option<String> {
     let r = running();
-    planned(&r.state_dir, keys_dir, r.entry_version()).map(|k| k.sha256)
+    planned(&r.state_dir, keys_dir, r.entry_version(), notify_expected()).map(|k| k.sha256)
 }
 
 /// Exec the entry (the `.deb` binary, which chooses again) with `args`, keeping the fds that
 /// are not close-on-exec; returns only on failure.
-pub fn reexec(args: &[OsString], env: &[(&str, String)]) -> Result<std::convert::Infallible> {
+pub fn reexec(args: &[OsString], env: &[(&str, OsString)]) -> Result<std::convert::Infallible> {
     use std::os::unix::process::CommandExt;
     let r = running();
     finish(false);

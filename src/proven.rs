@@ -44,6 +44,11 @@ pub struct Kept {
     pub signed_by: Option<String>,
     /// When it became what it is (proven, or tried).
     pub at: String,
+    /// Whether its serve tells systemd once it listens (READY=1; the unit is `Type=notify`), as
+    /// its self-test said. False in a record made before it could say: serve started by
+    /// systemd never runs such an updater, which systemd would kill at its start timeout.
+    #[serde(default)]
+    pub ready_notify: bool,
 }
 
 /// An updater that failed, never run again.
@@ -439,6 +444,7 @@ mod tests {
             release: "1.0".into(),
             signed_by: None,
             at: String::new(),
+            ready_notify: true,
         };
         update(d.path(), |r| r.good = Some(kept.clone())).unwrap();
         std::fs::write(binary(d.path(), &kept.sha256), "x").unwrap();

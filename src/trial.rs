@@ -43,6 +43,10 @@ pub struct Report {
     pub schema: u64,
     /// The stage it read.
     pub stage: String,
+    /// Its serve tells systemd once it listens (see [`crate::proven::Kept::ready_notify`]);
+    /// an updater made before says nothing, which reads as false.
+    #[serde(default)]
+    pub ready_notify: bool,
 }
 
 /// How a run of the updater on trial failed.
@@ -304,6 +308,7 @@ pub fn begin(
                 release: release.to_string(),
                 signed_by: signed_by.clone(),
                 at: crate::clock::now_rfc3339(),
+                ready_notify: report.ready_notify,
             },
             target: target.to_string(),
         });

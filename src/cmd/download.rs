@@ -1,12 +1,13 @@
 //! `download`: fetch a package into `downloads/`, verify size and MD5, stage `toInstall`.
 
-use super::{Operation, Output};
 use crate::assemble as delta;
 use crate::cli::{DownloadArgs, Global};
 use crate::error::{self, fail, ErrorCode, OtaError, EXIT_SIGINT, EXIT_SIGTERM};
 use crate::fetch::{self, Outcome, Sink, Tuning};
 use crate::fsutil::{self, TEMP_PREFIX};
 use crate::lock::Purpose;
+use crate::operation::Operation;
+use crate::output::Output;
 use crate::progress::Bar;
 use crate::state::{Stage, DOWNLOADS_DIR};
 use crate::{clock, validate};

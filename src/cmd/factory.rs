@@ -3,10 +3,11 @@
 //! touching another snapshot, never pointed at by `current`. Heal re-makes a factory that was
 //! made the old way (a link to an installed snapshot, sharing its inodes) once.
 
-use super::{Operation, Output};
 use crate::cli::Global;
 use crate::error::{fail, ErrorCode};
 use crate::lock::Purpose;
+use crate::operation::Operation;
+use crate::output::Output;
 use crate::snapshot::{self, Links, FACTORY, FACTORY_TAG};
 use crate::{fsutil, integrity, transition};
 use anyhow::{Context, Result};

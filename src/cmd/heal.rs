@@ -2,11 +2,12 @@
 //! Quiet and fast when there is nothing to do.
 
 use super::download::{self, Package};
-use super::{Operation, Output};
 use crate::cli::{Global, HealArgs, InstallArgs};
 use crate::error::{ErrorCode, OtaError};
 use crate::gui::Gui;
 use crate::lock::Purpose;
+use crate::operation::Operation;
+use crate::output::Output;
 use crate::services::Manager;
 use crate::snapshot::{self, Links};
 use crate::state::PACKAGE_TTL_SECS;

@@ -2,13 +2,14 @@
 //! with an automatic rollback (through [`crate::transition`]) when the new version does not
 //! come up.
 
-use super::{Operation, Output};
 use crate::archive::{self, Limits};
 use crate::cli::{Global, InstallArgs};
 use crate::error::{fail, ErrorCode, OtaError, EXIT_SIGTERM};
 use crate::gui::Gui;
 use crate::lock::Purpose;
 use crate::manifest::{HookCommand, Manifest, MANIFEST};
+use crate::operation::Operation;
+use crate::output::Output;
 use crate::services::{self, Manager, Service};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, DOWNLOADS_DIR, PACKAGE_TTL_SECS};

@@ -1,4 +1,5 @@
-//! One module per subcommand, over the shared writer [`Operation`] (see [`crate::operation`]).
+//! One module per subcommand, over the shared writer [`crate::operation::Operation`]; each imports
+//! what it shares from the modules below `cmd`, never from here.
 
 pub mod download;
 pub mod factory;
@@ -14,8 +15,7 @@ pub mod verify;
 use crate::cli::{Cli, Command};
 use anyhow::Result;
 
-pub use crate::operation::{lock_wait, Operation};
-pub use crate::output::Output;
+use crate::output::Output;
 
 /// Run the parsed command line.
 pub fn run(cli: &Cli) -> Result<Output> {

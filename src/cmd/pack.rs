@@ -1,9 +1,9 @@
 //! `pack`: build an update package from a directory, for release engineers, tests and the demo.
 
-use super::Output;
 use crate::cli::{Global, PackArgs};
 use crate::error::{fail, ErrorCode};
 use crate::manifest::{Manifest, Module, MANIFEST};
+use crate::output::Output;
 use crate::{fsutil, validate};
 use anyhow::{Context, Result};
 use std::fs::{self, File};

@@ -2,10 +2,11 @@
 //! service restart and the fall-back when the target does not come up are
 //! [`crate::transition`]'s.
 
-use super::{Operation, Output};
 use crate::cli::{Global, RollbackArgs};
 use crate::error::{fail, ErrorCode, OtaError};
 use crate::lock::Purpose;
+use crate::operation::Operation;
+use crate::output::Output;
 use crate::services::{self, Manager};
 use crate::snapshot::{self, Links};
 use crate::state::{Stage, State};

@@ -4,10 +4,11 @@
 //! the schema it reads; with `--commit V` it commits the success of the install of `V` in
 //! flight, as the install itself would have.
 
-use super::{Operation, Output};
 use crate::cli::{Global, SelfTestArgs};
 use crate::error::{fail, ErrorCode};
 use crate::lock::{Purpose, StateLock};
+use crate::operation::Operation;
+use crate::output::Output;
 use crate::state::{self, ReadOutcome, Stage};
 use crate::trial::Report;
 use anyhow::Result;
@@ -39,6 +40,7 @@ pub fn run(g: &Global, args: &SelfTestArgs) -> Result<Output> {
             version: version.clone(),
             schema: state::SCHEMA,
             stage: stage.as_str().to_string(),
+            ready_notify: true,
         };
         return Ok(Output::success(
             format!(

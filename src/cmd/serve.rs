@@ -6,10 +6,10 @@
 //! crash of the work. Every response is `{"code","msg","data"}` with the HTTP status = code.
 
 use super::download::Package;
-use super::Output;
 use crate::cli::{Global, ServeArgs};
 use crate::error::{self, ErrorCode, OtaError};
 use crate::lock::{Purpose, StateLock, LOCK_FD_ENV};
+use crate::output::Output;
 use crate::state::PACKAGE_TTL_SECS;
 use crate::state::{self, ReadOutcome, Stage};
 use crate::{clock, validate};
@@ -56,6 +56,11 @@ struct Ctx {
     progress_cache: Mutex<Option<(StateKey, Bytes)>>,
     /// `--lock-wait`, read once at start.
     lock_wait: Duration,
+    /// Where systemd waits for our READY=1 (`NOTIFY_SOCKET`), taken out of the environment at
+    /// start: systemd's notifications are serve's alone, and no child (a download, an install,
+    /// its migrations and health checks, the inhibit command) inherits the socket. Only serve's
+    /// own restart passes it on.
+    notify_socket: Option<std::ffi::OsString>,
 }
 
 /// The open connections. Each is *incomplete* while its request head or body is still arriving
@@ -1070,6 +1075,9 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
             format!("--listen {:?}: {e}", args.listen),
         )
     })?;
+    let notify_socket = std::env::var_os(NOTIFY_SOCKET_ENV);
+    // SAFETY: at start, before the runtime and the callback thread exist; nothing else reads it.
+    unsafe { std::env::remove_var(NOTIFY_SOCKET_ENV) };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1084,7 +1092,8 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         loopback_names: read_loopback_names(),
         download: Mutex::new(None),
         progress_cache: Mutex::new(None),
-        lock_wait: super::lock_wait(g),
+        lock_wait: crate::operation::lock_wait(g),
+        notify_socket,
     });
     deliver_pending_callback(g);
     rt.block_on(serve(ctx, addr))?;
@@ -1155,6 +1164,8 @@ fn inherited_listener(addr: SocketAddr) -> Option<std::net::TcpListener> {
 
 /// Set by a restart to hand the listening socket to the updater that serves next.
 const LISTEN_FD_ENV: &str = "TOPE_OTA_LISTEN_FD";
+/// systemd's notification socket (`Type=notify`).
+const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
 /// How often serve asks whether the updater to run has changed.
 const RESTART_CHECK: Duration = Duration::from_secs(2);
 /// How long a restart waits for the requests being answered.
@@ -1183,7 +1194,7 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
     // A restart execs us with SIGTERM and SIGINT blocked (so one sent meanwhile waits instead
     // of being lost): now that they are handled, let them in.
     signal_mask(libc::SIG_UNBLOCK);
-    notify_ready();
+    notify_ready(ctx.notify_socket.as_deref());
     let builder = Arc::new(http1_builder());
 
     // The updater a fresh start would run: when it changes (a new one proven, this one found
@@ -1256,17 +1267,17 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
 /// `systemctl start`/`restart` of serve, and units ordered after it, wait for the socket and
 /// not only for the fork: device-api's first request after a restart is never refused. Sent
 /// again after a restart of ours (same pid), which systemd takes as a no-op.
-fn notify_ready() {
+fn notify_ready(socket: Option<&std::ffi::OsStr>) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(path) = socket else {
         return;
     };
     let bytes = path.as_bytes();
     let addr = match bytes.strip_prefix(b"@") {
         Some(name) => SocketAddr::from_abstract_name(name),
-        None => SocketAddr::from_pathname(&path),
+        None => SocketAddr::from_pathname(path),
     };
     let sent = UnixDatagram::unbound()
         .and_then(|sock| sock.send_to_addr(b"READY=1\nSTATUS=serving the tope-ota API", &addr?));
@@ -1343,7 +1354,11 @@ async fn restart(
         crate::dispatch::running().entry().display()
     );
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let err = crate::dispatch::reexec(&args, &[(LISTEN_FD_ENV, fd.to_string())]).unwrap_err();
+    let mut env = vec![(LISTEN_FD_ENV, fd.to_string().into())];
+    if let Some(n) = &ctx.notify_socket {
+        env.push((NOTIFY_SOCKET_ENV, n.clone()));
+    }
+    let err = crate::dispatch::reexec(&args, &env).unwrap_err();
     // SAFETY: as above.
     unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
     signal_mask(libc::SIG_UNBLOCK);
@@ -1379,7 +1394,8 @@ pub fn exchange_in_memory(g: &Global, exe: &std::path::Path, raw: &[u8]) -> (Vec
         loopback_names: loopback_names("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"),
         download: Mutex::new(None),
         progress_cache: Mutex::new(None),
-        lock_wait: super::lock_wait(g),
+        lock_wait: crate::operation::lock_wait(g),
+        notify_socket: None,
     });
     rt.block_on(async move {
         let (client, server) = tokio::io::duplex(64 * 1024);

@@ -1,7 +1,7 @@
 //! `status`: the operation in flight and the installed versions. Takes no lock.
 
-use super::Output;
 use crate::cli::Global;
+use crate::output::Output;
 use crate::snapshot;
 use crate::state::{self, ProgressData, ReadOutcome};
 use anyhow::Result;

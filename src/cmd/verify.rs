@@ -1,10 +1,10 @@
 //! `verify`: compare snapshots with what was installed (their `.tope-ota/files.json`), every
 //! file hashed. A technician's command: it takes no lock and changes nothing.
 
-use super::Output;
 use crate::cli::{Global, VerifyArgs};
 use crate::error::{fail, ErrorCode};
 use crate::integrity::{self, Depth, Status};
+use crate::output::Output;
 use crate::snapshot::{self, Links};
 use anyhow::Result;
 use serde_json::json;

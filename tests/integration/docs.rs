@@ -6,7 +6,8 @@ use clap::CommandFactory;
 use std::path::PathBuf;
 use tope_ota::cli::Cli;
 use tope_ota::error::{
-    ErrorCode, EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE,
+    ErrorCode, EXIT_BUSY, EXIT_FAILED, EXIT_INHIBITED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,
+    EXIT_USAGE,
 };
 
 fn root() -> PathBuf {
@@ -31,6 +32,7 @@ fn sections(top: bool) -> String {
         (EXIT_FAILED, "the operation failed; its code is in state.json, on stderr and in the \\-\\-json output"),
         (EXIT_USAGE, "usage error: bad flags, or INVALID_REQUEST"),
         (EXIT_BUSY, "BUSY: another tope\\-ota holds the lock"),
+        (EXIT_INHIBITED, "INHIBITED: a print job inhibits install or rollback; the package waits, nothing failed"),
         (EXIT_SIGINT, "stopped by SIGINT at a safe point"),
         (EXIT_SIGTERM, "stopped by SIGTERM at a safe point"),
     ] {

@@ -30,7 +30,8 @@ fn prose(md: &str) -> String {
     let mut fenced = false;
     let mut out = String::new();
     for l in md.lines() {
-        if l.trim_start().starts_with("```") {
+        let t = l.trim_start();
+        if t.starts_with("```") || t.starts_with("~~~") {
             fenced = !fenced;
             out.push('\n');
             continue;
@@ -54,7 +55,10 @@ fn anchors(md: &str) -> Vec<String> {
         if !title.starts_with(' ') {
             continue;
         }
+        // A closing run of `#` is no part of the title.
         let slug: String = title
+            .trim()
+            .trim_end_matches('#')
             .trim()
             .to_lowercase()
             .chars()
@@ -72,10 +76,19 @@ fn anchors(md: &str) -> Vec<String> {
     out
 }
 
-/// The inline links `[text](target)` of Markdown prose.
+/// The links of Markdown prose: inline `[text](target)` and the targets of reference
+/// definitions `[name]: target`.
 fn md_links(md: &str) -> Vec<String> {
     let text = prose(md);
     let mut out = Vec::new();
+    for l in text.lines() {
+        let t = l.trim_start();
+        if let Some(def) = t.strip_prefix('[').and_then(|r| r.split_once("]:")) {
+            if let Some(target) = def.1.split_whitespace().next() {
+                out.push(target.to_string());
+            }
+        }
+    }
     let mut rest = text.as_str();
     while let Some(i) = rest.find("](") {
         let after = &rest[i + 2..];
@@ -273,12 +286,12 @@ fn the_readme_is_a_front_door_and_each_doc_says_what_it_is_for() {
 #[test]
 fn the_link_check_sees_what_it_must() {
     assert_eq!(
-        anchors("# A\n## serve: the HTTP API for device-api\n```\n# not a heading\n```\n## A\n"),
-        ["a", "serve-the-http-api-for-device-api", "a-1"]
+        anchors("# A\n## serve: the HTTP API for device-api\n```\n# not a heading\n```\n## A\n~~~\n# no\n~~~\n## B ##\n"),
+        ["a", "serve-the-http-api-for-device-api", "a-1", "b"]
     );
     assert_eq!(
-        md_links("see [x](docs/a.md#b) and `[y](c.md)`\n```\n[z](d.md)\n```"),
-        ["docs/a.md#b", "c.md"]
+        md_links("see [x](docs/a.md#b) and `[y](c.md)`\n```\n[z](d.md)\n```\n[r]: e.md#f\n~~~\n[s]: g.md\n~~~"),
+        ["e.md#f", "docs/a.md#b", "c.md"]
     );
     assert_eq!(
         docs_mentions("More: docs/versions.md#rollback (in docs/). and docs/api.md."),

@@ -563,3 +563,70 @@ fn a_state_dir_where_nothing_may_run_costs_the_updater_its_trial_not_the_release
     assert_eq!(d.link("current").as_deref(), Some("v1.1.0"));
     drop(d);
 }
+
+/// The serve unit is `Type=notify`: an updater proven before it could say READY=1 (its
+/// self-test did not report `ready_notify`) would be killed by systemd at every start. serve
+/// started by systemd (NOTIFY_SOCKET set) runs the `.deb` binary then, and says it is ready;
+/// every other command, and a serve started by hand, still runs the proven updater. One that
+/// reports it serves under systemd too.
+#[test]
+fn serve_under_systemd_runs_only_an_updater_that_says_it_is_ready() {
+    use std::os::unix::net::UnixDatagram;
+    let mut d = Device::with_v1();
+    let bin = updater_build("0.1.1");
+    let sha = sha256_hex(bin);
+    let run = d.deliver("1.1.0", release(&d, "1.1.0", bin));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let rec = record(&d);
+    assert_eq!(rec["good"]["ready_notify"], true, "{rec}");
+    let kept = d.env.state_dir.join("updater").join(&sha);
+    let serve_exe = |d: &Device, notify: bool| {
+        let path = d.env.tmp.path().join(format!("notify-{}", rand_suffix()));
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let p = path.display().to_string();
+        let vars: Vec<(&str, &str)> = if notify {
+            vec![("NOTIFY_SOCKET", p.as_str())]
+        } else {
+            vec![]
+        };
+        let srv = crate::serve::Server::start_with(&d.env, &[], &vars);
+        let exe = std::fs::read_link(format!("/proc/{}/exe", srv.child.id())).unwrap();
+        if notify {
+            let mut buf = [0u8; 256];
+            let n = sock.recv(&mut buf).expect("READY=1 from serve");
+            assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+        }
+        exe
+    };
+    assert_eq!(serve_exe(&d, true), kept, "it says READY=1: it serves");
+    // The record of an updater that never said so (made from an older one's self-test).
+    let p = d.env.state_dir.join("updater/updater.json");
+    let mut rec = record(&d);
+    rec["good"].as_object_mut().unwrap().remove("ready_notify");
+    std::fs::write(&p, serde_json::to_vec_pretty(&rec).unwrap()).unwrap();
+    assert_eq!(
+        serve_exe(&d, true),
+        std::fs::canonicalize(BIN).unwrap(),
+        "systemd would wait for a READY=1 that never comes: the .deb binary serves"
+    );
+    assert_eq!(
+        serve_exe(&d, false),
+        kept,
+        "serve by hand runs the proven one"
+    );
+    assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
+    let s = d.env.run(&["status"]).expect(0).stdout.clone();
+    assert!(s.contains("updater:   0.1.1 (proven"), "{s}");
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}

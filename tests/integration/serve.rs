@@ -188,6 +188,7 @@ fn progress_answers_in_the_envelope() {
 #[test]
 fn serve_tells_systemd_it_is_ready_once_it_listens() {
     use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
     let env = Env::new();
     let path = env.tmp.path().join("notify");
@@ -215,6 +216,41 @@ fn serve_tells_systemd_it_is_ready_once_it_listens() {
         let (status, _) = call(&srv.addr, "GET", "/api/v1.0/progress", None);
         assert_eq!(status, 200, "{var}");
     }
+    // The socket is serve's alone: what serve runs (here the inhibit command, which it runs
+    // itself; downloads, installs and their hooks alike) never inherits it.
+    let d = v2_ready();
+    let seen = d.env.tmp.path().join("inhibit-env");
+    let script = d.env.tmp.path().join("printing");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nenv > {}\nexit 1\n", seen.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = d.env.tmp.path().join("notify2");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let srv = Server::start_with(
+        &d.env,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("TOPE_OTA_INHIBIT_CMD", script.to_str().unwrap()),
+        ],
+    );
+    let mut buf = [0u8; 256];
+    sock.recv(&mut buf).expect("READY=1");
+    refused(
+        &srv.addr,
+        "/api/v1.0/update",
+        r#"{"version":"2.0.0"}"#,
+        409,
+        "INHIBITED",
+    );
+    let env = std::fs::read_to_string(&seen).unwrap();
+    assert!(env.contains("TOPE_OTA_STATE_DIR="), "{env}");
+    assert!(!env.contains("NOTIFY_SOCKET"), "{env}");
 }
 
 #[test]
