@@ -117,9 +117,9 @@ pub fn command() -> clap::Command {
     );
     names.iter().fold(cmd, |cmd, name| {
         cmd.mut_subcommand(name, |sc| {
-            // clap writes `[OPTIONS]` for visible options only: a subcommand without its own
-            // says it too, since it takes the global ones.
-            let sc = if sc.get_arguments().any(|a| !a.is_positional()) {
+            // clap writes `[OPTIONS]` for visible options only: a subcommand without any
+            // argument of its own says it too, since it takes the global ones.
+            let sc = if sc.get_arguments().next().is_some() {
                 sc
             } else {
                 sc.override_usage(format!("tope-ota {name} [OPTIONS]"))

@@ -384,6 +384,12 @@ pub fn status_lines(state_dir: &Path) -> Vec<String> {
             if let Some(n) = &r.note {
                 out.push(format!("           {n}"));
             }
+            if let Some(g) = rec.good.as_ref().filter(|g| !g.ready_notify) {
+                out.push(format!(
+                    "           serve under systemd runs the package's updater: the proven {} did not say it tells systemd when it is ready",
+                    g.version
+                ));
+            }
             if let Some(t) = &rec.trial {
                 out.push(format!(
                     "           on trial: {} of {} (for {})",
@@ -417,12 +423,18 @@ pub fn long_version() -> String {
     s
 }
 
-/// The hash of the proven updater a fresh start of the entry would run now (see [`planned`]):
-/// serve restarts when this changes, so a restart whose exec fails is not tried again and
-/// again.
-pub fn planned_now(keys_dir: &Path) -> Option<String> {
+/// The hash of the proven updater a fresh start of serve would run now (see [`planned`];
+/// `serve_under_systemd`: systemd waits for its READY=1): serve restarts when this changes,
+/// so a restart whose exec fails is not tried again and again.
+pub fn planned_now(keys_dir: &Path, serve_under_systemd: bool) -> Option<String> {
     let r = running();
-    planned(&r.state_dir, keys_dir, r.entry_version(), notify_expected()).map(|k| k.sha256)
+    planned(
+        &r.state_dir,
+        keys_dir,
+        r.entry_version(),
+        serve_under_systemd,
+    )
+    .map(|k| k.sha256)
 }
 
 /// Exec the entry (the `.deb` binary, which chooses again) with `args`, keeping the fds that

@@ -49,6 +49,10 @@ pub struct Kept {
     /// systemd never runs such an updater, which systemd would kill at its start timeout.
     #[serde(default)]
     pub ready_notify: bool,
+    /// Fields a newer updater wrote that this one does not know: kept when it rewrites the
+    /// record, so running an older fallback never erases what a newer one recorded.
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 /// An updater that failed, never run again.
@@ -82,6 +86,9 @@ pub struct Record {
     pub trial: Option<Trial>,
     #[serde(default)]
     pub bad: Vec<Bad>,
+    /// As [`Kept::unknown`].
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Record {
@@ -436,6 +443,27 @@ mod tests {
     }
 
     #[test]
+    fn fields_a_newer_updater_wrote_survive_a_rewrite_by_this_one() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join(DIR)).unwrap();
+        let rec = serde_json::json!({"schema": 1, "later": [1, 2], "good": {
+            "sha256": "a".repeat(64), "version": "0.3.0", "release": "3.0", "signed_by": null,
+            "at": "", "ready_notify": true, "capability": "x"}, "trial": null, "bad": []});
+        std::fs::write(
+            d.path().join(DIR).join(RECORD),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+        .unwrap();
+        update(d.path(), |r| r.trial = None).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join(DIR).join(RECORD)).unwrap())
+                .unwrap();
+        assert_eq!(back["later"], serde_json::json!([1, 2]), "{back}");
+        assert_eq!(back["good"]["capability"], "x", "{back}");
+        assert_eq!(back["good"]["ready_notify"], true);
+    }
+
+    #[test]
     fn bad_updaters_are_remembered_and_never_proven() {
         let d = tempfile::tempdir().unwrap();
         let kept = Kept {
@@ -445,6 +473,7 @@ mod tests {
             signed_by: None,
             at: String::new(),
             ready_notify: true,
+            unknown: Default::default(),
         };
         update(d.path(), |r| r.good = Some(kept.clone())).unwrap();
         std::fs::write(binary(d.path(), &kept.sha256), "x").unwrap();

@@ -309,6 +309,7 @@ pub fn begin(
                 signed_by: signed_by.clone(),
                 at: crate::clock::now_rfc3339(),
                 ready_notify: report.ready_notify,
+                unknown: Default::default(),
             },
             target: target.to_string(),
         });

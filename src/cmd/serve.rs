@@ -1076,8 +1076,9 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         )
     })?;
     let notify_socket = std::env::var_os(NOTIFY_SOCKET_ENV);
-    // SAFETY: at start, before the runtime and the callback thread exist; nothing else reads it.
+    // SAFETY: at start, before the runtime and the callback threads exist; nothing else reads it.
     unsafe { std::env::remove_var(NOTIFY_SOCKET_ENV) };
+    let handed = inherited_listener(addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1096,7 +1097,7 @@ pub fn run(g: &Global, args: &ServeArgs) -> Result<Output> {
         notify_socket,
     });
     deliver_pending_callback(g);
-    rt.block_on(serve(ctx, addr))?;
+    rt.block_on(serve(ctx, addr, handed))?;
     Ok(Output::success(String::new(), Value::Null))
 }
 
@@ -1140,7 +1141,8 @@ fn http1_builder() -> hyper::server::conn::http1::Builder {
 fn inherited_listener(addr: SocketAddr) -> Option<std::net::TcpListener> {
     use std::os::fd::FromRawFd;
     let fd: i32 = std::env::var(LISTEN_FD_ENV).ok()?.parse().ok()?;
-    // SAFETY: read at start, before our runtime's threads exist; nothing else reads it.
+    // SAFETY: read by `run` at start, before the runtime and the callback threads exist;
+    // nothing else reads it.
     unsafe { std::env::remove_var(LISTEN_FD_ENV) };
     // SAFETY: F_GETFD only asks whether the fd number is open.
     if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -1171,8 +1173,12 @@ const RESTART_CHECK: Duration = Duration::from_secs(2);
 /// How long a restart waits for the requests being answered.
 const RESTART_DRAIN: Duration = Duration::from_secs(5);
 
-async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
-    let handed = inherited_listener(addr);
+/// `handed`: the socket a restart of ours handed over, taken by [`run`] before any thread.
+async fn serve(
+    ctx: Arc<Ctx>,
+    addr: SocketAddr,
+    handed: Option<std::net::TcpListener>,
+) -> Result<()> {
     let restarted = handed.is_some();
     let listener = match handed {
         Some(l) => tokio::net::TcpListener::from_std(l).context("take the handed-over socket")?,
@@ -1199,7 +1205,8 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
 
     // The updater a fresh start would run: when it changes (a new one proven, this one found
     // bad), we restart into it once idle.
-    let mut planned = crate::dispatch::planned_now(&ctx.global.keys_dir);
+    let mut planned =
+        crate::dispatch::planned_now(&ctx.global.keys_dir, ctx.notify_socket.is_some());
     let mut check = tokio::time::interval(RESTART_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'serve: loop {
@@ -1208,7 +1215,7 @@ async fn serve(ctx: Arc<Ctx>, addr: SocketAddr) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = check.tick() => {
-                let now = crate::dispatch::planned_now(&ctx.global.keys_dir);
+                let now = crate::dispatch::planned_now(&ctx.global.keys_dir, ctx.notify_socket.is_some());
                 if now != planned && CHILDREN.load(Ordering::SeqCst) == 0 {
                     match restart(&ctx, &listener, &mut term, &mut int).await {
                         Ok(Restart::Stopped) => break,

@@ -67,11 +67,8 @@ fn strip_comments(text: &str) -> String {
                     }
                 }
             }
-            'r' if (next == Some('"') || next == Some('#'))
-                && !c[..i]
-                    .last()
-                    .is_some_and(|p| p.is_alphanumeric() || *p == '_') =>
-            {
+            // r"…", and br"…" or cr"…" (whose b or c was pushed already).
+            'r' if (next == Some('"') || next == Some('#')) && !ident_before(&c[..i]) => {
                 // A raw string: r"…", r#"…"#, …
                 let mut j = i + 1;
                 let mut hashes = 0;
@@ -105,7 +102,8 @@ fn strip_comments(text: &str) -> String {
             }
             // A char literal ('x', '\n', '"'), not a lifetime ('a).
             '\'' if next == Some('\\') || c.get(i + 2) == Some(&'\'') => {
-                let mut j = i + 2;
+                // After the quote: an escape's two characters ('\'', '\\'), or one.
+                let mut j = if next == Some('\\') { i + 3 } else { i + 2 };
                 while j < c.len() && c[j] != '\'' {
                     j += 1;
                 }
@@ -119,6 +117,18 @@ fn strip_comments(text: &str) -> String {
         }
     }
     out
+}
+
+/// Whether the characters before a `r` make it part of an identifier (`for`, `attr"`), not
+/// a raw string's prefix (`r"`, `br"`, `cr"`).
+fn ident_before(before: &[char]) -> bool {
+    let is_ident = |c: &char| c.is_alphanumeric() || *c == '_';
+    match before {
+        [.., p, q] if (*q == 'b' || *q == 'c') && !is_ident(p) => false,
+        [q] if *q == 'b' || *q == 'c' => false,
+        [.., q] => is_ident(q),
+        [] => false,
+    }
 }
 
 /// The first two segments of every path of the use tree at the start of `s`
@@ -393,7 +403,13 @@ fn the_circle_check_sees_what_it_must() {
     add(
         &mut mods,
         "state",
-        "use crate::b::deep::path::Z; /* crate::a */",
+        r##"use crate::b::deep::path::Z; /* crate::a */ let q = ['\'', '"']; let r = br#"x"y"#;"##,
+    );
+    // Neither literal swallows what follows.
+    add(
+        &mut mods,
+        "tail",
+        r#"let s = br"\"; let t = '\''; crate::state::f();"#,
     );
     add(&mut mods, "lib", "pub fn report() { state::f() }");
     let g = graph(&mods);
@@ -403,6 +419,7 @@ fn the_circle_check_sees_what_it_must() {
     assert_eq!(g["b"], set(&["lib"]));
     assert_eq!(g["state"], set(&["b"]));
     assert_eq!(g["lib"], set(&["state"]));
+    assert_eq!(g["tail"], set(&["state"]));
     let c = find_circle(&g).expect("a circle");
     assert_eq!(c.first(), c.last());
     // Without the parent's and the root's edges, none is left.

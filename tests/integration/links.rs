@@ -27,16 +27,30 @@ fn markdown() -> BTreeMap<PathBuf, String> {
 
 /// The text outside fenced code blocks (a shell example is no link).
 fn prose(md: &str) -> String {
-    let mut fenced = false;
+    // The fence that opened the block (its character, at least as many to close it).
+    let mut fence: Option<(char, usize)> = None;
     let mut out = String::new();
     for l in md.lines() {
         let t = l.trim_start();
-        if t.starts_with("```") || t.starts_with("~~~") {
-            fenced = !fenced;
-            out.push('\n');
-            continue;
+        let run = |ch: char| t.chars().take_while(|c| *c == ch).count();
+        let opens = ['`', '~']
+            .into_iter()
+            .map(|ch| (ch, run(ch)))
+            .find(|(_, n)| *n >= 3);
+        match (fence, opens) {
+            (None, Some(f)) => {
+                fence = Some(f);
+                out.push('\n');
+                continue;
+            }
+            (Some((ch, n)), Some((c2, m))) if ch == c2 && m >= n => {
+                fence = None;
+                out.push('\n');
+                continue;
+            }
+            _ => {}
         }
-        if !fenced {
+        if fence.is_none() {
             out.push_str(l);
         }
         out.push('\n');
@@ -83,6 +97,10 @@ fn md_links(md: &str) -> Vec<String> {
     let mut out = Vec::new();
     for l in text.lines() {
         let t = l.trim_start();
+        // A reference definition (not a footnote's, not indented as code).
+        if l.len() - t.len() >= 4 || t.starts_with("[^") {
+            continue;
+        }
         if let Some(def) = t.strip_prefix('[').and_then(|r| r.split_once("]:")) {
             if let Some(target) = def.1.split_whitespace().next() {
                 out.push(target.to_string());
@@ -290,7 +308,7 @@ fn the_link_check_sees_what_it_must() {
         ["a", "serve-the-http-api-for-device-api", "a-1", "b"]
     );
     assert_eq!(
-        md_links("see [x](docs/a.md#b) and `[y](c.md)`\n```\n[z](d.md)\n```\n[r]: e.md#f\n~~~\n[s]: g.md\n~~~"),
+        md_links("see [x](docs/a.md#b) and `[y](c.md)`\n```\n[z](d.md)\n```\n[r]: e.md#f\n~~~\n[s]: g.md\n```\n~~~\n[^1]: a note\n"),
         ["e.md#f", "docs/a.md#b", "c.md"]
     );
     assert_eq!(

@@ -619,6 +619,36 @@ fn serve_under_systemd_runs_only_an_updater_that_says_it_is_ready() {
     assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
     let s = d.env.run(&["status"]).expect(0).stdout.clone();
     assert!(s.contains("updater:   0.1.1 (proven"), "{s}");
+    assert!(
+        s.contains("serve under systemd runs the package's updater: the proven 0.1.1 did not say"),
+        "{s}"
+    );
+    // serve under systemd, on the .deb binary, restarts into the proven updater once the
+    // record says it notifies (as a fresh start would choose), and that one says READY=1 too.
+    let path = d.env.tmp.path().join("notify-restart");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let srv =
+        crate::serve::Server::start_with(&d.env, &[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let pid = srv.child.id();
+    let exe = move || std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let mut buf = [0u8; 256];
+    sock.recv(&mut buf).expect("READY=1 from the .deb's serve");
+    assert_eq!(exe(), std::fs::canonicalize(BIN).unwrap());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        exe(),
+        std::fs::canonicalize(BIN).unwrap(),
+        "no restart while nothing changed"
+    );
+    rec["good"]["ready_notify"] = json!(true);
+    std::fs::write(&p, serde_json::to_vec_pretty(&rec).unwrap()).unwrap();
+    let n = sock
+        .recv(&mut buf)
+        .expect("READY=1 again, from the restarted serve");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert_eq!(exe(), kept, "serve restarted into the proven updater");
 }
 
 fn rand_suffix() -> String {
