@@ -68,9 +68,9 @@ pub fn parse() -> Cli {
     use clap::FromArgMatches;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // clap exits by itself for --help, --version and a usage error: the run ends in order
-    // first (see crate::dispatch::finish), so a technician's --version is no crash.
+    // first (see crate::dispatch::finish_unparsed), so a technician's --version is no crash.
     let exit = |e: clap::Error| -> ! {
-        crate::dispatch::finish(false);
+        crate::dispatch::finish_unparsed(e.exit_code());
         e.exit()
     };
     if args.get(1).and_then(|a| a.to_str()) == Some(crate::dispatch::SELF_TEST) {

@@ -36,6 +36,9 @@ pub struct Running {
     /// Why the proven updater does not run, when one is recorded.
     pub note: Option<String>,
     pub state_dir: PathBuf,
+    /// This run is serve started by systemd (its unit is `Type=notify`: `NOTIFY_SOCKET` set),
+    /// which ends only when it is stopped (see [`finish`]).
+    pub serve_under_unit: bool,
 }
 
 impl Running {
@@ -67,6 +70,7 @@ pub fn running() -> &'static Running {
         sha256: None,
         note: None,
         state_dir: PathBuf::from("/var/lib/tope-ota"),
+        serve_under_unit: false,
     })
 }
 
@@ -149,24 +153,32 @@ pub fn start() -> &'static Running {
         "TOPE_OTA_KEYS_DIR",
         "/etc/tope-ota/keys.d",
     );
-    let exe = own_exe();
+    let serve_under_unit = subcommand(&args) == "serve" && notify_expected();
     let mut running = Running {
-        exe,
+        exe: own_exe(),
         version: version().to_string(),
         sha256: None,
         note: None,
         state_dir: state_dir.clone(),
-        fallback: fallback.clone(),
+        fallback: None,
+        serve_under_unit,
     };
     if fallback.is_some() {
+        // Believed only by the proven updater itself, exec'd by the choice: to any other
+        // binary these variables are someone's environment (a hook's, a hand's), and it
+        // chooses as every start does. The path they name is what serve's children and
+        // restarts run.
         running.sha256 = proven::read(&state_dir)
             .ok()
             .and_then(|r| r.good)
             .map(|g| g.sha256)
             .filter(|s| is_our_file(&proven::binary(&state_dir, s)));
-    } else if args.get(1).and_then(|a| a.to_str()) != Some(SELF_TEST) {
-        let serve_under_systemd = subcommand(&args) == "serve" && notify_expected();
-        match choose(&state_dir, &keys_dir, version(), serve_under_systemd) {
+        if running.sha256.is_some() {
+            running.fallback = fallback;
+        }
+    }
+    if running.fallback.is_none() && args.get(1).and_then(|a| a.to_str()) != Some(SELF_TEST) {
+        match choose(&state_dir, &keys_dir, version(), serve_under_unit) {
             Choice::Own(note) => running.note = note,
             Choice::Exec(file, kept) => {
                 running.note = Some(exec(&args, &state_dir, &running.exe, file, &kept))
@@ -191,14 +203,32 @@ pub fn log_choice() {
     }
 }
 
-/// The process ends in order: a proven updater removes its run entry; after exit 0 (`clean`)
-/// also the entries of earlier runs of the same subcommand that did not finish.
-pub fn finish(clean: bool) {
+/// The process ends in order with exit code `code`: a proven updater removes its run entry;
+/// after exit 0 also the entries of earlier runs of the same subcommand that did not finish.
+/// serve under its unit is the exception: it ends only when it is stopped (exit 0), so one that
+/// exits with an error could not serve, and systemd (`Restart=on-failure`) would start it again
+/// and again: its entry stays, counted as a run that did not finish.
+pub fn finish(code: i32) {
+    end(code, true);
+}
+
+/// [`finish`] for a run that ends before its arguments were parsed (clap exits for `--help`,
+/// `--version` or a usage error): even at exit 0 it did none of its subcommand's work, so it
+/// clears no earlier failure.
+pub fn finish_unparsed(code: i32) {
+    end(code, false);
+}
+
+fn end(code: i32, may_clear: bool) {
     let r = running();
-    if r.fallback.is_some() {
-        let args: Vec<OsString> = std::env::args_os().collect();
-        proven::end_run(&r.state_dir, clean.then(|| subcommand(&args)));
+    if r.fallback.is_none() || (code != 0 && r.serve_under_unit) {
+        return;
     }
+    let args: Vec<OsString> = std::env::args_os().collect();
+    proven::end_run(
+        &r.state_dir,
+        (code == 0 && may_clear).then(|| subcommand(&args)),
+    );
 }
 
 /// What the choice decided.
@@ -292,7 +322,7 @@ pub fn choose(state_dir: &Path, keys_dir: &Path, own: &str, serve_under_systemd:
     let failed = proven::unfinished(state_dir, &good.sha256);
     if failed >= proven::MAX_UNFINISHED {
         return bad(format!(
-            "its last {failed} runs ended without finishing (a crash or a hang)"
+            "its last {failed} runs ended without finishing (a crash, a hang, or a serve under systemd that exited with an error)"
         ));
     }
     let file = match crate::fsutil::open_regular(&path) {
@@ -442,7 +472,10 @@ pub fn planned_now(keys_dir: &Path, serve_under_systemd: bool) -> Option<String>
 pub fn reexec(args: &[OsString], env: &[(&str, OsString)]) -> Result<std::convert::Infallible> {
     use std::os::unix::process::CommandExt;
     let r = running();
-    finish(false);
+    // Ends in order, clearing nothing: the entry the restarted serve writes takes its place.
+    if r.fallback.is_some() {
+        proven::end_run(&r.state_dir, None);
+    }
     let mut cmd = std::process::Command::new(r.entry());
     if let Some(a0) = args.first() {
         cmd.arg0(a0);

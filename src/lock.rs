@@ -365,10 +365,28 @@ fn waited_for(wait: Duration) -> String {
     }
 }
 
+/// Whether this process inherited the lock of `state_dir` (see [`inherited`]): the updater on
+/// trial commits an install only under the lock of the install that runs it.
+pub fn inherits(state_dir: &Path) -> bool {
+    inherited_fd(&state_dir.join(LOCK_FILE)).is_some()
+}
+
 /// The lock file inherited from `serve`, if `TOPE_OTA_LOCK_FD` names an open fd that is this
 /// very state.lock (same device and inode); anything else is ignored.
 fn inherited(path: &Path) -> Option<File> {
-    use std::os::fd::{BorrowedFd, FromRawFd};
+    use std::os::fd::FromRawFd;
+    let fd = inherited_fd(path)?;
+    // SAFETY: the fd is open and is our lock file; we own it from here. Close-on-exec again,
+    // so services and the GUI we start never inherit the lock.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Some(File::from_raw_fd(fd))
+    }
+}
+
+/// The fd `TOPE_OTA_LOCK_FD` names, when it is open and is the lock file at `path`.
+fn inherited_fd(path: &Path) -> Option<i32> {
+    use std::os::fd::BorrowedFd;
     use std::os::unix::fs::MetadataExt;
     let fd: i32 = std::env::var(LOCK_FD_ENV).ok()?.parse().ok()?;
     let want = std::fs::metadata(path).ok()?;
@@ -384,15 +402,7 @@ fn inherited(path: &Path) -> Option<File> {
         .map(File::from)
         .and_then(|f| f.metadata())
         .ok()?;
-    if got.dev() != want.dev() || got.ino() != want.ino() {
-        return None;
-    }
-    // SAFETY: the fd is open and is our lock file; we own it from here. Close-on-exec again,
-    // so services and the GUI we start never inherit the lock.
-    unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        Some(File::from_raw_fd(fd))
-    }
+    (got.dev() == want.dev() && got.ino() == want.ino()).then_some(fd)
 }
 
 #[cfg(test)]

@@ -25,6 +25,6 @@ fn main() {
         }
         Err(err) => report_failure(&cli.global, &err),
     };
-    dispatch::finish(code == 0);
+    dispatch::finish(code);
     std::process::exit(code);
 }

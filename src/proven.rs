@@ -5,11 +5,13 @@
 //!
 //! `runs/` is the trial counter of the proven one: the `.deb` binary writes an entry (named by
 //! its pid and start time, holding the hash and the boot id) durably before it execs the proven
-//! updater; the updater removes its own entry when it ends in order (and serve once it has
-//! served a while). An entry of this boot whose process is gone is a run that crashed or hung
-//! until it was killed: after [`MAX_UNFINISHED`] of them and no run between that ended in
-//! order, the updater is bad and the `.deb` binary runs instead. Entries of an earlier boot are
-//! runs a power cut or a reboot ended: not the updater's doing, and not counted.
+//! updater; the updater removes its own entry when it ends in order (an exit code of its own,
+//! but for serve under systemd only 0: see [`crate::dispatch::finish`]). An entry of this boot
+//! whose process is gone is a run that crashed, hung until it was killed, or was a serve that
+//! could not serve: after [`MAX_UNFINISHED`] of them, with no run of the same subcommand
+//! between that exited 0, the updater is bad and the `.deb` binary runs instead. Entries of an
+//! earlier boot are runs a power cut or a reboot ended: not the updater's doing, and not
+//! counted.
 
 use crate::fsutil;
 use crate::state::Schema;
@@ -137,7 +139,7 @@ pub fn update(state_dir: &Path, change: impl FnOnce(&mut Record)) -> Result<Reco
     fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("lock {}", lock_path.display()))?;
     let mut rec = match read(state_dir) {
         Ok(r) => r,
-        Err(e) if !e.chain().any(|c| c.is::<serde_json::Error>()) => return Err(e),
+        Err(e) if !is_corrupt(&e) => return Err(e),
         Err(e) => {
             // A record that does not parse trusts nothing: kept for diagnosis, and a fresh one
             // (nothing proven: the `.deb` binary runs) lets the device go on.
@@ -153,6 +155,12 @@ pub fn update(state_dir: &Path, change: impl FnOnce(&mut Record)) -> Result<Reco
     let bytes = serde_json::to_vec_pretty(&rec).context("encode the updater record")?;
     fsutil::write_atomic(&d.join(RECORD), &bytes)?;
     Ok(rec)
+}
+
+/// Whether `e`, from [`read`], says the record does not parse (not a newer schema, not a read
+/// that failed): the next writer moves such a record aside.
+pub fn is_corrupt(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<serde_json::Error>())
 }
 
 /// The directory, made root-only-writable: what is executed from it must not be writable by the
@@ -180,6 +188,9 @@ pub fn keep(state_dir: &Path, from: &Path, sha256: &str) -> Result<PathBuf> {
         fsutil::copy_file(from, &tmp)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))
             .with_context(|| format!("chmod {}", tmp.display()))?;
+        // The mode durable with the file: after a power cut it is never the package's.
+        let f = std::fs::File::open(&tmp).with_context(|| format!("open {}", tmp.display()))?;
+        fsutil::sync_file(&f, &tmp)?;
         let got = crate::integrity::sha256_file(&tmp)?;
         if got != sha256 {
             anyhow::bail!(
@@ -267,15 +278,29 @@ pub fn begin_run(state_dir: &Path, sha256: &str, subcommand: &str) -> Result<()>
     fsutil::ensure_dir(&runs)?;
     fsutil::write_atomic(
         &run_entry(state_dir, pid, start),
-        format!("{sha256} {} {subcommand}", boot_id()).as_bytes(),
+        format!("{sha256} {} {subcommand}", boot_id().unwrap_or("-")).as_bytes(),
     )
 }
 
-/// This boot's id (empty when the kernel does not say).
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// This boot's id (None when the kernel does not say).
+fn boot_id() -> Option<&'static str> {
+    static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
+}
+
+/// Whether an entry that names the boot `recorded` was written in this boot. An entry or a
+/// kernel that names none (`-`) is judged as this boot's, by its process alone.
+fn of_this_boot(recorded: Option<&str>) -> bool {
+    match (recorded, boot_id()) {
+        (None | Some("-"), _) | (_, None) => true,
+        (Some(r), Some(now)) => r == now,
+    }
 }
 
 /// This process's run ends in order (an honest failure such as `DOWNLOAD_FAILED` is no crash):
@@ -293,7 +318,7 @@ pub fn end_run(state_dir: &Path, cleared: Option<&str>) {
     if let Some(sub) = cleared {
         for (path, rec) in unfinished_entries(&runs) {
             let mut w = rec.split_whitespace();
-            let (this_boot, of) = (w.nth(1).unwrap_or("") == boot_id(), w.next());
+            let (this_boot, of) = (of_this_boot(w.nth(1)), w.next());
             // Earlier boots' entries are never counted: gone with any clean run.
             if !this_boot || of.unwrap_or("-") == sub {
                 let _ = std::fs::remove_file(path);
@@ -305,12 +330,11 @@ pub fn end_run(state_dir: &Path, cleared: Option<&str>) {
 
 /// How many runs of the updater `sha256` ended without finishing in this boot.
 pub fn unfinished(state_dir: &Path, sha256: &str) -> usize {
-    let boot = boot_id();
     unfinished_entries(&dir(state_dir).join(RUNS))
         .into_iter()
         .filter(|(_, rec)| {
             let mut w = rec.split_whitespace();
-            w.next() == Some(sha256) && w.next().is_none_or(|b| b == boot)
+            w.next() == Some(sha256) && of_this_boot(w.next())
         })
         .count()
 }
@@ -331,8 +355,7 @@ fn unfinished_entries(runs: &Path) -> Vec<(PathBuf, String)> {
             continue;
         };
         let rec = std::fs::read_to_string(e.path()).unwrap_or_default();
-        // No boot id (it could not be read): judged as this boot's, by the process alone.
-        let this_boot = rec.split_whitespace().nth(1).is_none_or(|b| b == boot_id());
+        let this_boot = of_this_boot(rec.split_whitespace().nth(1));
         if this_boot && crate::proc::alive(pid) && crate::proc::start_time(pid) == Some(start) {
             continue;
         }
@@ -398,7 +421,7 @@ mod tests {
         std::fs::create_dir_all(&runs).unwrap();
         // Two dead runs of this boot (no such pid), one of another updater, and one of an
         // earlier boot (a power cut ended it: not counted).
-        let boot = boot_id();
+        let boot = boot_id().expect("the kernel's boot id");
         std::fs::write(
             runs.join(format!("{}.1", u32::MAX - 1)),
             format!("aa {boot} heal"),
@@ -440,6 +463,13 @@ mod tests {
         end_run(d.path(), Some("install"));
         assert_eq!(unfinished(d.path(), "aa"), 1);
         assert_eq!(unfinished(d.path(), "bb"), 1);
+        // An entry written when the kernel named no boot: judged by its process alone, so a
+        // crash loop there still gives way.
+        std::fs::write(runs.join(format!("{}.7", u32::MAX - 7)), "cc - heal").unwrap();
+        assert_eq!(unfinished(d.path(), "cc"), 1);
+        begin_run(d.path(), "cc", "serve").unwrap();
+        end_run(d.path(), Some("heal"));
+        assert_eq!(unfinished(d.path(), "cc"), 0, "a clean heal clears it");
     }
 
     #[test]

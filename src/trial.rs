@@ -182,7 +182,8 @@ fn run(
 /// The updater of the snapshot being installed at `snap` (dir name `target`, release
 /// `release`), when it is one to try: keep it, self-test it, and record the trial. Nothing to
 /// do without one, for the proven one, for one marked bad, for one from an unsigned package
-/// while keys are configured, or for one not newer than the updater that runs (kept in the
+/// while keys are configured, for one without a version stamp, or for one whose stamp is not
+/// newer than the updater that runs (kept in the
 /// snapshot, never run). A failed self-test is `UPDATER_FAILED`: the caller gives up the
 /// release before anything stops.
 pub fn begin(
@@ -194,6 +195,15 @@ pub fn begin(
 ) -> Result<()> {
     let kept = match proven::read(&g.state_dir) {
         Ok(k) => k,
+        // One that does not parse trusts nothing; moved aside by this writer, so that the
+        // device's self-update goes on (a newer schema, or a read that fails, is left as it is).
+        Err(e) if proven::is_corrupt(&e) => match proven::update(&g.state_dir, |_| {}) {
+            Ok(k) => k,
+            Err(e) => {
+                log::warn!("no updater is tried: {e:#}");
+                return Ok(());
+            }
+        },
         Err(e) => {
             log::warn!("no updater is tried: {e:#}");
             return Ok(());
@@ -228,10 +238,46 @@ pub fn begin(
         );
         return Ok(());
     }
+    // Its version from the file, before anything of it runs: one that is not newer than
+    // every updater this device runs or may run is never started, so it can neither cost the
+    // release nor be marked bad.
+    let from = snap.join(crate::manifest::UPDATER_DST);
+    let stamped = match crate::fsutil::open_regular(&from).and_then(|f| crate::version::stamped(&f))
+    {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            log::warn!(
+                "the package's updater ({sha:.12}…) carries no version stamp of a tope-ota build: it stays in the snapshot and never runs"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            log::warn!(
+                "the package's updater ({sha:.12}…) is not tried: reading {}: {e}",
+                from.display()
+            );
+            return Ok(());
+        }
+    };
     let running = crate::dispatch::running();
+    let newest = [
+        Some(running.version.as_str()),
+        Some(running.entry_version()),
+        kept.good.as_ref().map(|k| k.version.as_str()),
+    ];
+    if let Some(v) = newest
+        .into_iter()
+        .flatten()
+        .find(|v| !crate::version::newer(&stamped, v))
+    {
+        log::warn!(
+            "the package's updater {stamped} is not newer than {v}: it stays in the snapshot and never runs"
+        );
+        return Ok(());
+    }
     // Keeping it needs room and a sound disk; without them the release installs with the
     // updater that runs, and a later one tries again.
-    let path = match proven::keep(&g.state_dir, &snap.join(crate::manifest::UPDATER_DST), &sha) {
+    let path = match proven::keep(&g.state_dir, &from, &sha) {
         Ok(p) => p,
         Err(e) => {
             log::warn!("the package's updater ({sha:.12}…) is not tried: keeping it: {e:#}");
@@ -251,6 +297,12 @@ pub fn begin(
         let r = serde_json::from_slice::<Envelope>(&out)
             .map(|e| e.data)
             .map_err(|e| Failed::updater(format!("reported what does not parse ({e})")))?;
+        if r.version != stamped {
+            return Err(Failed::updater(format!(
+                "says it is {}, but its file is stamped {stamped}",
+                r.version
+            )));
+        }
         if r.schema < state::SCHEMA {
             return Err(Failed::updater(format!(
                 "reads state.json of schema {} at most; this device's is {}",
@@ -267,35 +319,20 @@ pub fn begin(
                 "the package's updater ({sha:.12}…) is not tried: its self-test {}",
                 f.why
             );
-            proven::prune(&g.state_dir, &kept_now(g));
+            prune_kept(g);
             return Ok(());
         }
         Err(f) => {
             let why = format!("its self-test {}", f.why);
-            proven::mark_bad(&g.state_dir, &sha, None, Some(release), &why)?;
+            proven::mark_bad(&g.state_dir, &sha, Some(&stamped), Some(release), &why)?;
             return crate::error::fail(
                 ErrorCode::UpdaterFailed,
-                format!("the updater of {release} ({sha:.12}…) is bad: {why}; nothing was changed"),
+                format!(
+                    "the updater {stamped} of {release} ({sha:.12}…) is bad: {why}; nothing was changed"
+                ),
             );
         }
     };
-    let newest = [
-        Some(running.version.as_str()),
-        Some(running.entry_version()),
-        kept.good.as_ref().map(|k| k.version.as_str()),
-    ];
-    if let Some(v) = newest
-        .into_iter()
-        .flatten()
-        .find(|v| !crate::version::newer(&report.version, v))
-    {
-        log::warn!(
-            "the package's updater {} is not newer than {v}: it stays in the snapshot and never runs",
-            report.version
-        );
-        proven::prune(&g.state_dir, &kept_now(g));
-        return Ok(());
-    }
     log::info!(
         "the package's updater {} passed its self-test; it finishes the install",
         report.version
@@ -320,9 +357,13 @@ pub fn begin(
     Ok(())
 }
 
-/// The record as it is now (the default when it cannot be read).
-fn kept_now(g: &Global) -> proven::Record {
-    proven::read(&g.state_dir).unwrap_or_default()
+/// Remove the kept copies nothing names, by the record as it is now; nothing when it cannot be
+/// read (a record misread as empty would remove the proven updater's copy too).
+fn prune_kept(g: &Global) {
+    match proven::read(&g.state_dir) {
+        Ok(rec) => proven::prune(&g.state_dir, &rec),
+        Err(e) => log::warn!("kept updaters not pruned: {e:#}"),
+    }
 }
 
 /// The trial that the install in flight to `target` records: for that snapshot's own updater,

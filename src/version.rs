@@ -42,6 +42,56 @@ pub fn version() -> &'static str {
     })
 }
 
+/// The version stamped in the tope-ota build `file` (see [`STAMP`]), read without running it:
+/// an install learns whether a package's updater is newer before it lets it run at all. None
+/// when the file carries no stamp that parses as a version, or two that differ.
+pub fn stamped(file: &std::fs::File) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    // The prefix is taken from our own stamp: a literal of it here would be a second stamp.
+    // SAFETY: as in version().
+    let own: [u8; STAMP_LEN] = unsafe { std::ptr::read_volatile(&STAMP) };
+    let prefix = &own[..STAMP_PREFIX_LEN];
+    let mut found: Option<String> = None;
+    let mut buf = vec![0u8; 64 * 1024 + STAMP_LEN];
+    let mut kept = 0;
+    let mut r = file;
+    loop {
+        let n = r.read(&mut buf[kept..])?;
+        let len = kept + n;
+        // A stamp must lie whole in the buffer; one that starts in the last STAMP_LEN - 1
+        // bytes is looked at again with the next read (or at the end).
+        let last = if n == 0 {
+            len
+        } else {
+            len.saturating_sub(STAMP_LEN - 1)
+        };
+        let mut i = 0;
+        while let Some(at) = buf[i..last].iter().position(|&c| c == prefix[0]) {
+            i += at;
+            if buf[i..len].starts_with(prefix) {
+                let field = &buf[i + STAMP_PREFIX_LEN..len.min(i + STAMP_LEN)];
+                if let Some(end) = field.iter().position(|&c| c == 0) {
+                    if let Some(v) = std::str::from_utf8(&field[..end])
+                        .ok()
+                        .filter(|v| parse(v).is_some())
+                    {
+                        match &found {
+                            Some(f) if f != v => return Ok(None),
+                            _ => found = Some(v.to_string()),
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+        if n == 0 {
+            return Ok(found);
+        }
+        buf.copy_within(last..len, 0);
+        kept = len - last;
+    }
+}
+
 /// A `major.minor.patch[-pre][+build]` version: its numbers and pre-release identifiers (build
 /// metadata does not order), or None when it is not one.
 fn parse(v: &str) -> Option<(Vec<u64>, Vec<String>)> {
@@ -114,5 +164,48 @@ mod tests {
         );
         assert!(newer("0.5.1+git1", "0.5.0"));
         assert_eq!(version(), env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn the_stamp_is_read_from_the_file_without_running_it() {
+        use std::io::{Seek, Write};
+        let stamp = |v: &str| {
+            let mut s = STAMP[..STAMP_PREFIX_LEN].to_vec();
+            s.extend(v.as_bytes());
+            s.resize(STAMP_LEN, 0);
+            s
+        };
+        let of = |bytes: &[u8]| {
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(bytes).unwrap();
+            f.rewind().unwrap();
+            stamped(&f).unwrap()
+        };
+        // Across the reads' boundary, at every offset near it.
+        for at in (64 * 1024 - 70)..(64 * 1024 + 5) {
+            let mut b = vec![7u8; at];
+            b.extend(stamp("1.2.3"));
+            b.extend(vec![9u8; 100]);
+            assert_eq!(of(&b).as_deref(), Some("1.2.3"), "at {at}");
+        }
+        // At the very end of the file, NUL-terminated.
+        let mut b = vec![1u8; 10];
+        b.extend(&stamp("0.4.0")[..STAMP_PREFIX_LEN + 6]);
+        assert_eq!(of(&b).as_deref(), Some("0.4.0"));
+        assert_eq!(of(b"no stamp here"), None);
+        // The prefix alone, or a value that is no version, is no stamp.
+        let mut b = STAMP[..STAMP_PREFIX_LEN].to_vec();
+        b.extend(b"not a version\0");
+        assert_eq!(of(&b), None);
+        // Two that differ: none is believed.
+        let mut b = stamp("1.0.0");
+        b.extend(stamp("2.0.0"));
+        assert_eq!(of(&b), None);
+        let mut b = stamp("1.0.0");
+        b.extend(stamp("1.0.0"));
+        assert_eq!(of(&b).as_deref(), Some("1.0.0"));
+        // This very binary.
+        let me = std::fs::File::open("/proc/self/exe").unwrap();
+        assert_eq!(stamped(&me).unwrap().as_deref(), Some(version()));
     }
 }

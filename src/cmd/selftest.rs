@@ -52,7 +52,7 @@ pub fn run(g: &Global, args: &SelfTestArgs) -> Result<Output> {
     };
     // Only under the lock of the install that runs us: never by hand, over an install that
     // was interrupted and waits for heal.
-    if std::env::var_os(crate::lock::LOCK_FD_ENV).is_none() {
+    if !crate::lock::inherits(&g.state_dir) {
         return fail(
             ErrorCode::InvalidRequest,
             "self-test --commit runs only under the lock of the install that tries this updater",

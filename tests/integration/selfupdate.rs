@@ -86,6 +86,31 @@ fn a_release_with_a_newer_updater_proves_it_and_the_next_commands_run_it() {
     assert!(!kept.exists(), "the replaced updater's copy goes");
 }
 
+/// The fallback's path reaches the proven updater in an environment variable; any other
+/// binary that finds it set (in a hook's environment, or set by hand) ignores it, so it can
+/// never name what runs: the choice is made as at every start.
+#[test]
+fn the_fallbacks_variables_are_believed_only_by_the_proven_updater() {
+    let mut d = Device::with_v1();
+    let own = env!("CARGO_PKG_VERSION");
+    d.env.set("TOPE_OTA_ENTRY", "/bin/false");
+    d.env.set("TOPE_OTA_ENTRY_VERSION", "9.9.9");
+    let v = version_of(&d);
+    assert!(
+        v.starts_with(&format!("tope-ota {own}\nrunning:  {own} {BIN}\n"))
+            && !v.contains("fallback"),
+        "{v}"
+    );
+    let new = updater_build("0.1.1");
+    d.deliver("1.1.0", release(&d, "1.1.0", new)).expect(0);
+    let v = version_of(&d);
+    assert!(
+        v.starts_with("tope-ota 0.1.1\n")
+            && v.contains(&format!("fallback: {own} {BIN} (the package's)")),
+        "the .deb binary chose, and names itself: {v}"
+    );
+}
+
 #[test]
 fn an_updater_that_is_not_newer_stays_in_the_snapshot_and_never_runs() {
     let mut d = Device::with_v1();
@@ -94,13 +119,72 @@ fn an_updater_that_is_not_newer_stays_in_the_snapshot_and_never_runs() {
     // Not the very file of this build: another build of an older version.
     older.push(0);
     let older: &'static [u8] = Box::leak(older.into_boxed_slice());
+    // Its version is read from its file: nothing of it runs, so a self-test that would crash
+    // neither costs the release nor marks it bad.
+    d.env.set("TOPE_OTA_UPDATER_FAULT", "self-test:crash");
     for (v, bin) in [("1.1.0", same), ("1.2.0", older)] {
         let run = d.deliver(v, release(&d, v, bin));
         assert_eq!(run.code, 0, "{}", run.stderr);
-        assert_eq!(record(&d)["good"], Value::Null, "{v}");
+        let rec = record(&d);
+        assert_eq!(rec["good"], Value::Null, "{v}: {rec}");
+        assert!(
+            rec["bad"].as_array().is_none_or(|b| b.is_empty()),
+            "{v}: {rec}"
+        );
         assert!(run.stderr.contains("is not newer than"), "{}", run.stderr);
         assert!(version_of(&d).starts_with(&format!("tope-ota {}\n", env!("CARGO_PKG_VERSION"))));
     }
+    // A program that is no tope-ota build (no version stamp) is never started either.
+    let other: &'static [u8] = Box::leak(std::fs::read("/bin/true").unwrap().into_boxed_slice());
+    let run = d.deliver("1.3.0", release(&d, "1.3.0", other));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("carries no version stamp"),
+        "{}",
+        run.stderr
+    );
+    let rec = record(&d);
+    assert_eq!(rec["good"], Value::Null, "{rec}");
+    assert!(rec["bad"].as_array().is_none_or(|b| b.is_empty()), "{rec}");
+    assert!(
+        std::fs::read_dir(d.env.state_dir.join("updater"))
+            .map(|e| e.flatten().all(|e| e.file_name().len() != 64))
+            .unwrap_or(true),
+        "no copy of an updater that is not tried is kept"
+    );
+}
+
+/// A record that does not parse trusts nothing (the `.deb` binary runs); the next install moves
+/// it aside and self-update goes on.
+#[test]
+fn a_corrupt_updater_record_is_moved_aside_by_the_next_install() {
+    let mut d = Device::with_v1();
+    d.deliver("1.1.0", release(&d, "1.1.0", updater_build("0.1.1")))
+        .expect(0);
+    let p = d.env.state_dir.join("updater/updater.json");
+    std::fs::write(&p, b"{\"good\": {\"sha256\": tr").unwrap();
+    let own = env!("CARGO_PKG_VERSION");
+    assert!(version_of(&d).starts_with(&format!("tope-ota {own}\nrunning:  {own} {BIN}")));
+    let newer = updater_build("0.1.2");
+    let run = d.deliver("1.2.0", release(&d, "1.2.0", newer));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("moved aside"), "{}", run.stderr);
+    assert_eq!(record(&d)["good"]["sha256"], sha256_hex(newer).as_str());
+    assert!(version_of(&d).starts_with("tope-ota 0.1.2\n"));
+    let aside: Vec<_> = std::fs::read_dir(d.env.state_dir.join("updater"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("updater.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "kept for diagnosis");
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        b"{\"good\": {\"sha256\": tr"
+    );
 }
 
 /// A device whose updater fails at `at` in the way `how` (see src/failpoint.rs).
@@ -180,6 +264,9 @@ fn an_updater_that_fails_its_self_test_costs_the_release_and_nothing_else() {
         );
         assert!(d.env.download_files().is_empty(), "{how}: the package goes");
         assert_bad(&d, &sha, why);
+        // Its version, from its file, names it in the technician's view.
+        let s = d.env.run(&["status"]).expect(0).stdout.clone();
+        assert!(s.contains("bad: 0.1.1") && s.contains(why), "{how}: {s}");
         next_good_release_installs(&mut d, "1.2.0");
     }
 }
@@ -250,6 +337,66 @@ fn a_proven_updater_that_keeps_crashing_gives_way_to_the_deb_binary() {
     );
     assert_bad(&d, &sha, "its last 3 runs ended without finishing");
     // The device stays updatable: the next release installs with the .deb binary.
+    next_good_release_installs(&mut d, "1.2.0");
+}
+
+/// serve under its unit ends only when it is stopped: a proven updater whose serve exits with
+/// an error there (here: it cannot bind) is counted as a run that did not finish, so systemd's
+/// `Restart=on-failure` does not rerun it forever; the fourth start is the `.deb` binary's. The
+/// same error of a serve started by hand is a technician's honest failure, not counted.
+#[test]
+fn a_serve_that_exits_with_an_error_under_its_unit_gives_way_to_the_deb_binary() {
+    let mut d = Device::with_v1();
+    let bin = updater_build("0.1.1");
+    let sha = sha256_hex(bin);
+    d.deliver("1.1.0", release(&d, "1.1.0", bin)).expect(0);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let runs = d.env.state_dir.join("updater/runs");
+    let entries = || std::fs::read_dir(&runs).map_or(0, |e| e.count());
+    for _ in 0..3 {
+        let r = d.env.run(&["serve", "--listen", &addr]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+    }
+    assert_eq!(entries(), 0, "a serve by hand that fails is no crash");
+    assert_eq!(record(&d)["good"]["sha256"], sha.as_str());
+    let sock_path = d.env.tmp.path().join("notify-unit");
+    let _sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    let unit = |d: &Device| {
+        let out = d
+            .env
+            .cmd(&["serve", "--listen", &addr])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .output()
+            .unwrap();
+        Run::from(out)
+    };
+    for n in 1..=3 {
+        let r = unit(&d);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert_eq!(entries(), n, "counted");
+        assert_eq!(record(&d)["good"]["sha256"], sha.as_str());
+    }
+    let r = unit(&d);
+    assert_eq!(
+        r.code, 1,
+        "the .deb binary cannot bind either: {}",
+        r.stderr
+    );
+    assert_bad(
+        &d,
+        &sha,
+        "its last 3 runs ended without finishing (a crash, a hang, or a serve under systemd",
+    );
+    // Once the address is free, the unit's serve is the .deb's and serves.
+    drop(taken);
+    let srv = crate::serve::Server::start_with(
+        &d.env,
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let exe = std::fs::read_link(format!("/proc/{}/exe", srv.child.id())).unwrap();
+    assert_eq!(exe, std::fs::canonicalize(BIN).unwrap());
     next_good_release_installs(&mut d, "1.2.0");
 }
 
@@ -525,15 +672,23 @@ fn a_technicians_version_help_typo_or_closed_pipe_is_no_crash_of_the_proven_upda
     );
     assert_eq!(record(&d)["good"]["sha256"], sha.as_str(), "{}", record(&d));
     assert!(version_of(&d).starts_with("tope-ota 0.1.1\n"));
-    // The commit is only ever run under an install's lock, never by hand.
-    let r = d.env.run(&["self-test", "--commit=1.1.0"]);
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("error: INVALID_REQUEST: self-test --commit runs only under the lock"),
-        "{}",
-        r.stderr
-    );
+    // The commit is only ever run under an install's lock, never by hand: neither without
+    // one nor with a variable that names some other open file.
+    for fd in [None, Some("1"), Some("not-a-number")] {
+        let mut cmd = d.env.cmd(&["self-test", "--commit=1.1.0"]);
+        if let Some(fd) = fd {
+            cmd.env("TOPE_OTA_LOCK_FD", fd);
+        }
+        let r = Run::from(cmd.output().unwrap());
+        assert_eq!(r.code, 2, "{fd:?}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("error: INVALID_REQUEST: self-test --commit runs only under the lock"),
+            "{fd:?}: {}",
+            r.stderr
+        );
+    }
+    assert_eq!(d.env.state()["stage"], "success", "nothing committed");
 }
 
 #[test]
